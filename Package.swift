@@ -1,0 +1,90 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let package = Package(
+    name: "uvm",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "uvm", targets: ["uvm"]),
+        .executable(name: "uvmd", targets: ["uvmd"]),
+        .executable(name: "uvm-init", targets: ["uvm-init"]),
+        .executable(name: "uvm-9p", targets: ["uvm-9p"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-nio-http2.git", from: "1.46.0"),
+        .package(url: "https://github.com/apple/swift-nio-extras.git", from: "1.35.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+    ],
+    targets: [
+        // libvirt's C API, from Debian's libvirt-dev.
+        .systemLibrary(name: "CLibvirt", pkgConfig: "libvirt", providers: [.apt(["libvirt-dev"])]),
+        // Guest-side syscalls that must run between fork and exec (namespaces, pty, mounts):
+        // only async-signal-safe C belongs there, so it is C, not Swift.
+        .target(name: "CGuestSys"),
+
+        // The host<->guest and CLI<->uvmd protocol: frames, messages, the HTTP/2 stream glue.
+        .target(name: "Wire", dependencies: [
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+            .product(name: "NIOExtras", package: "swift-nio-extras"),
+        ]),
+        // Where things live and what the user configured.
+        .target(name: "Settings", dependencies: [
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // The utility VM through libvirt: domain XML, lifecycle, events, accelerator choice.
+        .target(name: "HostCompute", dependencies: [
+            "CLibvirt",
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // 9P2000.L file server exporting host folders.
+        .target(name: "Plan9", dependencies: [
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // uvmd: the socket API, the VM it owns, the sessions relayed into the guest.
+        .target(name: "Daemon", dependencies: [
+            "Wire", "Settings", "HostCompute",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // uvm-init: PID 1 in the guest.
+        .target(name: "GuestAgent", dependencies: [
+            "Wire", "CGuestSys",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+        ]),
+        // The `uvm` command's subcommands and its connection to uvmd (auto-launch included).
+        .target(name: "UVMCLI", dependencies: [
+            "Wire", "Settings", "HostCompute",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+
+        .executableTarget(name: "uvm", dependencies: ["UVMCLI"]),
+        .executableTarget(name: "uvmd", dependencies: [
+            "Daemon", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .executableTarget(
+            name: "uvm-init", dependencies: ["GuestAgent"],
+            // PID 1 in a bare initramfs: no shared Swift runtime there.
+            linkerSettings: [.unsafeFlags(["-static-stdlib"])]
+        ),
+        .executableTarget(name: "uvm-9p", dependencies: [
+            "Plan9", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+
+        .testTarget(name: "WireTests", dependencies: ["Wire"]),
+        .testTarget(name: "HostComputeTests", dependencies: ["HostCompute"]),
+        .testTarget(name: "Plan9Tests", dependencies: ["Plan9"]),
+        .testTarget(name: "EndToEndTests", dependencies: ["Wire", "Settings"]),
+    ]
+)

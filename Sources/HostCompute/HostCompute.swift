@@ -1,0 +1,1 @@
+// HostCompute module.

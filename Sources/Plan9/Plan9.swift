@@ -1,0 +1,1 @@
+// Plan9 module.
