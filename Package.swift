@@ -13,27 +13,24 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-nio-http2.git", from: "1.46.0"),
-        .package(url: "https://github.com/apple/swift-nio-extras.git", from: "1.35.2"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
     ],
     targets: [
         // libvirt's C API, from Debian's libvirt-dev.
         .systemLibrary(name: "CLibvirt", pkgConfig: "libvirt", providers: [.apt(["libvirt-dev"])]),
-        // Guest-side syscalls that must run between fork and exec (namespaces, pty, mounts):
+        // Syscalls that must run between fork and exec (namespaces, pty, mounts), or that Glibc's overlay lacks:
         // only async-signal-safe C belongs there, so it is C, not Swift.
-        .target(name: "CGuestSys"),
+        .target(name: "CSyscalls"),
 
         // The host<->guest and CLI<->uvmd protocol: frames, messages, the HTTP/2 stream glue.
         .target(name: "Wire", dependencies: [
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOHTTP2", package: "swift-nio-http2"),
-            .product(name: "NIOExtras", package: "swift-nio-extras"),
+            .product(name: "NIOHPACK", package: "swift-nio-http2"),
         ]),
         // Where things live and what the user configured.
-        .target(name: "Settings", dependencies: [
-            .product(name: "Logging", package: "swift-log"),
-        ]),
+        .target(name: "Settings"),
         // The utility VM through libvirt: domain XML, lifecycle, events, accelerator choice.
         .target(name: "HostCompute", dependencies: [
             "CLibvirt",
@@ -56,16 +53,15 @@ let package = Package(
         ]),
         // uvm-init: PID 1 in the guest.
         .target(name: "GuestAgent", dependencies: [
-            "Wire", "CGuestSys",
+            "Wire", "CSyscalls",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP2", package: "swift-nio-http2"),
         ]),
         // The `uvm` command's subcommands and its connection to uvmd (auto-launch included).
         .target(name: "UVMCLI", dependencies: [
-            "Wire", "Settings", "HostCompute",
+            "Wire", "Settings",
             .product(name: "NIOCore", package: "swift-nio"),
-            .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
@@ -76,7 +72,11 @@ let package = Package(
         .executableTarget(
             name: "uvm-init", dependencies: ["GuestAgent"],
             // PID 1 in a bare initramfs: no shared Swift runtime there.
-            linkerSettings: [.unsafeFlags(["-static-stdlib"])]
+            linkerSettings: [
+                .unsafeFlags(["-static-stdlib"]),
+                // FoundationEssentials' static archive does not autolink its helpers.
+                .linkedLibrary("_FoundationCollections"), .linkedLibrary("_FoundationCShims"),
+            ]
         ),
         .executableTarget(name: "uvm-9p", dependencies: [
             "Plan9", .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -1,1 +1,3 @@
-print("todo")
+import GuestAgent
+
+await GuestAgent.main()

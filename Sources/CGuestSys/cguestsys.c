@@ -1,1 +1,0 @@
-#include "cguestsys.h"

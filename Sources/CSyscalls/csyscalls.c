@@ -1,0 +1,345 @@
+#define _GNU_SOURCE
+#include "csyscalls.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <net/if.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+// Messages on the status pipe between the spawning process, the helper and the final child.
+enum { MSG_PID = 1, MSG_ERROR = 2 };
+typedef struct { int kind; int value; const char *stage; } spawn_msg;
+
+static void send_msg(int fd, int kind, int value, const char *stage) {
+    spawn_msg m = { kind, value, stage };
+    ssize_t r;
+    do { r = write(fd, &m, sizeof m); } while (r < 0 && errno == EINTR);
+}
+
+static _Noreturn void child_fail(int fd, const char *stage) {
+    send_msg(fd, MSG_ERROR, errno, stage);
+    _exit(127);
+}
+
+// fork() that makes the new process a child of our parent: the helper that joined the instance's
+// namespaces hands the final process to uvm-init, which can then waitpid() it directly.
+static pid_t fork_as_sibling(void) {
+    return (pid_t)syscall(SYS_clone, CLONE_PARENT | SIGCHLD, 0, 0, 0, 0);
+}
+
+static void reset_signals(void) {
+    sigset_t all;
+    sigemptyset(&all);
+    sigprocmask(SIG_SETMASK, &all, NULL);
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    for (int s = 1; s < NSIG; s++) sigaction(s, &dfl, NULL);  // fails harmlessly for KILL/STOP
+}
+
+// execve over each PATH entry, the request's PATH (execvpe would use the agent's environment).
+static void exec_in_path(const uvm_spawn_args *a) {
+    const char *file = a->argv[0];
+    if (strchr(file, '/')) { execve(file, a->argv, a->envp); return; }
+    const char *p = a->path_env && *a->path_env ? a->path_env : "/usr/local/bin:/usr/bin:/bin";
+    int saved = ENOENT;
+    char buf[4096];
+    size_t flen = strlen(file);
+    while (*p) {
+        const char *end = strchr(p, ':');
+        size_t dlen = end ? (size_t)(end - p) : strlen(p);
+        if (dlen + 1 + flen + 1 <= sizeof buf) {
+            memcpy(buf, p, dlen);
+            size_t off = dlen;
+            if (off == 0) buf[off++] = '.';
+            buf[off++] = '/';
+            memcpy(buf + off, file, flen + 1);
+            execve(buf, a->argv, a->envp);
+            if (errno != ENOENT && errno != ENOTDIR) saved = errno;  // e.g. EACCES: remember it
+        }
+        if (!end) break;
+        p = end + 1;
+    }
+    errno = saved;
+}
+
+static _Noreturn void final_child(const uvm_spawn_args *a, int status_fd) {
+    reset_signals();
+    if (setsid() < 0) child_fail(status_fd, "setsid");
+    if (a->tty && ioctl(a->stdin_fd, TIOCSCTTY, 0) < 0) child_fail(status_fd, "controlling tty");
+    int fds[3] = { a->stdin_fd, a->stdout_fd, a->stderr_fd };
+    // Move the sources out of 0..2 first so that dup2 of one cannot clobber another.
+    for (int i = 0; i < 3; i++) {
+        if (fds[i] >= 0 && fds[i] < 3) {
+            int moved = fcntl(fds[i], F_DUPFD_CLOEXEC, 3);
+            if (moved < 0) child_fail(status_fd, "dup");
+            for (int j = i + 1; j < 3; j++) if (fds[j] == fds[i]) fds[j] = moved;
+            fds[i] = moved;
+        }
+    }
+    for (int i = 0; i < 3; i++) {
+        if (fds[i] < 0) continue;
+        if (dup2(fds[i], i) < 0) child_fail(status_fd, "dup2");
+    }
+    if (setgroups((size_t)a->ngroups, a->groups) < 0) child_fail(status_fd, "setgroups");
+    if (setgid(a->gid) < 0) child_fail(status_fd, "setgid");
+    if (setuid(a->uid) < 0) child_fail(status_fd, "setuid");
+    if (chdir(a->cwd ? a->cwd : "/") < 0) child_fail(status_fd, "chdir");
+    // Everything above 2 except the status pipe (close-on-exec) goes.
+    for (int fd = 3; fd < 1024; fd++) if (fd != status_fd) close(fd);
+    exec_in_path(a);
+    child_fail(status_fd, "exec");
+}
+
+pid_t uvm_spawn(const uvm_spawn_args *a, pid_t *helper_pid, int *err_errno, const char **err_stage) {
+    *helper_pid = 0;
+    int pipefd[2];
+    if (pipe2(pipefd, O_CLOEXEC) < 0) { *err_errno = errno; *err_stage = "pipe"; return -1; }
+
+    int nsfd[3] = { -1, -1, -1 }, rootfd = -1;
+    if (a->instance_pid > 0) {
+        // Opened before any setns: afterwards /proc is the instance's.
+        static const char *names[3] = { "uts", "pid", "mnt" };
+        char path[64];
+        for (int i = 0; i < 3; i++) {
+            snprintf(path, sizeof path, "/proc/%d/ns/%s", (int)a->instance_pid, names[i]);
+            nsfd[i] = open(path, O_RDONLY | O_CLOEXEC);
+            if (nsfd[i] < 0) { *err_errno = errno; *err_stage = "open namespace"; goto fail_open; }
+        }
+        snprintf(path, sizeof path, "/proc/%d/root", (int)a->instance_pid);
+        rootfd = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (rootfd < 0) { *err_errno = errno; *err_stage = "open instance root"; goto fail_open; }
+    }
+
+    pid_t helper = fork();
+    if (helper < 0) { *err_errno = errno; *err_stage = "fork"; goto fail_open; }
+    if (helper == 0) {
+        close(pipefd[0]);
+        if (a->instance_pid > 0) {
+            static const int types[3] = { CLONE_NEWUTS, CLONE_NEWPID, CLONE_NEWNS };
+            for (int i = 0; i < 3; i++)
+                if (setns(nsfd[i], types[i]) < 0) child_fail(pipefd[1], "setns");
+            // setns(mnt) puts us at the namespace's bottom mount; the instance's root is the
+            // file system moved on top of it, which /proc/PID/root names exactly.
+            if (fchdir(rootfd) < 0 || chroot(".") < 0) child_fail(pipefd[1], "chroot");
+        }
+        pid_t child = fork_as_sibling();
+        if (child < 0) child_fail(pipefd[1], "clone");
+        if (child == 0) final_child(a, pipefd[1]);
+        send_msg(pipefd[1], MSG_PID, child, NULL);
+        _exit(0);
+    }
+    *helper_pid = helper;
+    close(pipefd[1]);
+    for (int i = 0; i < 3; i++) if (nsfd[i] >= 0) close(nsfd[i]);
+    if (rootfd >= 0) close(rootfd);
+
+    // Read until EOF: the pid from the helper, then an error from whichever stage failed.
+    // EOF without an error means exec succeeded (the pipe is close-on-exec).
+    pid_t pid = -1;
+    int got_error = 0;
+    spawn_msg m;
+    for (;;) {
+        ssize_t r = read(pipefd[0], &m, sizeof m);
+        if (r < 0 && errno == EINTR) continue;
+        if (r != (ssize_t)sizeof m) break;
+        if (m.kind == MSG_PID) pid = m.value;
+        else if (m.kind == MSG_ERROR && !got_error) { got_error = 1; *err_errno = m.value; *err_stage = m.stage; }
+    }
+    close(pipefd[0]);
+    if (got_error) return -1;
+    if (pid < 0) { *err_errno = ECHILD; *err_stage = "helper died"; return -1; }
+    return pid;
+
+fail_open:
+    for (int i = 0; i < 3; i++) if (nsfd[i] >= 0) close(nsfd[i]);
+    if (rootfd >= 0) close(rootfd);
+    close(pipefd[0]);
+    close(pipefd[1]);
+    return -1;
+}
+
+// ---- distro instances -------------------------------------------------------------------
+
+static volatile sig_atomic_t instance_stop_requested = 0;
+static void on_instance_term(int sig) { (void)sig; instance_stop_requested = 1; }
+static void on_instance_chld(int sig) { (void)sig; }
+
+static int mount_in(const char *root, const char *rel, const char *src, const char *fstype,
+                    unsigned long flags, const char *data) {
+    char path[512];
+    snprintf(path, sizeof path, "%s%s", root, rel);
+    mkdir(path, 0755);
+    return mount(src, path, fstype, flags, data);
+}
+
+static _Noreturn void instance_main(const char *device, const char *fstype, const char *mp,
+                                    const char *hostname, int status_fd) {
+    reset_signals();
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) child_fail(status_fd, "make / private");
+    mkdir(mp, 0755);
+    if (mount(device, mp, fstype, MS_NOATIME, NULL) < 0) child_fail(status_fd, "mount distro disk");
+    if (mount_in(mp, "/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0) child_fail(status_fd, "mount /proc");
+    if (mount_in(mp, "/sys", "sysfs", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0) child_fail(status_fd, "mount /sys");
+    if (mount_in(mp, "/dev", "devtmpfs", "devtmpfs", MS_NOSUID, "mode=0755") < 0) child_fail(status_fd, "mount /dev");
+    if (mount_in(mp, "/dev/pts", "devpts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5") < 0)
+        child_fail(status_fd, "mount /dev/pts");
+    char ptmx[512], pts_ptmx[512];
+    snprintf(ptmx, sizeof ptmx, "%s/dev/ptmx", mp);
+    snprintf(pts_ptmx, sizeof pts_ptmx, "%s/dev/pts/ptmx", mp);
+    if (mount(pts_ptmx, ptmx, NULL, MS_BIND, NULL) < 0) child_fail(status_fd, "bind /dev/ptmx");
+    if (mount_in(mp, "/dev/shm", "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0) child_fail(status_fd, "mount /dev/shm");
+    if (mount_in(mp, "/run", "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755") < 0) child_fail(status_fd, "mount /run");
+    if (hostname && sethostname(hostname, strlen(hostname)) < 0) child_fail(status_fd, "sethostname");
+    // The initramfs root cannot be pivot_root'ed away (it is rootfs), so move the disk onto /
+    // and chroot, as switch_root does.
+    if (chdir(mp) < 0) child_fail(status_fd, "chdir root");
+    if (mount(mp, "/", NULL, MS_MOVE, NULL) < 0) child_fail(status_fd, "move root");
+    if (chroot(".") < 0 || chdir("/") < 0) child_fail(status_fd, "chroot");
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_instance_term;
+    sigaction(SIGTERM, &sa, NULL);
+    sa.sa_handler = on_instance_chld;
+    sigaction(SIGCHLD, &sa, NULL);
+    close(status_fd);  // close-on-exec never happens here: closing is the "ready" signal
+    for (int fd = 0; fd < 1024; fd++) close(fd);
+
+    // PID 1 of the instance: reap orphans; on SIGTERM give everyone 3 s, then end (the kernel
+    // kills whatever is left when a pid namespace's init exits, and the mounts go with it).
+    for (;;) {
+        while (waitpid(-1, NULL, WNOHANG) > 0) {}
+        if (instance_stop_requested) break;
+        pause();
+    }
+    kill(-1, SIGTERM);
+    struct timespec step = { 0, 50 * 1000 * 1000 };
+    for (int i = 0; i < 60; i++) {
+        while (waitpid(-1, NULL, WNOHANG) > 0) {}
+        if (waitpid(-1, NULL, WNOHANG) < 0 && errno == ECHILD) break;
+        nanosleep(&step, NULL);
+    }
+    kill(-1, SIGKILL);
+    while (waitpid(-1, NULL, 0) > 0) {}
+    sync();
+    _exit(0);
+}
+
+pid_t uvm_start_instance(const char *device, const char *fstype, const char *mountpoint,
+                         const char *hostname, int *err_errno, const char **err_stage) {
+    int pipefd[2];
+    if (pipe2(pipefd, O_CLOEXEC) < 0) { *err_errno = errno; *err_stage = "pipe"; return -1; }
+    pid_t pid = (pid_t)syscall(SYS_clone, CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | SIGCHLD, 0, 0, 0, 0);
+    if (pid < 0) {
+        *err_errno = errno; *err_stage = "clone";
+        close(pipefd[0]); close(pipefd[1]);
+        return -1;
+    }
+    if (pid == 0) {
+        close(pipefd[0]);
+        instance_main(device, fstype, mountpoint, hostname, pipefd[1]);
+    }
+    close(pipefd[1]);
+    spawn_msg m;
+    ssize_t r;
+    do { r = read(pipefd[0], &m, sizeof m); } while (r < 0 && errno == EINTR);
+    close(pipefd[0]);
+    if (r == (ssize_t)sizeof m && m.kind == MSG_ERROR) {
+        *err_errno = m.value; *err_stage = m.stage;
+        waitpid(pid, NULL, 0);
+        return -1;
+    }
+    return pid;
+}
+
+// ---- PID 1 and port plumbing --------------------------------------------------------------
+
+int uvm_wait_port_connected(int fd, int timeout_ms) {
+    struct timespec step = { 0, 20 * 1000 * 1000 };
+    int waited = 0;
+    for (;;) {
+        struct pollfd p = { fd, POLLOUT, 0 };
+        int r = poll(&p, 1, 0);
+        if (r > 0 && (p.revents & POLLOUT) && !(p.revents & POLLHUP)) return 0;
+        if (timeout_ms >= 0 && waited >= timeout_ms) return -1;
+        // While the host is away the port reports POLLHUP at once, so poll cannot block: sleep.
+        nanosleep(&step, NULL);
+        waited += 20;
+    }
+}
+
+int uvm_mount(const char *source, const char *target, const char *fstype, unsigned long flags, const char *data) {
+    mkdir(target, 0755);
+    if (mount(source, target, fstype, flags, data) < 0 && errno != EBUSY) return errno;
+    return 0;
+}
+
+int uvm_if_up(const char *name) {
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) return errno;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    int rc = 0;
+    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) rc = errno;
+    else {
+        ifr.ifr_flags |= IFF_UP;
+        if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) rc = errno;
+    }
+    close(s);
+    return rc;
+}
+
+int uvm_poweroff(void) {
+    sync();
+    reboot(RB_POWER_OFF);
+    return errno;
+}
+
+int uvm_set_winsize(int fd, unsigned short rows, unsigned short cols) {
+    struct winsize ws = { rows, cols, 0, 0 };
+    return ioctl(fd, TIOCSWINSZ, &ws) < 0 ? errno : 0;
+}
+
+int uvm_openpty(const char *ptmx, int *master, int *slave, unsigned short rows, unsigned short cols) {
+    int m = open(ptmx, O_RDWR | O_NOCTTY | O_CLOEXEC | O_NONBLOCK);
+    if (m < 0) return errno;
+    int unlock = 0;
+    if (ioctl(m, TIOCSPTLCK, &unlock) < 0) { int e = errno; close(m); return e; }
+    int s = ioctl(m, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (s < 0) { int e = errno; close(m); return e; }
+    if (rows && cols) uvm_set_winsize(m, rows, cols);
+    *master = m;
+    *slave = s;
+    return 0;
+}
+
+int uvm_peer_uid(int fd, uid_t *uid, pid_t *pid) {
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return errno;
+    *uid = cred.uid;
+    *pid = cred.pid;
+    return 0;
+}
+
+int uvm_pipe_cloexec(int fds[2]) {
+    return pipe2(fds, O_CLOEXEC) < 0 ? errno : 0;
+}

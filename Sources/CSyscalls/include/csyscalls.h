@@ -1,0 +1,59 @@
+#pragma once
+// Guest-side process plumbing for uvm-init. Everything here runs between fork and exec of a
+// multi-threaded process, where only async-signal-safe calls are allowed: that is why it is C.
+#include <sys/types.h>
+
+/// What uvm_spawn starts. Pointers must stay valid for the duration of the call.
+typedef struct uvm_spawn_args {
+    char *const *argv;        // argv[0] is looked up in `path_env` unless it contains '/'
+    char *const *envp;
+    const char *path_env;     // PATH used for the lookup (the request's, not the agent's)
+    const char *cwd;          // working directory inside the instance; NULL = "/"
+    uid_t uid;
+    gid_t gid;
+    const gid_t *groups;
+    int ngroups;
+    int stdin_fd, stdout_fd, stderr_fd;  // child ends, dup2'ed to 0, 1, 2
+    int tty;                  // 1: stdin_fd is a pty slave that becomes the controlling terminal
+    pid_t instance_pid;       // join this process's mnt/uts/pid namespaces and root; 0 = stay
+} uvm_spawn_args;
+
+/// Starts a process; returns its pid (a child of the caller, even when it lives in another pid
+/// namespace) or -1 with *err_errno and *err_stage (a short static string) set.
+/// The caller must reap every child with waitpid(-1): the short-lived helper process is reaped
+/// there too (its pid is returned through *helper_pid so it can be ignored).
+pid_t uvm_spawn(const uvm_spawn_args *args, pid_t *helper_pid, int *err_errno, const char **err_stage);
+
+/// Starts a distro instance: a process that is PID 1 of new mount, pid and uts namespaces, whose
+/// root is the ext4 file system on `device` (mounted at `mountpoint` then moved onto /), with
+/// /proc, /sys, /dev, /dev/pts, /dev/shm and /run mounted. It reaps orphans until SIGTERM, then
+/// terminates everything in the instance. Returns its pid or -1 with *err_errno/*err_stage.
+pid_t uvm_start_instance(const char *device, const char *fstype, const char *mountpoint,
+                         const char *hostname, int *err_errno, const char **err_stage);
+
+/// Waits until the host side of a virtio-serial port is connected (the port reports POLLHUP
+/// until then, and reads would return EOF). Returns 0, or -1 on timeout (timeout_ms < 0: none).
+int uvm_wait_port_connected(int fd, int timeout_ms);
+
+/// PID 1 plumbing: mount a file system, ignoring EBUSY (already mounted). Returns 0 or errno.
+int uvm_mount(const char *source, const char *target, const char *fstype, unsigned long flags, const char *data);
+
+/// Brings a network interface up (IFF_UP). Returns 0 or errno.
+int uvm_if_up(const char *name);
+
+/// Syncs and powers the machine off. Does not return on success.
+int uvm_poweroff(void);
+
+/// ioctl(TIOCSWINSZ) for a pty master.
+int uvm_set_winsize(int fd, unsigned short rows, unsigned short cols);
+
+/// Opens a pty pair through `ptmx` (an instance's /dev/ptmx, reached through /proc/PID/root, so
+/// the slave lives in that instance's devpts), master O_CLOEXEC|O_NONBLOCK, slave O_CLOEXEC.
+/// Returns 0 or errno.
+int uvm_openpty(const char *ptmx, int *master, int *slave, unsigned short rows, unsigned short cols);
+
+/// SO_PEERCRED of a connected unix socket. Returns 0 or errno.
+int uvm_peer_uid(int fd, uid_t *uid, pid_t *pid);
+
+/// pipe2(O_CLOEXEC) (Glibc's Swift overlay does not export pipe2). Returns 0 or errno.
+int uvm_pipe_cloexec(int fds[2]);

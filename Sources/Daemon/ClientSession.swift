@@ -1,0 +1,117 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import Settings
+import Wire
+
+/// One connection from `uvm`: a request, then (for exec) frames relayed both ways between the
+/// client and one HTTP/2 stream to the guest agent.
+struct ClientSession {
+    let daemon: UVMDaemon
+    let channel: NIOAsyncChannel<Frame, Frame>
+
+    func run() async {
+        // Only our own user may talk to us (the socket is 0600 too; this also covers an
+        // activated socket whose mode we did not choose).
+        guard await peerIsOurUser() else {
+            daemon.logger.warning("refused a connection from another user")
+            try? await channel.channel.close()
+            return
+        }
+        do {
+            try await FrameSession.serve(channel) { first, rest, outbound in
+                do {
+                    guard first.kind == .request else { throw WireError(.protocolError, "expected a request frame first") }
+                    try await serve(try first.decode(Request.self), rest: rest, outbound: outbound)
+                } catch let e as WireError {
+                    try? await outbound.write(.error(e))
+                } catch {
+                    try? await outbound.write(.error(WireError(.internalError, "\(error)")))
+                }
+            }
+        } catch {
+            daemon.logger.debug("client session ended: \(error)")
+        }
+    }
+
+    /// SO_PEERCRED: the uid of the process at the other end.
+    private func peerIsOurUser() async -> Bool {
+        struct PeerCredentials { var pid: Int32 = 0; var uid: UInt32 = .max; var gid: UInt32 = .max }
+        guard let provider = channel.channel as? SocketOptionProvider,
+              let cred: PeerCredentials = try? await provider.unsafeGetSocketOption(
+                level: .init(SOL_SOCKET), name: .init(SO_PEERCRED)).get()
+        else { return false }
+        return cred.uid == geteuid()
+    }
+
+    private func serve(_ request: Request, rest: AsyncStream<Frame>, outbound: NIOAsyncChannelOutboundWriter<Frame>) async throws {
+        let controller = daemon.controller
+        let progress: @Sendable (String) async -> Void = { line in try? await outbound.write(.progress(line)) }
+        switch request.op {
+        case .exec:
+            guard var exec = request.exec, !exec.argv.isEmpty else { throw WireError(.badRequest, "exec: no command given") }
+            let distro = exec.distro ?? daemon.settings.defaultDistro
+            guard validDistroName(distro), await controller.knowsDistro(distro) else {
+                throw WireError(.notFound, "there is no distro '\(distro)' (installed: \(installedDistros().joined(separator: ", "))); `uvm exec --distro NAME` takes one of those")
+            }
+            exec.distro = distro
+            await daemon.sessions.begin()
+            defer { Task { await daemon.sessions.end() } }
+            let link = try await controller.link(progress: progress)
+            try await relay(Request(op: .exec, exec: exec, distroDisk: diskSerial(distro)), link: link, rest: rest, outbound: outbound)
+        case .start:
+            _ = try await controller.link(progress: progress)
+            try await outbound.write(.json(.response, await controller.status(daemonRSSKiB: residentKiB(), sessions: await daemon.sessions.count)))
+        case .stop:
+            await controller.stop()
+            try await outbound.write(.json(.response, await controller.status(daemonRSSKiB: residentKiB(), sessions: await daemon.sessions.count)))
+        case .status:
+            try await outbound.write(.json(.response, await controller.status(daemonRSSKiB: residentKiB(), sessions: await daemon.sessions.count)))
+        case .info, .shutdown:
+            throw WireError(.badRequest, "'\(request.op.rawValue)' is not a client operation")
+        }
+    }
+
+    /// Client <-> guest. Ends when the guest sends its final frame, or either side goes away.
+    private func relay(_ request: Request, link: HTTP2Sessions.ClientMultiplexer, rest: AsyncStream<Frame>,
+                       outbound: NIOAsyncChannelOutboundWriter<Frame>) async throws {
+        let guest = try await HTTP2Sessions.openSession(link)
+        let controller = daemon.controller
+        try await guest.executeThenClose { guestIn, guestOut in
+            try await guestOut.write(.json(.request, request))
+            try await withThrowingTaskGroup(of: Bool.self) { group in
+                group.addTask {
+                    for await frame in rest {
+                        switch frame.kind {
+                        case .stdin, .stdinEOF, .signal, .resize: try await guestOut.write(frame)
+                        default: throw WireError(.protocolError, "unexpected \(frame.kind) frame from the client")
+                        }
+                    }
+                    return false  // the client went away: end the guest session too
+                }
+                group.addTask {
+                    var answered = false
+                    // Read on after the final frame until the guest closes the stream: closing it
+                    // ourselves would reset it.
+                    for try await frame in guestIn where !answered {
+                        try await outbound.write(frame)
+                        answered = frame.kind.isFinal
+                    }
+                    if answered { return true }
+                    // The stream ended without an answer: the VM (or the link) went away.
+                    let reason = await controller.lastStopReason ?? "the VM stopped unexpectedly"
+                    try await outbound.write(.error(WireError(.vmStopped, "uvm: \(reason)")))
+                    return true
+                }
+                _ = try await group.next()
+                group.cancelAll()
+            }
+        }
+    }
+
+    private func installedDistros() -> [String] {
+        let dir = daemon.paths.distrosDir
+        return ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).sorted()
+    }
+}

@@ -1,0 +1,128 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import Settings
+import Wire
+
+/// uvmd: serves the `uvm` command on a unix socket that only its user can reach.
+public struct UVMDaemon: Sendable {
+    let paths: Paths
+    let settings: Settings
+    let logger: Logger
+    let controller: VMController
+    let sessions = SessionCounter()
+
+    public init(paths: Paths = .current(), settings: Settings = .current(), logger: Logger) {
+        self.paths = paths
+        self.settings = settings
+        self.logger = logger
+        self.controller = VMController(paths: paths, settings: settings, logger: logger)
+    }
+
+    public enum StartError: Error, CustomStringConvertible {
+        case alreadyRunning(String)
+        case cannotListen(String)
+        public var description: String {
+            switch self {
+            case .alreadyRunning(let lock): return "uvmd is already running (lock \(lock) is held)"
+            case .cannotListen(let why): return why
+            }
+        }
+    }
+
+    /// Listens (or takes the systemd-activated socket) and serves until SIGTERM/SIGINT.
+    public func run() async throws {
+        let fm = FileManager.default
+        try fm.createDirectory(atPath: paths.stateDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        chmod(paths.stateDir, 0o700)
+        // One uvmd per state directory: the lock lives as long as this process.
+        let lockFD = open(paths.daemonLock, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard lockFD >= 0, flock(lockFD, LOCK_EX | LOCK_NB) == 0 else { throw StartError.alreadyRunning(paths.daemonLock) }
+
+        let server = try await listen()
+        logger.info("uvmd listening", metadata: ["socket": "\(paths.socket)", "pid": "\(getpid())"])
+
+        let signals = SignalWatcher([SIGTERM, SIGINT])
+        try await withThrowingDiscardingTaskGroup { group in
+            group.addTask {
+                await signals.wait()
+                logger.info("signal received: stopping the VM and exiting")
+                await controller.stop(reason: "uvmd exiting")
+                try? await server.channel.close()
+            }
+            try await server.executeThenClose { clients in
+                for try await client in clients {
+                    group.addTask { await ClientSession(daemon: self, channel: client).run() }
+                }
+            }
+            group.cancelAll()
+        }
+        try? fm.removeItem(atPath: paths.socket)
+    }
+
+    private func listen() async throws -> NIOAsyncChannel<NIOAsyncChannel<Frame, Frame>, Never> {
+        let bootstrap = ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .serverChannelOption(.backlog, value: 256)
+        let initializer: @Sendable (Channel) -> EventLoopFuture<NIOAsyncChannel<Frame, Frame>> = { channel in
+            channel.eventLoop.makeCompletedFuture {
+                try channel.pipeline.syncOperations.addFrameCodec()
+                return try NIOAsyncChannel<Frame, Frame>(wrappingChannelSynchronously: channel)
+            }
+        }
+        // systemd socket activation (uvmd.socket): the listening socket is fd 3.
+        let env = ProcessInfo.processInfo.environment
+        if env["LISTEN_PID"] == String(getpid()), env["LISTEN_FDS"] == "1" {
+            return try await bootstrap.bind(3, childChannelInitializer: initializer)
+        }
+        try FileManager.default.createDirectory(atPath: (paths.socket as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        // The lock says no other uvmd runs here, so a socket file left over is stale.
+        try? FileManager.default.removeItem(atPath: paths.socket)
+        // Created 0600 from the start (umask), not chmod'ed afterwards: no window where others could connect.
+        let old = umask(0o177)
+        defer { umask(old) }
+        do {
+            return try await bootstrap.bind(unixDomainSocketPath: paths.socket, cleanupExistingSocketFile: true, serverBackPressureStrategy: nil, childChannelInitializer: initializer)
+        } catch {
+            throw StartError.cannotListen("cannot listen on \(paths.socket): \(error)")
+        }
+    }
+}
+
+/// Counts client sessions (the idle reaper will build on it).
+actor SessionCounter {
+    private(set) var count = 0
+    func begin() { count += 1 }
+    func end() { count -= 1 }
+}
+
+/// Waits for one of a set of signals (ignored as signals, taken by dispatch sources instead).
+final class SignalWatcher: @unchecked Sendable {
+    private let stream: AsyncStream<Int32>
+    // Kept alive for as long as the watcher; never mutated after init.
+    private let sources: [any DispatchSourceSignal]
+
+    init(_ signals: [Int32]) {
+        let (stream, cont) = AsyncStream.makeStream(of: Int32.self)
+        self.stream = stream
+        self.sources = signals.map { sig in
+            signal(sig, SIG_IGN)
+            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            s.setEventHandler { cont.yield(sig) }
+            s.resume()
+            return s
+        }
+    }
+
+    func wait() async {
+        for await _ in stream { return }
+    }
+}
+
+func residentKiB() -> UInt64? {
+    guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8) else { return nil }
+    for line in status.split(separator: "\n") where line.hasPrefix("VmRSS:") {
+        return UInt64(line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "")
+    }
+    return nil
+}

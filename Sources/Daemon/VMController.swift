@@ -1,0 +1,342 @@
+import Foundation
+import HostCompute
+import Logging
+import NIOCore
+import NIOPosix
+import Settings
+import Wire
+
+/// The one utility VM of this uvmd: boots it on demand through libvirt, keeps the HTTP/2 link to
+/// its agent, learns of its death from libvirt's lifecycle events, and shuts it down cleanly.
+public actor VMController {
+    public enum State: String, Sendable { case stopped = "Stopped", starting = "Starting", running = "Running", stopping = "Stopping" }
+
+    struct Running {
+        var domain: VMDomain
+        var link: HTTP2Sessions.ClientMultiplexer
+        var linkChannel: Channel
+        var accel: AcceleratorChoice
+        var guest: GuestInfo
+        var bootedAt: ContinuousClock.Instant
+        var generation: Int
+    }
+
+    let paths: Paths
+    let settings: Settings
+    let logger: Logger
+    private(set) var state: State = .stopped
+    private var running: Running?
+    private var boot: Task<Running, Error>?
+    private var connection: LibvirtConnection?
+    private var eventWatcher: Task<Void, Never>?
+    private var generation = 0
+    /// Why the last VM went away, for the sessions it took with it.
+    private(set) var lastStopReason: String?
+    private var stopRequested = false
+    private var stoppedWaiters: [CheckedContinuation<Void, Never>] = []
+    var activeSessions = 0
+
+    public init(paths: Paths, settings: Settings, logger: Logger) {
+        self.paths = paths
+        self.settings = settings
+        self.logger = logger
+    }
+
+    /// The link to a running guest, booting the VM first when needed.
+    func link(progress: @escaping @Sendable (String) async -> Void) async throws -> HTTP2Sessions.ClientMultiplexer {
+        try await ensureRunning(progress: progress).link
+    }
+
+    func ensureRunning(progress: @escaping @Sendable (String) async -> Void) async throws -> Running {
+        if let running { return running }
+        if state == .stopping {
+            await waitUntilStopped()
+        }
+        if let boot { return try await boot.value }
+        state = .starting
+        stopRequested = false
+        let task = Task { try await self.bootVM(progress: progress) }
+        boot = task
+        do {
+            let r = try await task.value
+            boot = nil
+            running = r
+            state = .running
+            return r
+        } catch {
+            boot = nil
+            state = .stopped
+            throw error
+        }
+    }
+
+    private func libvirt() async throws -> LibvirtConnection {
+        if let connection { return connection }
+        let c: LibvirtConnection
+        do {
+            c = try await LibvirtConnection.open(uri: settings.libvirtURI)
+        } catch {
+            throw WireError(.vmUnavailable, "\(error)")
+        }
+        connection = c
+        eventWatcher?.cancel()
+        eventWatcher = Task { [weak self] in
+            for await event in c.events {
+                await self?.handle(event)
+            }
+            await self?.libvirtConnectionLost()
+        }
+        return c
+    }
+
+    private func bootVM(progress: @escaping @Sendable (String) async -> Void) async throws -> Running {
+        let fm = FileManager.default
+        guard fm.fileExists(atPath: paths.kernel) else {
+            throw WireError(.vmUnavailable, "the uvm kernel is not built (expected \(paths.kernel)): run `make kernel`")
+        }
+        guard fm.fileExists(atPath: paths.initramfs) else {
+            throw WireError(.vmUnavailable, "the uvm initramfs is not built (expected \(paths.initramfs)): run `make images`")
+        }
+        let distros = try prepareDistroDisks()
+        let preference = AcceleratorPreference(rawValue: settings.accel) ?? .auto
+        let accel: AcceleratorChoice
+        do {
+            accel = try chooseAccelerator(preference, probe: .live(uri: settings.libvirtURI))
+        } catch {
+            throw WireError(.vmUnavailable, "\(error)")
+        }
+        let conn = try await libvirt()
+        // A VM of ours left behind by an earlier uvmd (killed, crashed) would hold the disks.
+        if let stale = try? await conn.lookup(name: paths.domainName) {
+            logger.warning("destroying a VM left behind by an earlier uvmd", metadata: ["domain": "\(paths.domainName)"])
+            try? await stale.destroy()
+        }
+        try fm.createDirectory(atPath: paths.runDir, withIntermediateDirectories: true)
+        try? fm.removeItem(atPath: paths.controlSocket)
+        try? fm.removeItem(atPath: paths.consoleLog)
+
+        var cmdline = "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init"
+        if !settings.kernelCommandLine.isEmpty { cmdline += " " + settings.kernelCommandLine }
+        let spec = VMSpec(
+            name: paths.domainName, accelerator: accel.accelerator,
+            memoryMiB: settings.memoryMiB, vcpus: settings.processors,
+            kernel: paths.kernel, initrd: paths.initramfs, cmdline: cmdline,
+            disks: distros.map { VMSpec.Disk(path: $0.disk, serial: diskSerial($0.name)) },
+            channels: [VMSpec.Channel(name: "uvm.control", socketPath: paths.controlSocket)],
+            consoleLog: paths.consoleLog, userNetwork: true)
+        await progress("uvm: starting the VM (\(accel.accelerator.rawValue.uppercased()): \(accel.reason))")
+        logger.info("booting", metadata: ["accel": "\(accel)", "domain": "\(spec.name)"])
+        let started = ContinuousClock.now
+        let domain: VMDomain
+        do {
+            domain = try await conn.createTransient(xml: domainXML(for: spec))
+        } catch {
+            throw WireError(.vmUnavailable, "libvirt could not start the VM: \(error)")
+        }
+        generation += 1
+        let gen = generation
+        do {
+            let (channel, mux) = try await connectControl(domain: domain)
+            let guest = try await withTimeout(seconds: settings.bootTimeoutSeconds, what: "the guest agent to answer") {
+                try await Self.request(.info, on: mux, as: GuestInfo.self)
+            }
+            logger.info("guest up", metadata: ["kernel": "\(guest.kernelRelease)", "boot": "\(ContinuousClock.now - started)"])
+            channel.closeFuture.whenComplete { _ in
+                Task { await self.linkClosed(generation: gen) }
+            }
+            return Running(domain: domain, link: mux, linkChannel: channel, accel: accel, guest: guest,
+                           bootedAt: started, generation: gen)
+        } catch {
+            try? await domain.destroy()
+            let tail = consoleTail()
+            throw WireError(.vmUnavailable, "the VM did not come up: \(error)" + (tail.isEmpty ? "" : "\nconsole (\(paths.consoleLog)):\n\(tail)"))
+        }
+    }
+
+    /// QEMU creates the control socket before libvirt returns; the guest opens its end later,
+    /// and until then what we send waits in the port.
+    private func connectControl(domain: VMDomain) async throws -> (Channel, HTTP2Sessions.ClientMultiplexer) {
+        var lastError: Error?
+        for _ in 0..<200 {
+            do {
+                let result = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                    .connect(unixDomainSocketPath: paths.controlSocket) { channel in
+                        HTTP2Sessions.configureClient(channel).map { (channel, $0) }
+                    }
+                return result
+            } catch {
+                lastError = error
+                try await Task.sleep(for: .milliseconds(25))
+            }
+        }
+        throw WireError(.vmUnavailable, "cannot connect to the guest control port \(paths.controlSocket): \(lastError.map { "\($0)" } ?? "?")")
+    }
+
+    /// One request/response session with the guest agent.
+    static func request<T: Decodable & Sendable>(_ op: Request.Operation, on mux: HTTP2Sessions.ClientMultiplexer, as: T.Type) async throws -> T {
+        let session = try await HTTP2Sessions.openSession(mux)
+        return try await session.executeThenClose { inbound, outbound in
+            try await outbound.write(.json(.request, Request(op: op)))
+            var answer: Frame? = nil
+            // Until the guest closes the stream (closing it first would reset it).
+            for try await frame in inbound where answer == nil && frame.kind.isFinal { answer = frame }
+            guard let answer else { throw WireError(.vmStopped, "the guest closed the session") }
+            if answer.kind == .error { throw try answer.decode(WireError.self) }
+            return try answer.decode(T.self)
+        }
+    }
+
+    struct DistroDisk { var name: String; var disk: String }
+
+    /// Every installed distro's disk is attached; a distro built by `make images` but not yet
+    /// installed for this user is installed (copied) first, as WSL imports a distro.
+    private func prepareDistroDisks() throws -> [DistroDisk] {
+        let fm = FileManager.default
+        try fm.createDirectory(atPath: paths.distrosDir, withIntermediateDirectories: true)
+        let def = settings.defaultDistro
+        if !fm.fileExists(atPath: paths.distroDisk(def)) {
+            let template = paths.distroTemplate(def)
+            guard fm.fileExists(atPath: template) else {
+                throw WireError(.vmUnavailable, "distro \(def) is not built (expected \(template)): run `make images`")
+            }
+            try installDistro(def, from: template)
+        }
+        let names = (try fm.contentsOfDirectory(atPath: paths.distrosDir)).filter {
+            validDistroName($0) && fm.fileExists(atPath: paths.distroDisk($0))
+        }.sorted()
+        return names.map { DistroDisk(name: $0, disk: paths.distroDisk($0)) }
+    }
+
+    private func installDistro(_ name: String, from template: String) throws {
+        let dir = (paths.distroDisk(name) as NSString).deletingLastPathComponent
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let tmp = paths.distroDisk(name) + ".partial"
+        let cp = Process()
+        cp.executableURL = URL(fileURLWithPath: "/bin/cp")
+        cp.arguments = ["--sparse=always", "--reflink=auto", template, tmp]
+        try cp.run()
+        cp.waitUntilExit()
+        guard cp.terminationStatus == 0 else { throw WireError(.vmUnavailable, "cannot copy \(template) to \(tmp)") }
+        try FileManager.default.moveItem(atPath: tmp, toPath: paths.distroDisk(name))
+        logger.info("installed distro", metadata: ["distro": "\(name)"])
+    }
+
+    /// Whether `name` is a distro this VM can run.
+    func knowsDistro(_ name: String) -> Bool {
+        FileManager.default.fileExists(atPath: paths.distroDisk(name))
+            || FileManager.default.fileExists(atPath: paths.distroTemplate(name))
+    }
+
+    // MARK: stopping
+
+    /// Clean shutdown: the agent stops instances, syncs and powers off; only if that does not
+    /// finish in time is the domain destroyed.
+    public func stop(reason: String = "uvm stop") async {
+        if let boot { _ = try? await boot.value }
+        guard let r = running else { return }
+        state = .stopping
+        stopRequested = true
+        lastStopReason = "the VM was stopped (\(reason))"
+        logger.info("stopping the VM", metadata: ["reason": "\(reason)"])
+        do {
+            try await withTimeout(seconds: 20, what: "the guest to power off") {
+                struct OK: Decodable, Sendable { var ok: Bool }
+                _ = try await Self.request(.shutdown, on: r.link, as: OK.self)
+            }
+        } catch {
+            logger.warning("clean shutdown failed, destroying", metadata: ["error": "\(error)"])
+            try? await r.domain.destroy()
+        }
+        let gone = await withTaskGroup(of: Bool.self) { g in
+            g.addTask { await self.waitUntilStopped(); return true }
+            g.addTask { try? await Task.sleep(for: .seconds(15)); return false }
+            let first = await g.next()!
+            g.cancelAll()
+            return first
+        }
+        if !gone {
+            logger.warning("the VM did not power off in time, destroying")
+            try? await r.domain.destroy()
+            markStopped(generation: r.generation)
+        }
+    }
+
+    private func waitUntilStopped() async {
+        if state == .stopped { return }
+        await withCheckedContinuation { stoppedWaiters.append($0) }
+    }
+
+    private func markStopped(generation gen: Int) {
+        guard let r = running, r.generation == gen else { return }
+        running = nil
+        state = .stopped
+        r.linkChannel.close(promise: nil)
+        if !stopRequested { lastStopReason = "the VM stopped unexpectedly (see \(paths.consoleLog))" }
+        logger.info("VM stopped", metadata: ["reason": "\(lastStopReason ?? "?")"])
+        let waiters = stoppedWaiters
+        stoppedWaiters = []
+        waiters.forEach { $0.resume() }
+    }
+
+    private func handle(_ event: DomainEvent) {
+        guard event.domainName == paths.domainName, let r = running else { return }
+        // `shutdown` (the guest powering off) is followed by `stopped`; wait for that.
+        if event.kind == .stopped || event.kind == .crashed { markStopped(generation: r.generation) }
+    }
+
+    private func linkClosed(generation gen: Int) async {
+        // The control connection only ends with the VM (QEMU holds the socket), so treat it as
+        // the VM's end even if libvirt's event is late.
+        guard let r = running, r.generation == gen else { return }
+        if !stopRequested { try? await r.domain.destroy() }
+        markStopped(generation: gen)
+    }
+
+    private func libvirtConnectionLost() {
+        connection = nil
+    }
+
+    // MARK: status
+
+    func status(daemonRSSKiB: UInt64?, sessions: Int) async -> VMStatus {
+        var s = VMStatus(state: state.rawValue, daemonPID: getpid(), sessions: sessions)
+        s.libvirtURI = settings.libvirtURI
+        s.domain = paths.domainName
+        s.daemonRSSKiB = daemonRSSKiB
+        guard let r = running else { return s }
+        s.accelerator = r.accel.accelerator.rawValue
+        s.acceleratorReason = r.accel.reason
+        s.qemuPID = r.domain.qemuPID().map { Int32($0) }
+        s.memoryMiB = settings.memoryMiB
+        if let g = try? await Self.request(.info, on: r.link, as: GuestInfo.self) {
+            s.kernelRelease = g.kernelRelease
+            s.uptimeSeconds = g.uptimeSeconds
+            s.guestMemTotalKiB = g.memTotalKiB
+            s.guestMemAvailableKiB = g.memAvailableKiB
+        } else {
+            s.kernelRelease = r.guest.kernelRelease
+        }
+        return s
+    }
+
+    private func consoleTail() -> String {
+        guard let text = try? String(contentsOfFile: paths.consoleLog, encoding: .utf8) else { return "" }
+        return text.split(separator: "\n").suffix(15).joined(separator: "\n")
+    }
+}
+
+func diskSerial(_ distro: String) -> String { "uvm-\(distro)" }
+
+/// Runs `body`, failing with a clear error if it takes longer than `seconds`.
+func withTimeout<T: Sendable>(seconds: Double, what: String, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+    try await withThrowingTaskGroup(of: T.self) { g in
+        g.addTask { try await body() }
+        g.addTask {
+            try await Task.sleep(for: .seconds(seconds))
+            throw WireError(.vmUnavailable, "timed out after \(Int(seconds)) s waiting for \(what)")
+        }
+        let first = try await g.next()!
+        g.cancelAll()
+        return first
+    }
+}

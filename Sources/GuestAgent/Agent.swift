@@ -1,0 +1,154 @@
+import CSyscalls
+import Glibc
+import NIOCore
+import NIOPosix
+import Wire
+
+/// uvm-init: PID 1 of the utility VM. It prepares the bare initramfs, finds its virtio-serial
+/// port, and serves sessions from uvmd (one HTTP/2 stream each) until told to power off.
+public enum GuestAgent {
+    public static let controlPortName = "uvm.control"
+
+    public static func main() async -> Never {
+        signal(SIGPIPE, SIG_IGN)
+        if getpid() == 1 { preparePID1() }
+        let cmdline = readSmallFile("/proc/cmdline") ?? ""
+        if cmdline.split(separator: " ").contains("uvm.poweroff=1") {
+            // Baseline for benchmarks: the same kernel and initramfs, booted and powered off.
+            log("uvm.poweroff=1: powering off at once")
+            _ = uvm_poweroff()
+        }
+        let instances = Instances()
+        do {
+            let port = try await findPort(named: controlPortName)
+            try await serve(port: port, instances: instances)
+        } catch {
+            log("fatal: \(error)")
+        }
+        // PID 1 must not exit (the kernel would panic): power off instead.
+        _ = uvm_poweroff()
+        while true { pause() }
+    }
+
+    /// Serves the control port forever; when uvmd goes away (a restart), waits for it to return.
+    static func serve(port: String, instances: Instances) async throws {
+        while true {
+            let fd = open(port, O_RDWR | O_CLOEXEC | O_NOCTTY)
+            guard fd >= 0 else {
+                throw WireError(.internalError, "cannot open \(port): \(String(cString: strerror(errno)))")
+            }
+            // Until the host side is connected the port reads EOF and polls HUP, which NIO would
+            // take for the end of the connection.
+            _ = uvm_wait_port_connected(fd, -1)
+            let mux = try await NIOPipeBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .takingOwnershipOfDescriptor(inputOutput: fd) { HTTP2Sessions.configureServer($0) }
+            log("host connected on \(port)")
+            await withDiscardingTaskGroup { group in
+                do {
+                    for try await session in mux.inbound {
+                        group.addTask { await handle(session, instances: instances) }
+                    }
+                } catch {
+                    log("control connection ended: \(error)")
+                }
+            }
+            log("host disconnected; waiting for it to return")
+        }
+    }
+
+    static func handle(_ session: HTTP2Sessions.Session, instances: Instances) async {
+        do {
+            try await FrameSession.serve(session) { first, rest, outbound in
+                do {
+                    guard first.kind == .request else { throw WireError(.protocolError, "session did not start with a request") }
+                    try await perform(try first.decode(Request.self), rest: rest, outbound: outbound, instances: instances)
+                } catch let e as WireError {
+                    try await outbound.write(.error(e))
+                } catch {
+                    try await outbound.write(.error(WireError(.internalError, "\(error)")))
+                }
+            }
+        } catch {
+            log("session: \(error)")
+        }
+    }
+
+    static func perform(_ request: Request, rest: AsyncStream<Frame>, outbound: NIOAsyncChannelOutboundWriter<Frame>,
+                        instances: Instances) async throws {
+        switch request.op {
+        case .exec:
+            guard let exec = request.exec else { throw WireError(.badRequest, "exec without a command") }
+            let serial = request.distroDisk ?? "uvm-\(exec.distro ?? "busybox")"
+            try await ProcessSession(request: exec, diskSerial: serial, instances: instances,
+                                     inbound: rest, outbound: outbound).run()
+        case .info:
+            try await outbound.write(.json(.response, await info(instances)))
+        case .shutdown:
+            log("shutdown requested: stopping instances")
+            await instances.stopAll()
+            sync()
+            try await outbound.write(.json(.response, ["ok": true]))
+            // Let the answer reach the host before the machine goes away.
+            try await Task.sleep(for: .milliseconds(50))
+            log("powering off")
+            _ = uvm_poweroff()
+        default:
+            throw WireError(.badRequest, "the guest does not serve '\(request.op.rawValue)'")
+        }
+    }
+
+    static func info(_ instances: Instances) async -> GuestInfo {
+        var u = utsname()
+        uname(&u)
+        let release = withUnsafeBytes(of: u.release) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+        let uptime = Double((readSmallFile("/proc/uptime") ?? "0").split(separator: " ").first ?? "0") ?? 0
+        var total: UInt64 = 0, available: UInt64 = 0
+        for line in (readSmallFile("/proc/meminfo") ?? "").split(separator: "\n") {
+            let f = line.split(separator: " ", omittingEmptySubsequences: true)
+            guard f.count >= 2, let v = UInt64(f[1]) else { continue }
+            if f[0] == "MemTotal:" { total = v }
+            if f[0] == "MemAvailable:" { available = v }
+        }
+        return GuestInfo(kernelRelease: release, uptimeSeconds: uptime, memTotalKiB: total,
+                         memAvailableKiB: available, instances: await instances.names)
+    }
+
+    /// /dev/vportNpM whose name (from the host's <target name=...>) is `name`; no udev here.
+    static func findPort(named name: String) async throws -> String {
+        for _ in 0..<500 {
+            if let dir = opendir("/sys/class/virtio-ports") {
+                defer { closedir(dir) }
+                while let e = readdir(dir) {
+                    let port = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+                    guard port.hasPrefix("vport") else { continue }
+                    if readSmallFile("/sys/class/virtio-ports/\(port)/name")?.trimmed == name { return "/dev/\(port)" }
+                }
+            }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        throw WireError(.internalError, "no virtio-serial port named \(name)")
+    }
+
+    /// The initramfs has nothing mounted and maybe no console on fds 0-2.
+    static func preparePID1() {
+        _ = uvm_mount("devtmpfs", "/dev", "devtmpfs", UInt(MS_NOSUID), "mode=0755")
+        for fd: Int32 in 0...2 where fcntl(fd, F_GETFD) < 0 {
+            let c = open("/dev/console", O_RDWR | O_NOCTTY)
+            if c >= 0 && c != fd { dup2(c, fd); close(c) }
+        }
+        _ = uvm_mount("proc", "/proc", "proc", UInt(MS_NOSUID | MS_NODEV | MS_NOEXEC), nil)
+        _ = uvm_mount("sysfs", "/sys", "sysfs", UInt(MS_NOSUID | MS_NODEV | MS_NOEXEC), nil)
+        _ = uvm_mount("tmpfs", "/run", "tmpfs", UInt(MS_NOSUID | MS_NODEV), "mode=0755")
+        _ = uvm_mount("tmpfs", "/tmp", "tmpfs", UInt(MS_NOSUID | MS_NODEV), "mode=1777")
+        mkdir("/run/uvm", 0o755)
+        mkdir("/run/uvm/instances", 0o755)
+        _ = sethostname("uvm", 3)
+        _ = uvm_if_up("lo")
+        umask(0o022)
+    }
+}
+
+func log(_ message: String) {
+    let line = "uvm-init: \(message)\n"
+    _ = line.withCString { write(2, $0, strlen($0)) }
+}

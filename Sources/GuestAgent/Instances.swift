@@ -1,0 +1,142 @@
+import CSyscalls
+import Glibc
+import Wire
+
+/// A distro running inside the VM: a process that is PID 1 of its own mount, pid and uts
+/// namespaces with its root on the distro's disk (WSL2's model). Processes join it by setns.
+struct Instance: Sendable {
+    var name: String
+    var initPID: pid_t
+    var rootPath: String { "/proc/\(initPID)/root" }
+}
+
+/// An account in a distro's /etc/passwd.
+struct Account: Sendable, Equatable {
+    var name: String
+    var uid: uid_t
+    var gid: gid_t
+    var home: String
+    var shell: String
+    var groups: [gid_t]
+}
+
+actor Instances {
+    private var running: [String: Instance] = [:]
+    private var starting: [String: Task<Instance, Error>] = [:]
+
+    var names: [String] { running.keys.sorted() }
+
+    /// The running instance of `distro`, started from the disk whose serial is `diskSerial`.
+    func instance(_ distro: String, diskSerial: String) async throws -> Instance {
+        if let i = running[distro] { return i }
+        if let t = starting[distro] { return try await t.value }
+        let task = Task { try Self.start(distro, diskSerial: diskSerial) }
+        starting[distro] = task
+        defer { starting[distro] = nil }
+        let instance = try await task.value
+        running[distro] = instance
+        Task { [weak self] in
+            _ = await ChildReaper.shared.wait(for: instance.initPID)
+            await self?.ended(distro, pid: instance.initPID)
+        }
+        return instance
+    }
+
+    private func ended(_ distro: String, pid: pid_t) {
+        if running[distro]?.initPID == pid { running[distro] = nil }
+    }
+
+    /// Asks every instance to end (its init gives processes 3 s after SIGTERM), waits for them.
+    func stopAll() async {
+        let all = Array(running.values)
+        for i in all { kill(i.initPID, SIGTERM) }
+        await withTaskGroup(of: Void.self) { g in
+            for i in all {
+                g.addTask {
+                    // Backstop: an init that does not end in 5 s takes its namespace down by force.
+                    let killer = Task {
+                        try await Task.sleep(for: .seconds(5))
+                        kill(i.initPID, SIGKILL)
+                    }
+                    _ = await ChildReaper.shared.wait(for: i.initPID)
+                    killer.cancel()
+                }
+            }
+        }
+        running.removeAll()
+    }
+
+    private static func start(_ distro: String, diskSerial: String) throws -> Instance {
+        guard let device = findDisk(serial: diskSerial) else {
+            throw WireError(.notFound, "distro \(distro): its disk (serial \(diskSerial)) is not attached to the VM")
+        }
+        var err: Int32 = 0
+        var stage: UnsafePointer<CChar>? = nil
+        let pid = uvm_start_instance(device, "ext4", "/run/uvm/instances/\(distro)", distro, &err, &stage)
+        ChildReaper.shared.childStarted()
+        guard pid > 0 else {
+            throw WireError(.spawnFailed, "distro \(distro): cannot start (\(stage.map { String(cString: $0) } ?? "?"): \(String(cString: strerror(err))))")
+        }
+        return Instance(name: distro, initPID: pid)
+    }
+
+    /// /dev/vdX whose virtio-blk serial is `serial`.
+    static func findDisk(serial: String) -> String? {
+        guard let dir = opendir("/sys/block") else { return nil }
+        defer { closedir(dir) }
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            guard name.hasPrefix("vd") else { continue }
+            if readSmallFile("/sys/block/\(name)/serial")?.trimmed == serial { return "/dev/\(name)" }
+        }
+        return nil
+    }
+}
+
+extension Instance {
+    /// Looks `user` (a name or a numeric uid; nil: root) up in the instance's /etc/passwd.
+    func account(_ user: String?) throws -> Account {
+        let passwd = readSmallFile("\(rootPath)/etc/passwd") ?? ""
+        let groupFile = readSmallFile("\(rootPath)/etc/group") ?? ""
+        let wanted = user ?? "root"
+        for line in passwd.split(separator: "\n") {
+            let f = line.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
+            guard f.count >= 7, let uid = uid_t(f[2]), let gid = gid_t(f[3]) else { continue }
+            guard f[0] == wanted || f[2] == wanted else { continue }
+            var groups: [gid_t] = [gid]
+            for g in groupFile.split(separator: "\n") {
+                let gf = g.split(separator: ":", omittingEmptySubsequences: false)
+                guard gf.count >= 4, let id = gid_t(gf[2]) else { continue }
+                if gf[3].split(separator: ",").contains(where: { $0 == f[0] }) && !groups.contains(id) { groups.append(id) }
+            }
+            return Account(name: f[0], uid: uid, gid: gid, home: f[5].isEmpty ? "/" : f[5], shell: f[6].isEmpty ? "/bin/sh" : f[6], groups: groups)
+        }
+        if user == nil { return Account(name: "root", uid: 0, gid: 0, home: "/root", shell: "/bin/sh", groups: [0]) }
+        if let uid = uid_t(wanted) { return Account(name: wanted, uid: uid, gid: gid_t(uid), home: "/", shell: "/bin/sh", groups: [gid_t(uid)]) }
+        throw WireError(.notFound, "no user '\(wanted)' in distro \(name) (see its /etc/passwd)")
+    }
+}
+
+func readSmallFile(_ path: String, limit: Int = 1 << 20) -> String? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var out = [UInt8]()
+    var buf = [UInt8](repeating: 0, count: 16384)
+    while out.count < limit {
+        let n = read(fd, &buf, buf.count)
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 { break }
+        out.append(contentsOf: buf[0..<n])
+    }
+    return String(decoding: out, as: UTF8.self)
+}
+
+extension String {
+    var trimmed: String {
+        var s = Substring(self)
+        while let c = s.first, c.isWhitespace { s.removeFirst() }
+        while let c = s.last, c.isWhitespace { s.removeLast() }
+        return String(s)
+    }
+}

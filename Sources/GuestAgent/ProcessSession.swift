@@ -1,0 +1,230 @@
+import CSyscalls
+import Glibc
+import NIOCore
+import NIOPosix
+import Synchronization
+import Wire
+
+/// One `exec`: a process in a distro instance whose stdio travels as frames on one session.
+struct ProcessSession {
+    let request: ExecRequest
+    let diskSerial: String
+    let instances: Instances
+    /// The session's frames after the request.
+    let inbound: AsyncStream<Frame>
+    let outbound: NIOAsyncChannelOutboundWriter<Frame>
+
+    static let defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+    func run() async throws {
+        let distro = request.distro ?? "busybox"
+        let instance = try await instances.instance(distro, diskSerial: diskSerial)
+        let account = try instance.account(request.user)
+        let argv = request.shell == true ? [account.shell, "-l"] : request.argv
+        guard !argv.isEmpty else { throw WireError(.badRequest, "exec: no command given") }
+
+        var env: [String: String] = [
+            "PATH": Self.defaultPath, "HOME": account.home, "USER": account.name,
+            "LOGNAME": account.name, "SHELL": account.shell,
+        ]
+        if request.tty { env["TERM"] = "xterm-256color" }
+        for kv in request.env {
+            guard let eq = kv.firstIndex(of: "=") else { throw WireError(.badRequest, "--env \(kv): expected KEY=VALUE") }
+            env[String(kv[..<eq])] = String(kv[kv.index(after: eq)...])
+        }
+        let cwd = request.cwd ?? account.home
+
+        // Child ends go to the process; ours become NIO channels.
+        var childFDs: [Int32] = []
+        defer { childFDs.forEach { close($0) } }
+        let stdoutChannelFD: (input: Int32, output: Int32?)
+        var stderrFD: Int32? = nil
+        let stdio: (Int32, Int32, Int32)
+        if request.tty {
+            var master: Int32 = -1, slave: Int32 = -1
+            let rc = uvm_openpty("\(instance.rootPath)/dev/ptmx", &master, &slave, request.rows ?? 24, request.cols ?? 80)
+            guard rc == 0 else { throw WireError(.spawnFailed, "cannot open a pty: \(String(cString: strerror(rc)))") }
+            childFDs.append(slave)
+            stdio = (slave, slave, slave)
+            stdoutChannelFD = (master, nil)
+        } else {
+            let inPipe = try makePipe(), outPipe = try makePipe(), errPipe = try makePipe()
+            childFDs += [inPipe.read, outPipe.write, errPipe.write]
+            stdio = (inPipe.read, outPipe.write, errPipe.write)
+            stdoutChannelFD = (outPipe.read, inPipe.write)
+            stderrFD = errPipe.read
+        }
+
+        let pid = try spawn(argv: argv, env: env, cwd: cwd, account: account, stdio: stdio, instance: instance)
+        childFDs.forEach { close($0) }
+        childFDs = []
+
+        let group = MultiThreadedEventLoopGroup.singleton
+        let mainChannel: NIOAsyncChannel<ByteBuffer, ByteBuffer>
+        if let out = stdoutChannelFD.output {
+            mainChannel = try await NIOPipeBootstrap(group: group).takingOwnershipOfDescriptors(input: stdoutChannelFD.input, output: out) { channel in
+                channel.eventLoop.makeCompletedFuture { try NIOAsyncChannel(wrappingChannelSynchronously: channel, configuration: .init(isOutboundHalfClosureEnabled: true)) }
+            }
+        } else {
+            mainChannel = try await NIOPipeBootstrap(group: group).takingOwnershipOfDescriptor(inputOutput: stdoutChannelFD.input) { channel in
+                channel.eventLoop.makeCompletedFuture { try NIOAsyncChannel(wrappingChannelSynchronously: channel) }
+            }
+        }
+        let errChannel: NIOAsyncChannel<ByteBuffer, ByteBuffer>? = if let stderrFD {
+            try await NIOPipeBootstrap(group: group).takingOwnershipOfDescriptor(input: stderrFD) { channel in
+                channel.eventLoop.makeCompletedFuture { try NIOAsyncChannel(wrappingChannelSynchronously: channel) }
+            }
+        } else { nil }
+
+        let activity = ActivityCounter()
+        let pumps = errChannel == nil ? 1 : 2
+        let status: Int32 = try await mainChannel.executeThenClose { mainIn, mainOut in
+            // Input from the client runs until the session ends; it is not part of the group
+            // below because the process may exit while the client still holds its stdin.
+            let input = Task { await relayInput(to: mainOut, pid: pid, master: request.tty ? stdoutChannelFD.input : nil) }
+            defer { input.cancel() }
+            return try await withThrowingTaskGroup(of: ProcessEvent.self) { events in
+                events.addTask { try await pump(mainIn, as: .stdout, activity: activity); return .outputClosed }
+                if let errChannel {
+                    events.addTask {
+                        try await errChannel.executeThenClose { errIn, _ in try await pump(errIn, as: .stderr, activity: activity) }
+                        return .outputClosed
+                    }
+                }
+                events.addTask { .exited(await ChildReaper.shared.wait(for: pid)) }
+                var open = pumps
+                var status: Int32? = nil
+                while let event = try await events.next() {
+                    switch event {
+                    case .outputClosed: open -= 1
+                    case .exited(let st):
+                        status = st
+                        // What the process wrote is in the pipes already. Wait for EOF, but not
+                        // for background processes that inherited the pipes: stop once idle.
+                        events.addTask {
+                            var last = activity.value
+                            while true {
+                                try await Task.sleep(for: .milliseconds(250))
+                                let now = activity.value
+                                if now == last { return .outputIdle }
+                                last = now
+                            }
+                        }
+                    case .outputIdle: open = 0
+                    }
+                    if let status, open == 0 {
+                        events.cancelAll()
+                        return status
+                    }
+                }
+                throw WireError(.internalError, "process \(pid) lost")
+            }
+        }
+        let decoded = exitStatus(fromWaitStatus: status)
+        try await outbound.write(.json(.exit, ExitStatus(code: decoded.code, signal: decoded.signal)))
+    }
+
+    private func pump(_ input: NIOAsyncChannelInboundStream<ByteBuffer>, as kind: FrameKind, activity: ActivityCounter) async throws {
+        do {
+            for try await chunk in input {
+                activity.bump()
+                try await outbound.write(Frame(kind, chunk))
+            }
+        } catch let e as IOError where e.errnoCode == EIO {
+            // A pty master reads EIO once the last slave is closed: that is its EOF.
+        }
+    }
+
+    /// Client -> process: stdin bytes, EOF, signals, window size. When the client goes away
+    /// (the stream ends without the process having exited), the process group gets SIGHUP, as
+    /// it would from a terminal that hangs up.
+    private func relayInput(to stdin: NIOAsyncChannelOutboundWriter<ByteBuffer>, pid: pid_t, master: Int32?) async {
+        for await frame in inbound {
+            switch frame.kind {
+            case .stdin: try? await stdin.write(frame.payload)
+            case .stdinEOF: if master == nil { stdin.finish() }
+            case .signal:
+                if let sig = frame.signalNumber, sig > 0, sig < 65 { signalGroup(pid, sig) }
+            case .resize:
+                if let master, let ws = frame.windowSize {
+                    _ = uvm_set_winsize(master, ws.rows, ws.cols)
+                }
+            default: break
+            }
+        }
+        if !Task.isCancelled { signalGroup(pid, SIGHUP) }
+    }
+
+    private func spawn(argv: [String], env: [String: String], cwd: String, account: Account,
+                       stdio: (Int32, Int32, Int32), instance: Instance) throws -> pid_t {
+        let cArgv = argv.map { strdup($0) } + [nil]
+        let cEnv = env.sorted { $0.key < $1.key }.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer {
+            cArgv.forEach { free($0) }
+            cEnv.forEach { free($0) }
+        }
+        var helper: pid_t = 0
+        var err: Int32 = 0
+        var stage: UnsafePointer<CChar>? = nil
+        let pid: pid_t = cArgv.withUnsafeBufferPointer { argvPtr in
+            cEnv.withUnsafeBufferPointer { envPtr in
+                account.groups.withUnsafeBufferPointer { groupsPtr in
+                    (env["PATH"] ?? Self.defaultPath).withCString { pathEnv in
+                        cwd.withCString { cwdPtr in
+                            var a = uvm_spawn_args()
+                            a.argv = argvPtr.baseAddress
+                            a.envp = envPtr.baseAddress
+                            a.path_env = pathEnv
+                            a.cwd = cwdPtr
+                            a.uid = account.uid
+                            a.gid = account.gid
+                            a.groups = groupsPtr.baseAddress
+                            a.ngroups = Int32(groupsPtr.count)
+                            a.stdin_fd = stdio.0
+                            a.stdout_fd = stdio.1
+                            a.stderr_fd = stdio.2
+                            a.tty = request.tty ? 1 : 0
+                            a.instance_pid = instance.initPID
+                            return uvm_spawn(&a, &helper, &err, &stage)
+                        }
+                    }
+                }
+            }
+        }
+        if helper > 0 { ChildReaper.shared.ignore(helper) }
+        ChildReaper.shared.childStarted()
+        guard pid > 0 else {
+            let what = stage.map { String(cString: $0) } ?? "spawn"
+            let reason = String(cString: strerror(err))
+            switch what {
+            case "exec": throw WireError(.spawnFailed, "\(argv[0]): \(reason)")
+            case "chdir": throw WireError(.spawnFailed, "cannot change to \(cwd): \(reason)")
+            default: throw WireError(.spawnFailed, "cannot start \(argv[0]) (\(what)): \(reason)")
+            }
+        }
+        return pid
+    }
+}
+
+private enum ProcessEvent: Sendable {
+    case outputClosed, exited(Int32), outputIdle
+}
+
+/// Signals the process group the process leads (it called setsid), or the process alone.
+func signalGroup(_ pid: pid_t, _ sig: Int32) {
+    if kill(-pid, sig) != 0 { kill(pid, sig) }
+}
+
+func makePipe() throws -> (read: Int32, write: Int32) {
+    var fds: [Int32] = [0, 0]
+    let rc = uvm_pipe_cloexec(&fds)
+    guard rc == 0 else { throw WireError(.spawnFailed, "pipe: \(String(cString: strerror(rc)))") }
+    return (fds[0], fds[1])
+}
+
+/// Counts output chunks, so that a drain can tell whether output is still flowing.
+final class ActivityCounter: Sendable {
+    private let count = Atomic<Int>(0)
+    func bump() { count.add(1, ordering: .relaxed) }
+    var value: Int { count.load(ordering: .relaxed) }
+}

@@ -1,0 +1,65 @@
+import Foundation
+
+/// Where uvm keeps things. Built artifacts (kernel, images) are shared by every uvmd of the user;
+/// state (socket, logs, distro disks) lives under `UVM_HOME` when set, so tests and several
+/// independent uvm setups can run side by side.
+public struct Paths: Sendable, Equatable {
+    public var home: String?
+    public var stateDir: String
+    public var dataDir: String
+    public var cacheDir: String
+    public var configFile: String
+
+    public static func current(_ env: [String: String] = ProcessInfo.processInfo.environment) -> Paths {
+        let userHome = env["HOME"] ?? NSHomeDirectory()
+        let cache = (env["XDG_CACHE_HOME"].flatMap { $0.isEmpty ? nil : $0 } ?? "\(userHome)/.cache") + "/uvm"
+        let config = env["UVM_CONFIG"] ?? ((env["XDG_CONFIG_HOME"].flatMap { $0.isEmpty ? nil : $0 } ?? "\(userHome)/.config") + "/uvm/uvm.conf")
+        if let home = env["UVM_HOME"], !home.isEmpty {
+            return Paths(home: home, stateDir: "\(home)/state", dataDir: "\(home)/data", cacheDir: cache, configFile: config)
+        }
+        let state = (env["XDG_STATE_HOME"].flatMap { $0.isEmpty ? nil : $0 } ?? "\(userHome)/.local/state") + "/uvm"
+        let data = (env["XDG_DATA_HOME"].flatMap { $0.isEmpty ? nil : $0 } ?? "\(userHome)/.local/share") + "/uvm"
+        return Paths(home: nil, stateDir: state, dataDir: data, cacheDir: cache, configFile: config)
+    }
+
+    /// The daemon's socket; `UVM_SOCKET` overrides.
+    public var socket: String { ProcessInfo.processInfo.environment["UVM_SOCKET"] ?? "\(stateDir)/uvmd.sock" }
+    public var daemonLock: String { "\(stateDir)/uvmd.lock" }
+    public var daemonLog: String { "\(stateDir)/uvmd.log" }
+    public var consoleLog: String { "\(stateDir)/console.log" }
+    /// The host end of the guest agent's control port (QEMU binds it).
+    public var controlSocket: String { "\(stateDir)/run/control.sock" }
+    public var runDir: String { "\(stateDir)/run" }
+
+    public var kernel: String { ProcessInfo.processInfo.environment["UVM_KERNEL"] ?? "\(cacheDir)/kernel/current/bzImage" }
+    public var kernelReleaseFile: String { "\(cacheDir)/kernel/current/release" }
+    public var initramfs: String { ProcessInfo.processInfo.environment["UVM_INITRAMFS"] ?? "\(cacheDir)/images/current/initramfs.cpio" }
+    /// A distro as built by `make images`: the template a user's disk is copied from.
+    public func distroTemplate(_ name: String) -> String { "\(cacheDir)/images/current/\(name).ext4" }
+    /// The user's own disk of a distro (WSL's ext4.vhdx).
+    public func distroDisk(_ name: String) -> String { "\(dataDir)/distros/\(name)/disk.ext4" }
+    public var distrosDir: String { "\(dataDir)/distros" }
+
+    /// The libvirt domain name: one VM per user and per UVM_HOME.
+    public var domainName: String {
+        let uid = getuid()
+        guard let home else { return "uvm-\(uid)" }
+        // FNV-1a keeps the name short and stable for a given UVM_HOME.
+        var h: UInt64 = 0xcbf29ce484222325
+        for b in home.utf8 { h = (h ^ UInt64(b)) &* 0x100000001b3 }
+        return "uvm-\(uid)-\(String(h & 0xffffffff, radix: 16))"
+    }
+
+    public init(home: String?, stateDir: String, dataDir: String, cacheDir: String, configFile: String) {
+        self.home = home
+        self.stateDir = stateDir
+        self.dataDir = dataDir
+        self.cacheDir = cacheDir
+        self.configFile = configFile
+    }
+}
+
+/// Distro names become disk serials (20 bytes at most) and paths.
+public func validDistroName(_ name: String) -> Bool {
+    !name.isEmpty && name.utf8.count <= 16 && name.allSatisfy { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == "." } && name.first != "."
+}

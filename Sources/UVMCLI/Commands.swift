@@ -1,0 +1,171 @@
+import ArgumentParser
+import Foundation
+import Settings
+import Wire
+
+public struct UVM: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "uvm",
+        abstract: "A lightweight Linux utility VM: run Linux commands and shells in it, on demand.",
+        discussion: """
+            uvm boots a small VM (its own kernel, through libvirt) the first time it is needed and
+            runs distributions inside it. `uvm` alone opens a shell; `uvm exec -- CMD` runs a
+            command with your stdin, stdout, stderr and exit status. uvmd, the host service, is
+            started automatically.
+
+            Environment: UVM_HOME (keep state there), UVM_ACCEL=auto|kvm|tcg, UVM_MEMORY_MB,
+            UVM_CPUS, UVM_LIBVIRT_URI, UVM_SOCKET.
+            """,
+        version: "0.1.0",
+        subcommands: [Shell.self, Exec.self, Start.self, Stop.self, Status.self, Doctor.self],
+        defaultSubcommand: Shell.self)
+
+    public init() {}
+}
+
+struct DistroOptions: ParsableArguments {
+    @Option(name: [.short, .long], help: "Distribution to run in (default: the configured default distro).")
+    var distro: String?
+
+    @Option(name: [.short, .long], help: "User in the distro, by name or uid (default: the distro's default user).")
+    var user: String?
+}
+
+struct Exec: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run a command in the VM.",
+        discussion: """
+            Your stdin reaches the command (binary-safe; EOF is passed on), its stdout and stderr
+            arrive on yours, and uvm exits with its exit status (128+N if it died of signal N).
+            SIGINT, SIGTERM and SIGHUP sent to uvm are passed to the command.
+            Exit status 125 means uvm itself failed (the message says why).
+
+            Example: uvm exec -- sh -c 'uname -r; exit 3'
+            """)
+
+    @OptionGroup var distro: DistroOptions
+
+    @Option(name: .customLong("cd"), help: "Working directory in the guest (default: the user's home).")
+    var cwd: String?
+
+    @Option(name: [.short, .long], help: "Set an environment variable in the guest (KEY=VALUE; repeatable).")
+    var env: [String] = []
+
+    @Flag(name: [.short, .customLong("tty")], help: "Run on a terminal (pty) in the guest, for interactive programs.")
+    var tty = false
+
+    @Argument(parsing: .captureForPassthrough, help: "The command and its arguments (after --).")
+    var command: [String] = []
+
+    func validate() throws {
+        let cmd = command.first == "--" ? Array(command.dropFirst()) : command
+        guard !cmd.isEmpty else { throw ValidationError("no command given: uvm exec [OPTIONS] -- COMMAND [ARG...]") }
+        for kv in env where !kv.contains("=") || kv.hasPrefix("=") {
+            throw ValidationError("--env \(kv): expected KEY=VALUE")
+        }
+    }
+
+    func run() throws {
+        let cmd = command.first == "--" ? Array(command.dropFirst()) : command
+        let request = ExecRequest(argv: cmd, env: env, cwd: cwd, user: distro.user, distro: distro.distro,
+                                  tty: tty && isatty(0) == 1)
+        throw ExitCode(try SessionRunner.run(request, paths: .current()))
+    }
+}
+
+struct Shell: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Open a shell in the VM (what `uvm` alone does).",
+        discussion: "On a terminal you get an interactive login shell; otherwise the shell reads commands from stdin, like sh.")
+
+    @OptionGroup var distro: DistroOptions
+
+    func run() throws {
+        let interactive = isatty(0) == 1
+        var request = ExecRequest(argv: [], user: distro.user, distro: distro.distro, tty: interactive)
+        request.shell = true
+        throw ExitCode(try SessionRunner.run(request, paths: .current()))
+    }
+}
+
+struct FormatOption: ParsableArguments {
+    enum Format: String, ExpressibleByArgument, CaseIterable { case text, json }
+    @Option(help: "Output format: text or json.")
+    var format: Format = .text
+}
+
+struct Start: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Boot the VM now (any command boots it when needed anyway).")
+    @OptionGroup var format: FormatOption
+    func run() throws {
+        let status = try DaemonConnection.connectOrLaunch(paths: .current()).call(Request(op: .start), as: VMStatus.self)
+        try printStatus(status, format.format)
+    }
+}
+
+struct Stop: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Shut the VM down cleanly (running commands are ended).")
+    @OptionGroup var format: FormatOption
+    func run() throws {
+        let paths = Paths.current()
+        guard let conn = DaemonConnection.connect(path: paths.socket) else {
+            if format.format == .json { print(#"{"state":"Stopped"}"#) } else { print("uvm is not running") }
+            return
+        }
+        let status = try conn.call(Request(op: .stop), as: VMStatus.self)
+        try printStatus(status, format.format)
+    }
+}
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show the VM's state, accelerator, kernel, uptime, QEMU pid and memory.")
+    @OptionGroup var format: FormatOption
+    func run() throws {
+        let paths = Paths.current()
+        guard let conn = DaemonConnection.connect(path: paths.socket) else {
+            if format.format == .json { print(#"{"daemon":"not running","state":"Stopped"}"#) } else { print("state:   Stopped (uvmd is not running)") }
+            return
+        }
+        try printStatus(try conn.call(Request(op: .status), as: VMStatus.self), format.format)
+    }
+}
+
+struct Doctor: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Check what uvm needs (libvirt, QEMU, /dev/kvm, the kernel, images) and say how to fix what is missing.")
+    @OptionGroup var format: FormatOption
+    func run() throws {
+        // The checks need libvirt, which the CLI does not link (it would slow every command down):
+        // uvmd runs them.
+        let uvmd = ProcessInfo.processInfo.environment["UVMD_PATH"] ?? DaemonConnection.siblingExecutable("uvmd")
+        let args = [uvmd, "doctor", "--format", format.format.rawValue]
+        let cargs = args.map { strdup($0) } + [nil]
+        execv(uvmd, cargs)
+        throw CLIError("cannot run \(uvmd): \(String(cString: strerror(errno))) (build it with `make build`)")
+    }
+}
+
+func printStatus(_ s: VMStatus, _ format: FormatOption.Format) throws {
+    if format == .json {
+        let e = JSONEncoder()
+        e.outputFormatting = [.sortedKeys, .prettyPrinted]
+        print(String(decoding: try e.encode(s), as: UTF8.self))
+        return
+    }
+    var lines = [("state", s.state)]
+    if let a = s.accelerator { lines.append(("accel", a + (s.acceleratorReason.map { " (\($0))" } ?? ""))) }
+    if let k = s.kernelRelease { lines.append(("kernel", k)) }
+    if let u = s.uptimeSeconds { lines.append(("uptime", String(format: "%.1f s", u))) }
+    if let p = s.qemuPID { lines.append(("qemu", "pid \(p)")) }
+    if let m = s.memoryMiB {
+        var mem = "\(m) MiB"
+        if let t = s.guestMemTotalKiB, let a = s.guestMemAvailableKiB { mem += " (guest: \(t / 1024) MiB total, \(a / 1024) MiB available)" }
+        lines.append(("memory", mem))
+    }
+    if let d = s.domain { lines.append(("domain", d + (s.libvirtURI.map { " on \($0)" } ?? ""))) }
+    lines.append(("uvmd", "pid \(s.daemonPID)" + (s.daemonRSSKiB.map { ", \($0 / 1024) MiB resident" } ?? "") + ", \(s.sessions) session(s)"))
+    for (k, v) in lines {
+        let key = (k + ":").padding(toLength: 9, withPad: " ", startingAt: 0)
+        print("\(key)\(v)")
+    }
+}

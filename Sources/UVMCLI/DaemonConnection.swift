@@ -1,0 +1,155 @@
+import Foundation
+import NIOCore
+import Settings
+import Wire
+
+/// A blocking connection to uvmd. The CLI is short-lived and mostly copies bytes, so plain
+/// threads and blocking I/O keep it small and quick to start, and give backpressure for free.
+final class DaemonConnection: @unchecked Sendable {
+    let fd: Int32
+    private let writeLock = NSLock()
+    private var buffer = ByteBuffer()
+
+    private init(fd: Int32) { self.fd = fd }
+
+    deinit { close(fd) }
+
+    static func connect(path: String) -> DaemonConnection? {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { return nil }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { close(fd); return nil }
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard rc == 0 else { close(fd); return nil }
+        return DaemonConnection(fd: fd)
+    }
+
+    /// Connects to uvmd, starting it first when it is not running (`uvm` never needs a separate
+    /// start step).
+    static func connectOrLaunch(paths: Paths) throws -> DaemonConnection {
+        if let c = connect(path: paths.socket) { return c }
+        try launchDaemon(paths: paths)
+        let deadline = Date().addingTimeInterval(30)
+        while Date() < deadline {
+            if let c = connect(path: paths.socket) { return c }
+            usleep(20_000)
+        }
+        throw CLIError("uvmd did not start within 30 s; see \(paths.daemonLog)")
+    }
+
+    static func launchDaemon(paths: Paths) throws {
+        let uvmd = ProcessInfo.processInfo.environment["UVMD_PATH"] ?? siblingExecutable("uvmd")
+        guard access(uvmd, X_OK) == 0 else {
+            throw CLIError("cannot start uvmd: \(uvmd) is missing (build it with `make build`, or set UVMD_PATH)")
+        }
+        try FileManager.default.createDirectory(atPath: paths.stateDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        // Detached: its own session, stdio to the log, so it outlives this command.
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, paths.daemonLog, O_WRONLY | O_CREAT | O_APPEND, 0o600)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        // POSIX_SPAWN_SETSID (0x80 in glibc) is not exported to Swift.
+        posix_spawnattr_setflags(&attr, Int16(0x80 | POSIX_SPAWN_SETSIGMASK))
+        var empty = sigset_t()
+        sigemptyset(&empty)
+        posix_spawnattr_setsigmask(&attr, &empty)
+        var pid: pid_t = 0
+        let argv: [UnsafeMutablePointer<CChar>?] = [strdup(uvmd), nil]
+        defer { argv.forEach { free($0) } }
+        let rc = posix_spawn(&pid, uvmd, &actions, &attr, argv, environ)
+        guard rc == 0 else { throw CLIError("cannot start \(uvmd): \(String(cString: strerror(rc)))") }
+    }
+
+    static func siblingExecutable(_ name: String) -> String {
+        let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        return ((me as NSString).deletingLastPathComponent as NSString).appendingPathComponent(name)
+    }
+
+    func send(_ frame: Frame) throws {
+        var out = ByteBuffer()
+        out.reserveCapacity(Frame.headerSize + frame.payload.readableBytes)
+        out.writeFrame(frame)
+        writeLock.lock()
+        defer { writeLock.unlock() }
+        try out.withUnsafeReadableBytes { raw in
+            var off = 0
+            while off < raw.count {
+                let n = Glibc.send(fd, raw.baseAddress! + off, raw.count - off, Int32(MSG_NOSIGNAL))
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    throw CLIError("lost the connection to uvmd: \(String(cString: strerror(errno)))")
+                }
+                off += n
+            }
+        }
+    }
+
+    /// The next frame from uvmd; nil when it closed the connection.
+    func receive() throws -> Frame? {
+        while true {
+            if let f = try buffer.readFrame() { return f }
+            buffer.discardReadBytes()
+            var chunk = [UInt8](repeating: 0, count: 256 << 10)
+            let n = recv(fd, &chunk, chunk.count, 0)
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw CLIError("lost the connection to uvmd: \(String(cString: strerror(errno)))")
+            }
+            if n == 0 { return nil }
+            buffer.writeBytes(chunk[0..<n])
+        }
+    }
+
+    /// A request whose answer is one `response` frame (progress lines go to stderr).
+    func call<T: Decodable>(_ request: Request, as: T.Type, showProgress: Bool = true) throws -> T {
+        try send(.json(.request, request))
+        while let frame = try receive() {
+            switch frame.kind {
+            case .response: return try frame.decode(T.self)
+            case .error: throw CLIError(try frame.decode(WireError.self).message)
+            case .progress: if showProgress { writeAll(2, frame.payload, newline: true) }
+            default: continue
+            }
+        }
+        throw CLIError("uvmd closed the connection without answering (see its log)")
+    }
+}
+
+struct CLIError: Error, CustomStringConvertible {
+    var message: String
+    init(_ message: String) { self.message = message }
+    var description: String { message }
+}
+
+/// Writes a buffer fully to a file descriptor (stdout/stderr); false if the reader is gone.
+@discardableResult
+func writeAll(_ fd: Int32, _ buffer: ByteBuffer, newline: Bool = false) -> Bool {
+    var ok = true
+    buffer.withUnsafeReadableBytes { raw in
+        var off = 0
+        while off < raw.count {
+            let n = write(fd, raw.baseAddress! + off, raw.count - off)
+            if n < 0 {
+                if errno == EINTR { continue }
+                ok = false
+                return
+            }
+            off += n
+        }
+    }
+    if newline && ok { _ = write(fd, "\n", 1) }
+    return ok
+}

@@ -1,0 +1,124 @@
+import Foundation
+import NIOCore
+import Settings
+import Wire
+
+/// Runs one exec/shell session: our stdio and signals to the guest process, its output and exit
+/// status back. Returns the status `uvm` should exit with.
+enum SessionRunner {
+    /// Exit status for failures of uvm itself (not of the command), as `docker run` does.
+    static let ownFailure: Int32 = 125
+
+    static func run(_ exec: ExecRequest, paths: Paths) throws -> Int32 {
+        // Signals are taken by one thread with sigwait(); block them before any thread starts.
+        var forwarded = sigset_t()
+        sigemptyset(&forwarded)
+        for s in [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGWINCH, SIGUSR1, SIGUSR2] { sigaddset(&forwarded, s) }
+        pthread_sigmask(SIG_BLOCK, &forwarded, nil)
+        signal(SIGPIPE, SIG_IGN)
+
+        let conn = try DaemonConnection.connectOrLaunch(paths: paths)
+        var request = exec
+        let terminal = exec.tty ? RawTerminal(fd: 0) : nil
+        if let size = terminal?.windowSize { (request.rows, request.cols) = (size.rows, size.cols) }
+        try conn.send(.json(.request, Request(op: .exec, exec: request)))
+        terminal?.enterRawMode()
+        defer { terminal?.restore() }
+
+        startThread {
+            var buf = [UInt8](repeating: 0, count: 128 << 10)
+            while true {
+                let n = read(0, &buf, buf.count)
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 {
+                    try? conn.send(Frame(.stdinEOF))
+                    return
+                }
+                do { try conn.send(Frame(.stdin, ByteBuffer(bytes: buf[0..<n]))) } catch { return }
+            }
+        }
+        let waited = forwarded
+        startThread {
+            var set = waited
+            while true {
+                var sig: Int32 = 0
+                guard sigwait(&set, &sig) == 0 else { continue }
+                if sig == SIGWINCH {
+                    if let ws = terminal?.windowSize { try? conn.send(.resize(rows: ws.rows, cols: ws.cols)) }
+                } else {
+                    try? conn.send(.signal(sig))
+                }
+            }
+        }
+
+        let showProgress = isatty(2) == 1
+        var stdoutOpen = true
+        while let frame = try conn.receive() {
+            switch frame.kind {
+            case .stdout:
+                // A closed stdout (`uvm exec ... | head`) must not stop stderr or the exit status.
+                if stdoutOpen { stdoutOpen = writeAll(1, frame.payload) }
+            case .stderr:
+                writeAll(2, frame.payload)
+            case .progress:
+                if showProgress { writeAll(2, frame.payload, newline: true) }
+            case .exit:
+                return try frame.decode(ExitStatus.self).shellStatus
+            case .error:
+                let e = try frame.decode(WireError.self)
+                terminal?.restore()
+                printError(e.message)
+                return ownFailure
+            default:
+                continue
+            }
+        }
+        terminal?.restore()
+        printError("uvm: uvmd closed the connection before the command finished (see \(paths.daemonLog))")
+        return ownFailure
+    }
+}
+
+func startThread(_ body: @escaping @Sendable () -> Void) {
+    let t = Thread(block: body)
+    t.start()
+}
+
+func printError(_ message: String) {
+    let line = message.hasPrefix("uvm") ? message : "uvm: \(message)"
+    FileHandle.standardError.write((line + "\n").data(using: .utf8)!)
+}
+
+/// The host terminal in raw mode for an interactive session, restored on every way out.
+final class RawTerminal: @unchecked Sendable {
+    let fd: Int32
+    private var saved: termios?
+    private let lock = NSLock()
+
+    init?(fd: Int32) {
+        guard isatty(fd) == 1 else { return nil }
+        self.fd = fd
+    }
+
+    var windowSize: (rows: UInt16, cols: UInt16)? {
+        var ws = winsize()
+        guard ioctl(1, UInt(TIOCGWINSZ), &ws) == 0 || ioctl(fd, UInt(TIOCGWINSZ), &ws) == 0, ws.ws_row > 0 else { return nil }
+        return (ws.ws_row, ws.ws_col)
+    }
+
+    func enterRawMode() {
+        lock.lock(); defer { lock.unlock() }
+        var t = termios()
+        guard tcgetattr(fd, &t) == 0 else { return }
+        saved = t
+        cfmakeraw(&t)
+        tcsetattr(fd, TCSANOW, &t)
+    }
+
+    func restore() {
+        lock.lock(); defer { lock.unlock() }
+        guard var t = saved else { return }
+        tcsetattr(fd, TCSANOW, &t)
+        saved = nil
+    }
+}

@@ -1,0 +1,171 @@
+import NIOCore
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// The first frame of every session says what the session is for.
+public struct Request: Codable, Sendable, Equatable {
+    public enum Operation: String, Codable, Sendable {
+        case exec        // run a process (CLI -> uvmd -> guest)
+        case status      // describe the VM (CLI -> uvmd)
+        case start       // boot the VM if needed (CLI -> uvmd)
+        case stop        // clean shutdown (CLI -> uvmd)
+        case info        // describe the guest (uvmd -> guest)
+        case shutdown    // stop instances, sync, power off (uvmd -> guest)
+    }
+    public var op: Operation
+    public var exec: ExecRequest?
+    /// Disk of each distro the guest may start, by name (uvmd -> guest, with exec).
+    public var distroDisk: String?
+
+    public init(op: Operation, exec: ExecRequest? = nil, distroDisk: String? = nil) {
+        self.op = op
+        self.exec = exec
+        self.distroDisk = distroDisk
+    }
+}
+
+public struct ExecRequest: Codable, Sendable, Equatable {
+    public var argv: [String]
+    /// KEY=VALUE entries added to (or replacing) the guest's defaults.
+    public var env: [String]
+    /// Working directory in the guest; nil: the user's home.
+    public var cwd: String?
+    /// User name or numeric uid in the distro; nil: the distro's default user.
+    public var user: String?
+    /// Distro name; nil: the default distro.
+    public var distro: String?
+    /// Run on a pty (interactive shells) rather than pipes.
+    public var tty: Bool
+    public var rows: UInt16?
+    public var cols: UInt16?
+    /// Run the user's login shell instead of argv (`uvm`, `uvm shell`).
+    public var shell: Bool?
+
+    public init(argv: [String], env: [String] = [], cwd: String? = nil, user: String? = nil,
+                distro: String? = nil, tty: Bool = false, rows: UInt16? = nil, cols: UInt16? = nil) {
+        self.argv = argv
+        self.env = env
+        self.cwd = cwd
+        self.user = user
+        self.distro = distro
+        self.tty = tty
+        self.rows = rows
+        self.cols = cols
+    }
+}
+
+/// How a process ended.
+public struct ExitStatus: Codable, Sendable, Equatable {
+    public var code: Int32?
+    public var signal: Int32?
+    public init(code: Int32? = nil, signal: Int32? = nil) {
+        self.code = code
+        self.signal = signal
+    }
+    /// The shell's convention: the exit code, or 128+N for death by signal N.
+    public var shellStatus: Int32 { code ?? (128 + (signal ?? 0)) }
+}
+
+/// An error meant for the user: one line saying what is wrong and what to do.
+public struct WireError: Codable, Sendable, Equatable, Error, CustomStringConvertible {
+    public enum Code: String, Codable, Sendable {
+        case badRequest, notFound, vmUnavailable, vmStopped, spawnFailed, internalError, protocolError
+    }
+    public var code: Code
+    public var message: String
+    public init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+    public var description: String { message }
+}
+
+/// What the guest agent says about itself (the `info` operation).
+public struct GuestInfo: Codable, Sendable, Equatable {
+    public var kernelRelease: String
+    public var uptimeSeconds: Double
+    public var memTotalKiB: UInt64
+    public var memAvailableKiB: UInt64
+    public var instances: [String]
+    public init(kernelRelease: String, uptimeSeconds: Double, memTotalKiB: UInt64, memAvailableKiB: UInt64, instances: [String]) {
+        self.kernelRelease = kernelRelease
+        self.uptimeSeconds = uptimeSeconds
+        self.memTotalKiB = memTotalKiB
+        self.memAvailableKiB = memAvailableKiB
+        self.instances = instances
+    }
+}
+
+/// What `uvm status` shows.
+public struct VMStatus: Codable, Sendable, Equatable {
+    public var state: String
+    public var accelerator: String?
+    public var acceleratorReason: String?
+    public var kernelRelease: String?
+    public var uptimeSeconds: Double?
+    public var qemuPID: Int32?
+    public var memoryMiB: Int?
+    public var guestMemTotalKiB: UInt64?
+    public var guestMemAvailableKiB: UInt64?
+    public var domain: String?
+    public var libvirtURI: String?
+    public var daemonPID: Int32
+    public var daemonRSSKiB: UInt64?
+    public var sessions: Int
+    public init(state: String, daemonPID: Int32, sessions: Int) {
+        self.state = state
+        self.daemonPID = daemonPID
+        self.sessions = sessions
+    }
+}
+
+private let encoder: JSONEncoder = {
+    let e = JSONEncoder()
+    e.outputFormatting = [.sortedKeys]
+    return e
+}()
+
+extension Frame {
+    /// A frame whose payload is `value` as JSON.
+    public static func json<T: Encodable>(_ kind: FrameKind, _ value: T) -> Frame {
+        // Encoding our own plain structs cannot fail.
+        let data = try! encoder.encode(value)
+        return Frame(kind, ByteBuffer(bytes: data))
+    }
+
+    public func decode<T: Decodable>(_ type: T.Type) throws -> T {
+        do {
+            return try JSONDecoder().decode(T.self, from: Data(self.payload.readableBytesView))
+        } catch {
+            throw WireProtocolError.malformed("bad \(kind) frame: \(error)")
+        }
+    }
+
+    public static func signal(_ number: Int32) -> Frame {
+        var b = ByteBuffer()
+        b.writeInteger(number)
+        return Frame(.signal, b)
+    }
+
+    public var signalNumber: Int32? { payload.getInteger(at: payload.readerIndex, as: Int32.self) }
+
+    public static func resize(rows: UInt16, cols: UInt16) -> Frame {
+        var b = ByteBuffer()
+        b.writeInteger(rows)
+        b.writeInteger(cols)
+        return Frame(.resize, b)
+    }
+
+    public var windowSize: (rows: UInt16, cols: UInt16)? {
+        guard let r = payload.getInteger(at: payload.readerIndex, as: UInt16.self),
+              let c = payload.getInteger(at: payload.readerIndex + 2, as: UInt16.self) else { return nil }
+        return (r, c)
+    }
+
+    public static func error(_ error: WireError) -> Frame { .json(.error, error) }
+
+    public static func progress(_ line: String) -> Frame { Frame(.progress, ByteBuffer(string: line)) }
+}
