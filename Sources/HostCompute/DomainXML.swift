@@ -1,0 +1,241 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Everything uvmd decides about the utility VM; `domainXML(for:)` turns it into libvirt XML.
+public struct VMSpec: Sendable, Equatable {
+    /// A virtio-blk disk. The guest finds it by `serial` (/sys/block/vdX/serial), not by its
+    /// vdX name, which depends on PCI probe order.
+    public struct Disk: Sendable, Equatable {
+        public var path: String
+        /// At most 20 bytes: virtio-blk truncates longer serials.
+        public var serial: String
+        public var readOnly: Bool
+
+        public init(path: String, serial: String, readOnly: Bool = false) {
+            self.path = path
+            self.serial = serial
+            self.readOnly = readOnly
+        }
+    }
+
+    /// A virtio-serial port. QEMU binds and listens on `socketPath`; the guest opens the port
+    /// named `name` (found through /sys/class/virtio-ports/*/name).
+    public struct Channel: Sendable, Equatable {
+        public var name: String
+        public var socketPath: String
+
+        public init(name: String, socketPath: String) {
+            self.name = name
+            self.socketPath = socketPath
+        }
+    }
+
+    /// The uid/gid QEMU runs as.
+    public enum ProcessIdentity: Sendable, Equatable {
+        /// Whatever the libvirt daemon is configured for (libvirt-qemu under qemu:///system), with
+        /// libvirt chown-ing the files it hands to QEMU.
+        case libvirtDefault
+        /// A static DAC label `+uid:+gid` with relabel='no': QEMU runs as this user, and libvirt
+        /// leaves the ownership of our files alone.
+        case user(uid: UInt32, gid: UInt32)
+
+        /// The calling process's identity.
+        public static var caller: ProcessIdentity { .user(uid: getuid(), gid: getgid()) }
+    }
+
+    /// The libvirt domain name, e.g. "uvm-<uid>".
+    public var name: String
+    public var accelerator: Accelerator
+    public var memoryMiB: Int
+    public var vcpus: Int
+    /// Direct kernel boot. nil boots firmware only (SeaBIOS), which tests use.
+    public var kernel: String?
+    public var initrd: String?
+    public var cmdline: String?
+    public var disks: [Disk]
+    public var channels: [Channel]
+    /// Where the guest's first serial port (ttyS0) is written; nil means no serial port at all.
+    public var consoleLog: String?
+    /// A virtio NIC on QEMU's user-mode (slirp) network.
+    public var userNetwork: Bool
+    /// Default `.caller`: under qemu:///system as root, libvirt would otherwise run QEMU as
+    /// libvirt-qemu, which cannot read the kernel, initrd and disks under /root, and would chown
+    /// them. Measured here: `<seclabel type='none' model='dac'/>` is NOT enough (QEMU still ran as
+    /// libvirt-qemu, it only turns relabelling off); the static label `+0:+0` relabel='no' ran it
+    /// as root. Running QEMU as the caller gives the VM exactly the caller's rights, which is what
+    /// qemu:///session gives an ordinary user anyway (there the label is a no-op).
+    public var processIdentity: ProcessIdentity
+
+    public init(
+        name: String,
+        accelerator: Accelerator,
+        memoryMiB: Int = 1024,
+        vcpus: Int = 2,
+        kernel: String? = nil,
+        initrd: String? = nil,
+        cmdline: String? = nil,
+        disks: [Disk] = [],
+        channels: [Channel] = [],
+        consoleLog: String? = nil,
+        userNetwork: Bool = true,
+        processIdentity: ProcessIdentity = .caller
+    ) {
+        self.name = name
+        self.accelerator = accelerator
+        self.memoryMiB = memoryMiB
+        self.vcpus = vcpus
+        self.kernel = kernel
+        self.initrd = initrd
+        self.cmdline = cmdline
+        self.disks = disks
+        self.channels = channels
+        self.consoleLog = consoleLog
+        self.userNetwork = userNetwork
+        self.processIdentity = processIdentity
+    }
+}
+
+/// libvirt domain XML for a transient utility VM. Under TCG every emulated device costs boot time,
+/// so only what the guest uses is there: no graphics, video, USB, NIC option ROM, vmport or SMM.
+public func domainXML(for spec: VMSpec) -> String {
+    var x = XMLLines()
+    x.open("domain", ["type": spec.accelerator == .kvm ? "kvm" : "qemu"])
+    x.leaf("name", spec.name)
+    x.leaf("memory", String(spec.memoryMiB), ["unit": "MiB"])
+    x.leaf("vcpu", String(spec.vcpus), ["placement": "static"])
+
+    x.open("os")
+    x.leaf("type", "hvm", ["arch": "x86_64", "machine": "q35"])
+    if let kernel = spec.kernel { x.leaf("kernel", kernel) }
+    if let initrd = spec.initrd { x.leaf("initrd", initrd) }
+    if let cmdline = spec.cmdline { x.leaf("cmdline", cmdline) }
+    x.close("os")
+
+    // ACPI for the power-button shutdown; vmport and SMM are legacy emulation nobody here uses.
+    x.open("features")
+    x.empty("acpi")
+    x.empty("apic")
+    x.empty("vmport", ["state": "off"])
+    x.empty("smm", ["state": "off"])
+    x.close("features")
+
+    // TCG keeps QEMU's default CPU model: host-passthrough is meaningless without KVM, and
+    // `-cpu host`/`-cpu max` abort QEMU on the PVM hosts (host-facts.md).
+    if spec.accelerator == .kvm {
+        x.empty("cpu", ["mode": "host-passthrough", "check": "none", "migratable": "off"])
+    }
+    x.empty("clock", ["offset": "utc"])
+
+    // A utility VM never reboots in place: any exit ends the domain and uvmd sees `stopped`.
+    x.leaf("on_poweroff", "destroy")
+    x.leaf("on_reboot", "destroy")
+    x.leaf("on_crash", "destroy")
+
+    x.open("devices")
+    for (index, disk) in spec.disks.enumerated() {
+        x.open("disk", ["type": "file", "device": "disk"])
+        x.empty("driver", ["name": "qemu", "type": "raw", "discard": "unmap"])
+        x.empty("source", ["file": disk.path])
+        x.empty("target", ["dev": virtioDiskName(index), "bus": "virtio"])
+        x.leaf("serial", disk.serial)
+        if disk.readOnly { x.empty("readonly") }
+        x.close("disk")
+    }
+    // q35 otherwise gets a qemu-xhci controller.
+    x.empty("controller", ["type": "usb", "model": "none"])
+    if let log = spec.consoleLog {
+        x.open("serial", ["type": "file"])
+        x.empty("source", ["path": log])
+        x.empty("target", ["port": "0"])
+        x.close("serial")
+    }
+    for channel in spec.channels {
+        x.open("channel", ["type": "unix"])
+        x.empty("source", ["mode": "bind", "path": channel.socketPath])
+        x.empty("target", ["type": "virtio", "name": channel.name])
+        x.close("channel")
+    }
+    if spec.userNetwork {
+        x.open("interface", ["type": "user"])
+        x.empty("model", ["type": "virtio"])
+        // The iPXE ROM only matters for network boot; we boot the kernel directly.
+        x.empty("rom", ["enabled": "no"])
+        x.close("interface")
+    }
+    x.open("rng", ["model": "virtio"])
+    x.leaf("backend", "/dev/urandom", ["model": "random"])
+    x.close("rng")
+    // Free page reporting hands memory the guest frees back to the host, as WSL2 does.
+    x.empty("memballoon", ["model": "virtio", "freePageReporting": "on"])
+    x.close("devices")
+
+    switch spec.processIdentity {
+    case .libvirtDefault:
+        break
+    case .user(let uid, let gid):
+        x.open("seclabel", ["type": "static", "model": "dac", "relabel": "no"])
+        x.leaf("label", "+\(uid):+\(gid)")
+        x.close("seclabel")
+    }
+    x.close("domain")
+    return x.text
+}
+
+/// vda..vdz, vdaa.. as libvirt counts (virIndexToDiskName).
+func virtioDiskName(_ index: Int) -> String {
+    var suffix = ""
+    var i = index
+    repeat {
+        suffix = String(UnicodeScalar(UInt8(ascii: "a") + UInt8(i % 26))) + suffix
+        i = i / 26 - 1
+    } while i >= 0
+    return "vd" + suffix
+}
+
+/// Escapes text for XML element content and single- or double-quoted attributes. Characters XML 1.0
+/// cannot carry at all (most C0 controls) become U+FFFD, so the document always parses.
+func xmlEscape(_ s: String) -> String {
+    var out = ""
+    out.reserveCapacity(s.utf8.count)
+    for scalar in s.unicodeScalars {
+        switch scalar {
+        case "&": out += "&amp;"
+        case "<": out += "&lt;"
+        case ">": out += "&gt;"
+        case "'": out += "&apos;"
+        case "\"": out += "&quot;"
+        case "\t", "\n", "\r": out += "&#\(scalar.value);"
+        case _ where scalar.value < 0x20 || scalar.value == 0xFFFE || scalar.value == 0xFFFF:
+            out += "\u{FFFD}"
+        default: out.unicodeScalars.append(scalar)
+        }
+    }
+    return out
+}
+
+/// A minimal indented XML writer; attribute order is the order given (KeyValuePairs).
+private struct XMLLines {
+    var text = ""
+    var depth = 0
+
+    private func attributes(_ attrs: KeyValuePairs<String, String>) -> String {
+        attrs.map { " \($0.key)='\(xmlEscape($0.value))'" }.joined()
+    }
+    private var indent: String { String(repeating: "  ", count: depth) }
+
+    mutating func open(_ tag: String, _ attrs: KeyValuePairs<String, String> = [:]) {
+        text += "\(indent)<\(tag)\(attributes(attrs))>\n"
+        depth += 1
+    }
+    mutating func close(_ tag: String) {
+        depth -= 1
+        text += "\(indent)</\(tag)>\n"
+    }
+    mutating func empty(_ tag: String, _ attrs: KeyValuePairs<String, String> = [:]) {
+        text += "\(indent)<\(tag)\(attributes(attrs))/>\n"
+    }
+    mutating func leaf(_ tag: String, _ value: String, _ attrs: KeyValuePairs<String, String> = [:]) {
+        text += "\(indent)<\(tag)\(attributes(attrs))>\(xmlEscape(value))</\(tag)>\n"
+    }
+}
