@@ -39,7 +39,7 @@ unit-test: build
 	$(SWIFT) test -c $(CONFIG) --skip EndToEndTests $(TEST_FLAGS)
 
 bench: setup build kernel images
-	UVM_BIN=$(abspath $(BIN)) scripts/bench.sh
+	UVM_BIN=$(abspath $(BIN)) python3 scripts/bench.py
 
 doctor: build
 	@$(BIN)/uvm doctor

@@ -1,4 +1,9 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+import Glibc
 
 /// Where uvm keeps things. Built artifacts (kernel, images) are shared by every uvmd of the user;
 /// state (socket, logs, distro disks) lives under `UVM_HOME` when set, so tests and several
@@ -11,7 +16,7 @@ public struct Paths: Sendable, Equatable {
     public var configFile: String
 
     public static func current(_ env: [String: String] = ProcessInfo.processInfo.environment) -> Paths {
-        let userHome = env["HOME"] ?? NSHomeDirectory()
+        let userHome = env["HOME"] ?? homeDirectory()
         let cache = (env["XDG_CACHE_HOME"].flatMap { $0.isEmpty ? nil : $0 } ?? "\(userHome)/.cache") + "/uvm"
         let config = env["UVM_CONFIG"] ?? ((env["XDG_CONFIG_HOME"].flatMap { $0.isEmpty ? nil : $0 } ?? "\(userHome)/.config") + "/uvm/uvm.conf")
         if let home = env["UVM_HOME"], !home.isEmpty {
@@ -62,4 +67,10 @@ public struct Paths: Sendable, Equatable {
 /// Distro names become disk serials (20 bytes at most) and paths.
 public func validDistroName(_ name: String) -> Bool {
     !name.isEmpty && name.utf8.count <= 16 && name.allSatisfy { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == "." } && name.first != "."
+}
+
+/// The user's home from the password database, for when $HOME is not set.
+func homeDirectory() -> String {
+    guard let pw = getpwuid(getuid()), let dir = pw.pointee.pw_dir else { return "/" }
+    return String(cString: dir)
 }

@@ -1,4 +1,9 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+import Glibc
 
 /// What the VM and its instances are made of. Defaults follow WSL where it has one; `UVM_*`
 /// environment variables override them.

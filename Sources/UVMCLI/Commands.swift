@@ -1,5 +1,10 @@
 import ArgumentParser
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+import Glibc
 import Settings
 import Wire
 
@@ -8,13 +13,9 @@ public struct UVM: ParsableCommand {
         commandName: "uvm",
         abstract: "A lightweight Linux utility VM: run Linux commands and shells in it, on demand.",
         discussion: """
-            uvm boots a small VM (its own kernel, through libvirt) the first time it is needed and
-            runs distributions inside it. `uvm` alone opens a shell; `uvm exec -- CMD` runs a
-            command with your stdin, stdout, stderr and exit status. uvmd, the host service, is
-            started automatically.
+            uvm boots a small VM (its own kernel, through libvirt) the first time it is needed and runs distributions inside it. `uvm` alone opens a shell; `uvm exec -- CMD` runs a command with your stdin, stdout, stderr and exit status. uvmd, the host service, is started automatically.
 
-            Environment: UVM_HOME (keep state there), UVM_ACCEL=auto|kvm|tcg, UVM_MEMORY_MB,
-            UVM_CPUS, UVM_LIBVIRT_URI, UVM_SOCKET.
+            Environment: UVM_HOME (keep state there), UVM_ACCEL=auto|kvm|tcg, UVM_MEMORY_MB, UVM_CPUS, UVM_LIBVIRT_URI, UVM_SOCKET.
             """,
         version: "0.1.0",
         subcommands: [Shell.self, Exec.self, Start.self, Stop.self, Status.self, Doctor.self],
@@ -35,10 +36,7 @@ struct Exec: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run a command in the VM.",
         discussion: """
-            Your stdin reaches the command (binary-safe; EOF is passed on), its stdout and stderr
-            arrive on yours, and uvm exits with its exit status (128+N if it died of signal N).
-            SIGINT, SIGTERM and SIGHUP sent to uvm are passed to the command.
-            Exit status 125 means uvm itself failed (the message says why).
+            Your stdin reaches the command (binary-safe; EOF is passed on), its stdout and stderr arrive on yours, and uvm exits with its exit status (128+N if it died of signal N). SIGINT, SIGTERM and SIGHUP sent to uvm are passed to the command. Exit status 125 means uvm itself failed (the message says why).
 
             Example: uvm exec -- sh -c 'uname -r; exit 3'
             """)
@@ -54,7 +52,7 @@ struct Exec: ParsableCommand {
     @Flag(name: [.short, .customLong("tty")], help: "Run on a terminal (pty) in the guest, for interactive programs.")
     var tty = false
 
-    @Argument(parsing: .captureForPassthrough, help: "The command and its arguments (after --).")
+    @Argument(parsing: .remaining, help: "The command and its arguments (after --).")
     var command: [String] = []
 
     func validate() throws {
@@ -155,7 +153,7 @@ func printStatus(_ s: VMStatus, _ format: FormatOption.Format) throws {
     var lines = [("state", s.state)]
     if let a = s.accelerator { lines.append(("accel", a + (s.acceleratorReason.map { " (\($0))" } ?? ""))) }
     if let k = s.kernelRelease { lines.append(("kernel", k)) }
-    if let u = s.uptimeSeconds { lines.append(("uptime", String(format: "%.1f s", u))) }
+    if let u = s.uptimeSeconds { lines.append(("uptime", "\(Double(Int(u * 10)) / 10) s")) }
     if let p = s.qemuPID { lines.append(("qemu", "pid \(p)")) }
     if let m = s.memoryMiB {
         var mem = "\(m) MiB"
@@ -165,7 +163,7 @@ func printStatus(_ s: VMStatus, _ format: FormatOption.Format) throws {
     if let d = s.domain { lines.append(("domain", d + (s.libvirtURI.map { " on \($0)" } ?? ""))) }
     lines.append(("uvmd", "pid \(s.daemonPID)" + (s.daemonRSSKiB.map { ", \($0 / 1024) MiB resident" } ?? "") + ", \(s.sessions) session(s)"))
     for (k, v) in lines {
-        let key = (k + ":").padding(toLength: 9, withPad: " ", startingAt: 0)
+        let key = (k + ":") + String(repeating: " ", count: max(0, 9 - k.count - 1))
         print("\(key)\(v)")
     }
 }

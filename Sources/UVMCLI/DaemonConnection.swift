@@ -1,4 +1,10 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+import Glibc
+import Synchronization
 import NIOCore
 import Settings
 import Wire
@@ -7,7 +13,7 @@ import Wire
 /// threads and blocking I/O keep it small and quick to start, and give backpressure for free.
 final class DaemonConnection: @unchecked Sendable {
     let fd: Int32
-    private let writeLock = NSLock()
+    private let writeLock = Mutex(())
     private var buffer = ByteBuffer()
 
     private init(fd: Int32) { self.fd = fd }
@@ -75,15 +81,18 @@ final class DaemonConnection: @unchecked Sendable {
 
     static func siblingExecutable(_ name: String) -> String {
         let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-        return ((me as NSString).deletingLastPathComponent as NSString).appendingPathComponent(name)
+        guard let slash = me.lastIndex(of: "/") else { return name }
+        return String(me[...slash]) + name
     }
 
     func send(_ frame: Frame) throws {
         var out = ByteBuffer()
         out.reserveCapacity(Frame.headerSize + frame.payload.readableBytes)
         out.writeFrame(frame)
-        writeLock.lock()
-        defer { writeLock.unlock() }
+        try writeLock.withLock { _ in try sendAll(out) }
+    }
+
+    private func sendAll(_ out: ByteBuffer) throws {
         try out.withUnsafeReadableBytes { raw in
             var off = 0
             while off < raw.count {

@@ -1,4 +1,10 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+import Glibc
+import Synchronization
 import NIOCore
 import Settings
 import Wire
@@ -79,21 +85,29 @@ enum SessionRunner {
     }
 }
 
+/// A detached thread (Foundation's Thread is not in FoundationEssentials).
 func startThread(_ body: @escaping @Sendable () -> Void) {
-    let t = Thread(block: body)
-    t.start()
+    final class Body { let run: @Sendable () -> Void; init(_ r: @escaping @Sendable () -> Void) { run = r } }
+    var thread = pthread_t()
+    let arg = Unmanaged.passRetained(Body(body)).toOpaque()
+    let rc = pthread_create(&thread, nil, { arg in
+        Unmanaged<Body>.fromOpaque(arg!).takeRetainedValue().run()
+        return nil
+    }, arg)
+    if rc == 0 { pthread_detach(thread) }
 }
 
 func printError(_ message: String) {
     let line = message.hasPrefix("uvm") ? message : "uvm: \(message)"
-    FileHandle.standardError.write((line + "\n").data(using: .utf8)!)
+    var bytes = ByteBuffer(string: line)
+    bytes.writeString("\n")
+    writeAll(2, bytes)
 }
 
 /// The host terminal in raw mode for an interactive session, restored on every way out.
-final class RawTerminal: @unchecked Sendable {
+final class RawTerminal: Sendable {
     let fd: Int32
-    private var saved: termios?
-    private let lock = NSLock()
+    private let saved = Mutex<termios?>(nil)
 
     init?(fd: Int32) {
         guard isatty(fd) == 1 else { return nil }
@@ -107,18 +121,15 @@ final class RawTerminal: @unchecked Sendable {
     }
 
     func enterRawMode() {
-        lock.lock(); defer { lock.unlock() }
         var t = termios()
         guard tcgetattr(fd, &t) == 0 else { return }
-        saved = t
+        saved.withLock { $0 = t }
         cfmakeraw(&t)
         tcsetattr(fd, TCSANOW, &t)
     }
 
     func restore() {
-        lock.lock(); defer { lock.unlock() }
-        guard var t = saved else { return }
+        guard var t = saved.withLock({ s -> termios? in defer { s = nil }; return s }) else { return }
         tcsetattr(fd, TCSANOW, &t)
-        saved = nil
     }
 }

@@ -9,9 +9,7 @@ struct UVMD: AsyncParsableCommand {
         commandName: "uvmd",
         abstract: "The uvm host service: boots the utility VM on demand and serves `uvm`.",
         discussion: """
-            `uvm` starts uvmd by itself when it is not running; there is no need to start it by hand.
-            It listens on $UVM_HOME/state/uvmd.sock (or $XDG_STATE_HOME/uvm/uvmd.sock), mode 0600,
-            or on the socket systemd passes it (uvmd.socket). It logs to stderr.
+            `uvm` starts uvmd by itself when it is not running; there is no need to start it by hand. It listens on $UVM_HOME/state/uvmd.sock (or $XDG_STATE_HOME/uvm/uvmd.sock), mode 0600, or on the socket systemd passes it (uvmd.socket). It logs to stderr.
             """,
         subcommands: [Serve.self, DoctorCommand.self],
         defaultSubcommand: Serve.self)

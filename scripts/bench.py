@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""uvm benchmarks. Results go to bench-results/ and a table to stdout.
+
+Boot and exec:
+  cold   `uvm exec -- true` with the VM stopped (uvmd running), against booting the same kernel
+         and initramfs with bare qemu-system-x86_64 whose init powers off at once
+         (uvm.poweroff=1); the two are measured alternately in one run.
+  warm   `uvm exec -- true` with the VM up, p50/p99 over N runs, next to the guest's own cost of
+         spawning /bin/true from a shell (measured inside the guest).
+  uvmd   resident memory after the runs.
+"""
+import argparse, json, os, statistics, subprocess, sys, tempfile, time
+
+BIN = os.environ.get("UVM_BIN", os.path.abspath(".build/release"))
+UVM = os.path.join(BIN, "uvm")
+CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "uvm")
+KERNEL = os.path.join(CACHE, "kernel/current/bzImage")
+INITRD = os.path.join(CACHE, "images/current/initramfs.cpio")
+
+
+def env(home):
+    e = dict(os.environ)
+    e["UVM_HOME"] = home
+    e["UVMD_PATH"] = os.path.join(BIN, "uvmd")
+    return e
+
+
+def uvm(home, *args, check=True):
+    r = subprocess.run([UVM, *args], env=env(home), stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        sys.exit(f"bench: uvm {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
+    return r
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def pct(values, p):
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def bare_qemu(mem, cpus, accel):
+    cmd = ["qemu-system-x86_64", "-M", "q35", "-accel", accel, "-m", str(mem), "-smp", str(cpus),
+           "-nodefaults", "-no-user-config", "-nographic", "-serial", "null", "-no-reboot",
+           "-kernel", KERNEL, "-initrd", INITRD,
+           "-append", "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init uvm.poweroff=1"]
+    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
+    if r.returncode != 0:
+        sys.exit(f"bench: bare qemu failed: {r.stderr.decode()[-500:]}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cold-runs", type=int, default=5)
+    ap.add_argument("--warm-runs", type=int, default=200)
+    ap.add_argument("--out", default="bench-results")
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    home = tempfile.mkdtemp(prefix="uvm-bench-")
+
+    uvm(home, "exec", "--", "true")  # installs the distro, starts uvmd
+    st = json.loads(uvm(home, "status", "--format", "json").stdout)
+    accel = st.get("accelerator", "tcg")
+    mem = st.get("memoryMiB", 2048)
+    cpus = int(os.environ.get("UVM_CPUS", os.cpu_count() or 1))
+
+    cold, bare = [], []
+    for i in range(a.cold_runs):
+        uvm(home, "stop")
+        cold.append(timed(lambda: uvm(home, "exec", "--", "true")))
+        bare.append(timed(lambda: bare_qemu(mem, min(cpus, 8), accel)))
+        print(f"  cold run {i + 1}/{a.cold_runs}: uvm {cold[-1]:.2f} s, bare qemu {bare[-1]:.2f} s", file=sys.stderr)
+
+    uvm(home, "exec", "--", "true")
+    warm = [timed(lambda: uvm(home, "exec", "--", "true")) for _ in range(a.warm_runs)]
+    n = 200
+    spawn_script = ("read a _ < /proc/uptime; i=0; while [ $i -lt %d ]; do /bin/true; i=$((i+1)); done; "
+                    "read b _ < /proc/uptime; echo $a $b") % n
+    samples = []
+    for _ in range(3):
+        a0, b0 = map(float, uvm(home, "exec", "--", "sh", "-c", spawn_script).stdout.split())
+        samples.append((b0 - a0) / n)
+    guest_spawn = statistics.median(samples)
+    st = json.loads(uvm(home, "status", "--format", "json").stdout)
+    rss = st.get("daemonRSSKiB", 0)
+
+    uvm(home, "stop", check=False)
+    pid = st.get("daemonPID")
+    if pid:
+        try: os.kill(pid, 15)
+        except OSError: pass
+
+    res = {
+        "accelerator": accel,
+        "cold_start_s": {"median": statistics.median(cold), "runs": cold},
+        "bare_qemu_boot_s": {"median": statistics.median(bare), "runs": bare},
+        "cold_start_ratio": statistics.median(cold) / statistics.median(bare),
+        "warm_exec_ms": {"p50": pct(warm, 50) * 1000, "p99": pct(warm, 99) * 1000, "runs": len(warm)},
+        "guest_spawn_true_ms": guest_spawn * 1000,
+        "warm_exec_p50_ratio_to_guest_spawn": pct(warm, 50) / guest_spawn if guest_spawn > 0 else None,
+        "uvmd_rss_mib": rss / 1024,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "host": os.uname().nodename,
+    }
+    rows = [
+        ("accelerator", accel.upper(), ""),
+        ("cold start: uvm exec -- true, VM stopped (median)", f"{res['cold_start_s']['median']:.2f} s", f"{a.cold_runs} runs"),
+        ("bare qemu-system-x86_64 boot + power-off (median)", f"{res['bare_qemu_boot_s']['median']:.2f} s", "same kernel+initramfs"),
+        ("cold-start ratio (goal <= 1.15)", f"{res['cold_start_ratio']:.2f}", ""),
+        ("warm uvm exec -- true p50", f"{res['warm_exec_ms']['p50']:.1f} ms", f"{a.warm_runs} runs"),
+        ("warm uvm exec -- true p99", f"{res['warm_exec_ms']['p99']:.1f} ms", ""),
+        ("guest's own spawn of /bin/true", f"{res['guest_spawn_true_ms']:.1f} ms", "from sh, in the guest"),
+        ("warm p50 / guest spawn (goal <= 2)", f"{res['warm_exec_p50_ratio_to_guest_spawn']:.2f}", ""),
+        ("uvmd resident memory", f"{res['uvmd_rss_mib']:.1f} MiB", ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    table = "\n".join(f"{r[0]:<{width}}  {r[1]:>10}  {r[2]}" for r in rows)
+    with open(os.path.join(a.out, "boot-exec.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    with open(os.path.join(a.out, "boot-exec.txt"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
