@@ -60,7 +60,7 @@ let package = Package(
         ]),
         // The `uvm` command's subcommands and its connection to uvmd (auto-launch included).
         .target(name: "UVMCLI", dependencies: [
-            "Wire", "Settings",
+            "Wire", "Settings", "CSyscalls",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),

@@ -343,3 +343,19 @@ int uvm_peer_uid(int fd, uid_t *uid, pid_t *pid) {
 int uvm_pipe_cloexec(int fds[2]) {
     return pipe2(fds, O_CLOEXEC) < 0 ? errno : 0;
 }
+
+pid_t uvm_spawn_detached(const char *path, char *const argv[], const char *log_path) {
+    pid_t pid = fork();
+    if (pid != 0) return pid;
+    setsid();
+    reset_signals();
+    int in = open("/dev/null", O_RDONLY);
+    int log = open(log_path, O_WRONLY | O_CREAT | O_APPEND, 0600);
+    if (in < 0 || log < 0) _exit(127);
+    dup2(in, 0);
+    dup2(log, 1);
+    dup2(log, 2);
+    syscall(SYS_close_range, 3, ~0U, 0);
+    execv(path, argv);
+    _exit(127);
+}

@@ -39,6 +39,10 @@ public struct UVMDaemon: Sendable {
         // One uvmd per state directory: the lock lives as long as this process.
         let lockFD = open(paths.daemonLock, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard lockFD >= 0, flock(lockFD, LOCK_EX | LOCK_NB) == 0 else { throw StartError.alreadyRunning(paths.daemonLock) }
+        // The lock file names its holder, for scripts that need to stop this uvmd.
+        ftruncate(lockFD, 0)
+        let pid = "\(getpid())\n"
+        _ = pid.withCString { write(lockFD, $0, strlen($0)) }
 
         let server = try await listen()
         logger.info("uvmd listening", metadata: ["socket": "\(paths.socket)", "pid": "\(getpid())"])

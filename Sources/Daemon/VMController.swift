@@ -279,7 +279,8 @@ public actor VMController {
     }
 
     private func handle(_ event: DomainEvent) {
-        guard event.domainName == paths.domainName, let r = running else { return }
+        // Same name, other UUID: the previous VM's late event, not this one's.
+        guard event.domainName == paths.domainName, let r = running, event.domainUUID == r.domain.uuid else { return }
         // `shutdown` (the guest powering off) is followed by `stopped`; wait for that.
         if event.kind == .stopped || event.kind == .crashed { markStopped(generation: r.generation) }
     }

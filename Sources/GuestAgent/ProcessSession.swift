@@ -55,7 +55,19 @@ struct ProcessSession {
             stderrFD = errPipe.read
         }
 
-        let pid = try spawn(argv: argv, env: env, cwd: cwd, account: account, stdio: stdio, instance: instance)
+        let pid: pid_t
+        do {
+            pid = try spawn(argv: argv, env: env, cwd: cwd, account: account, stdio: stdio, instance: instance)
+        } catch let e as ExecFailure {
+            // As a shell reports it: a message on stderr, 127 for not found, 126 for not runnable.
+            for fd in [stdoutChannelFD.input, stdoutChannelFD.output, stderrFD].compactMap({ $0 }) { close(fd) }
+            try await outbound.write(Frame(.stderr, ByteBuffer(string: "uvm: \(argv[0]): \(String(cString: strerror(e.errno)))\n")))
+            try await outbound.write(.json(.exit, ExitStatus(code: e.errno == ENOENT ? 127 : 126)))
+            return
+        } catch {
+            for fd in [stdoutChannelFD.input, stdoutChannelFD.output, stderrFD].compactMap({ $0 }) { close(fd) }
+            throw error
+        }
         childFDs.forEach { close($0) }
         childFDs = []
 
@@ -197,7 +209,7 @@ struct ProcessSession {
             let what = stage.map { String(cString: $0) } ?? "spawn"
             let reason = String(cString: strerror(err))
             switch what {
-            case "exec": throw WireError(.spawnFailed, "\(argv[0]): \(reason)")
+            case "exec": throw ExecFailure(errno: err)
             case "chdir": throw WireError(.spawnFailed, "cannot change to \(cwd): \(reason)")
             default: throw WireError(.spawnFailed, "cannot start \(argv[0]) (\(what)): \(reason)")
             }
@@ -205,6 +217,9 @@ struct ProcessSession {
         return pid
     }
 }
+
+/// execve itself failed: the command is missing or cannot be run.
+struct ExecFailure: Error { var errno: Int32 }
 
 private enum ProcessEvent: Sendable {
     case outputClosed, exited(Int32), outputIdle

@@ -15,6 +15,8 @@ public struct DomainEvent: Sendable, Equatable, CustomStringConvertible {
     }
 
     public var domainName: String
+    /// Tells apart successive transient domains of the same name (each creation gets a new UUID).
+    public var domainUUID: String = ""
     public var kind: Kind
     /// libvirt's detail in words, e.g. "destroyed", "booted", "crashed".
     public var detail: String
@@ -120,7 +122,12 @@ private func lifecycleCallback(
     guard let dom, let opaque else { return 0 }
     let sink = Unmanaged<EventSink>.fromOpaque(opaque).takeUnretainedValue()
     let name = virDomainGetName(dom).map { String(cString: $0) } ?? ""
-    sink.yield(DomainEvent(domainName: name, event: event, detail: detail))
+    var event = DomainEvent(domainName: name, event: event, detail: detail)
+    var buf = [CChar](repeating: 0, count: 37)  // VIR_UUID_STRING_BUFLEN
+    if virDomainGetUUIDString(dom, &buf) == 0 {
+        event.domainUUID = String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+    sink.yield(event)
     return 0
 }
 

@@ -3,6 +3,7 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+import CSyscalls
 import Glibc
 import Synchronization
 import NIOCore
@@ -58,25 +59,11 @@ final class DaemonConnection: @unchecked Sendable {
         }
         try FileManager.default.createDirectory(atPath: paths.stateDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         // Detached: its own session, stdio to the log, so it outlives this command.
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, paths.daemonLog, O_WRONLY | O_CREAT | O_APPEND, 0o600)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        var attr = posix_spawnattr_t()
-        posix_spawnattr_init(&attr)
-        defer { posix_spawnattr_destroy(&attr) }
-        // POSIX_SPAWN_SETSID (0x80 in glibc) is not exported to Swift.
-        posix_spawnattr_setflags(&attr, Int16(0x80 | POSIX_SPAWN_SETSIGMASK))
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        posix_spawnattr_setsigmask(&attr, &empty)
-        var pid: pid_t = 0
-        let argv: [UnsafeMutablePointer<CChar>?] = [strdup(uvmd), nil]
+        let argv: [UnsafeMutablePointer<CChar>?] = [strdup(uvmd), strdup("serve"), nil]
         defer { argv.forEach { free($0) } }
-        let rc = posix_spawn(&pid, uvmd, &actions, &attr, argv, environ)
-        guard rc == 0 else { throw CLIError("cannot start \(uvmd): \(String(cString: strerror(rc)))") }
+        guard uvm_spawn_detached(uvmd, argv, paths.daemonLog) > 0 else {
+            throw CLIError("cannot start \(uvmd): \(String(cString: strerror(errno)))")
+        }
     }
 
     static func siblingExecutable(_ name: String) -> String {

@@ -1,140 +1,142 @@
 import Foundation
 import Testing
 
-/// What a user of `uvm exec` sees, on a real VM booted from our kernel (under TCG on machines
-/// whose KVM cannot run it). One VM serves the whole suite; tests run one after another because
-/// one of them stops the VM.
-@Suite(.serialized) struct ExecTests {
-    @Test func runsOnOurKernelNotTheHosts() throws {
-        let r = try Harness.run(["exec", "--", "uname", "-r"])
-        #expect(r.status == 0, "stderr: \(r.err)")
-        let guest = r.out.trimmingCharacters(in: .whitespacesAndNewlines)
-        let built = try String(contentsOfFile: NSHomeDirectory() + "/.cache/uvm/kernel/current/release", encoding: .utf8)
-            .trimmingCharacters(in: .whitespacesAndNewlines)
-        var u = utsname()
-        uname(&u)
-        let host = withUnsafeBytes(of: u.release) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-        #expect(guest == built)
-        #expect(guest != host)
-        #expect(guest.hasSuffix("-uvm"))
-    }
-
-    @Test func exitStatusIsTheCommands() throws {
-        #expect(try Harness.run(["exec", "--", "sh", "-c", "exit 7"]).status == 7)
-        #expect(try Harness.run(["exec", "--", "true"]).status == 0)
-        #expect(try Harness.run(["exec", "--", "false"]).status == 1)
-    }
-
-    @Test func deathBySignalIs128PlusN() throws {
-        #expect(try Harness.run(["exec", "--", "sh", "-c", "kill -TERM $$"]).status == 143)
-        #expect(try Harness.run(["exec", "--", "sh", "-c", "kill -KILL $$"]).status == 137)
-    }
-
-    @Test func stdoutAndStderrStaySeparate() throws {
-        let r = try Harness.run(["exec", "--", "sh", "-c", "echo to-out; echo to-err >&2; echo more-out"])
-        #expect(r.status == 0)
-        #expect(r.out == "to-out\nmore-out\n")
-        #expect(r.err == "to-err\n")
-    }
-
-    @Test func optionsReachTheProcess() throws {
-        let r = try Harness.run(["exec", "--cd", "/tmp", "--env", "GREETING=hello world", "-e", "X=1", "--",
-                                 "sh", "-c", "pwd; echo \"$GREETING\" $X; id -u; hostname"])
-        #expect(r.status == 0, "stderr: \(r.err)")
-        #expect(r.out == "/tmp\nhello world 1\n0\nbusybox\n")
-        let u = try Harness.run(["exec", "--user", "uvm", "--", "sh", "-c", "id -un; echo $HOME; pwd"])
-        #expect(u.out == "uvm\n/home/uvm\n/home/uvm\n", "stderr: \(u.err)")
-    }
-
-    @Test func runsInItsOwnNamespacesOnTheDistroDisk() throws {
-        // PID 1 of the instance is its init, not the agent; the root is the distro's ext4 disk.
-        let r = try Harness.run(["exec", "--", "sh", "-c", "cat /etc/os-release | grep ^ID=; ls /proc/1/exe >/dev/null && echo pid1-visible; stat -f -c %T /"])
-        #expect(r.status == 0, "stderr: \(r.err)")
-        #expect(r.out.contains("ID=uvm-busybox"))
-        #expect(r.out.contains("ext2/ext3"))
-    }
-
-    @Test func stdinIsBinarySafeAndEOFArrives() throws {
-        let r = try Harness.shell("""
-            head -c 50000000 /dev/urandom > "$UVM_HOME/x" && \
-            uvm exec -- sha256sum < "$UVM_HOME/x" | cut -d' ' -f1 && sha256sum "$UVM_HOME/x" | cut -d' ' -f1; \
-            rm -f "$UVM_HOME/x"
-            """)
-        #expect(r.status == 0, "stderr: \(r.err)")
-        let lines = r.out.split(separator: "\n")
-        #expect(lines.count == 2)
-        #expect(lines.first == lines.last)
-        #expect(lines.first?.count == 64)
-    }
-
-    @Test func largeOutputArrivesWhole() throws {
-        let r = try Harness.shell("uvm exec -- head -c 50000000 /dev/zero | wc -c")
-        #expect(r.status == 0, "stderr: \(r.err)")
-        #expect(r.out.trimmingCharacters(in: .whitespaces) == "50000000\n")
-    }
-
-    @Test func twentyConcurrentExecsGetTheirOwnOutputAndStatus() throws {
-        let results = Mutex20()
-        DispatchQueue.concurrentPerform(iterations: 20) { i in
-            let r = try? Harness.run(["exec", "--", "sh", "-c", "echo session-\(i); echo err-\(i) >&2; exit \(i + 10)"])
-            results.set(i, r)
+extension EndToEnd {
+    /// What a user of `uvm exec` sees, on a real VM booted from our kernel (under TCG on machines
+    /// whose KVM cannot run it). One VM serves the whole suite; tests run one after another because
+    /// one of them stops the VM.
+    @Suite struct ExecTests {
+        @Test func runsOnOurKernelNotTheHosts() throws {
+            let r = try Harness.run(["exec", "--", "uname", "-r"])
+            #expect(r.status == 0, "stderr: \(r.err)")
+            let guest = r.out.trimmingCharacters(in: .whitespacesAndNewlines)
+            let built = try String(contentsOfFile: NSHomeDirectory() + "/.cache/uvm/kernel/current/release", encoding: .utf8)
+                .trimmingCharacters(in: .whitespacesAndNewlines)
+            var u = utsname()
+            uname(&u)
+            let host = withUnsafeBytes(of: u.release) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            #expect(guest == built)
+            #expect(guest != host)
+            #expect(guest.hasSuffix("-uvm"))
         }
-        for i in 0..<20 {
-            let r = try #require(results.get(i))
-            #expect(r.out == "session-\(i)\n")
-            #expect(r.err == "err-\(i)\n")
-            #expect(r.status == Int32(i + 10))
+
+        @Test func exitStatusIsTheCommands() throws {
+            #expect(try Harness.run(["exec", "--", "sh", "-c", "exit 7"]).status == 7)
+            #expect(try Harness.run(["exec", "--", "true"]).status == 0)
+            #expect(try Harness.run(["exec", "--", "false"]).status == 1)
         }
-    }
 
-    @Test func sigintToUvmEndsTheGuestProcess() throws {
-        let p = try Harness.start(["exec", "--", "sleep", "4242"])
-        // Wait until the guest process runs.
-        let running = try Harness.waitUntil(timeout: 60) {
-            try Harness.run(["exec", "--", "sh", "-c", "ps | grep -v grep | grep -q 'sleep 4242'"]).status == 0
+        @Test func deathBySignalIs128PlusN() throws {
+            #expect(try Harness.run(["exec", "--", "sh", "-c", "kill -TERM $$"]).status == 143)
+            #expect(try Harness.run(["exec", "--", "sh", "-c", "kill -KILL $$"]).status == 137)
         }
-        #expect(running)
-        kill(p.processIdentifier, SIGINT)
-        p.waitUntilExit()
-        #expect(p.terminationStatus == 130)
-        let gone = try Harness.waitUntil(timeout: 10) {
-            try Harness.run(["exec", "--", "sh", "-c", "ps | grep -v grep | grep -q 'sleep 4242'"]).status != 0
+
+        @Test func stdoutAndStderrStaySeparate() throws {
+            let r = try Harness.run(["exec", "--", "sh", "-c", "echo to-out; echo to-err >&2; echo more-out"])
+            #expect(r.status == 0)
+            #expect(r.out == "to-out\nmore-out\n")
+            #expect(r.err == "to-err\n")
         }
-        #expect(gone)
-    }
 
-    @Test func statusDescribesTheVM() throws {
-        _ = try Harness.run(["exec", "--", "true"])
-        let r = try Harness.run(["status", "--format", "json"])
-        #expect(r.status == 0)
-        let json = try #require(try JSONSerialization.jsonObject(with: r.stdout) as? [String: Any])
-        #expect(json["state"] as? String == "Running")
-        #expect(["tcg", "kvm"].contains(json["accelerator"] as? String ?? ""))
-        #expect((json["kernelRelease"] as? String)?.hasSuffix("-uvm") == true)
-        #expect((json["uptimeSeconds"] as? Double ?? 0) > 0)
-        let qemu = try #require(json["qemuPID"] as? Int)
-        #expect(kill(pid_t(qemu), 0) == 0)
-        #expect((json["memoryMiB"] as? Int ?? 0) > 0)
-        let text = try Harness.run(["status"])
-        #expect(text.out.contains("state:   Running"))
-    }
+        @Test func optionsReachTheProcess() throws {
+            let r = try Harness.run(["exec", "--cd", "/tmp", "--env", "GREETING=hello world", "-e", "X=1", "--",
+                                     "sh", "-c", "pwd; echo \"$GREETING\" $X; id -u; hostname"])
+            #expect(r.status == 0, "stderr: \(r.err)")
+            #expect(r.out == "/tmp\nhello world 1\n0\nbusybox\n")
+            let u = try Harness.run(["exec", "--user", "uvm", "--", "sh", "-c", "id -un; echo $HOME; pwd"])
+            #expect(u.out == "uvm\n/home/uvm\n/home/uvm\n", "stderr: \(u.err)")
+        }
 
-    @Test func daemonSocketIsOnlyForItsUser() throws {
-        _ = try Harness.run(["exec", "--", "true"])
-        var st = stat()
-        #expect(stat("\(Harness.home)/state/uvmd.sock", &st) == 0)
-        #expect(st.st_mode & 0o777 == 0o600)
-        #expect(st.st_uid == geteuid())
-    }
+        @Test func runsInItsOwnNamespacesOnTheDistroDisk() throws {
+            // PID 1 of the instance is its init, not the agent; the root is the distro's ext4 disk.
+            let r = try Harness.run(["exec", "--", "sh", "-c", "cat /etc/os-release | grep ^ID=; ls /proc/1/exe >/dev/null && echo pid1-visible; stat -f -c %T /"])
+            #expect(r.status == 0, "stderr: \(r.err)")
+            #expect(r.out.contains("ID=uvm-busybox"))
+            #expect(r.out.contains("ext2/ext3"))
+        }
 
-    @Test func execBootsAStoppedVM() throws {
-        let stop = try Harness.run(["stop"])
-        #expect(stop.status == 0, "stderr: \(stop.err)")
-        let stopped = try Harness.run(["status", "--format", "json"])
-        #expect(stopped.out.contains("\"state\" : \"Stopped\""))
-        let r = try Harness.run(["exec", "--", "true"])
-        #expect(r.status == 0, "stderr: \(r.err)")
-        #expect(try Harness.run(["status"]).out.contains("Running"))
+        @Test func stdinIsBinarySafeAndEOFArrives() throws {
+            let r = try Harness.shell("""
+                head -c 50000000 /dev/urandom > "$UVM_HOME/x" && \
+                uvm exec -- sha256sum < "$UVM_HOME/x" | cut -d' ' -f1 && sha256sum "$UVM_HOME/x" | cut -d' ' -f1; \
+                rm -f "$UVM_HOME/x"
+                """)
+            #expect(r.status == 0, "stderr: \(r.err)")
+            let lines = r.out.split(separator: "\n")
+            #expect(lines.count == 2)
+            #expect(lines.first == lines.last)
+            #expect(lines.first?.count == 64)
+        }
+
+        @Test func largeOutputArrivesWhole() throws {
+            let r = try Harness.shell("uvm exec -- head -c 50000000 /dev/zero | wc -c")
+            #expect(r.status == 0, "stderr: \(r.err)")
+            #expect(r.out.trimmingCharacters(in: .whitespaces) == "50000000\n")
+        }
+
+        @Test func twentyConcurrentExecsGetTheirOwnOutputAndStatus() throws {
+            let results = Mutex20()
+            DispatchQueue.concurrentPerform(iterations: 20) { i in
+                let r = try? Harness.run(["exec", "--", "sh", "-c", "echo session-\(i); echo err-\(i) >&2; exit \(i + 10)"])
+                results.set(i, r)
+            }
+            for i in 0..<20 {
+                let r = try #require(results.get(i))
+                #expect(r.out == "session-\(i)\n")
+                #expect(r.err == "err-\(i)\n")
+                #expect(r.status == Int32(i + 10))
+            }
+        }
+
+        @Test func sigintToUvmEndsTheGuestProcess() throws {
+            let p = try Harness.start(["exec", "--", "sleep", "4242"])
+            // Wait until the guest process runs.
+            let running = try Harness.waitUntil(timeout: 60) {
+                try Harness.run(["exec", "--", "sh", "-c", "ps | grep -v grep | grep -q 'sleep 4242'"]).status == 0
+            }
+            #expect(running)
+            kill(p.processIdentifier, SIGINT)
+            p.waitUntilExit()
+            #expect(p.terminationStatus == 130)
+            let gone = try Harness.waitUntil(timeout: 10) {
+                try Harness.run(["exec", "--", "sh", "-c", "ps | grep -v grep | grep -q 'sleep 4242'"]).status != 0
+            }
+            #expect(gone)
+        }
+
+        @Test func statusDescribesTheVM() throws {
+            _ = try Harness.run(["exec", "--", "true"])
+            let r = try Harness.run(["status", "--format", "json"])
+            #expect(r.status == 0)
+            let json = try #require(try JSONSerialization.jsonObject(with: r.stdout) as? [String: Any])
+            #expect(json["state"] as? String == "Running")
+            #expect(["tcg", "kvm"].contains(json["accelerator"] as? String ?? ""))
+            #expect((json["kernelRelease"] as? String)?.hasSuffix("-uvm") == true)
+            #expect((json["uptimeSeconds"] as? Double ?? 0) > 0)
+            let qemu = try #require(json["qemuPID"] as? Int)
+            #expect(kill(pid_t(qemu), 0) == 0)
+            #expect((json["memoryMiB"] as? Int ?? 0) > 0)
+            let text = try Harness.run(["status"])
+            #expect(text.out.contains("state:   Running"))
+        }
+
+        @Test func daemonSocketIsOnlyForItsUser() throws {
+            _ = try Harness.run(["exec", "--", "true"])
+            var st = stat()
+            #expect(stat("\(Harness.home)/state/uvmd.sock", &st) == 0)
+            #expect(st.st_mode & 0o777 == 0o600)
+            #expect(st.st_uid == geteuid())
+        }
+
+        @Test func execBootsAStoppedVM() throws {
+            let stop = try Harness.run(["stop"])
+            #expect(stop.status == 0, "stderr: \(stop.err)")
+            let stopped = try Harness.run(["status", "--format", "json"])
+            #expect(stopped.out.contains("\"state\" : \"Stopped\""))
+            let r = try Harness.run(["exec", "--", "true"])
+            #expect(r.status == 0, "stderr: \(r.err)")
+            #expect(try Harness.run(["status"]).out.contains("Running"))
+        }
     }
 }
 

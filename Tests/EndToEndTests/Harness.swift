@@ -1,6 +1,9 @@
 import Foundation
 import Testing
 
+/// Every end-to-end suite shares one VM (one of them stops it), so they run one test at a time.
+@Suite(.serialized) enum EndToEnd {}
+
 /// Runs the real `uvm` binaries against a real VM. `make test` sets UVM_BIN (the build's bin
 /// directory) and UVM_TEST_HOME (uvm's state for the tests, cleaned up by make afterwards).
 enum Harness {
@@ -45,7 +48,7 @@ enum Harness {
         try runProcess("/bin/sh", ["-c", script], stdin: nil, env: environment(home: home, extra: extra))
     }
 
-    static func runProcess(_ path: String, _ args: [String], stdin: Data?, env: [String: String]) throws -> Result {
+    static func runProcess(_ path: String, _ args: [String], stdin: Data?, env: [String: String], timeout: Double = 300) throws -> Result {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: path)
         p.arguments = args
@@ -72,8 +75,16 @@ enum Harness {
                 try? inPipe.fileHandleForWriting.close()
             }
         }
+        // A hung command must fail its test, not hang the whole run.
+        let deadline = DispatchTime.now() + timeout
+        let watchdog = DispatchWorkItem { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        DispatchQueue.global().asyncAfter(deadline: deadline, execute: watchdog)
         p.waitUntilExit()
-        group.wait()
+        watchdog.cancel()
+        // Output ends with the process, unless something it started still holds the pipes.
+        let drained = group.wait(timeout: .now() + 10) == .success
+        #expect(drained, "output of \(path) \(args) still open 10 s after it exited: a descendant holds the pipe")
+        #expect(p.terminationReason == .exit || p.terminationStatus != SIGKILL, "\(path) \(args) killed after \(timeout) s")
         return Result(status: p.terminationStatus, stdout: outData.data, stderr: errData.data)
     }
 

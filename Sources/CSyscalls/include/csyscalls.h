@@ -57,3 +57,8 @@ int uvm_peer_uid(int fd, uid_t *uid, pid_t *pid);
 
 /// pipe2(O_CLOEXEC) (Glibc's Swift overlay does not export pipe2). Returns 0 or errno.
 int uvm_pipe_cloexec(int fds[2]);
+
+/// Starts `path` detached from the caller: its own session, stdin /dev/null, stdout and stderr
+/// appended to `log_path`, and no other inherited descriptor (a long-lived daemon must not keep
+/// the caller's pipes open). Returns the pid, or -1 with errno.
+pid_t uvm_spawn_detached(const char *path, char *const argv[], const char *log_path);
