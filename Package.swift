@@ -65,7 +65,13 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
-        .executableTarget(name: "uvm", dependencies: ["UVMCLI"]),
+        .executableTarget(
+            name: "uvm", dependencies: ["UVMCLI"],
+            // Started for every command: a static Swift runtime saves the dynamic loader's work.
+            linkerSettings: [
+                .unsafeFlags(["-static-stdlib"]),
+                .linkedLibrary("_FoundationCollections"), .linkedLibrary("_FoundationCShims"),
+            ]),
         .executableTarget(name: "uvmd", dependencies: [
             "Daemon", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),

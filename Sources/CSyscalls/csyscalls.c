@@ -11,7 +11,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/socket.h>
@@ -37,20 +39,15 @@ static _Noreturn void child_fail(int fd, const char *stage) {
     _exit(127);
 }
 
-// fork() that makes the new process a child of our parent: the helper that joined the instance's
-// namespaces hands the final process to uvm-init, which can then waitpid() it directly.
-static pid_t fork_as_sibling(void) {
-    return (pid_t)syscall(SYS_clone, CLONE_PARENT | SIGCHLD, 0, 0, 0, 0);
-}
-
+// Handlers first, then the mask: a child sharing our memory must never run one of our handlers.
 static void reset_signals(void) {
-    sigset_t all;
-    sigemptyset(&all);
-    sigprocmask(SIG_SETMASK, &all, NULL);
     struct sigaction dfl;
     memset(&dfl, 0, sizeof dfl);
     dfl.sa_handler = SIG_DFL;
     for (int s = 1; s < NSIG; s++) sigaction(s, &dfl, NULL);  // fails harmlessly for KILL/STOP
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
 }
 
 // execve over each PATH entry, the request's PATH (execvpe would use the agent's environment).
@@ -107,51 +104,83 @@ static _Noreturn void final_child(const uvm_spawn_args *a, int status_fd) {
     child_fail(status_fd, "exec");
 }
 
+// The helper and the final process share the agent's memory until exec (CLONE_VM|CLONE_VFORK,
+// as posix_spawn does): no page tables copied, no copy-on-write faults afterwards, which under
+// TCG is most of the cost of starting a process from a large, threaded parent.
+enum { SPAWN_STACK = 64 * 1024 };
+
+typedef struct {
+    const uvm_spawn_args *a;
+    int status_fd;
+    int nsfd[3];
+    int rootfd;
+    char *final_stack;
+} spawn_ctx;
+
+static int final_main(void *arg) {
+    spawn_ctx *c = arg;
+    final_child(c->a, c->status_fd);
+}
+
+static int helper_main(void *arg) {
+    spawn_ctx *c = arg;
+    if (c->a->instance_pid > 0) {
+        static const int types[3] = { CLONE_NEWUTS, CLONE_NEWPID, CLONE_NEWNS };
+        for (int i = 0; i < 3; i++)
+            if (setns(c->nsfd[i], types[i]) < 0) child_fail(c->status_fd, "setns");
+        // setns(mnt) puts us at the namespace's bottom mount; the instance's root is the
+        // file system moved on top of it, which /proc/PID/root names exactly.
+        if (fchdir(c->rootfd) < 0 || chroot(".") < 0) child_fail(c->status_fd, "chroot");
+    }
+    // CLONE_PARENT: the final process is uvm-init's child (so it can waitpid it) although it
+    // was created here, inside the instance's pid namespace.
+    pid_t child = clone(final_main, c->final_stack + SPAWN_STACK,
+                        CLONE_VM | CLONE_VFORK | CLONE_PARENT | SIGCHLD, c);
+    if (child < 0) child_fail(c->status_fd, "clone");
+    send_msg(c->status_fd, MSG_PID, child, NULL);
+    _exit(0);
+}
+
 pid_t uvm_spawn(const uvm_spawn_args *a, pid_t *helper_pid, int *err_errno, const char **err_stage) {
     *helper_pid = 0;
+    spawn_ctx c = { a, -1, { -1, -1, -1 }, -1, NULL };
     int pipefd[2];
     if (pipe2(pipefd, O_CLOEXEC) < 0) { *err_errno = errno; *err_stage = "pipe"; return -1; }
+    c.status_fd = pipefd[1];
+    pid_t result = -1;
+    char *stacks = mmap(NULL, 2 * SPAWN_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stacks == MAP_FAILED) { *err_errno = errno; *err_stage = "stack"; stacks = NULL; goto out; }
+    c.final_stack = stacks + SPAWN_STACK;
 
-    int nsfd[3] = { -1, -1, -1 }, rootfd = -1;
     if (a->instance_pid > 0) {
         // Opened before any setns: afterwards /proc is the instance's.
         static const char *names[3] = { "uts", "pid", "mnt" };
         char path[64];
         for (int i = 0; i < 3; i++) {
             snprintf(path, sizeof path, "/proc/%d/ns/%s", (int)a->instance_pid, names[i]);
-            nsfd[i] = open(path, O_RDONLY | O_CLOEXEC);
-            if (nsfd[i] < 0) { *err_errno = errno; *err_stage = "open namespace"; goto fail_open; }
+            c.nsfd[i] = open(path, O_RDONLY | O_CLOEXEC);
+            if (c.nsfd[i] < 0) { *err_errno = errno; *err_stage = "open namespace"; goto out; }
         }
         snprintf(path, sizeof path, "/proc/%d/root", (int)a->instance_pid);
-        rootfd = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
-        if (rootfd < 0) { *err_errno = errno; *err_stage = "open instance root"; goto fail_open; }
+        c.rootfd = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (c.rootfd < 0) { *err_errno = errno; *err_stage = "open instance root"; goto out; }
     }
 
-    pid_t helper = fork();
-    if (helper < 0) { *err_errno = errno; *err_stage = "fork"; goto fail_open; }
-    if (helper == 0) {
-        close(pipefd[0]);
-        if (a->instance_pid > 0) {
-            static const int types[3] = { CLONE_NEWUTS, CLONE_NEWPID, CLONE_NEWNS };
-            for (int i = 0; i < 3; i++)
-                if (setns(nsfd[i], types[i]) < 0) child_fail(pipefd[1], "setns");
-            // setns(mnt) puts us at the namespace's bottom mount; the instance's root is the
-            // file system moved on top of it, which /proc/PID/root names exactly.
-            if (fchdir(rootfd) < 0 || chroot(".") < 0) child_fail(pipefd[1], "chroot");
-        }
-        pid_t child = fork_as_sibling();
-        if (child < 0) child_fail(pipefd[1], "clone");
-        if (child == 0) final_child(a, pipefd[1]);
-        send_msg(pipefd[1], MSG_PID, child, NULL);
-        _exit(0);
-    }
+    // No handler of ours may run in a child that shares our memory: block everything until
+    // the children have reset their handlers.
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pid_t helper = clone(helper_main, stacks + SPAWN_STACK, CLONE_VM | CLONE_VFORK | SIGCHLD, &c);
+    int clone_errno = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (helper < 0) { *err_errno = clone_errno; *err_stage = "clone"; goto out; }
     *helper_pid = helper;
-    close(pipefd[1]);
-    for (int i = 0; i < 3; i++) if (nsfd[i] >= 0) close(nsfd[i]);
-    if (rootfd >= 0) close(rootfd);
 
-    // Read until EOF: the pid from the helper, then an error from whichever stage failed.
-    // EOF without an error means exec succeeded (the pipe is close-on-exec).
+    // CLONE_VFORK: both children have exec'd or exited by now. Read what they reported: the pid
+    // from the helper, an error from whichever stage failed.
+    close(pipefd[1]);
+    pipefd[1] = -1;
     pid_t pid = -1;
     int got_error = 0;
     spawn_msg m;
@@ -162,17 +191,16 @@ pid_t uvm_spawn(const uvm_spawn_args *a, pid_t *helper_pid, int *err_errno, cons
         if (m.kind == MSG_PID) pid = m.value;
         else if (m.kind == MSG_ERROR && !got_error) { got_error = 1; *err_errno = m.value; *err_stage = m.stage; }
     }
-    close(pipefd[0]);
-    if (got_error) return -1;
-    if (pid < 0) { *err_errno = ECHILD; *err_stage = "helper died"; return -1; }
-    return pid;
+    if (!got_error && pid < 0) { *err_errno = ECHILD; *err_stage = "helper died"; }
+    if (!got_error && pid > 0) result = pid;
 
-fail_open:
-    for (int i = 0; i < 3; i++) if (nsfd[i] >= 0) close(nsfd[i]);
-    if (rootfd >= 0) close(rootfd);
+out:
+    for (int i = 0; i < 3; i++) if (c.nsfd[i] >= 0) close(c.nsfd[i]);
+    if (c.rootfd >= 0) close(c.rootfd);
     close(pipefd[0]);
-    close(pipefd[1]);
-    return -1;
+    if (pipefd[1] >= 0) close(pipefd[1]);
+    if (stacks) munmap(stacks, 2 * SPAWN_STACK);
+    return result;
 }
 
 // ---- distro instances -------------------------------------------------------------------
