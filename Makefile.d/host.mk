@@ -1,0 +1,13 @@
+# Host set-up, guest kernel and guest images (included by the top Makefile).
+# The scripts cache their outputs under $XDG_CACHE_HOME/uvm (default ~/.cache/uvm),
+# outside the clone: kernel/current/{bzImage,config,release} and
+# images/current/{initramfs.cpio,busybox.ext4}.
+UVM_INIT ?= .build/release/uvm-init
+
+.PHONY: setup kernel images
+setup:
+	scripts/setup.sh
+kernel:
+	scripts/kernel.sh
+images:
+	scripts/images.sh $(UVM_INIT)
