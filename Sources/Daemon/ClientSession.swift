@@ -50,7 +50,7 @@ struct ClientSession {
         let progress: @Sendable (String) async -> Void = { line in try? await outbound.write(.progress(line)) }
         switch request.op {
         case .exec:
-            guard var exec = request.exec, !exec.argv.isEmpty else { throw WireError(.badRequest, "exec: no command given") }
+            guard var exec = request.exec, !exec.argv.isEmpty || exec.shell == true else { throw WireError(.badRequest, "exec: no command given") }
             let distro = exec.distro ?? daemon.settings.defaultDistro
             guard validDistroName(distro), await controller.knowsDistro(distro) else {
                 throw WireError(.notFound, "there is no distro '\(distro)' (installed: \(installedDistros().joined(separator: ", "))); `uvm exec --distro NAME` takes one of those")
