@@ -94,9 +94,12 @@ static _Noreturn void final_child(const uvm_spawn_args *a, int status_fd) {
         if (fds[i] < 0) continue;
         if (dup2(fds[i], i) < 0) child_fail(status_fd, "dup2");
     }
-    if (setgroups((size_t)a->ngroups, a->groups) < 0) child_fail(status_fd, "setgroups");
-    if (setgid(a->gid) < 0) child_fail(status_fd, "setgid");
-    if (setuid(a->uid) < 0) child_fail(status_fd, "setuid");
+    // Raw syscalls: glibc's wrappers would broadcast the change to every thread it believes
+    // this process has, which in a CLONE_VM child are the agent's threads (some blocked in
+    // their own vfork): a deadlock. posix_spawn does the same.
+    if (syscall(SYS_setgroups, (size_t)a->ngroups, a->groups) < 0) child_fail(status_fd, "setgroups");
+    if (syscall(SYS_setgid, a->gid) < 0) child_fail(status_fd, "setgid");
+    if (syscall(SYS_setuid, a->uid) < 0) child_fail(status_fd, "setuid");
     if (chdir(a->cwd ? a->cwd : "/") < 0) child_fail(status_fd, "chdir");
     // Everything above 2 except the status pipe (close-on-exec) goes.
     for (int fd = 3; fd < 1024; fd++) if (fd != status_fd) close(fd);
