@@ -39,7 +39,7 @@ TEST_HOME    ?= /tmp/uvm-test-$(shell id -u)
 
 test: setup build kernel images
 	@rm -rf $(TEST_HOME)
-	@UVM_BIN=$(abspath $(BIN)) UVM_TEST_HOME=$(TEST_HOME) $(SWIFT) test $(TEST_FLAGS); rc=$$?; \
+	@UVM_BIN=$(abspath $(BIN)) UVM_TEST_HOME=$(TEST_HOME) timeout 2400 $(SWIFT) test $(TEST_FLAGS); rc=$$?; \
 	  UVM_HOME=$(TEST_HOME) $(BIN)/uvm stop >/dev/null 2>&1; \
 	  lock=$(TEST_HOME)/state/uvmd.lock; [ -f $$lock ] && ! flock -n $$lock true && kill $$(cat $$lock) 2>/dev/null; \
 	  exit $$rc

@@ -4,8 +4,25 @@ import Testing
 extension EndToEnd {
     /// `uvm` alone: a login shell on a real pty in the guest, driven through tmux like a person.
     @Suite struct ShellTests {
+        /// tmux through posix_spawn and waitpid: the tmux client forks the server, which
+        /// Foundation's Process does not cope with (the client was never reaped).
         func tmux(_ socket: String, _ args: String...) throws -> String {
-            try Harness.runProcess("/usr/bin/tmux", ["-L", socket] + args, stdin: nil, env: Harness.environment()).out
+            let out = "\(Harness.home)/tmux-\(getpid()).out"
+            var actions = posix_spawn_file_actions_t()
+            posix_spawn_file_actions_init(&actions)
+            defer { posix_spawn_file_actions_destroy(&actions) }
+            posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+            posix_spawn_file_actions_addopen(&actions, 1, out, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+            posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
+            let argv = (["tmux", "-L", socket] + args).map { strdup($0) } + [nil]
+            defer { argv.forEach { free($0) } }
+            let env = Harness.environment().map { strdup("\($0.key)=\($0.value)") } + [nil]
+            defer { env.forEach { free($0) } }
+            var pid: pid_t = 0
+            guard posix_spawn(&pid, "/usr/bin/tmux", &actions, nil, argv, env) == 0 else { return "" }
+            var status: Int32 = 0
+            waitpid(pid, &status, 0)
+            return (try? String(contentsOfFile: out, encoding: .utf8)) ?? ""
         }
 
         func screen(_ socket: String) throws -> String { try tmux(socket, "capture-pane", "-t", "t", "-p") }
