@@ -289,7 +289,10 @@ public actor VMController {
         // The control connection only ends with the VM (QEMU holds the socket), so treat it as
         // the VM's end even if libvirt's event is late.
         guard let r = running, r.generation == gen else { return }
-        if !stopRequested { try? await r.domain.destroy() }
+        // On a requested stop, the domain is gone only when libvirt says so (`stopped`): until
+        // then it still holds its name and disks, and the next boot would have to wait for it.
+        if stopRequested { return }
+        try? await r.domain.destroy()
         markStopped(generation: gen)
     }
 

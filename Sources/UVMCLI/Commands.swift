@@ -104,28 +104,22 @@ struct Start: ParsableCommand {
 struct Stop: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Shut the VM down cleanly (running commands are ended).")
     @OptionGroup var format: FormatOption
-    func run() throws {
-        let paths = Paths.current()
-        guard let conn = DaemonConnection.connect(path: paths.socket) else {
-            if format.format == .json { print(#"{"state":"Stopped"}"#) } else { print("uvm is not running") }
-            return
-        }
-        let status = try conn.call(Request(op: .stop), as: VMStatus.self)
-        try printStatus(status, format.format)
-    }
+    func run() throws { try askRunningDaemon(.stop, format.format) }
 }
 
 struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Show the VM's state, accelerator, kernel, uptime, QEMU pid and memory.")
     @OptionGroup var format: FormatOption
-    func run() throws {
-        let paths = Paths.current()
-        guard let conn = DaemonConnection.connect(path: paths.socket) else {
-            if format.format == .json { print(#"{"daemon":"not running","state":"Stopped"}"#) } else { print("state:   Stopped (uvmd is not running)") }
-            return
-        }
-        try printStatus(try conn.call(Request(op: .status), as: VMStatus.self), format.format)
+    func run() throws { try askRunningDaemon(.status, format.format) }
+}
+
+/// `op` needs no VM: without a uvmd there is nothing to ask (and nothing to start).
+func askRunningDaemon(_ op: Request.Operation, _ format: FormatOption.Format) throws {
+    guard let conn = DaemonConnection.connect(path: Paths.current().socket) else {
+        print(format == .json ? #"{"daemon":"not running","state":"Stopped"}"# : "state:   Stopped (uvmd is not running)")
+        return
     }
+    try printStatus(try conn.call(Request(op: op), as: VMStatus.self), format)
 }
 
 struct Doctor: ParsableCommand {
