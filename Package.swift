@@ -91,6 +91,7 @@ let package = Package(
         .testTarget(name: "Plan9Tests", dependencies: [
             "Plan9", "CPlan9",
             .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ], exclude: ["corpus"]),
         .testTarget(name: "EndToEndTests", dependencies: ["Wire", "Settings"]),

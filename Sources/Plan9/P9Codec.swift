@@ -445,3 +445,15 @@ public struct P9FrameEncoder: MessageToByteEncoder {
         data.encode(into: &out)
     }
 }
+
+extension P9DirEntry {
+    /// Parses an Rreaddir payload.
+    public static func parse(_ data: ByteBuffer) throws -> [P9DirEntry] {
+        var r = P9Reader(buffer: data)
+        var out: [P9DirEntry] = []
+        while r.buffer.readableBytes > 0 {
+            out.append(P9DirEntry(qid: try r.qid(), offset: try r.u64(), type: try r.u8(), name: try r.string()))
+        }
+        return out
+    }
+}
