@@ -250,6 +250,9 @@ final class Plan9Session: @unchecked Sendable {
         case let .txattrcreate(fid, name, size, flags):
             try xattrcreate(fid: fid, name: name, size: size, flags: flags)
             return .rxattrcreate
+        case .unsupported(102):
+            // Tauth: ENOENT is diod's (and libnpclient's) way of saying "no auth required".
+            throw P9Errno(ENOENT)
         case .unsupported:
             throw P9Errno(EOPNOTSUPP)
         case .tversion, .tflush:
