@@ -64,6 +64,7 @@ public final class Plan9Client: Sendable {
         let t = state.register(promise, tag: tag)
         var buffer = channel.allocator.buffer(capacity: 64)
         P9Frame(tag: t, message: message).encode(into: &buffer)
+        state.record(buffer)
         channel.writeAndFlush(buffer).whenFailure { error in
             if let p = self.state.take(t) { p.fail(error) }
         }
@@ -78,6 +79,7 @@ public final class Plan9Client: Sendable {
         let t = state.register(promise, tag: nil, flushing: oldtag)
         var buffer = channel.allocator.buffer(capacity: 16)
         P9Frame(tag: t, message: .tflush(oldtag: oldtag)).encode(into: &buffer)
+        state.record(buffer)
         channel.writeAndFlush(buffer, promise: nil)
         return promise.futureResult
     }
@@ -92,8 +94,15 @@ public final class Plan9Client: Sendable {
 
     /// Raw bytes, for hostile-input tests.
     public func sendRaw(_ bytes: [UInt8]) async throws {
-        try await channel.writeAndFlush(channel.allocator.buffer(bytes: bytes)).get()
+        let buffer = channel.allocator.buffer(bytes: bytes)
+        state.record(buffer)
+        try await channel.writeAndFlush(buffer).get()
     }
+
+    /// Keeps a copy of every byte sent from now on (to capture real traffic as fuzz seeds).
+    public func startRecording() { state.setRecording(true) }
+    /// The bytes sent since `startRecording()`.
+    public var recorded: [UInt8] { state.recordedSnapshot }
 
     /// Tags in the order their replies arrived.
     public var arrivals: [UInt16] { state.arrivalsSnapshot }
@@ -129,6 +138,14 @@ final class ClientState: @unchecked Sendable {
     private var nextTag: UInt16 = 0
     private var arrivals: [UInt16] = []
     private var unexpected: [P9Frame] = []
+    private var recording = false
+    private var sent: [UInt8] = []
+
+    func setRecording(_ on: Bool) { lock.withLock { recording = on } }
+    func record(_ b: ByteBuffer) {
+        lock.withLock { if recording { sent += b.readableBytesView } }
+    }
+    var recordedSnapshot: [UInt8] { lock.withLock { sent } }
 
     func register(_ p: EventLoopPromise<P9Message>, tag: UInt16?, flushing: UInt16? = nil) -> UInt16 {
         lock.withLock {

@@ -74,6 +74,7 @@ struct FuzzState: Sendable {
         defer { session.close() }
         var stream = ByteBuffer(bytes: data)
         var msize = Int(P9.minMsize)
+        var negotiated = false
         while let size = stream.getInteger(at: stream.readerIndex, endianness: .little, as: UInt32.self) {
             // What the connection does: bad sizes end the session.
             guard size >= UInt32(P9.headerSize), size <= UInt32(max(msize, Int(P9.minMsize))),
@@ -82,8 +83,15 @@ struct FuzzState: Sendable {
             let reply: P9Message
             switch f.message {
             case .tversion(let m, let v):
+                // As the connection handler: only a 9P2000.L answer makes a session.
                 reply = session.version(msize: m, version: v)
-                if case .rversion(let agreed, _) = reply { msize = Int(agreed) }
+                negotiated = false
+                if case .rversion(let agreed, let version) = reply, version.bytes == Array(P9.version.utf8) {
+                    msize = Int(agreed)
+                    negotiated = true
+                }
+            case _ where !negotiated:
+                return
             case .tflush:
                 reply = .rflush
             case let m where m.typeCode & 1 == 1:

@@ -5,6 +5,26 @@ import NIOCore
 import NIOPosix
 import Plan9
 
+#if UVM_FUZZ
+/// The fuzzing build (scripts/fuzz-9p.sh): libFuzzer's driver takes over the command line.
+@main
+enum FuzzMain {
+    static func main() {
+        var argc = CommandLine.argc
+        var argv = CommandLine.unsafeArgv
+        exit(LLVMFuzzerRunDriver(&argc, &argv) { data, size in
+            Plan9Fuzz.testOneInput(UnsafeRawBufferPointer(start: data, count: size))
+        })
+    }
+}
+
+@_silgen_name("LLVMFuzzerRunDriver")
+func LLVMFuzzerRunDriver(
+    _ argc: UnsafeMutablePointer<Int32>,
+    _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>>,
+    _ callback: @convention(c) (UnsafePointer<UInt8>?, Int) -> Int32
+) -> Int32
+#else
 /// The 9P server on its own: for tests, fuzzing and benchmarks (uvmd embeds the same server).
 @main
 struct UVM9P: AsyncParsableCommand {
@@ -15,6 +35,8 @@ struct UVM9P: AsyncParsableCommand {
         defaultSubcommand: Serve.self
     )
 }
+
+#endif
 
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -112,9 +134,3 @@ struct FuzzReplay: ParsableCommand {
     }
 }
 
-/// libFuzzer's entry point. Only called in a build made by scripts/fuzz-9p.sh, where libFuzzer
-/// supplies main() and this executable's own main is renamed away.
-@_cdecl("LLVMFuzzerTestOneInput")
-public func fuzzOne(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
-    Plan9Fuzz.testOneInput(UnsafeRawBufferPointer(start: data, count: size))
-}
