@@ -37,9 +37,13 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // Linux syscalls the Glibc overlay lacks (openat2, getdents64, statx, xattrs, OFD locks).
+        .target(name: "CPlan9"),
         // 9P2000.L file server exporting host folders.
         .target(name: "Plan9", dependencies: [
+            "CPlan9",
             .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -90,7 +94,12 @@ let package = Package(
 
         .testTarget(name: "WireTests", dependencies: ["Wire"]),
         .testTarget(name: "HostComputeTests", dependencies: ["HostCompute"]),
-        .testTarget(name: "Plan9Tests", dependencies: ["Plan9"]),
+        .testTarget(name: "Plan9Tests", dependencies: [
+            "Plan9", "CPlan9",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ], exclude: ["corpus"]),
         .testTarget(name: "EndToEndTests", dependencies: ["Wire", "Settings"]),
     ]
 )

@@ -1,1 +1,0 @@
-// Plan9 module.

@@ -1,0 +1,358 @@
+import Dispatch
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+
+/// A host directory exported over 9P2000.L.
+public struct Plan9Export: Sendable, Hashable {
+    /// The directory the guest sees as the root of the mount.
+    public var root: String
+    /// Every change is refused with EROFS.
+    public var readOnly: Bool
+    /// WSL's "metadata": guest uid/gid/mode (and special files the guest creates) are kept in the
+    /// `user.uvm.stat` xattr, so chown/chmod persist without privileges on the host.
+    public var metadata: Bool
+
+    public init(root: String, readOnly: Bool = false, metadata: Bool = false) {
+        self.root = root
+        self.readOnly = readOnly
+        self.metadata = metadata
+    }
+}
+
+public enum Plan9ServerError: Error, CustomStringConvertible {
+    case cannotOpenRoot(String, P9Errno)
+    public var description: String {
+        switch self {
+        case .cannotOpenRoot(let path, let e): return "cannot open export root \(path): \(e)"
+        }
+    }
+}
+
+/// Serves one export to any number of sessions. Each session is one byte stream (unix socket,
+/// virtio-serial relay, socketpair, pipe pair); file system calls run on a thread pool so many
+/// requests are in flight and answered as they finish.
+public final class Plan9Server: Sendable {
+    public let export: Plan9Export
+    let core: ExportCore
+    let threadPool: NIOThreadPool
+    private let ownsPool: Bool
+    let logger: Logger
+    /// Requests in flight per session before the server stops reading from it.
+    let maxInflight: Int
+    /// Test hook: runs on the pool thread before each request (by tag) is handled.
+    let beforeHandle: (@Sendable (UInt16, P9Message) -> Void)?
+
+    /// - Parameters:
+    ///   - threadPool: where blocking file system calls run; a started pool the caller owns, or nil
+    ///     for one owned by the server (stopped by `shutdown()`).
+    public convenience init(export: Plan9Export, threadPool: NIOThreadPool? = nil,
+                            logger: Logger = Logger(label: "uvm.plan9")) throws {
+        try self.init(export: export, threadPool: threadPool, logger: logger, maxInflight: 1024, beforeHandle: nil)
+    }
+
+    init(export: Plan9Export, threadPool: NIOThreadPool?, logger: Logger, maxInflight: Int,
+         beforeHandle: (@Sendable (UInt16, P9Message) -> Void)?) throws {
+        self.export = export
+        do {
+            core = try ExportCore(export: export)
+        } catch {
+            throw Plan9ServerError.cannotOpenRoot(export.root, error)
+        }
+        if let threadPool {
+            self.threadPool = threadPool
+            ownsPool = false
+        } else {
+            let pool = NIOThreadPool(numberOfThreads: max(8, System.coreCount * 4))
+            pool.start()
+            self.threadPool = pool
+            ownsPool = true
+        }
+        var logger = logger
+        logger[metadataKey: "export"] = "\(export.root)"
+        self.logger = logger
+        self.maxInflight = maxInflight
+        self.beforeHandle = beforeHandle
+    }
+
+    deinit {
+        if ownsPool { threadPool.shutdownGracefully(queue: .global()) { _ in } }
+    }
+
+    /// Stops the server's own thread pool (a pool passed in is left alone). Sessions still open
+    /// answer EIO from then on.
+    public func shutdown() async throws {
+        if ownsPool { try await threadPool.shutdownGracefully() }
+    }
+
+    /// The handlers that make a channel carrying a 9P byte stream one session of this server, in
+    /// order: framing, then the session. Add them on the channel's event loop.
+    public func makeHandlers() -> [any ChannelHandler] {
+        [ByteToMessageHandler(P9FrameDecoder(maxFrameSize: Int(P9.maxMsize))),
+         Plan9SessionHandler(server: self)]
+    }
+
+    /// Adds the session handlers to `channel`'s pipeline (any byte-stream channel: uvmd uses this
+    /// from a channel initializer for a unix-socket or virtio-serial stream).
+    public func configure(channel: Channel) -> EventLoopFuture<Void> {
+        if channel.eventLoop.inEventLoop {
+            return channel.eventLoop.makeCompletedFuture {
+                try channel.pipeline.syncOperations.addHandlers(self.makeHandlers())
+            }
+        }
+        return channel.eventLoop.submit {
+            try channel.pipeline.syncOperations.addHandlers(self.makeHandlers())
+        }
+    }
+
+    /// Serves one session on an already active channel; returns when it closes.
+    public func serve(channel: Channel) async throws {
+        try await configure(channel: channel).get()
+        try await channel.closeFuture.get()
+    }
+
+    /// Serves one session on a connected stream socket (e.g. one end of a socketpair); the server
+    /// takes ownership of the descriptor. Returns when the session ends.
+    public func serve(connectedSocket fd: CInt,
+                      group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws {
+        let channel = try await ClientBootstrap(group: group)
+            .channelInitializer { self.configure(channel: $0) }
+            .withConnectedSocket(fd).get()
+        try await channel.closeFuture.get()
+    }
+
+    /// Serves one session over a pair of descriptors (pipes, a tty, stdin/stdout), taking ownership
+    /// of them. Returns when the session ends.
+    public func serve(input: CInt, output: CInt,
+                      group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws {
+        let bootstrap = NIOPipeBootstrap(group: group).channelInitializer { self.configure(channel: $0) }
+        let channel = input == output
+            ? try await bootstrap.takingOwnershipOfDescriptor(inputOutput: input).get()
+            : try await bootstrap.takingOwnershipOfDescriptors(input: input, output: output).get()
+        try await channel.closeFuture.get()
+    }
+
+    /// Listens on a unix socket; every connection is a session. Close the returned channel to stop
+    /// listening.
+    public func listen(unixSocketPath: String,
+                       group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> Channel {
+        try await ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 16)
+            .childChannelInitializer { self.configure(channel: $0) }
+            .bind(unixDomainSocketPath: unixSocketPath, cleanupExistingSocketFile: true).get()
+    }
+}
+
+/// Whether a queued request may still be dropped by Tflush.
+final class FlushTicket: @unchecked Sendable {
+    private let lock = NIOLock()
+    private var state = 0  // 0 queued, 1 started, 2 cancelled
+
+    /// On the pool thread: false if the request was flushed before it started.
+    func start() -> Bool {
+        lock.withLock {
+            guard state == 0 else { return false }
+            state = 1
+            return true
+        }
+    }
+
+    /// On the event loop: true if the request had not started and now never will.
+    func cancel() -> Bool {
+        lock.withLock {
+            guard state == 0 else { return false }
+            state = 2
+            return true
+        }
+    }
+}
+
+/// One 9P session on a channel. All state here is touched on the channel's event loop only; the
+/// file system work runs on the server's pool and comes back to the loop to be answered.
+final class Plan9SessionHandler: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private struct Inflight {
+        let ticket: FlushTicket
+        /// Tflush tags waiting for this request's reply: Rflush goes out after it.
+        var flushes: [UInt16] = []
+    }
+
+    private let server: Plan9Server
+    private let session: Plan9Session
+    private var logger: Logger
+    private var negotiated = false
+    private var msize = Int(P9.minMsize)
+    private var inflight: [UInt16: Inflight] = [:]
+    private var readHeld = false
+    private var ended = false
+
+    init(server: Plan9Server) {
+        self.server = server
+        session = Plan9Session(core: server.core)
+        logger = server.logger
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        logger[metadataKey: "peer"] = "\(context.channel.remoteAddress.map { "\($0)" } ?? "fd")"
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !ended else { return }
+        let bytes = unwrapInboundIn(data)
+        if negotiated && bytes.readableBytes > msize {
+            return fail(context, "message of \(bytes.readableBytes) bytes exceeds msize \(msize)")
+        }
+        let frame: P9Frame
+        do {
+            frame = try P9Frame.decode(bytes)
+        } catch {
+            return fail(context, "malformed message: \(error)")
+        }
+        let tag = frame.tag
+        switch frame.message {
+        case .tversion(let m, let version):
+            for (_, entry) in inflight { _ = entry.ticket.cancel() }
+            inflight.removeAll()
+            let reply = session.version(msize: m, version: version)
+            if case .rversion(let agreed, let v) = reply, v.bytes == Array(P9.version.utf8) {
+                negotiated = true
+                msize = Int(agreed)
+            } else {
+                negotiated = false
+            }
+            send(context, tag, reply)
+            context.flush()
+        case .tflush(let oldtag):
+            guard negotiated else { return fail(context, "Tflush before Tversion") }
+            flush(context, tag: tag, oldtag: oldtag)
+        case let message where message.typeCode & 1 == 1:
+            fail(context, "client sent a reply message (type \(message.typeCode))")
+        case let message:
+            guard negotiated else { return fail(context, "message type \(message.typeCode) before Tversion") }
+            guard inflight[tag] == nil else { return fail(context, "tag \(tag) reused while in flight") }
+            dispatch(context, tag: tag, message: message)
+        }
+    }
+
+    private func dispatch(_ context: ChannelHandlerContext, tag: UInt16, message: P9Message) {
+        let ticket = FlushTicket()
+        inflight[tag] = Inflight(ticket: ticket)
+        let session = self.session
+        let hook = server.beforeHandle
+        server.threadPool.runIfActive(eventLoop: context.eventLoop) { () -> P9Message? in
+            guard ticket.start() else { return nil }
+            hook?(tag, message)
+            return session.handle(message)
+        }.assumeIsolated().whenComplete { result in
+            self.complete(context, tag: tag, ticket: ticket, result: result)
+        }
+    }
+
+    private func complete(_ context: ChannelHandlerContext, tag: UInt16, ticket: FlushTicket,
+                          result: Result<P9Message?, any Error>) {
+        // Gone if the session was reset (Tversion) or closed meanwhile, or if Tflush dropped it.
+        guard !ended, let entry = inflight[tag], entry.ticket === ticket else { return }
+        inflight[tag] = nil
+        switch result {
+        case .success(let reply?):
+            send(context, tag, reply)
+        case .success(nil):
+            break
+        case .failure:
+            send(context, tag, .rlerror(ecode: UInt32(EIO)))  // the pool is shutting down
+        }
+        for f in entry.flushes { send(context, f, .rflush) }
+        context.flush()
+        if readHeld && inflight.count < server.maxInflight {
+            readHeld = false
+            context.read()
+        }
+    }
+
+    /// Tflush: a request not yet started is dropped and answered by Rflush alone; one already
+    /// running is answered first, then Rflush, as the protocol requires.
+    private func flush(_ context: ChannelHandlerContext, tag: UInt16, oldtag: UInt16) {
+        if var entry = inflight[oldtag], oldtag != tag {
+            if entry.ticket.cancel() {
+                inflight[oldtag] = nil
+                for f in entry.flushes { send(context, f, .rflush) }
+                send(context, tag, .rflush)
+            } else {
+                entry.flushes.append(tag)
+                inflight[oldtag] = entry
+                return
+            }
+        } else {
+            send(context, tag, .rflush)
+        }
+        context.flush()
+    }
+
+    private func send(_ context: ChannelHandlerContext, _ tag: UInt16, _ message: P9Message) {
+        switch message {
+        case .rread(let data), .rreaddir(let data):
+            let size = P9.headerSize + 4 + data.readableBytes
+            guard size < msize else { return oversized(context, tag, message.typeCode, size) }
+            // Header and payload as two writes: the payload is not copied.
+            var header = context.channel.allocator.buffer(capacity: 11)
+            header.writeInteger(UInt32(size), endianness: .little)
+            header.writeInteger(message.typeCode, endianness: .little)
+            header.writeInteger(tag, endianness: .little)
+            header.writeInteger(UInt32(data.readableBytes), endianness: .little)
+            context.write(wrapOutboundOut(header), promise: nil)
+            context.write(wrapOutboundOut(data), promise: nil)
+        default:
+            var buffer = context.channel.allocator.buffer(capacity: 64)
+            P9Frame(tag: tag, message: message).encode(into: &buffer)
+            // The Linux client rejects a reply of msize bytes or more: nothing that size leaves.
+            if buffer.readableBytes >= msize, message.typeCode != 101 {
+                return oversized(context, tag, message.typeCode, buffer.readableBytes)
+            }
+            context.write(wrapOutboundOut(buffer), promise: nil)
+        }
+    }
+
+    private func oversized(_ context: ChannelHandlerContext, _ tag: UInt16, _ type: UInt8, _ size: Int) {
+        logger.error("reply type \(type) of \(size) bytes would exceed msize \(msize); sent ERANGE instead")
+        send(context, tag, .rlerror(ecode: UInt32(ERANGE)))
+    }
+
+    private func fail(_ context: ChannelHandlerContext, _ reason: String) {
+        guard !ended else { return }
+        logger.error("9P session ended: \(reason)")
+        end()
+        context.close(promise: nil)
+    }
+
+    private func end() {
+        ended = true
+        for (_, entry) in inflight { _ = entry.ticket.cancel() }
+        inflight.removeAll()
+        session.close()
+    }
+
+    // Back-pressure: a client that floods requests stops being read until some are answered.
+    func read(context: ChannelHandlerContext) {
+        if inflight.count >= server.maxInflight {
+            readHeld = true
+        } else {
+            context.read()
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if !ended {
+            logger.debug("9P session closed by peer")
+            end()
+        }
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        fail(context, "\(error)")
+    }
+}

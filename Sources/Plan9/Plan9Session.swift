@@ -1,0 +1,1058 @@
+import CPlan9
+import Glibc
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// The inode a fid names (an cp9_O_PATH fd), plus the directory fd and name it was reached by, which
+/// only the legacy Trename/Tremove need (they name a file by fid alone).
+final class Node: Sendable {
+    let fd: HostFD
+    let parent: HostFD?
+    let name: [UInt8]
+    let dev: UInt64
+    let ino: UInt64
+    let mode: UInt32
+
+    init(fd: HostFD, parent: HostFD?, name: [UInt8], stat st: HostStat) {
+        self.fd = fd
+        self.parent = parent
+        self.name = name
+        self.dev = st.dev
+        self.ino = st.ino
+        self.mode = st.mode
+    }
+
+    var type: FileType? { FileType(mode: mode) }
+    func isSame(_ st: HostStat) -> Bool { st.dev == dev && st.ino == ino }
+}
+
+enum OpenState {
+    case none
+    case file(HostFD, writable: Bool)
+    case dir(HostFD)
+    /// Txattrwalk result: the value (or the name list) the client reads with Tread.
+    case xattrRead([UInt8])
+    /// Txattrcreate: the client writes the value with Twrite; it is set on Tclunk.
+    case xattrWrite(name: String, size: Int, flags: Int32, value: [UInt8])
+}
+
+extension NIOLock {
+    /// withLock for typed throws (NIOLock's own is rethrows, which widens to any Error).
+    func withLockTyped<T>(_ body: () throws(P9Errno) -> T) throws(P9Errno) -> T {
+        lock()
+        defer { unlock() }
+        return try body()
+    }
+}
+
+final class Fid: @unchecked Sendable {
+    /// Guards `node` and `state`; also held across lseek+getdents so that two Treaddir on one fid
+    /// do not interleave.
+    let lock = NIOLock()
+    var node: Node
+    var state: OpenState = .none
+    /// The guest user of the attach (n_uname): the owner recorded for new files in metadata mode.
+    let uid: UInt32
+
+    init(node: Node, uid: UInt32) {
+        self.node = node
+        self.uid = uid
+    }
+
+    var snapshot: (Node, OpenState) { lock.withLock { (node, state) } }
+}
+
+/// Guest ownership and mode kept in a user xattr (WSL's "metadata" mount option), so that chown and
+/// chmod in the guest persist without privileges on the host. Also emulates device nodes, FIFOs and
+/// sockets that the guest creates: on the host they are empty regular files.
+struct GuestMetadata: Equatable {
+    static let xattrName = "user.uvm.stat"
+    /// Never readable or writable by the guest: a guest that could write it could make itself a
+    /// setuid-root file.
+    static let reservedPrefix = "user.uvm."
+
+    var uid: UInt32
+    var gid: UInt32
+    var mode: UInt32
+    var rdev: UInt64
+
+    init(uid: UInt32, gid: UInt32, mode: UInt32, rdev: UInt64) {
+        self.uid = uid
+        self.gid = gid
+        self.mode = mode
+        self.rdev = rdev
+    }
+
+    /// "uid gid mode rdev" in decimal: readable with getfattr, trivially parsed.
+    init?(bytes: [UInt8]) {
+        let parts = bytes.split(separator: UInt8(ascii: " ")).map { String(decoding: $0, as: UTF8.self) }
+        guard parts.count == 4, let u = UInt32(parts[0]), let g = UInt32(parts[1]), let m = UInt32(parts[2]),
+              let r = UInt64(parts[3]) else { return nil }
+        self.init(uid: u, gid: g, mode: m, rdev: r)
+    }
+
+    var bytes: [UInt8] { Array("\(uid) \(gid) \(mode) \(rdev)".utf8) }
+}
+
+/// What all sessions of one server share.
+final class ExportCore: Sendable {
+    let export: Plan9Export
+    let root: HostFD
+    let rootStat: HostStat
+    let qids: QidMapper
+    let umask: UInt32
+    let euid: UInt32
+
+    init(export: Plan9Export) throws(P9Errno) {
+        self.export = export
+        root = try HostFS.openDirectory(path: export.root)
+        rootStat = try HostFS.stat(root)
+        qids = QidMapper(rootDev: rootStat.dev)
+        umask = ExportCore.readUmask()
+        euid = geteuid()
+    }
+
+    func isRoot(_ st: HostStat) -> Bool { st.dev == rootStat.dev && st.ino == rootStat.ino }
+
+    var rootNode: Node { Node(fd: root, parent: nil, name: [], stat: rootStat) }
+
+    /// The process umask without the race of umask(2)'s set-and-restore (other threads create files).
+    private static func readUmask() -> UInt32 {
+        let fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return 0o022 }
+        defer { close(fd) }
+        var buf = [UInt8](repeating: 0, count: 4096)
+        let n = read(fd, &buf, buf.count)
+        guard n > 0 else { return 0o022 }
+        for line in buf[0..<n].split(separator: UInt8(ascii: "\n")) {
+            let s = String(decoding: line, as: UTF8.self)
+            if s.hasPrefix("Umask:"), let v = UInt32(s.dropFirst(6).trimmingCharacters(), radix: 8) { return v }
+        }
+        return 0o022
+    }
+}
+
+extension Substring {
+    fileprivate func trimmingCharacters() -> String {
+        String(self.drop(while: { $0 == " " || $0 == "\t" }))
+    }
+}
+
+/// One 9P session: the fid table and every operation, synchronous. The channel handler runs these
+/// on a thread pool; the fuzzer runs them directly.
+final class Plan9Session: @unchecked Sendable {
+    let core: ExportCore
+    private let lock = NIOLock()
+    private var fids: [UInt32: Fid] = [:]
+    private var _msize: UInt32 = P9.minMsize
+    private let allocator = ByteBufferAllocator()
+
+    init(core: ExportCore) {
+        self.core = core
+    }
+
+    var msize: UInt32 { lock.withLock { _msize } }
+    var fidCount: Int { lock.withLock { fids.count } }
+    private var export: Plan9Export { core.export }
+
+    /// Tversion: negotiates msize and starts afresh (all fids clunked).
+    func version(msize: UInt32, version: P9String) -> P9Message {
+        let dropped: [UInt32: Fid] = lock.withLock {
+            let old = fids
+            fids = [:]
+            return old
+        }
+        _ = dropped  // released outside the lock
+        guard version.bytes.starts(with: Array(P9.version.utf8)), msize >= P9.minMsize else {
+            return .rversion(msize: min(msize, P9.maxMsize), version: "unknown")
+        }
+        let m = min(msize, P9.maxMsize)
+        lock.withLock { _msize = m }
+        return .rversion(msize: m, version: P9String(P9.version))
+    }
+
+    /// Ends the session: every fid is released. Pending xattr writes are dropped.
+    func close() {
+        let dropped: [UInt32: Fid] = lock.withLock {
+            let old = fids
+            fids = [:]
+            return old
+        }
+        _ = dropped
+    }
+
+    func handle(_ message: P9Message) -> P9Message {
+        do throws(P9Errno) {
+            return try dispatch(message)
+        } catch {
+            return .rlerror(ecode: UInt32(bitPattern: error.code))
+        }
+    }
+
+    private func dispatch(_ message: P9Message) throws(P9Errno) -> P9Message {
+        switch message {
+        case let .tattach(fid, afid, _, _, nUname):
+            return try attach(fid: fid, afid: afid, nUname: nUname)
+        case let .twalk(fid, newfid, names):
+            return try walk(fid: fid, newfid: newfid, names: names)
+        case let .tgetattr(fid, mask):
+            return .rgetattr(try getattr(fid: fid, mask: mask))
+        case let .tsetattr(fid, attr):
+            try setattr(fid: fid, attr)
+            return .rsetattr
+        case let .tlopen(fid, flags):
+            return try lopen(fid: fid, flags: flags)
+        case let .tlcreate(fid, name, flags, mode, gid):
+            return try lcreate(fid: fid, name: name.bytes, flags: flags, mode: mode, gid: gid)
+        case let .tread(fid, offset, count):
+            return .rread(data: try read(fid: fid, offset: offset, count: count))
+        case let .twrite(fid, offset, data):
+            return .rwrite(count: try write(fid: fid, offset: offset, data: data))
+        case let .treaddir(fid, offset, count):
+            return .rreaddir(data: try readdir(fid: fid, offset: offset, count: count))
+        case let .tclunk(fid):
+            try clunk(fid: fid)
+            return .rclunk
+        case let .tremove(fid):
+            try remove(fid: fid)
+            return .rremove
+        case let .tstatfs(fid):
+            return .rstatfs(try statfs(fid: fid))
+        case let .tmkdir(dfid, name, mode, gid):
+            return .rmkdir(qid: try mkdir(dfid: dfid, name: name.bytes, mode: mode, gid: gid))
+        case let .tmknod(dfid, name, mode, major, minor, gid):
+            return .rmknod(qid: try mknod(dfid: dfid, name: name.bytes, mode: mode, major: major, minor: minor, gid: gid))
+        case let .tsymlink(dfid, name, target, gid):
+            return .rsymlink(qid: try symlink(dfid: dfid, name: name.bytes, target: target.bytes, gid: gid))
+        case let .treadlink(fid):
+            return .rreadlink(target: try readlink(fid: fid))
+        case let .tlink(dfid, fid, name):
+            try link(dfid: dfid, fid: fid, name: name.bytes)
+            return .rlink
+        case let .trenameat(olddirfid, oldname, newdirfid, newname):
+            try renameat(olddirfid: olddirfid, oldname: oldname.bytes, newdirfid: newdirfid, newname: newname.bytes)
+            return .rrenameat
+        case let .trename(fid, dfid, name):
+            try rename(fid: fid, dfid: dfid, name: name.bytes)
+            return .rrename
+        case let .tunlinkat(dirfid, name, flags):
+            try unlinkat(dirfid: dirfid, name: name.bytes, flags: flags)
+            return .runlinkat
+        case let .tfsync(fid, datasync):
+            try fsync(fid: fid, datasync: datasync != 0)
+            return .rfsync
+        case let .tlock(fid, lock):
+            return .rlock(status: try self.lock(fid: fid, lock))
+        case let .tgetlock(fid, lock):
+            return .rgetlock(lock: try getlock(fid: fid, lock))
+        case let .txattrwalk(fid, newfid, name):
+            return .rxattrwalk(size: try xattrwalk(fid: fid, newfid: newfid, name: name))
+        case let .txattrcreate(fid, name, size, flags):
+            try xattrcreate(fid: fid, name: name, size: size, flags: flags)
+            return .rxattrcreate
+        case .unsupported(102):
+            // Tauth: ENOENT is diod's (and libnpclient's) way of saying "no auth required".
+            throw P9Errno(ENOENT)
+        case .unsupported:
+            throw P9Errno(EOPNOTSUPP)
+        case .tversion, .tflush:
+            // Handled by the connection (they act on the session and on requests in flight).
+            throw P9Errno(EINVAL)
+        case .rversion, .rattach, .rlerror, .rflush, .rwalk, .rlopen, .rlcreate, .rread, .rwrite, .rclunk,
+             .rremove, .rstatfs, .rgetattr, .rsetattr, .rreaddir, .rfsync, .rmkdir, .rmknod, .rsymlink,
+             .rreadlink, .rlink, .rrename, .rrenameat, .runlinkat, .rlock, .rgetlock, .rxattrwalk, .rxattrcreate:
+            throw P9Errno(EPROTO)
+        }
+    }
+
+    // MARK: fid table
+
+    private func lookup(_ n: UInt32) throws(P9Errno) -> Fid {
+        guard let f = lock.withLock({ fids[n] }) else { throw P9Errno(EBADF) }
+        return f
+    }
+
+    /// Installs a fid; fails if the number is taken (unless replacing `allowReplace`, for a walk onto
+    /// itself).
+    private func install(_ n: UInt32, _ f: Fid, replacing: Fid? = nil) throws(P9Errno) {
+        guard n != P9.noFid else { throw P9Errno(EBADF) }
+        let ok: Bool = lock.withLock {
+            if let existing = fids[n], existing !== replacing { return false }
+            fids[n] = f
+            return true
+        }
+        if !ok { throw P9Errno(EBADF) }
+    }
+
+    private func removeFid(_ n: UInt32) throws(P9Errno) -> Fid {
+        guard let f = lock.withLock({ fids.removeValue(forKey: n) }) else { throw P9Errno(EBADF) }
+        return f
+    }
+
+    private func checkWritable() throws(P9Errno) {
+        if export.readOnly { throw P9Errno(EROFS) }
+    }
+
+    // MARK: attach and walk
+
+    private func attach(fid: UInt32, afid: UInt32, nUname: UInt32) throws(P9Errno) -> P9Message {
+        // No Tauth (the transport is the authentication), so no afid can be valid.
+        guard afid == P9.noFid else { throw P9Errno(EBADF) }
+        let uid = nUname == P9.noUname ? core.euid : nUname
+        let f = Fid(node: core.rootNode, uid: uid)
+        try install(fid, f)
+        return .rattach(qid: core.qids.qid(core.rootStat))
+    }
+
+    private func walk(fid: UInt32, newfid: UInt32, names: [P9String]) throws(P9Errno) -> P9Message {
+        let f = try lookup(fid)
+        if newfid != fid, lock.withLock({ fids[newfid] != nil }) { throw P9Errno(EBADF) }
+        var node = f.snapshot.0
+        var qids: [Qid] = []
+        for (i, name) in names.enumerated() {
+            do throws(P9Errno) {
+                let (next, st) = try walkOne(node, name.bytes)
+                node = next
+                qids.append(core.qids.qid(st))
+            } catch {
+                if i == 0 { throw error }
+                return .rwalk(qids: qids)  // partial walk: newfid is not created
+            }
+        }
+        try install(newfid, Fid(node: node, uid: f.uid), replacing: newfid == fid ? f : nil)
+        return .rwalk(qids: qids)
+    }
+
+    private func walkOne(_ node: Node, _ name: [UInt8]) throws(P9Errno) -> (Node, HostStat) {
+        if name == [UInt8(ascii: ".")] {
+            return (node, try HostFS.stat(node.fd))
+        }
+        if name == [UInt8(ascii: "."), UInt8(ascii: ".")] {
+            if node.dev == core.rootStat.dev && node.ino == core.rootStat.ino {
+                return (core.rootNode, core.rootStat)  // ".." of the export root is the root
+            }
+            let p = try HostFS.openParent(node.fd)
+            let st = try HostFS.stat(p)
+            guard try isBeneathRoot(p, st) else { throw P9Errno(ENOENT) }
+            // Reached upward: the name in its parent is unknown, so the legacy Trename/Tremove refuse it.
+            return (Node(fd: p, parent: nil, name: [], stat: st), st)
+        }
+        guard node.type == .dir else { throw P9Errno(ENOTDIR) }
+        let fd = try HostFS.openBeneath(node.fd, name, flags: cp9_O_PATH)
+        let st = try HostFS.stat(fd)
+        return (Node(fd: fd, parent: node.fd, name: name, stat: st), st)
+    }
+
+    /// Whether a directory reached by ".." is still the export root or below it. Only a host
+    /// process moving a directory out of the share could make it otherwise; ".." is rare (the Linux
+    /// client resolves it itself), so the walk up to the root is affordable.
+    private func isBeneathRoot(_ fd: HostFD, _ st: HostStat) throws(P9Errno) -> Bool {
+        var cur = fd
+        var curSt = st
+        for _ in 0..<4096 {
+            if core.isRoot(curSt) { return true }
+            let p = try HostFS.openParent(cur)
+            let pst = try HostFS.stat(p)
+            if pst.dev == curSt.dev && pst.ino == curSt.ino { return false }  // the host's "/"
+            cur = p
+            curSt = pst
+        }
+        return false
+    }
+
+    // MARK: attributes
+
+    private func loadMetadata(_ node: Node) -> GuestMetadata? {
+        guard export.metadata, let t = node.type, t.openable else { return nil }
+        guard let bytes = try? HostFS.getxattr(node.fd, GuestMetadata.xattrName) else { return nil }
+        return GuestMetadata(bytes: bytes)
+    }
+
+    private func storeMetadata(_ fd: HostFD, _ meta: GuestMetadata) throws(P9Errno) {
+        try HostFS.setxattr(fd, GuestMetadata.xattrName, meta.bytes, flags: 0)
+    }
+
+    private func getattr(fid: UInt32, mask: UInt64) throws(P9Errno) -> P9Attr {
+        let node = try lookup(fid).snapshot.0
+        let st = try HostFS.stat(node.fd)
+        var a = P9Attr()
+        a.valid = P9.GetattrMask.basic | (st.has_btime != 0 ? P9.GetattrMask.btime : 0)
+        a.qid = core.qids.qid(st)
+        a.mode = st.mode
+        a.uid = st.uid
+        a.gid = st.gid
+        a.nlink = st.nlink
+        a.rdev = st.rdev
+        a.size = st.size
+        a.blksize = st.blksize
+        a.blocks = st.blocks
+        a.atimeSec = UInt64(bitPattern: st.atime_sec)
+        a.atimeNsec = UInt64(st.atime_nsec)
+        a.mtimeSec = UInt64(bitPattern: st.mtime_sec)
+        a.mtimeNsec = UInt64(st.mtime_nsec)
+        a.ctimeSec = UInt64(bitPattern: st.ctime_sec)
+        a.ctimeNsec = UInt64(st.ctime_nsec)
+        if st.has_btime != 0 {
+            a.btimeSec = UInt64(bitPattern: st.btime_sec)
+            a.btimeNsec = UInt64(st.btime_nsec)
+        }
+        if let meta = loadMetadata(node) {
+            a.uid = meta.uid
+            a.gid = meta.gid
+            let hostType = st.mode & 0o170000
+            let metaType = meta.mode & 0o170000
+            // The stored type only stands in for a special file the guest made (a plain file on
+            // the host); it never turns a host file or directory into something else.
+            if hostType == FileType.reg.rawValue,
+               [FileType.chr, .blk, .fifo, .sock].contains(where: { $0.rawValue == metaType }) {
+                a.mode = metaType | (meta.mode & 0o7777)
+                a.rdev = meta.rdev
+                a.size = 0
+            } else {
+                a.mode = hostType | (meta.mode & 0o7777)
+            }
+        }
+        return a
+    }
+
+    /// The mode given to the host inode. Never setuid, never setgid on files: if uvmd runs as root
+    /// a guest must not be able to plant a setuid-root program on the host. In metadata mode the
+    /// guest's mode lives in the xattr and the host keeps owner access so the server can always
+    /// serve the file.
+    private func hostMode(_ mode: UInt32, isDir: Bool) -> UInt32 {
+        if export.metadata {
+            return (mode & 0o777) | (isDir ? 0o700 : 0o600)
+        }
+        return mode & (isDir ? 0o3777 : 0o1777)
+    }
+
+    private func setattr(fid: UInt32, _ a: P9SetAttr) throws(P9Errno) {
+        try checkWritable()
+        let f = try lookup(fid)
+        let (node, state) = f.snapshot
+        let st = try HostFS.stat(node.fd)
+        guard let type = st.fileType else { throw P9Errno(EINVAL) }
+        let isDir = type == .dir
+        var meta = loadMetadata(node)
+        let metaCapable = export.metadata && type.openable
+        func defaultMeta() -> GuestMetadata {
+            GuestMetadata(uid: st.uid, gid: st.gid, mode: st.mode, rdev: 0)
+        }
+
+        if a.valid & P9.SetattrMask.mode != 0 {
+            if metaCapable {
+                var m = meta ?? defaultMeta()
+                m.mode = (m.mode & 0o170000) | (a.mode & 0o7777)
+                try storeMetadata(node.fd, m)
+                meta = m
+                try HostFS.chmod(node.fd, hostMode(a.mode, isDir: isDir))
+            } else if type == .lnk {
+                throw P9Errno(EOPNOTSUPP)  // Linux has no symlink modes
+            } else {
+                try HostFS.chmod(node.fd, hostMode(a.mode, isDir: isDir))
+            }
+        }
+        if a.valid & (P9.SetattrMask.uid | P9.SetattrMask.gid) != 0 {
+            let setU = a.valid & P9.SetattrMask.uid != 0
+            let setG = a.valid & P9.SetattrMask.gid != 0
+            if metaCapable {
+                var m = meta ?? defaultMeta()
+                if setU { m.uid = a.uid }
+                if setG { m.gid = a.gid }
+                try storeMetadata(node.fd, m)
+                meta = m
+            } else if export.metadata && type == .lnk {
+                // user.* xattrs are not allowed on symlinks; lchown is best effort (tar, cp -a).
+            } else {
+                // Files belong to the user running the server; a change of owner is refused rather
+                // than attempted (as root it would let the guest give files to any host user).
+                if (setU && a.uid != st.uid) || (setG && a.gid != st.gid) { throw P9Errno(EPERM) }
+            }
+        }
+        if a.valid & P9.SetattrMask.size != 0 {
+            guard type != .dir else { throw P9Errno(EISDIR) }
+            guard type == .reg else { throw P9Errno(EINVAL) }
+            guard a.size <= UInt64(Int64.max) else { throw P9Errno(EFBIG) }
+            let fd: HostFD
+            if case .file(let open, true) = state {
+                fd = open
+            } else {
+                fd = try HostFS.reopen(node.fd, flags: O_WRONLY, expect: st)
+            }
+            _ = try sys { ftruncate(fd.raw, off_t(a.size)) }
+        }
+        if a.valid & (P9.SetattrMask.atime | P9.SetattrMask.mtime) != 0 {
+            func ts(_ set: UInt32, _ explicit: UInt32, _ sec: UInt64, _ nsec: UInt64) -> timespec {
+                if a.valid & set == 0 { return timespec(tv_sec: 0, tv_nsec: (1 << 30) - 2) }
+                if a.valid & explicit == 0 { return timespec(tv_sec: 0, tv_nsec: (1 << 30) - 1) }
+                return timespec(tv_sec: Int(truncatingIfNeeded: sec), tv_nsec: Int(min(nsec, 999_999_999)))
+            }
+            let times = [
+                ts(P9.SetattrMask.atime, P9.SetattrMask.atimeSet, a.atimeSec, a.atimeNsec),
+                ts(P9.SetattrMask.mtime, P9.SetattrMask.mtimeSet, a.mtimeSec, a.mtimeNsec),
+            ]
+            try HostFS.utimens(node.fd, isSymlink: type == .lnk, times)
+        }
+        // A lone ctime change needs nothing: the host updates ctime with every change above.
+    }
+
+    private func statfs(fid: UInt32) throws(P9Errno) -> P9StatFS {
+        let node = try lookup(fid).snapshot.0
+        var s = cp9_statfs()
+        _ = try sys { cp9_fstatfs(node.fd.raw, &s) }
+        var r = P9StatFS()
+        r.type = UInt32(truncatingIfNeeded: s.type)
+        r.bsize = UInt32(truncatingIfNeeded: s.bsize)
+        r.blocks = s.blocks
+        r.bfree = s.bfree
+        r.bavail = s.bavail
+        r.files = s.files
+        r.ffree = s.ffree
+        r.fsid = s.fsid
+        r.namelen = UInt32(truncatingIfNeeded: s.namelen)
+        return r
+    }
+
+    // MARK: open, create, I/O
+
+    /// Tlopen/Tlcreate flags to host open(2) flags. O_DIRECT is dropped (our buffers are not
+    /// aligned), O_NOATIME too (EPERM on files we do not own), and creation/follow flags are ours.
+    private func hostOpenFlags(_ flags: UInt32) throws(P9Errno) -> Int32 {
+        typealias F = P9.OpenFlags
+        var r: Int32
+        switch flags & F.accessMask {
+        case F.rdonly: r = O_RDONLY
+        case F.wronly: r = O_WRONLY
+        case F.rdwr: r = O_RDWR
+        default: throw P9Errno(EINVAL)
+        }
+        if flags & F.trunc != 0 { r |= O_TRUNC }
+        if flags & F.append != 0 { r |= O_APPEND }
+        if flags & F.nonblock != 0 { r |= O_NONBLOCK }
+        if flags & F.sync != 0 { r |= O_SYNC } else if flags & F.dsync != 0 { r |= O_DSYNC }
+        if flags & F.directory != 0 { r |= cp9_O_DIRECTORY }
+        return r
+    }
+
+    private static func writes(_ flags: UInt32) -> Bool {
+        flags & P9.OpenFlags.accessMask != P9.OpenFlags.rdonly || flags & (P9.OpenFlags.trunc | P9.OpenFlags.append) != 0
+    }
+
+    private var ioUnit: UInt32 { 0 }  // 0: the client uses msize - P9_IOHDRSZ
+
+    private func lopen(fid: UInt32, flags: UInt32) throws(P9Errno) -> P9Message {
+        let f = try lookup(fid)
+        let (node, state) = f.snapshot
+        guard case .none = state else { throw P9Errno(EINVAL) }
+        if Self.writes(flags) { try checkWritable() }
+        let st = try HostFS.stat(node.fd)
+        guard let type = st.fileType else { throw P9Errno(EPERM) }
+        switch type {
+        case .lnk: throw P9Errno(ELOOP)
+        case .chr, .blk, .fifo, .sock: throw P9Errno(EPERM)  // never opened on the host
+        case .dir:
+            if flags & P9.OpenFlags.accessMask != P9.OpenFlags.rdonly { throw P9Errno(EISDIR) }
+        case .reg:
+            if flags & P9.OpenFlags.directory != 0 { throw P9Errno(ENOTDIR) }
+        }
+        let hostFlags = try hostOpenFlags(flags)
+        let io = try HostFS.reopen(node.fd, flags: hostFlags, expect: st)
+        let newState: OpenState = type == .dir ? .dir(io) : .file(io, writable: hostFlags & O_ACCMODE != O_RDONLY)
+        let ok: Bool = f.lock.withLock {
+            guard case .none = f.state else { return false }
+            f.state = newState
+            return true
+        }
+        guard ok else { throw P9Errno(EINVAL) }
+        return .rlopen(qid: core.qids.qid(st), iounit: ioUnit)
+    }
+
+    /// Sets the mode the guest asked for when the host umask took bits away.
+    private func applyUmaskedMode(_ fd: HostFD, _ mode: UInt32) {
+        if mode & core.umask != 0 { try? HostFS.chmod(fd, mode) }
+    }
+
+    private func metadataOwner(_ f: Fid, gid: UInt32) -> (UInt32, UInt32) {
+        (f.uid, gid == P9.noUname ? getegid() : gid)
+    }
+
+    private func lcreate(fid: UInt32, name: [UInt8], flags: UInt32, mode: UInt32, gid: UInt32) throws(P9Errno) -> P9Message {
+        try checkWritable()
+        let f = try lookup(fid)
+        let (dir, state) = f.snapshot
+        guard case .none = state else { throw P9Errno(EINVAL) }
+        guard dir.type == .dir else { throw P9Errno(ENOTDIR) }
+        try HostFS.validateName(name)
+        var hostFlags = try hostOpenFlags(flags)
+        hostFlags &= ~cp9_O_DIRECTORY
+        let hmode = hostMode(mode, isDir: false)
+        let io: HostFD
+        var created = true
+        do throws(P9Errno) {
+            // Always O_EXCL on the host: an existing name is opened only after checking it is a
+            // regular file, so a FIFO or device planted under that name is never opened.
+            io = try HostFS.openBeneath(dir.fd, name, flags: hostFlags | O_CREAT | O_EXCL | O_NONBLOCK, mode: hmode)
+        } catch let e where e.code == EEXIST && flags & P9.OpenFlags.excl == 0 {
+            created = false
+            let p = try HostFS.openBeneath(dir.fd, name, flags: cp9_O_PATH)
+            let st = try HostFS.stat(p)
+            guard st.fileType == .reg else { throw P9Errno(st.fileType == .dir ? EISDIR : EEXIST) }
+            io = try HostFS.reopen(p, flags: hostFlags, expect: st)
+        }
+        let fl = fcntl(io.raw, F_GETFL)
+        if fl >= 0, hostFlags & O_NONBLOCK == 0 { _ = fcntl(io.raw, F_SETFL, fl & ~O_NONBLOCK) }
+        let st = try HostFS.stat(io)
+        guard st.fileType == .reg else { throw P9Errno(EPERM) }
+        let pathFD = try HostFS.pathFD(of: io)
+        if created {
+            applyUmaskedMode(pathFD, hmode)
+            if export.metadata {
+                let (u, g) = metadataOwner(f, gid: gid)
+                try? storeMetadata(pathFD, GuestMetadata(uid: u, gid: g, mode: FileType.reg.rawValue | (mode & 0o7777), rdev: 0))
+            }
+        }
+        let node = Node(fd: pathFD, parent: dir.fd, name: name, stat: st)
+        let writable = hostFlags & O_ACCMODE != O_RDONLY
+        f.lock.withLock {
+            f.node = node
+            f.state = .file(io, writable: writable)
+        }
+        return .rlcreate(qid: core.qids.qid(st), iounit: ioUnit)
+    }
+
+    private var maxIO: Int { Int(msize) - P9.ioHeaderSize }
+
+    private func read(fid: UInt32, offset: UInt64, count: UInt32) throws(P9Errno) -> ByteBuffer {
+        let (_, state) = try lookup(fid).snapshot
+        let n = min(Int(count), maxIO)
+        switch state {
+        case .file(let fd, _):
+            guard offset <= UInt64(Int64.max) else { throw P9Errno(EINVAL) }
+            var buf = allocator.buffer(capacity: n)
+            var done = 0
+            var err: Int32 = 0
+            buf.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { ptr in
+                while done < n {
+                    let r = pread(fd.raw, ptr.baseAddress! + done, n - done, off_t(offset) + off_t(done))
+                    if r > 0 { done += r; continue }
+                    if r == 0 { break }
+                    if errno == EINTR { continue }
+                    err = errno
+                    break
+                }
+                return done
+            }
+            if done == 0 && err != 0 { throw P9Errno(err) }
+            return buf
+        case .xattrRead(let bytes):
+            guard offset < UInt64(bytes.count) else { return allocator.buffer(capacity: 0) }
+            let start = Int(offset)
+            let end = min(bytes.count, start + n)
+            return allocator.buffer(bytes: bytes[start..<end])
+        case .dir:
+            throw P9Errno(EISDIR)
+        case .none, .xattrWrite:
+            throw P9Errno(EBADF)
+        }
+    }
+
+    private func write(fid: UInt32, offset: UInt64, data: ByteBuffer) throws(P9Errno) -> UInt32 {
+        try checkWritable()
+        let f = try lookup(fid)
+        let (_, state) = f.snapshot
+        switch state {
+        case .file(let fd, let writable):
+            guard writable else { throw P9Errno(EBADF) }
+            guard offset <= UInt64(Int64.max) else { throw P9Errno(EINVAL) }
+            var done = 0
+            var err: Int32 = 0
+            data.withUnsafeReadableBytes { ptr in
+                while done < ptr.count {
+                    let r = pwrite(fd.raw, ptr.baseAddress! + done, ptr.count - done, off_t(offset) + off_t(done))
+                    if r > 0 { done += r; continue }
+                    if r < 0 && errno == EINTR { continue }
+                    err = r < 0 ? errno : EIO
+                    break
+                }
+            }
+            if done == 0 && err != 0 && data.readableBytes > 0 { throw P9Errno(err) }
+            return UInt32(done)
+        case .xattrWrite:
+            return try f.lock.withLockTyped { () throws(P9Errno) -> UInt32 in
+                guard case .xattrWrite(let name, let size, let flags, var value) = f.state else { throw P9Errno(EBADF) }
+                guard offset <= UInt64(size), UInt64(data.readableBytes) <= UInt64(size) - offset else {
+                    throw P9Errno(ENOSPC)
+                }
+                let start = Int(offset)
+                if value.count < start + data.readableBytes {
+                    value.append(contentsOf: repeatElement(0, count: start + data.readableBytes - value.count))
+                }
+                data.withUnsafeReadableBytes { src in
+                    for i in 0..<src.count { value[start + i] = src[i] }
+                }
+                f.state = .xattrWrite(name: name, size: size, flags: flags, value: value)
+                return UInt32(data.readableBytes)
+            }
+        case .dir:
+            throw P9Errno(EISDIR)
+        case .none, .xattrRead:
+            throw P9Errno(EBADF)
+        }
+    }
+
+    /// Offsets are the host's own d_off cookies (lseek + getdents64), so they stay valid between
+    /// calls and across concurrent changes to the directory, as they would on the host.
+    private func readdir(fid: UInt32, offset: UInt64, count: UInt32) throws(P9Errno) -> ByteBuffer {
+        let f = try lookup(fid)
+        let (dirNode, state) = f.snapshot
+        guard case .dir(let fd) = state else { throw P9Errno(dirNode.type == .dir ? EBADF : ENOTDIR) }
+        guard offset <= UInt64(Int64.max) else { throw P9Errno(EINVAL) }
+        // Rreaddir is header[7] count[4] data; the whole reply must stay below msize.
+        let limit = min(Int(count), Int(msize) - P9.headerSize - 4 - 1)
+        var out = allocator.buffer(capacity: min(limit, 64 * 1024))
+        let dirIsRoot = dirNode.dev == core.rootStat.dev && dirNode.ino == core.rootStat.ino
+        let dirQid = core.qids.path(dev: dirNode.dev, ino: dirNode.ino)
+        var scratch = [UInt8](repeating: 0, count: 32 * 1024)
+        var full = false
+        var sawEntry = false
+        try f.lock.withLockTyped { () throws(P9Errno) in
+            guard lseek(fd.raw, off_t(offset), SEEK_SET) >= 0 else { throw P9Errno(errno) }
+            while !full {
+                let n = try sysSize { scratch.withUnsafeMutableBytes { cp9_getdents64(fd.raw, $0.baseAddress, $0.count) } }
+                if n == 0 { break }
+                var pos = 0
+                var bad = false
+                scratch.withUnsafeBytes { (raw: UnsafeRawBufferPointer) in
+                    while pos < n {
+                        let ino = raw.loadUnaligned(fromByteOffset: pos, as: UInt64.self)
+                        let off = raw.loadUnaligned(fromByteOffset: pos + 8, as: Int64.self)
+                        let reclen = Int(raw.loadUnaligned(fromByteOffset: pos + 16, as: UInt16.self))
+                        var dtype = raw[pos + 18]
+                        let nameStart = pos + 19
+                        var nameEnd = nameStart
+                        while nameEnd < pos + reclen && raw[nameEnd] != 0 { nameEnd += 1 }
+                        guard reclen > 0, pos + reclen <= n else {
+                            bad = true
+                            return
+                        }
+                        let name = Array(raw[nameStart..<nameEnd])
+                        let size = Qid.wireSize + 8 + 1 + 2 + name.count
+                        sawEntry = true
+                        if out.readableBytes + size > limit {
+                            full = true
+                            return
+                        }
+                        if dtype == 0, let st = try? HostFS.statAt(fd, name) {
+                            dtype = UInt8(truncatingIfNeeded: (st.mode & 0o170000) >> 12)
+                        }
+                        let qtype: UInt8 = dtype == 4 ? P9.QidType.dir
+                            : dtype == 10 ? P9.QidType.symlink : P9.QidType.file
+                        var qpath = core.qids.path(dev: dirNode.dev, ino: ino)
+                        if name == [UInt8(ascii: ".")] { qpath = dirQid }
+                        if dirIsRoot && name == [UInt8(ascii: "."), UInt8(ascii: ".")] { qpath = dirQid }
+                        out.p9WriteDirEntry(P9DirEntry(qid: Qid(type: qtype, path: qpath), offset: UInt64(bitPattern: off),
+                                                       type: dtype, name: P9String(bytes: name)))
+                        pos += reclen
+                    }
+                }
+                if bad { throw P9Errno(EIO) }
+            }
+        }
+        if out.readableBytes == 0 && sawEntry { throw P9Errno(EINVAL) }  // count too small for one entry
+        return out
+    }
+
+    private func fsync(fid: UInt32, datasync: Bool) throws(P9Errno) {
+        let (_, state) = try lookup(fid).snapshot
+        switch state {
+        case .file(let fd, _), .dir(let fd):
+            _ = try sys { datasync ? fdatasync(fd.raw) : Glibc.fsync(fd.raw) }
+        default:
+            throw P9Errno(EBADF)
+        }
+    }
+
+    // MARK: directory entries
+
+    private func dirNode(_ n: UInt32) throws(P9Errno) -> Node {
+        let node = try lookup(n).snapshot.0
+        guard node.type == .dir else { throw P9Errno(ENOTDIR) }
+        return node
+    }
+
+    /// The qid of an entry just created, and an cp9_O_PATH fd to it when it is a directory or regular
+    /// file (for the metadata xattr). A concurrent swap of the name only affects the qid reported.
+    private func created(_ dir: Node, _ name: [UInt8], expect: FileType) throws(P9Errno) -> (Qid, HostFD?) {
+        if expect.openable, let fd = try? HostFS.openBeneath(dir.fd, name, flags: cp9_O_PATH | (expect == .dir ? cp9_O_DIRECTORY : 0)) {
+            let st = try HostFS.stat(fd)
+            return (core.qids.qid(st), st.fileType == expect ? fd : nil)
+        }
+        return (core.qids.qid(try HostFS.statAt(dir.fd, name)), nil)
+    }
+
+    private func mkdir(dfid: UInt32, name: [UInt8], mode: UInt32, gid: UInt32) throws(P9Errno) -> Qid {
+        try checkWritable()
+        let f = try lookup(dfid)
+        let dir = try dirNode(dfid)
+        try HostFS.validateName(name)
+        let hmode = hostMode(mode, isDir: true)
+        let c = HostFS.cName(name)
+        _ = try sys { mkdirat(dir.fd.raw, c, mode_t(hmode)) }
+        let (qid, fd) = try created(dir, name, expect: .dir)
+        if let fd {
+            applyUmaskedMode(fd, hmode)
+            if export.metadata {
+                let (u, g) = metadataOwner(f, gid: gid)
+                try? storeMetadata(fd, GuestMetadata(uid: u, gid: g, mode: FileType.dir.rawValue | (mode & 0o7777), rdev: 0))
+            }
+        }
+        return qid
+    }
+
+    /// Device nodes are never created on the host. In metadata mode every special file the guest
+    /// makes (device, FIFO, socket) is an empty regular file whose type and rdev live in the
+    /// metadata xattr; the guest kernel handles the special file itself and never asks the server to
+    /// open it. Without metadata, FIFOs and sockets are created for real (inert inodes: the server
+    /// never opens them) and devices are refused with EPERM.
+    private func mknod(dfid: UInt32, name: [UInt8], mode: UInt32, major: UInt32, minor: UInt32, gid: UInt32) throws(P9Errno) -> Qid {
+        try checkWritable()
+        let f = try lookup(dfid)
+        let dir = try dirNode(dfid)
+        try HostFS.validateName(name)
+        let type = FileType(mode: mode == mode & 0o7777 ? mode | FileType.reg.rawValue : mode)
+        guard let type, type != .dir, type != .lnk else { throw P9Errno(EINVAL) }
+        let hmode = hostMode(mode, isDir: false)
+        let c = HostFS.cName(name)
+        if export.metadata {
+            _ = try sys { mknodat(dir.fd.raw, c, mode_t(FileType.reg.rawValue | hmode), 0) }
+            let (qid, fd) = try created(dir, name, expect: .reg)
+            if let fd {
+                let (u, g) = metadataOwner(f, gid: gid)
+                let rdev = type == .chr || type == .blk ? cp9_makedev(major, minor) : 0
+                try? storeMetadata(fd, GuestMetadata(uid: u, gid: g, mode: type.rawValue | (mode & 0o7777), rdev: rdev))
+            }
+            return Qid(type: P9.QidType.file, path: qid.path)
+        }
+        switch type {
+        case .reg, .fifo, .sock:
+            _ = try sys { mknodat(dir.fd.raw, c, mode_t(type.rawValue | hmode), 0) }
+        default:
+            throw P9Errno(EPERM)
+        }
+        let (qid, fd) = try created(dir, name, expect: type)
+        if let fd { applyUmaskedMode(fd, hmode) }
+        return qid
+    }
+
+    private func symlink(dfid: UInt32, name: [UInt8], target: [UInt8], gid: UInt32) throws(P9Errno) -> Qid {
+        try checkWritable()
+        let dir = try dirNode(dfid)
+        try HostFS.validateName(name)
+        // The target is stored, never followed by the server, so any string is acceptable.
+        guard !target.isEmpty, !target.contains(0) else { throw P9Errno(EINVAL) }
+        guard target.count < Int(PATH_MAX) else { throw P9Errno(ENAMETOOLONG) }
+        let c = HostFS.cName(name)
+        let t = HostFS.cName(target)
+        _ = try sys { symlinkat(t, dir.fd.raw, c) }
+        return try created(dir, name, expect: .lnk).0
+    }
+
+    private func readlink(fid: UInt32) throws(P9Errno) -> P9String {
+        let node = try lookup(fid).snapshot.0
+        guard node.type == .lnk else { throw P9Errno(EINVAL) }
+        let target = try HostFS.readlink(node.fd)
+        // Rreadlink must stay below msize.
+        guard P9.headerSize + 2 + target.count < Int(msize) else { throw P9Errno(ENAMETOOLONG) }
+        return P9String(bytes: target)
+    }
+
+    /// The source is a fid, so it is inside the export by construction: a guest cannot name a host
+    /// file outside the share to link to.
+    private func link(dfid: UInt32, fid: UInt32, name: [UInt8]) throws(P9Errno) {
+        try checkWritable()
+        let dir = try dirNode(dfid)
+        let node = try lookup(fid).snapshot.0
+        try HostFS.validateName(name)
+        guard node.type != .dir else { throw P9Errno(EPERM) }
+        let c = HostFS.cName(name)
+        do throws(P9Errno) {
+            // AT_EMPTY_PATH links the cp9_O_PATH fd's inode itself (needs CAP_DAC_READ_SEARCH).
+            _ = try sys { linkat(node.fd.raw, "", dir.fd.raw, c, cp9_AT_EMPTY_PATH) }
+        } catch let e where (e.code == ENOENT || e.code == EPERM) && node.type != .lnk && HostFS.procSelfFD >= 0 {
+            // Unprivileged form: the /proc magic link of our own fd names exactly that inode.
+            // Not for symlinks, whose body must not be followed.
+            let num = HostFS.cName(Array(String(node.fd.raw).utf8))
+            _ = try sys { linkat(HostFS.procSelfFD, num, dir.fd.raw, c, cp9_AT_SYMLINK_FOLLOW) }
+        }
+    }
+
+    private func renameat(olddirfid: UInt32, oldname: [UInt8], newdirfid: UInt32, newname: [UInt8]) throws(P9Errno) {
+        try checkWritable()
+        let od = try dirNode(olddirfid)
+        let nd = try dirNode(newdirfid)
+        try HostFS.validateName(oldname)
+        try HostFS.validateName(newname)
+        let o = HostFS.cName(oldname)
+        let n = HostFS.cName(newname)
+        _ = try sys { Glibc.renameat(od.fd.raw, o, nd.fd.raw, n) }
+    }
+
+    /// The (parent, name) a legacy fid-named operation acts on, checked to still be this inode.
+    private func entry(of node: Node) throws(P9Errno) -> (HostFD, [UInt8]) {
+        guard let parent = node.parent, !node.name.isEmpty else {
+            throw P9Errno(node.dev == core.rootStat.dev && node.ino == core.rootStat.ino ? EBUSY : EINVAL)
+        }
+        let st = try HostFS.statAt(parent, node.name)
+        guard node.isSame(st) else { throw P9Errno(ENOENT) }
+        return (parent, node.name)
+    }
+
+    private func rename(fid: UInt32, dfid: UInt32, name: [UInt8]) throws(P9Errno) {
+        try checkWritable()
+        let f = try lookup(fid)
+        let nd = try dirNode(dfid)
+        try HostFS.validateName(name)
+        let node = f.snapshot.0
+        let (parent, oldname) = try entry(of: node)
+        let o = HostFS.cName(oldname)
+        let n = HostFS.cName(name)
+        _ = try sys { Glibc.renameat(parent.raw, o, nd.fd.raw, n) }
+        let st = try HostFS.stat(node.fd)
+        f.lock.withLock { f.node = Node(fd: node.fd, parent: nd.fd, name: name, stat: st) }
+    }
+
+    private func unlinkat(dirfid: UInt32, name: [UInt8], flags: UInt32) throws(P9Errno) {
+        try checkWritable()
+        let dir = try dirNode(dirfid)
+        try HostFS.validateName(name)
+        guard flags & ~P9.atRemoveDir == 0 else { throw P9Errno(EINVAL) }
+        let c = HostFS.cName(name)
+        _ = try sys { Glibc.unlinkat(dir.fd.raw, c, flags & P9.atRemoveDir != 0 ? cp9_AT_REMOVEDIR : 0) }
+    }
+
+    /// Legacy Tremove: the fid is clunked whether or not the removal works.
+    private func remove(fid: UInt32) throws(P9Errno) {
+        let f = try removeFid(fid)
+        try checkWritable()
+        let node = f.snapshot.0
+        let (parent, name) = try entry(of: node)
+        let c = HostFS.cName(name)
+        _ = try sys { Glibc.unlinkat(parent.raw, c, node.type == .dir ? cp9_AT_REMOVEDIR : 0) }
+    }
+
+    private func clunk(fid: UInt32) throws(P9Errno) {
+        let f = try removeFid(fid)
+        let (node, state) = f.snapshot
+        if case .xattrWrite(let name, let size, let flags, let value) = state {
+            // The value is set only now, in one piece, as the Linux client expects.
+            guard value.count == size else { throw P9Errno(EINVAL) }
+            if size == 0 {
+                // The client sends a zero-size create for removexattr (value NULL).
+                do throws(P9Errno) {
+                    try HostFS.removexattr(node.fd, name)
+                } catch let e where e.code == ENODATA && flags & Self.xattrReplace == 0 {
+                    try HostFS.setxattr(node.fd, name, [], flags: flags)
+                }
+            } else {
+                try HostFS.setxattr(node.fd, name, value, flags: flags)
+            }
+        }
+    }
+
+    // MARK: locks
+
+    private func lockFD(_ n: UInt32) throws(P9Errno) -> HostFD {
+        guard case .file(let fd, _) = try lookup(n).snapshot.1 else { throw P9Errno(EBADF) }
+        return fd
+    }
+
+    /// POSIX record locks become open-file-description locks on the fid's own open file: each guest
+    /// open has its own fid, so locks of different guest processes conflict as on a local disk.
+    /// Never blocks: the Linux client retries itself on LOCK_BLOCKED.
+    private func lock(fid: UInt32, _ l: P9Lock) throws(P9Errno) -> UInt8 {
+        let fd = try lockFD(fid)
+        guard l.type <= P9.LockType.unlck, l.start <= UInt64(Int64.max), l.length <= UInt64(Int64.max) else {
+            throw P9Errno(EINVAL)
+        }
+        var type = Int32(l.type)
+        var start = Int64(l.start)
+        var len = Int64(l.length)
+        var pid: Int32 = 0
+        if cp9_ofd_lock(fd.raw, 0, &type, &start, &len, &pid) == 0 { return P9.LockStatus.success }
+        let e = errno
+        if e == EAGAIN || e == EACCES || e == EINTR { return P9.LockStatus.blocked }
+        throw P9Errno(e)
+    }
+
+    private func getlock(fid: UInt32, _ l: P9Lock) throws(P9Errno) -> P9Lock {
+        let fd = try lockFD(fid)
+        guard l.type <= P9.LockType.unlck, l.start <= UInt64(Int64.max), l.length <= UInt64(Int64.max) else {
+            throw P9Errno(EINVAL)
+        }
+        var type = Int32(l.type)
+        var start = Int64(l.start)
+        var len = Int64(l.length)
+        var pid: Int32 = 0
+        _ = try sys { cp9_ofd_lock(fd.raw, 1, &type, &start, &len, &pid) }
+        if type == Int32(P9.LockType.unlck) {
+            return P9Lock(type: P9.LockType.unlck, start: l.start, length: l.length, procID: l.procID, clientID: l.clientID)
+        }
+        // OFD locks carry no pid (-1): report the holder generically.
+        return P9Lock(type: UInt8(type), start: UInt64(start), length: UInt64(len), procID: UInt32(bitPattern: pid),
+                      clientID: l.clientID)
+    }
+
+    // MARK: xattrs
+
+    /// Only the user namespace crosses: security.* (file capabilities, SELinux labels), trusted.*
+    /// and system.* (ACLs naming host users) mean something to the host kernel, and user.uvm.* is
+    /// the server's own.
+    private static func guestXattrName(_ name: String) -> Bool {
+        name.hasPrefix("user.") && !name.hasPrefix(GuestMetadata.reservedPrefix)
+    }
+
+    private static let xattrSizeMax = 65536
+    static let xattrCreate: Int32 = 1  // XATTR_CREATE
+    static let xattrReplace: Int32 = 2  // XATTR_REPLACE
+
+    private func xattrwalk(fid: UInt32, newfid: UInt32, name: P9String) throws(P9Errno) -> UInt64 {
+        let f = try lookup(fid)
+        let node = f.snapshot.0
+        let nameString = String(decoding: name.bytes, as: UTF8.self)
+        let value: [UInt8]
+        if name.bytes.isEmpty {
+            if node.type?.openable == true {
+                let names = try HostFS.listxattr(node.fd).filter(Self.guestXattrName)
+                value = names.flatMap { Array($0.utf8) + [0] }
+            } else {
+                value = []
+            }
+        } else {
+            guard !name.bytes.contains(0), Array(nameString.utf8) == name.bytes,
+                  Self.guestXattrName(nameString) else { throw P9Errno(EOPNOTSUPP) }
+            guard node.type?.openable == true else { throw P9Errno(ENODATA) }
+            value = try HostFS.getxattr(node.fd, nameString)
+        }
+        let nf = Fid(node: node, uid: f.uid)
+        nf.state = .xattrRead(value)
+        try install(newfid, nf, replacing: newfid == fid ? f : nil)
+        return UInt64(value.count)
+    }
+
+    private func xattrcreate(fid: UInt32, name: P9String, size: UInt64, flags: UInt32) throws(P9Errno) {
+        try checkWritable()
+        let f = try lookup(fid)
+        let (node, state) = f.snapshot
+        guard case .none = state else { throw P9Errno(EINVAL) }
+        let nameString = String(decoding: name.bytes, as: UTF8.self)
+        guard !name.bytes.contains(0), Array(nameString.utf8) == name.bytes,
+              Self.guestXattrName(nameString) else { throw P9Errno(EOPNOTSUPP) }
+        guard node.type?.openable == true else { throw P9Errno(EPERM) }
+        guard size <= UInt64(Self.xattrSizeMax) else { throw P9Errno(E2BIG) }
+        let valid = UInt32(Self.xattrCreate | Self.xattrReplace)
+        guard flags & ~valid == 0 else { throw P9Errno(EINVAL) }
+        f.lock.withLock {
+            f.state = .xattrWrite(name: nameString, size: Int(size), flags: Int32(flags), value: [])
+        }
+    }
+}
