@@ -214,9 +214,12 @@ struct ConfinementTests {
         var reads = 0
         var sawLink = 0
         var sawDir = 0
-        let deadline = Date().addingTimeInterval(3)
+        // At least 3 s of racing, and on a loaded machine longer: until the server has seen both
+        // states and served a read (60 s at most), so that the assertions below test a real race.
+        let start = Date()
         var i: UInt32 = 0
-        while Date() < deadline {
+        while Date().timeIntervalSince(start) < 3
+            || (!(sawLink > 0 && sawDir > 0 && reads > 0) && Date().timeIntervalSince(start) < 60) {
             i += 1
             let fid = 10 + (i % 1000)
             if (try? await c.walk(0, fid, ["dir", "canary"])) != nil {
