@@ -149,6 +149,8 @@ public actor VMController {
         } catch {
             try? await domain.destroy()
             let tail = consoleTail()
+            // The next boot overwrites the console log: keep this one's end in uvmd's log.
+            logger.error("the VM did not come up", metadata: ["error": "\(error)", "console": "\(tail)"])
             throw WireError(.vmUnavailable, "the VM did not come up: \(error)" + (tail.isEmpty ? "" : "\nconsole (\(paths.consoleLog)):\n\(tail)"))
         }
     }
