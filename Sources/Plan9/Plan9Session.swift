@@ -970,10 +970,7 @@ final class Plan9Session: @unchecked Sendable {
     /// open has its own fid, so locks of different guest processes conflict as on a local disk.
     /// Never blocks: the Linux client retries itself on LOCK_BLOCKED.
     private func lock(fid: UInt32, _ l: P9Lock) throws(P9Errno) -> UInt8 {
-        let fd = try lockFD(fid)
-        guard l.type <= P9.LockType.unlck, l.start <= UInt64(Int64.max), l.length <= UInt64(Int64.max) else {
-            throw P9Errno(EINVAL)
-        }
+        let fd = try validatedLockFD(fid, l)
         var type = Int32(l.type)
         var start = Int64(l.start)
         var len = Int64(l.length)
@@ -984,11 +981,17 @@ final class Plan9Session: @unchecked Sendable {
         throw P9Errno(e)
     }
 
-    private func getlock(fid: UInt32, _ l: P9Lock) throws(P9Errno) -> P9Lock {
+    /// The fid's open file, once the request's lock type and range fit an OFD lock.
+    private func validatedLockFD(_ fid: UInt32, _ l: P9Lock) throws(P9Errno) -> HostFD {
         let fd = try lockFD(fid)
         guard l.type <= P9.LockType.unlck, l.start <= UInt64(Int64.max), l.length <= UInt64(Int64.max) else {
             throw P9Errno(EINVAL)
         }
+        return fd
+    }
+
+    private func getlock(fid: UInt32, _ l: P9Lock) throws(P9Errno) -> P9Lock {
+        let fd = try validatedLockFD(fid, l)
         var type = Int32(l.type)
         var start = Int64(l.start)
         var len = Int64(l.length)
