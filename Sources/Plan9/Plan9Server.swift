@@ -243,10 +243,11 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
         inflight[tag] = Inflight(ticket: ticket)
         let session = self.session
         let hook = server.beforeHandle
+        let generation = session.currentGeneration
         server.threadPool.runIfActive(eventLoop: context.eventLoop) { () -> P9Message? in
             guard ticket.start() else { return nil }
             hook?(tag, message)
-            return session.handle(message)
+            return session.handle(message, generation: generation)
         }.assumeIsolated().whenComplete { result in
             self.complete(context, tag: tag, ticket: ticket, result: result)
         }
@@ -267,7 +268,11 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
         }
         for f in entry.flushes { send(context, f, .rflush) }
         context.flush()
-        if readHeld && inflight.count < server.maxInflight {
+        resumeReading(context)
+    }
+
+    private func resumeReading(_ context: ChannelHandlerContext) {
+        if readHeld && inflight.count < server.maxInflight && context.channel.isWritable {
             readHeld = false
             context.read()
         }
@@ -335,13 +340,19 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
         session.close()
     }
 
-    // Back-pressure: a client that floods requests stops being read until some are answered.
+    // Back-pressure: a client that floods requests, or does not read its replies, stops being read
+    // until some are answered and sent.
     func read(context: ChannelHandlerContext) {
-        if inflight.count >= server.maxInflight {
+        if inflight.count >= server.maxInflight || !context.channel.isWritable {
             readHeld = true
         } else {
             context.read()
         }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        resumeReading(context)
+        context.fireChannelWritabilityChanged()
     }
 
     func channelInactive(context: ChannelHandlerContext) {

@@ -145,6 +145,9 @@ final class Plan9Session: @unchecked Sendable {
     private let lock = NIOLock()
     private var fids: [UInt32: Fid] = [:]
     private var _msize: UInt32 = P9.minMsize
+    /// Bumped by Tversion and close: a request from before that finishes afterwards must not
+    /// install fids into the new session.
+    private var generation = 0
     private let allocator = ByteBufferAllocator()
 
     init(core: ExportCore) {
@@ -160,6 +163,7 @@ final class Plan9Session: @unchecked Sendable {
         let dropped: [UInt32: Fid] = lock.withLock {
             let old = fids
             fids = [:]
+            generation += 1
             return old
         }
         _ = dropped  // released outside the lock
@@ -172,29 +176,33 @@ final class Plan9Session: @unchecked Sendable {
     }
 
     /// Ends the session: every fid is released. Pending xattr writes are dropped.
+    var currentGeneration: Int { lock.withLock { generation } }
+
     func close() {
         let dropped: [UInt32: Fid] = lock.withLock {
             let old = fids
             fids = [:]
+            generation += 1
             return old
         }
         _ = dropped
     }
 
-    func handle(_ message: P9Message) -> P9Message {
+    /// `generation`: the session generation the request arrived in (nil: the current one).
+    func handle(_ message: P9Message, generation: Int? = nil) -> P9Message {
         do throws(P9Errno) {
-            return try dispatch(message)
+            return try dispatch(message, generation ?? currentGeneration)
         } catch {
             return .rlerror(ecode: UInt32(bitPattern: error.code))
         }
     }
 
-    private func dispatch(_ message: P9Message) throws(P9Errno) -> P9Message {
+    private func dispatch(_ message: P9Message, _ gen: Int) throws(P9Errno) -> P9Message {
         switch message {
         case let .tattach(fid, afid, _, _, nUname):
-            return try attach(fid: fid, afid: afid, nUname: nUname)
+            return try attach(fid: fid, afid: afid, nUname: nUname, gen)
         case let .twalk(fid, newfid, names):
-            return try walk(fid: fid, newfid: newfid, names: names)
+            return try walk(fid: fid, newfid: newfid, names: names, gen)
         case let .tgetattr(fid, mask):
             return .rgetattr(try getattr(fid: fid, mask: mask))
         case let .tsetattr(fid, attr):
@@ -246,7 +254,7 @@ final class Plan9Session: @unchecked Sendable {
         case let .tgetlock(fid, lock):
             return .rgetlock(lock: try getlock(fid: fid, lock))
         case let .txattrwalk(fid, newfid, name):
-            return .rxattrwalk(size: try xattrwalk(fid: fid, newfid: newfid, name: name))
+            return .rxattrwalk(size: try xattrwalk(fid: fid, newfid: newfid, name: name, gen))
         case let .txattrcreate(fid, name, size, flags):
             try xattrcreate(fid: fid, name: name, size: size, flags: flags)
             return .rxattrcreate
@@ -274,9 +282,10 @@ final class Plan9Session: @unchecked Sendable {
 
     /// Installs a fid; fails if the number is taken (unless replacing `allowReplace`, for a walk onto
     /// itself).
-    private func install(_ n: UInt32, _ f: Fid, replacing: Fid? = nil) throws(P9Errno) {
+    private func install(_ n: UInt32, _ f: Fid, replacing: Fid? = nil, _ gen: Int) throws(P9Errno) {
         guard n != P9.noFid else { throw P9Errno(EBADF) }
         let ok: Bool = lock.withLock {
+            guard generation == gen else { return false }
             if let existing = fids[n], existing !== replacing { return false }
             fids[n] = f
             return true
@@ -295,16 +304,16 @@ final class Plan9Session: @unchecked Sendable {
 
     // MARK: attach and walk
 
-    private func attach(fid: UInt32, afid: UInt32, nUname: UInt32) throws(P9Errno) -> P9Message {
+    private func attach(fid: UInt32, afid: UInt32, nUname: UInt32, _ gen: Int) throws(P9Errno) -> P9Message {
         // No Tauth (the transport is the authentication), so no afid can be valid.
         guard afid == P9.noFid else { throw P9Errno(EBADF) }
         let uid = nUname == P9.noUname ? core.euid : nUname
         let f = Fid(node: core.rootNode, uid: uid)
-        try install(fid, f)
+        try install(fid, f, gen)
         return .rattach(qid: core.qids.qid(core.rootStat))
     }
 
-    private func walk(fid: UInt32, newfid: UInt32, names: [P9String]) throws(P9Errno) -> P9Message {
+    private func walk(fid: UInt32, newfid: UInt32, names: [P9String], _ gen: Int) throws(P9Errno) -> P9Message {
         let f = try lookup(fid)
         if newfid != fid, lock.withLock({ fids[newfid] != nil }) { throw P9Errno(EBADF) }
         var node = f.snapshot.0
@@ -319,7 +328,7 @@ final class Plan9Session: @unchecked Sendable {
                 return .rwalk(qids: qids)  // partial walk: newfid is not created
             }
         }
-        try install(newfid, Fid(node: node, uid: f.uid), replacing: newfid == fid ? f : nil)
+        try install(newfid, Fid(node: node, uid: f.uid), replacing: newfid == fid ? f : nil, gen)
         return .rwalk(qids: qids)
     }
 
@@ -1018,7 +1027,7 @@ final class Plan9Session: @unchecked Sendable {
     static let xattrCreate: Int32 = 1  // XATTR_CREATE
     static let xattrReplace: Int32 = 2  // XATTR_REPLACE
 
-    private func xattrwalk(fid: UInt32, newfid: UInt32, name: P9String) throws(P9Errno) -> UInt64 {
+    private func xattrwalk(fid: UInt32, newfid: UInt32, name: P9String, _ gen: Int) throws(P9Errno) -> UInt64 {
         let f = try lookup(fid)
         let node = f.snapshot.0
         let nameString = String(decoding: name.bytes, as: UTF8.self)
@@ -1038,7 +1047,7 @@ final class Plan9Session: @unchecked Sendable {
         }
         let nf = Fid(node: node, uid: f.uid)
         nf.state = .xattrRead(value)
-        try install(newfid, nf, replacing: newfid == fid ? f : nil)
+        try install(newfid, nf, replacing: newfid == fid ? f : nil, gen)
         return UInt64(value.count)
     }
 
