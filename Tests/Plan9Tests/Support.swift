@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import Testing
@@ -20,6 +21,7 @@ final class Fixture: @unchecked Sendable {
         var template = Array("/tmp/plan9-test-XXXXXX".utf8CString)
         guard let p = mkdtemp(&template) else { throw P9Errno(errno) }
         base = String(cString: p)
+        Fixture.removeAtExit(base)
         share = base + "/share"
         outside = base + "/outside"
         try FileManager.default.createDirectory(atPath: share, withIntermediateDirectories: true)
@@ -52,6 +54,21 @@ final class Fixture: @unchecked Sendable {
         let client = try await Plan9Client.connect(socket: b)
         clients.append(client)
         return (client, task)
+    }
+
+    /// Fixtures are closed from detached tasks that may not run before the test process exits;
+    /// whatever is left is removed then.
+    private static let leftovers = NIOLockedValueBox<[String]>([])
+    private static func removeAtExit(_ dir: String) {
+        let first = leftovers.withLockedValue { list in
+            list.append(dir)
+            return list.count == 1
+        }
+        if first {
+            atexit {
+                for d in Fixture.leftovers.withLockedValue({ $0 }) { try? FileManager.default.removeItem(atPath: d) }
+            }
+        }
     }
 
     func close() async {
