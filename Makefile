@@ -35,11 +35,12 @@ run: setup build kernel images
 	@$(BIN)/uvm $(ARGS)
 
 # The tests keep uvm's state (and their VM) in TEST_HOME; whatever they leave running is stopped.
-TEST_HOME    ?= /tmp/uvm-test-$(shell id -u)
+# One per checkout, so that worktrees can test side by side.
+TEST_HOME    ?= /tmp/uvm-test-$(shell id -u)-$(shell echo $(CURDIR) | cksum | cut -d" " -f1)
 
 test: setup build kernel images
 	@rm -rf $(TEST_HOME)
-	@UVM_BIN=$(abspath $(BIN)) UVM_TEST_HOME=$(TEST_HOME) timeout 2400 $(SWIFT) test $(TEST_FLAGS); rc=$$?; \
+	@UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) UVM_TEST_HOME=$(TEST_HOME) timeout 2400 $(SWIFT) test $(TEST_FLAGS); rc=$$?; \
 	  UVM_HOME=$(TEST_HOME) $(BIN)/uvm stop >/dev/null 2>&1; \
 	  lock=$(TEST_HOME)/state/uvmd.lock; [ -f $$lock ] && ! flock -n $$lock true && kill $$(cat $$lock) 2>/dev/null; \
 	  exit $$rc
@@ -49,7 +50,7 @@ unit-test:
 	$(SWIFT) test --skip EndToEndTests $(TEST_FLAGS)
 
 bench: setup build kernel images
-	UVM_BIN=$(abspath $(BIN)) python3 scripts/bench.py
+	UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) python3 scripts/bench.py
 
 doctor: build
 	@$(BIN)/uvm doctor

@@ -10,4 +10,5 @@ setup:
 kernel:
 	scripts/kernel.sh
 images:
-	scripts/images.sh $(UVM_INIT)
+	@mkdir -p .build
+	scripts/images.sh $(UVM_INIT) >.build/images-dir

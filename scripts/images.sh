@@ -9,6 +9,7 @@
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/uvm/images/current -> <key>
 # key = sha256(uvm-init binary + this script + busybox binary and version).
 # busybox.ext4 is a template: copy it before attaching it read-write to a VM.
+# Prints the directory on stdout (the tests use it through UVM_IMAGES).
 #
 # Usage: scripts/images.sh UVM_INIT_BINARY
 # Environment: BUSYBOX (default: busybox from busybox-static), XDG_CACHE_HOME,
@@ -59,6 +60,7 @@ point_current() {
 if [[ -s $out/initramfs.cpio && -s $out/busybox.ext4 ]]; then
     point_current
     log "cached ($out)"
+    echo "$out"
     exit 0
 fi
 
@@ -177,3 +179,4 @@ rm -rf -- "$out"
 mv -T -- "$stage" "$out"
 point_current
 log "built ($out)"
+echo "$out"

@@ -38,9 +38,12 @@ public struct Paths: Sendable, Equatable {
 
     public var kernel: String { ProcessInfo.processInfo.environment["UVM_KERNEL"] ?? "\(cacheDir)/kernel/current/bzImage" }
     public var kernelReleaseFile: String { "\(cacheDir)/kernel/current/release" }
-    public var initramfs: String { ProcessInfo.processInfo.environment["UVM_INITRAMFS"] ?? "\(cacheDir)/images/current/initramfs.cpio" }
+    /// The built images; `UVM_IMAGES` names one build's directory, so that checkouts building
+    /// different agents (tests in several worktrees) do not share the `current` pointer.
+    public var imagesDir: String { ProcessInfo.processInfo.environment["UVM_IMAGES"].flatMap { $0.isEmpty ? nil : $0 } ?? "\(cacheDir)/images/current" }
+    public var initramfs: String { ProcessInfo.processInfo.environment["UVM_INITRAMFS"] ?? "\(imagesDir)/initramfs.cpio" }
     /// A distro as built by `make images`: the template a user's disk is copied from.
-    public func distroTemplate(_ name: String) -> String { "\(cacheDir)/images/current/\(name).ext4" }
+    public func distroTemplate(_ name: String) -> String { "\(imagesDir)/\(name).ext4" }
     /// The user's own disk of a distro (WSL's ext4.vhdx).
     public func distroDisk(_ name: String) -> String { "\(dataDir)/distros/\(name)/disk.ext4" }
     public var distrosDir: String { "\(dataDir)/distros" }
