@@ -47,9 +47,16 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // Shared host folders: which ones (kept across restarts) and their 9P ports while the VM runs.
+        .target(name: "Shares", dependencies: [
+            "Wire", "Settings", "Plan9",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         // uvmd: the socket API, the VM it owns, the sessions relayed into the guest.
         .target(name: "Daemon", dependencies: [
-            "Wire", "Settings", "HostCompute",
+            "Wire", "Settings", "HostCompute", "Shares",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP2", package: "swift-nio-http2"),
@@ -100,6 +107,8 @@ let package = Package(
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ], exclude: ["corpus"]),
-        .testTarget(name: "EndToEndTests", dependencies: ["Wire", "Settings"]),
+        .testTarget(name: "SharesTests", dependencies: ["Shares", "Wire"]),
+        // Fixtures are built by the tests themselves (statically, to run in the guest).
+        .testTarget(name: "EndToEndTests", dependencies: ["Wire", "Settings"], exclude: ["Fixtures"]),
     ]
 )

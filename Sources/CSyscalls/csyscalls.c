@@ -100,7 +100,7 @@ static _Noreturn void final_child(const uvm_spawn_args *a, int status_fd) {
     if (syscall(SYS_setgroups, (size_t)a->ngroups, a->groups) < 0) child_fail(status_fd, "setgroups");
     if (syscall(SYS_setgid, a->gid) < 0) child_fail(status_fd, "setgid");
     if (syscall(SYS_setuid, a->uid) < 0) child_fail(status_fd, "setuid");
-    if (chdir(a->cwd ? a->cwd : "/") < 0) child_fail(status_fd, "chdir");
+    if (chdir(a->cwd ? a->cwd : "/") < 0 && (!a->fallback_cwd || chdir(a->fallback_cwd) < 0)) child_fail(status_fd, "chdir");
     // Everything above 2 except the status pipe (close-on-exec) goes.
     for (int fd = 3; fd < 1024; fd++) if (fd != status_fd) close(fd);
     exec_in_path(a);
@@ -223,7 +223,9 @@ static int mount_in(const char *root, const char *rel, const char *src, const ch
 static _Noreturn void instance_main(const char *device, const char *fstype, const char *mp,
                                     const char *hostname, int status_fd) {
     reset_signals();
-    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) child_fail(status_fd, "make / private");
+    // Slave, not private: mounts made here stay here, but shares the agent mounts under
+    // UVM_SHARES_DIR later (a shared mount) still reach this instance.
+    if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) < 0) child_fail(status_fd, "make / slave");
     mkdir(mp, 0755);
     if (mount(device, mp, fstype, MS_NOATIME, NULL) < 0) child_fail(status_fd, "mount distro disk");
     if (mount_in(mp, "/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0) child_fail(status_fd, "mount /proc");
@@ -237,6 +239,17 @@ static _Noreturn void instance_main(const char *device, const char *fstype, cons
     if (mount(pts_ptmx, ptmx, NULL, MS_BIND, NULL) < 0) child_fail(status_fd, "bind /dev/ptmx");
     if (mount_in(mp, "/dev/shm", "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0) child_fail(status_fd, "mount /dev/shm");
     if (mount_in(mp, "/run", "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755") < 0) child_fail(status_fd, "mount /run");
+    {
+        // A bind of a slave mount is a slave of the same master: /mnt/host follows the agent.
+        char host[512];
+        snprintf(host, sizeof host, "%s/mnt", mp);
+        mkdir(host, 0755);
+        snprintf(host, sizeof host, "%s/mnt/host", mp);
+        mkdir(host, 0755);
+        struct stat st;
+        if (stat(UVM_SHARES_DIR, &st) == 0 && mount(UVM_SHARES_DIR, host, NULL, MS_BIND | MS_REC, NULL) < 0)
+            child_fail(status_fd, "bind /mnt/host");
+    }
     if (hostname && sethostname(hostname, strlen(hostname)) < 0) child_fail(status_fd, "sethostname");
     // The initramfs root cannot be pivot_root'ed away (it is rootfs), so move the disk onto /
     // and chroot, as switch_root does.
@@ -389,4 +402,118 @@ pid_t uvm_spawn_detached(const char *path, char *const argv[], const char *log_p
     syscall(SYS_close_range, 3, ~0U, 0);
     execv(path, argv);
     _exit(127);
+}
+
+// ---- 9P relay -------------------------------------------------------------------------------
+
+struct uvm_relay {
+    pthread_t thread;
+    int port, sock;
+    int stop[2];                 // a byte on stop[1] ends the relay
+    pthread_mutex_t lock;
+    pthread_cond_t ended_cond;
+    int ended;
+};
+
+// Writes all of buf; 0, or -1 when the other side is gone.
+static int write_all(int fd, const char *buf, size_t n) {
+    while (n > 0) {
+        ssize_t w = write(fd, buf, n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return -1;
+        buf += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+// One thread, both directions. A port read returns at most one virtio buffer (a page), so reads
+// are gathered while more is ready and written to the socket in one go: the kernel's 9P reader
+// then wakes once per message rather than once per page.
+static void *relay_main(void *arg) {
+    uvm_relay *r = arg;
+    enum { BUF = 1 << 20 };
+    char *buf = malloc(BUF);
+    struct pollfd p[3] = {
+        { .fd = r->port, .events = POLLIN }, { .fd = r->sock, .events = POLLIN }, { .fd = r->stop[0], .events = POLLIN },
+    };
+    while (buf) {
+        int n = poll(p, 3, -1);
+        if (n < 0) { if (errno == EINTR) continue; break; }
+        if (p[2].revents) break;
+        if (p[0].revents & POLLIN) {
+            size_t have = 0;
+            for (;;) {
+                ssize_t k = read(r->port, buf + have, BUF - have);
+                if (k < 0 && errno == EINTR) continue;
+                if (k <= 0) { if (have == 0) goto done; break; }
+                have += (size_t)k;
+                struct pollfd more = { .fd = r->port, .events = POLLIN };
+                if (have == BUF || poll(&more, 1, 0) <= 0 || !(more.revents & POLLIN)) break;
+            }
+            if (write_all(r->sock, buf, have) < 0) break;
+        } else if (p[0].revents & (POLLHUP | POLLERR)) {
+            break;  // the host went away
+        }
+        if (p[1].revents & POLLIN) {
+            ssize_t k = read(r->sock, buf, BUF);
+            if (k < 0 && errno == EINTR) continue;
+            if (k <= 0) break;
+            if (write_all(r->port, buf, (size_t)k) < 0) break;
+        } else if (p[1].revents & (POLLHUP | POLLERR)) {
+            break;  // the kernel closed its end: the mount is gone
+        }
+    }
+done:
+    free(buf);
+    close(r->port);
+    close(r->sock);
+    pthread_mutex_lock(&r->lock);
+    r->ended = 1;
+    pthread_cond_broadcast(&r->ended_cond);
+    pthread_mutex_unlock(&r->lock);
+    return NULL;
+}
+
+uvm_relay *uvm_relay_start(int port_fd, int sock_fd) {
+    uvm_relay *r = calloc(1, sizeof *r);
+    if (!r) return NULL;
+    r->port = port_fd;
+    r->sock = sock_fd;
+    if (pipe2(r->stop, O_CLOEXEC) < 0) { free(r); return NULL; }
+    pthread_mutex_init(&r->lock, NULL);
+    pthread_cond_init(&r->ended_cond, NULL);
+    int e = pthread_create(&r->thread, NULL, relay_main, r);
+    if (e) {
+        close(r->stop[0]); close(r->stop[1]);
+        free(r);
+        errno = e;
+        return NULL;
+    }
+    return r;
+}
+
+int uvm_relay_finish(uvm_relay *r, int timeout_ms) {
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += timeout_ms / 1000;
+    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) { deadline.tv_sec++; deadline.tv_nsec -= 1000000000L; }
+    pthread_mutex_lock(&r->lock);
+    while (!r->ended) {
+        if (pthread_cond_timedwait(&r->ended_cond, &r->lock, &deadline) == ETIMEDOUT) break;
+    }
+    int by_itself = r->ended;
+    pthread_mutex_unlock(&r->lock);
+    if (!by_itself) {
+        char b = 1;
+        (void)!write(r->stop[1], &b, 1);
+    }
+    pthread_join(r->thread, NULL);
+    close(r->stop[0]);
+    close(r->stop[1]);
+    pthread_mutex_destroy(&r->lock);
+    pthread_cond_destroy(&r->ended_cond);
+    free(r);
+    return by_itself;
 }

@@ -56,6 +56,11 @@ struct ClientSession {
                 throw WireError(.notFound, "there is no distro '\(distro)' (installed: \(installedDistros().joined(separator: ", "))); `uvm exec --distro NAME` takes one of those")
             }
             exec.distro = distro
+            // Started inside a shared folder: run in the same folder as the guest sees it.
+            if exec.cwd == nil, let host = exec.hostCwd, let guest = await controller.shares.guestCwd(forHost: host) {
+                exec.cwd = guest
+                exec.cwdIsImplicit = true
+            }
             await daemon.sessions.begin()
             defer { Task { await daemon.sessions.end() } }
             let link = try await controller.link(progress: progress)
@@ -68,7 +73,16 @@ struct ClientSession {
             try await outbound.write(.json(.response, await controller.status(daemonRSSKiB: residentKiB(), sessions: await daemon.sessions.count)))
         case .status:
             try await outbound.write(.json(.response, await controller.status(daemonRSSKiB: residentKiB(), sessions: await daemon.sessions.count)))
-        case .info, .shutdown:
+        case .shareAdd:
+            guard let share = request.share else { throw WireError(.badRequest, "share add: no share given") }
+            try await outbound.write(.json(.response, try await controller.shares.add(share)))
+        case .shareList:
+            try await outbound.write(.json(.response, try await controller.shares.list()))
+        case .shareRemove:
+            guard let share = request.share else { throw WireError(.badRequest, "share remove: no name given") }
+            try await controller.shares.remove(share.name)
+            try await outbound.write(.json(.response, try await controller.shares.list()))
+        case .info, .shutdown, .mount, .unmount:
             throw WireError(.badRequest, "'\(request.op.rawValue)' is not a client operation")
         }
     }

@@ -35,11 +35,13 @@ public actor VMController {
     private var stopRequested = false
     private var stoppedWaiters: [CheckedContinuation<Void, Never>] = []
     var activeSessions = 0
+    let shares: ShareService
 
     public init(paths: Paths, settings: Settings, logger: Logger) {
         self.paths = paths
         self.settings = settings
         self.logger = logger
+        self.shares = ShareService(paths: paths, settings: settings, logger: logger)
     }
 
     /// The link to a running guest, booting the VM first when needed.
@@ -122,7 +124,8 @@ public actor VMController {
             memoryMiB: settings.memoryMiB, vcpus: settings.processors,
             kernel: paths.kernel, initrd: paths.initramfs, cmdline: cmdline,
             disks: distros.map { VMSpec.Disk(path: $0.disk, serial: diskSerial($0.name)) },
-            channels: [VMSpec.Channel(name: "uvm.control", socketPath: paths.controlSocket)],
+            channels: [VMSpec.Channel(name: "uvm.control", socketPath: paths.controlSocket)]
+                + ShareService.slots(paths).map { VMSpec.Channel(name: $0.port, socketPath: $0.socketPath) },
             consoleLog: paths.consoleLog, userNetwork: true)
         await progress("uvm: starting the VM (\(accel.accelerator.rawValue.uppercased()): \(accel.reason))")
         logger.info("booting", metadata: ["accel": "\(accel)", "domain": "\(spec.name)"])
@@ -144,6 +147,7 @@ public actor VMController {
             channel.closeFuture.whenComplete { _ in
                 Task { await self.linkClosed(generation: gen) }
             }
+            await shares.vmStarted(link: mux)
             return Running(domain: domain, link: mux, linkChannel: channel, accel: accel, guest: guest,
                            bootedAt: started, generation: gen)
         } catch {
@@ -176,9 +180,13 @@ public actor VMController {
 
     /// One request/response session with the guest agent.
     static func request<T: Decodable & Sendable>(_ op: Request.Operation, on mux: HTTP2Sessions.ClientMultiplexer, as: T.Type) async throws -> T {
+        try await request(Request(op: op), on: mux, as: T.self)
+    }
+
+    static func request<T: Decodable & Sendable>(_ request: Request, on mux: HTTP2Sessions.ClientMultiplexer, as: T.Type) async throws -> T {
         let session = try await HTTP2Sessions.openSession(mux)
         return try await session.executeThenClose { inbound, outbound in
-            try await outbound.write(.json(.request, Request(op: op)))
+            try await outbound.write(.json(.request, request))
             var answer: Frame? = nil
             // Until the guest closes the stream (closing it first would reset it).
             for try await frame in inbound where answer == nil && frame.kind.isFinal { answer = frame }
@@ -273,6 +281,7 @@ public actor VMController {
         running = nil
         state = .stopped
         r.linkChannel.close(promise: nil)
+        Task { await shares.vmStopped() }
         if !stopRequested { lastStopReason = "the VM stopped unexpectedly (see \(paths.consoleLog))" }
         logger.info("VM stopped", metadata: ["reason": "\(lastStopReason ?? "?")"])
         let waiters = stoppedWaiters

@@ -19,9 +19,11 @@ public enum GuestAgent {
             _ = uvm_poweroff()
         }
         let instances = Instances()
+        ShareMounts.prepare()
+        let shares = ShareMounts()
         do {
             let port = try await findPort(named: controlPortName)
-            try await serve(port: port, instances: instances)
+            try await serve(port: port, instances: instances, shares: shares)
         } catch {
             log("fatal: \(error)")
         }
@@ -31,7 +33,7 @@ public enum GuestAgent {
     }
 
     /// Serves the control port forever; when uvmd goes away (a restart), waits for it to return.
-    static func serve(port: String, instances: Instances) async throws {
+    static func serve(port: String, instances: Instances, shares: ShareMounts) async throws {
         while true {
             let fd = open(port, O_RDWR | O_CLOEXEC | O_NOCTTY)
             guard fd >= 0 else {
@@ -46,7 +48,7 @@ public enum GuestAgent {
             await withDiscardingTaskGroup { group in
                 do {
                     for try await session in mux.inbound {
-                        group.addTask { await handle(session, instances: instances) }
+                        group.addTask { await handle(session, instances: instances, shares: shares) }
                     }
                 } catch {
                     log("control connection ended: \(error)")
@@ -56,12 +58,12 @@ public enum GuestAgent {
         }
     }
 
-    static func handle(_ session: HTTP2Sessions.Session, instances: Instances) async {
+    static func handle(_ session: HTTP2Sessions.Session, instances: Instances, shares: ShareMounts) async {
         do {
             try await FrameSession.serve(session) { first, rest, outbound in
                 do {
                     guard first.kind == .request else { throw WireError(.protocolError, "session did not start with a request") }
-                    try await perform(try first.decode(Request.self), rest: rest, outbound: outbound, instances: instances)
+                    try await perform(try first.decode(Request.self), rest: rest, outbound: outbound, instances: instances, shares: shares)
                 } catch let e as WireError {
                     try await outbound.write(.error(e))
                 } catch {
@@ -74,7 +76,7 @@ public enum GuestAgent {
     }
 
     static func perform(_ request: Request, rest: AsyncStream<Frame>, outbound: NIOAsyncChannelOutboundWriter<Frame>,
-                        instances: Instances) async throws {
+                        instances: Instances, shares: ShareMounts) async throws {
         switch request.op {
         case .exec:
             guard let exec = request.exec else { throw WireError(.badRequest, "exec without a command") }
@@ -86,12 +88,21 @@ public enum GuestAgent {
         case .shutdown:
             log("shutdown requested: stopping instances")
             await instances.stopAll()
+            await shares.unmountAll()
             sync()
             try await outbound.write(.json(.response, ["ok": true]))
             // Let the answer reach the host before the machine goes away.
             try await Task.sleep(for: .milliseconds(50))
             log("powering off")
             _ = uvm_poweroff()
+        case .mount:
+            guard let m = request.mount else { throw WireError(.badRequest, "mount: no share given") }
+            try await shares.mount(m)
+            try await outbound.write(.json(.response, ["ok": true]))
+        case .unmount:
+            guard let m = request.mount else { throw WireError(.badRequest, "unmount: no share given") }
+            try await shares.unmount(m.name)
+            try await outbound.write(.json(.response, ["ok": true]))
         default:
             throw WireError(.badRequest, "the guest does not serve '\(request.op.rawValue)'")
         }

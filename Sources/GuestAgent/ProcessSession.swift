@@ -169,6 +169,9 @@ struct ProcessSession {
 
     private func spawn(argv: [String], env: [String: String], cwd: String, account: Account,
                        stdio: (Int32, Int32, Int32), instance: Instance) throws -> pid_t {
+        // A working directory mapped from the host's is a convenience: where this user cannot
+        // enter it, start at home as if none had been given.
+        let fallback: String? = request.cwdIsImplicit == true ? account.home : nil
         let cArgv = argv.map { strdup($0) } + [nil]
         let cEnv = env.sorted { $0.key < $1.key }.map { strdup("\($0.key)=\($0.value)") } + [nil]
         defer {
@@ -183,11 +186,13 @@ struct ProcessSession {
                 account.groups.withUnsafeBufferPointer { groupsPtr in
                     (env["PATH"] ?? Self.defaultPath).withCString { pathEnv in
                         cwd.withCString { cwdPtr in
+                          fallback.withOptionalCString { fallbackPtr in
                             var a = uvm_spawn_args()
                             a.argv = argvPtr.baseAddress
                             a.envp = envPtr.baseAddress
                             a.path_env = pathEnv
                             a.cwd = cwdPtr
+                            a.fallback_cwd = fallbackPtr
                             a.uid = account.uid
                             a.gid = account.gid
                             a.groups = groupsPtr.baseAddress
@@ -198,6 +203,7 @@ struct ProcessSession {
                             a.tty = request.tty ? 1 : 0
                             a.instance_pid = instance.initPID
                             return uvm_spawn(&a, &helper, &err, &stage)
+                          }
                         }
                     }
                 }
@@ -242,4 +248,13 @@ final class ActivityCounter: Sendable {
     private let count = Atomic<Int>(0)
     func bump() { count.add(1, ordering: .relaxed) }
     var value: Int { count.load(ordering: .relaxed) }
+}
+
+extension Optional where Wrapped == String {
+    func withOptionalCString<R>(_ body: (UnsafePointer<CChar>?) -> R) -> R {
+        switch self {
+        case .some(let s): return s.withCString { body($0) }
+        case .none: return body(nil)
+        }
+    }
 }

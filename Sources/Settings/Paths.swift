@@ -35,6 +35,10 @@ public struct Paths: Sendable, Equatable {
     /// The host end of the guest agent's control port (QEMU binds it).
     public var controlSocket: String { "\(stateDir)/run/control.sock" }
     public var runDir: String { "\(stateDir)/run" }
+    /// The host end of 9P port `slot` (one port per mounted share).
+    public func ninePSocket(_ slot: Int) -> String { "\(stateDir)/run/9p-\(slot).sock" }
+    /// `uvm share add` shares, kept across restarts.
+    public var sharesFile: String { "\(dataDir)/shares.json" }
 
     public var kernel: String { ProcessInfo.processInfo.environment["UVM_KERNEL"] ?? "\(cacheDir)/kernel/current/bzImage" }
     public var kernelReleaseFile: String { "\(cacheDir)/kernel/current/release" }

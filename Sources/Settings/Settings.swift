@@ -15,6 +15,8 @@ public struct Settings: Sendable, Equatable {
     public var libvirtURI: String = getuid() == 0 ? "qemu:///system" : "qemu:///session"
     public var defaultDistro: String = "busybox"
     public var bootTimeoutSeconds: Double = 180
+    /// The host folder every distro sees at /mnt/host/home (WSL shows C: at /mnt/c); nil: none.
+    public var homeShare: String? = ProcessInfo.processInfo.environment["HOME"] ?? homeDirectory()
 
     public init() {}
 
@@ -26,6 +28,7 @@ public struct Settings: Sendable, Equatable {
         if let v = env["UVM_LIBVIRT_URI"], !v.isEmpty { s.libvirtURI = v }
         if let v = env["UVM_KERNEL_CMDLINE"] { s.kernelCommandLine = v }
         if let v = env["UVM_DEFAULT_DISTRO"], !v.isEmpty { s.defaultDistro = v }
+        if let v = env["UVM_HOME_SHARE"] { s.homeShare = ["", "off", "false", "no", "0"].contains(v.lowercased()) ? nil : v }
         return s
     }
 }

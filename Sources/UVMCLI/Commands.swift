@@ -18,7 +18,7 @@ public struct UVM: ParsableCommand {
             Environment: UVM_HOME (keep state there), UVM_ACCEL=auto|kvm|tcg, UVM_MEMORY_MB, UVM_CPUS, UVM_LIBVIRT_URI, UVM_SOCKET.
             """,
         version: "0.1.0",
-        subcommands: [Shell.self, Exec.self, Start.self, Stop.self, Status.self, Doctor.self],
+        subcommands: [Shell.self, Exec.self, Start.self, Stop.self, Status.self, Share.self, Doctor.self],
         defaultSubcommand: Shell.self)
 
     public init() {}
@@ -43,7 +43,7 @@ struct Exec: ParsableCommand {
 
     @OptionGroup var distro: DistroOptions
 
-    @Option(name: .customLong("cd"), help: "Working directory in the guest (default: the user's home).")
+    @Option(name: .customLong("cd"), help: "Working directory in the guest (default: the folder you are in, if it is in a share; else the user's home).")
     var cwd: String?
 
     @Option(name: [.short, .long], help: "Set an environment variable in the guest (KEY=VALUE; repeatable).")

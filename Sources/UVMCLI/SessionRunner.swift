@@ -27,6 +27,8 @@ enum SessionRunner {
         var request = exec
         let terminal = exec.tty ? RawTerminal(fd: 0) : nil
         if let size = terminal?.windowSize { (request.rows, request.cols) = (size.rows, size.cols) }
+        // getcwd is the physical path, as share roots are kept: uvmd maps it into a share.
+        if request.cwd == nil { request.hostCwd = FileManager.default.currentDirectoryPath }
         try conn.send(.json(.request, Request(op: .exec, exec: request)))
         terminal?.enterRawMode()
         defer { terminal?.restore() }

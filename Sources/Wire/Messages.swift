@@ -14,16 +14,28 @@ public struct Request: Codable, Sendable, Equatable {
         case stop        // clean shutdown (CLI -> uvmd)
         case info        // describe the guest (uvmd -> guest)
         case shutdown    // stop instances, sync, power off (uvmd -> guest)
+        case shareAdd    // export a host folder (CLI -> uvmd)
+        case shareList   // the shares (CLI -> uvmd)
+        case shareRemove // stop exporting a folder (CLI -> uvmd)
+        case mount       // mount a share from its 9P port (uvmd -> guest)
+        case unmount     // unmount a share and free its port (uvmd -> guest)
     }
     public var op: Operation
     public var exec: ExecRequest?
     /// Disk of each distro the guest may start, by name (uvmd -> guest, with exec).
     public var distroDisk: String?
+    /// shareAdd, shareRemove (only the name)
+    public var share: ShareSpec?
+    /// mount, unmount (only the name)
+    public var mount: MountRequest?
 
-    public init(op: Operation, exec: ExecRequest? = nil, distroDisk: String? = nil) {
+    public init(op: Operation, exec: ExecRequest? = nil, distroDisk: String? = nil,
+                share: ShareSpec? = nil, mount: MountRequest? = nil) {
         self.op = op
         self.exec = exec
         self.distroDisk = distroDisk
+        self.share = share
+        self.mount = mount
     }
 }
 
@@ -43,6 +55,12 @@ public struct ExecRequest: Codable, Sendable, Equatable {
     public var cols: UInt16?
     /// Run the user's login shell instead of argv (`uvm`, `uvm shell`).
     public var shell: Bool?
+    /// The caller's working directory on the host (CLI -> uvmd): inside a share, the process
+    /// starts in the matching guest path.
+    public var hostCwd: String?
+    /// `cwd` was derived from `hostCwd`, not asked for: where the user may not enter it, the
+    /// process starts in the home directory instead of failing.
+    public var cwdIsImplicit: Bool?
 
     public init(argv: [String], env: [String] = [], cwd: String? = nil, user: String? = nil,
                 distro: String? = nil, tty: Bool = false, rows: UInt16? = nil, cols: UInt16? = nil) {

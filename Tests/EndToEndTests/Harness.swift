@@ -39,18 +39,23 @@ enum Harness {
     }
 
     /// Runs `uvm ARGS` with `stdin` (nil: /dev/null) and returns what it printed.
-    static func run(_ args: [String], stdin: Data? = nil, home: String = Harness.home, env extra: [String: String] = [:]) throws -> Result {
-        try runProcess(uvm, args, stdin: stdin, env: environment(home: home, extra: extra))
+    static func run(_ args: [String], stdin: Data? = nil, home: String = Harness.home, env extra: [String: String] = [:],
+                    cwd: String = "/") throws -> Result {
+        try runProcess(uvm, args, stdin: stdin, env: environment(home: home, extra: extra), cwd: cwd)
     }
 
     /// Runs a shell pipeline with `uvm` on PATH, as a user would type it.
-    static func shell(_ script: String, home: String = Harness.home, env extra: [String: String] = [:]) throws -> Result {
-        try runProcess("/bin/sh", ["-c", script], stdin: nil, env: environment(home: home, extra: extra))
+    static func shell(_ script: String, home: String = Harness.home, env extra: [String: String] = [:], cwd: String = "/") throws -> Result {
+        try runProcess("/bin/sh", ["-c", script], stdin: nil, env: environment(home: home, extra: extra), cwd: cwd)
     }
 
-    static func runProcess(_ path: String, _ args: [String], stdin: Data?, env: [String: String], timeout: Double = 300) throws -> Result {
+    /// Runs in `cwd`: "/" unless a test wants otherwise, because a host folder inside a share
+    /// would change where guest commands start.
+    static func runProcess(_ path: String, _ args: [String], stdin: Data?, env: [String: String], timeout: Double = 300,
+                           cwd: String = "/") throws -> Result {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: path)
+        p.currentDirectoryURL = URL(fileURLWithPath: cwd)
         p.arguments = args
         p.environment = env
         let out = Pipe(), err = Pipe()
@@ -92,6 +97,7 @@ enum Harness {
     static func start(_ args: [String], home: String = Harness.home) throws -> Process {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: uvm)
+        p.currentDirectoryURL = URL(fileURLWithPath: "/")
         p.arguments = args
         p.environment = environment(home: home)
         p.standardInput = FileHandle.nullDevice

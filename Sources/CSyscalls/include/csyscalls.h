@@ -9,6 +9,7 @@ typedef struct uvm_spawn_args {
     char *const *envp;
     const char *path_env;     // PATH used for the lookup (the request's, not the agent's)
     const char *cwd;          // working directory inside the instance; NULL = "/"
+    const char *fallback_cwd; // where to start when chdir(cwd) fails; NULL = fail instead
     uid_t uid;
     gid_t gid;
     const gid_t *groups;
@@ -30,6 +31,20 @@ pid_t uvm_spawn(const uvm_spawn_args *args, pid_t *helper_pid, int *err_errno, c
 /// terminates everything in the instance. Returns its pid or -1 with *err_errno/*err_stage.
 pid_t uvm_start_instance(const char *device, const char *fstype, const char *mountpoint,
                          const char *hostname, int *err_errno, const char **err_stage);
+
+/// Where the agent mounts shares; instances see this tree at /mnt/host (slave propagation, so a
+/// share mounted or unmounted later appears or goes in every running instance too).
+#define UVM_SHARES_DIR "/run/uvm/host"
+
+/// Starts a thread relaying bytes between a virtio-serial port and a socket (the kernel's 9P
+/// trans=fd end): the port has no write_iter, so the kernel cannot use it directly. The thread
+/// owns both descriptors and closes them when either side ends or uvm_relay_stop is called.
+/// Returns a handle, or NULL with errno.
+typedef struct uvm_relay uvm_relay;
+uvm_relay *uvm_relay_start(int port_fd, int sock_fd);
+/// Waits up to timeout_ms for the relay to end by itself (the kernel let go of its socket);
+/// then stops it. Frees the handle. Returns 1 if it had ended by itself, 0 if it was stopped.
+int uvm_relay_finish(uvm_relay *relay, int timeout_ms);
 
 /// Waits until the host side of a virtio-serial port is connected (the port reports POLLHUP
 /// until then, and reads would return EOF). Returns 0, or -1 on timeout (timeout_ms < 0: none).

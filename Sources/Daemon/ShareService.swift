@@ -1,0 +1,96 @@
+import Logging
+import NIOHTTP2
+import Settings
+import Shares
+import Wire
+
+/// Shares as uvmd runs them: the list (ShareStore), their 9P servers (ShareExporter) and the
+/// guest's mounts, kept in step while the VM runs, so that `uvm share add/remove` need no restart.
+actor ShareService {
+    /// 9P ports given to every VM; each mounted share takes one.
+    static let portCount = 8
+
+    let store: ShareStore
+    let exporter: ShareExporter
+    let logger: Logger
+    private var link: HTTP2Sessions.ClientMultiplexer?
+    /// name -> "mounted" or "failed: why", for the running VM.
+    private var states: [String: String] = [:]
+
+    init(paths: Paths, settings: Settings, logger: Logger) {
+        store = ShareStore(file: paths.sharesFile, homeShare: settings.homeShare, capacity: Self.portCount)
+        exporter = ShareExporter(slots: Self.slots(paths), logger: logger)
+        self.logger = logger
+    }
+
+    static func slots(_ paths: Paths) -> [ShareExporter.Slot] {
+        (0..<portCount).map { ShareExporter.Slot(port: "uvm.9p.\($0)", socketPath: paths.ninePSocket($0)) }
+    }
+
+    /// The VM is up: mount every share before the first command runs. A share that cannot be
+    /// mounted (its folder is gone, say) is reported by `uvm share list`, not fatal.
+    func vmStarted(link: HTTP2Sessions.ClientMultiplexer) async {
+        self.link = link
+        states = [:]
+        let entries: [ShareStore.Entry]
+        do { entries = try store.entries() } catch {
+            logger.error("shares not mounted: \(error)")
+            return
+        }
+        for e in entries { await mount(e.spec) }
+    }
+
+    func vmStopped() async {
+        link = nil
+        states = [:]
+        await exporter.stopAll()
+    }
+
+    private func mount(_ spec: ShareSpec) async {
+        guard let link else { return }
+        do {
+            var share = spec
+            share.path = try ShareStore.canonicalDirectory(spec.path)
+            let slot = try await exporter.export(share)
+            _ = try await VMController.request(
+                Request(op: .mount, mount: MountRequest(name: share.name, port: slot.port, readOnly: share.readOnly)),
+                on: link, as: [String: Bool].self)
+            states[spec.name] = "mounted"
+            logger.info("share mounted", metadata: ["share": "\(spec.name)", "path": "\(share.path)", "port": "\(slot.port)"])
+        } catch {
+            await exporter.stop(spec.name)
+            states[spec.name] = "failed: \(error)"
+            logger.error("share not mounted", metadata: ["share": "\(spec.name)", "error": "\(error)"])
+        }
+    }
+
+    func add(_ spec: ShareSpec) async throws -> ShareStatus {
+        let share = try store.add(spec)
+        await mount(share)
+        return ShareStatus(share: share, source: "user", state: state(share.name))
+    }
+
+    func remove(_ name: String) async throws {
+        try store.remove(name)
+        states[name] = nil
+        guard let link, await exporter.exported.contains(name) else { return }
+        // The guest unmounts first (and lets go of the port), then the server goes.
+        _ = try? await VMController.request(Request(op: .unmount, mount: MountRequest(name: name, port: "")),
+                                            on: link, as: [String: Bool].self)
+        await exporter.stop(name)
+    }
+
+    func list() throws -> [ShareStatus] {
+        try store.entries().map { ShareStatus(share: $0.spec, source: $0.source, state: state($0.spec.name)) }
+    }
+
+    private func state(_ name: String) -> String {
+        link == nil ? "pending (mounted when the VM starts)" : (states[name] ?? "pending")
+    }
+
+    /// Where a command started in host directory `hostCwd` runs in the guest, if that is in a share.
+    func guestCwd(forHost hostCwd: String) -> String? {
+        guard let entries = try? store.entries() else { return nil }
+        return ShareStore.guestPath(forHost: hostCwd, in: entries.map(\.spec))
+    }
+}

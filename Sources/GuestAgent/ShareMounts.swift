@@ -1,0 +1,106 @@
+import CSyscalls
+import Glibc
+import NIOPosix
+import Wire
+
+/// Host folders mounted over 9P. Each share has its own virtio-serial port; a relay thread moves
+/// bytes between the port and the socket the kernel's `trans=fd` client uses, and the mount goes
+/// under UVM_SHARES_DIR, which every instance sees at /mnt/host.
+actor ShareMounts {
+    private struct Mounted {
+        var port: String
+        var relay: RelayHandle
+    }
+    private var mounted: [String: Mounted] = [:]
+
+    /// The shared tree the mounts go under: a tmpfs of its own, made shared so that instances
+    /// (slaves of it) see every later mount and unmount.
+    static func prepare() {
+        mkdir(UVM_SHARES_DIR, 0o755)
+        _ = uvm_mount("tmpfs", UVM_SHARES_DIR, "tmpfs", UInt(MS_NOSUID | MS_NODEV), "mode=0755")
+        _ = uvm_mount("", UVM_SHARES_DIR, "", UInt(MS_SHARED), nil)
+    }
+
+    var names: [String] { mounted.keys.sorted() }
+
+    func mount(_ request: MountRequest) async throws {
+        let name = request.name
+        guard !name.isEmpty, !name.contains("/"), name != ".", name != ".." else {
+            throw WireError(.badRequest, "bad share name '\(name)'")
+        }
+        if mounted[name] != nil { try await unmount(name) }
+        let portPath = try await GuestAgent.findPort(named: request.port)
+        // The previous user of this port may still be letting go of it (EBUSY).
+        var port: Int32 = -1
+        for _ in 0..<100 {
+            port = open(portPath, O_RDWR | O_CLOEXEC | O_NOCTTY)
+            if port >= 0 || errno != EBUSY { break }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        guard port >= 0 else { throw WireError(.internalError, "share \(name): cannot open \(portPath): \(String(cString: strerror(errno)))") }
+        // uvmd connects before asking; the guest learns of it a moment later.
+        guard uvm_wait_port_connected(port, 5000) == 0 else {
+            close(port)
+            throw WireError(.internalError, "share \(name): the host end of \(request.port) is not connected")
+        }
+        var sv: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &sv) == 0 else {
+            close(port)
+            throw WireError(.internalError, "share \(name): socketpair: \(String(cString: strerror(errno)))")
+        }
+        guard let relayPtr = uvm_relay_start(port, sv[1]) else {
+            close(port); close(sv[0]); close(sv[1])
+            throw WireError(.internalError, "share \(name): cannot start the relay: \(String(cString: strerror(errno)))")
+        }
+        let relay = RelayHandle(pointer: relayPtr)
+        let target = "\(UVM_SHARES_DIR)/\(name)"
+        mkdir(target, 0o755)
+        // cache=mmap, as WSL mounts its drives: no page cache for reads and writes, so what the
+        // guest writes is on the host when write() returns and host changes show at once; only
+        // mmap()ed files are cached, so programs that map files writable still work.
+        // access=client: the guest kernel checks permissions against the owners and modes the
+        // server reports, as on a local file system.
+        let options = "trans=fd,rfdno=\(sv[0]),wfdno=\(sv[0]),version=9p2000.L,msize=\(request.msize),cache=mmap,access=client,aname=\(name)"
+        let flags = UInt(MS_NOSUID | MS_NODEV) | (request.readOnly ? UInt(MS_RDONLY) : 0)
+        // Blocking (Tversion and Tattach go through the relay): keep it off the cooperative pool.
+        let rc = await Self.blocking { uvm_mount("uvm-\(name)", target, "9p", flags, options) }
+        close(sv[0])  // the kernel holds its own reference from here on
+        guard rc == 0 else {
+            _ = uvm_relay_finish(relay.pointer, 0)
+            rmdir(target)
+            throw WireError(.internalError, "share \(name): mount failed: \(String(cString: strerror(rc)))")
+        }
+        mounted[name] = Mounted(port: request.port, relay: relay)
+        log("share \(name) mounted at \(target) from \(request.port)")
+    }
+
+    /// Detaches the mount (files still open in the guest fail with EIO once the relay is gone)
+    /// and frees the port for another share.
+    func unmount(_ name: String) async throws {
+        guard let m = mounted.removeValue(forKey: name) else {
+            throw WireError(.notFound, "share \(name) is not mounted")
+        }
+        let target = "\(UVM_SHARES_DIR)/\(name)"
+        umount2(target, Int32(MNT_DETACH))
+        rmdir(target)
+        // The kernel closes its end once nothing in the guest uses the mount any more.
+        let relay = m.relay
+        _ = await Self.blocking { uvm_relay_finish(relay.pointer, 1000) }
+        log("share \(name) unmounted")
+    }
+
+    /// Before power-off: nothing is left writing to the host.
+    func unmountAll() async {
+        for name in names { try? await unmount(name) }
+    }
+
+    /// Blocking calls (mount waits for the host's answers) run off the cooperative pool.
+    private static func blocking<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
+        (try? await NIOThreadPool.singleton.runIfActive(body)) ?? body()
+    }
+}
+
+/// The relay thread's handle: used by one owner at a time (the actor, then the finishing call).
+struct RelayHandle: @unchecked Sendable {
+    let pointer: OpaquePointer
+}

@@ -1,0 +1,81 @@
+import Logging
+import NIOCore
+import NIOPosix
+import Plan9
+import Wire
+
+/// The host side of the shares of one running VM: each mounted share has a 9P port of its own
+/// (a virtio-serial port whose host end QEMU offers as a unix socket), served by a Plan9Server
+/// for that share's folder.
+public actor ShareExporter {
+    public struct Slot: Sendable {
+        public var port: String        // the port's name in the guest
+        public var socketPath: String  // QEMU's end on the host
+        public init(port: String, socketPath: String) {
+            self.port = port
+            self.socketPath = socketPath
+        }
+    }
+
+    private struct Active {
+        var slot: Int
+        var channel: Channel
+        var server: Plan9Server
+    }
+
+    public let slots: [Slot]
+    private let pool: NIOThreadPool
+    private let logger: Logger
+    private var active: [String: Active] = [:]
+
+    public init(slots: [Slot], logger: Logger) {
+        self.slots = slots
+        self.logger = logger
+        // One pool for every share: blocking file system calls in flight at once, across shares.
+        pool = NIOThreadPool(numberOfThreads: 16)
+        pool.start()
+    }
+
+    deinit { pool.shutdownGracefully { _ in } }
+
+    public var exported: [String] { active.keys.sorted() }
+
+    /// Starts serving `share` on a free port; returns the port for the guest to mount.
+    public func export(_ share: ShareSpec) async throws -> Slot {
+        if active[share.name] != nil { await stop(share.name) }
+        let used = Set(active.values.map(\.slot))
+        guard let slot = slots.indices.first(where: { !used.contains($0) }) else {
+            throw WireError(.badRequest, "no free 9P port for share \(share.name) (at most \(slots.count) shares)")
+        }
+        var log = logger
+        log[metadataKey: "share"] = "\(share.name)"
+        let server = try Plan9Server(export: Plan9Export(root: share.path, readOnly: share.readOnly, metadata: share.metadata),
+                                     threadPool: pool, logger: log)
+        let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelOption(.socketOption(.so_rcvbuf), value: 4 << 20)
+            .channelOption(.socketOption(.so_sndbuf), value: 4 << 20)
+            .channelInitializer { server.configure(channel: $0) }
+            .connect(unixDomainSocketPath: slots[slot].socketPath).get()
+        active[share.name] = Active(slot: slot, channel: channel, server: server)
+        let name = share.name
+        channel.closeFuture.whenComplete { _ in
+            Task { await self.closed(name, channel: channel) }
+        }
+        return slots[slot]
+    }
+
+    private func closed(_ name: String, channel: Channel) {
+        if let a = active[name], a.channel === channel { active[name] = nil }
+    }
+
+    /// Ends the 9P session of `name` (after the guest unmounted it) and frees its port.
+    public func stop(_ name: String) async {
+        guard let a = active.removeValue(forKey: name) else { return }
+        try? await a.channel.close()
+    }
+
+    /// The VM is gone: its ports went with it.
+    public func stopAll() async {
+        for name in exported { await stop(name) }
+    }
+}

@@ -1,0 +1,55 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// A host folder shown in every distro at `/mnt/host/NAME`.
+public struct ShareSpec: Codable, Sendable, Equatable {
+    public var name: String
+    /// Absolute host path (the CLI resolves it against its working directory).
+    public var path: String
+    public var readOnly: Bool
+    /// WSL's "metadata": guest owners and modes kept in xattrs.
+    public var metadata: Bool
+
+    public init(name: String, path: String, readOnly: Bool = false, metadata: Bool = false) {
+        self.name = name
+        self.path = path
+        self.readOnly = readOnly
+        self.metadata = metadata
+    }
+
+    public static let guestRoot = "/mnt/host"
+    public var guestPath: String { "\(Self.guestRoot)/\(name)" }
+}
+
+/// A share as `uvm share list` shows it.
+public struct ShareStatus: Codable, Sendable, Equatable {
+    public var share: ShareSpec
+    public var guestPath: String
+    /// "config" for the default home share, "user" for `uvm share add`.
+    public var source: String
+    /// "mounted" in the running VM, "pending" (mounted at the next boot), or "failed: why".
+    public var state: String
+    public init(share: ShareSpec, source: String, state: String) {
+        self.share = share
+        self.guestPath = share.guestPath
+        self.source = source
+        self.state = state
+    }
+}
+
+/// uvmd -> guest: mount share `name` from the 9P port `port` (a virtio-serial port name).
+public struct MountRequest: Codable, Sendable, Equatable {
+    public var name: String
+    public var port: String
+    public var readOnly: Bool
+    public var msize: UInt32
+    public init(name: String, port: String, readOnly: Bool = false, msize: UInt32 = 512 * 1024) {
+        self.name = name
+        self.port = port
+        self.readOnly = readOnly
+        self.msize = msize
+    }
+}

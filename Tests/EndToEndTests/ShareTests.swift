@@ -1,0 +1,342 @@
+import Foundation
+import Testing
+
+extension EndToEnd {
+    /// Host folders in the guest over our 9P server: what a user sees through the guest kernel's
+    /// own 9P client (trans=fd, relayed over a virtio-serial port), on the real VM.
+    @Suite struct ShareTests {
+        /// A fresh host folder shared as /mnt/host/NAME.
+        static func share(_ name: String, options: [String] = [], mode: mode_t = 0o755) throws -> String {
+            let dir = "/tmp/uvm-e2e-share-\(getpid())-\(name)"
+            try? FileManager.default.removeItem(atPath: dir)
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            // Before the guest first sees it: the guest kernel keeps a directory's mode from its
+            // last stat (cache=mmap revalidates attributes on stat, not on every lookup).
+            chmod(dir, mode)
+            _ = try? Harness.run(["share", "remove", name])
+            let r = try Harness.run(["share", "add", name, dir] + options)
+            #expect(r.status == 0, "share add: \(r.err)")
+            return dir
+        }
+
+        static func unshare(_ name: String, _ dir: String) {
+            _ = try? Harness.run(["share", "remove", name])
+            try? FileManager.default.removeItem(atPath: dir)
+        }
+
+        static func guest(_ script: String, user: String? = nil, cwd: String = "/") throws -> Harness.Result {
+            try Harness.run(["exec"] + (user.map { ["--user", $0] } ?? []) + ["--", "sh", "-c", script], cwd: cwd)
+        }
+
+        static func sha256(_ path: String) throws -> String {
+            let r = try Harness.runProcess("/usr/bin/sha256sum", [path], stdin: nil, env: ProcessInfo.processInfo.environment)
+            return String(r.out.prefix(64))
+        }
+
+        @Test func homeIsSharedAndSharesComeAndGoWhileTheVMRuns() throws {
+            // The default share: the host home, as the guest lists it.
+            let home = ProcessInfo.processInfo.environment["HOME"] ?? NSHomeDirectory()
+            let hostNames = try FileManager.default.contentsOfDirectory(atPath: home).sorted()
+            let r = try Self.guest("ls /mnt/host; ls -A /mnt/host/home | sort")
+            #expect(r.status == 0, "stderr: \(r.err)")
+            let lines = r.out.split(separator: "\n").map(String.init)
+            #expect(lines.first == "home")
+            #expect(Array(lines.dropFirst()).sorted() == hostNames)
+
+            // Added while the VM runs: there at once, in an instance that was already running.
+            let dir = try Self.share("live")
+            defer { Self.unshare("live", dir) }
+            try "from the host\n".write(toFile: dir + "/hello", atomically: false, encoding: .utf8)
+            let list = try Harness.run(["share", "list", "--format", "json"])
+            let shares = try JSONSerialization.jsonObject(with: list.stdout) as? [[String: Any]] ?? []
+            let live = shares.first { ($0["share"] as? [String: Any])?["name"] as? String == "live" }
+            #expect(live?["state"] as? String == "mounted", "\(list.out)")
+            #expect(live?["guestPath"] as? String == "/mnt/host/live")
+            #expect(try Self.guest("cat /mnt/host/live/hello").out == "from the host\n")
+
+            // Removed: gone from the guest at once and from the list.
+            #expect(try Harness.run(["share", "remove", "live"]).status == 0)
+            let after = try Self.guest("ls /mnt/host; test -e /mnt/host/live/hello && echo still-there")
+            #expect(after.out == "home\n", "stderr: \(after.err)")
+            #expect(!(try Harness.run(["share", "list"]).out.contains("live")))
+        }
+
+        @Test func badShareRequestsFailWithAReason() throws {
+            let missing = try Harness.run(["share", "add", "nope", "/nonexistent/folder"])
+            #expect(missing.status != 0 && missing.err.contains("/nonexistent/folder"), "\(missing.err)")
+            let badName = try Harness.run(["share", "add", "../etc", "/tmp"])
+            #expect(badName.status != 0 && badName.err.contains("bad share name"), "\(badName.err)")
+            let dup = try Harness.run(["share", "add", "home", "/tmp"])
+            #expect(dup.status != 0 && dup.err.contains("exists already"), "\(dup.err)")
+            let unknown = try Harness.run(["share", "remove", "never-added"])
+            #expect(unknown.status != 0 && unknown.err.contains("no share"), "\(unknown.err)")
+            let file = try Harness.run(["share", "add", "file", "/etc/hostname"])
+            #expect(file.status != 0 && file.err.contains("not a directory"), "\(file.err)")
+        }
+
+        /// The same program of file operations on the share and on the guest's tmpfs prints the
+        /// same lines (see Fixtures/fsops.c for the list: create, rename over, unlink while open,
+        /// sparse past 4 GiB, 10,000 entries, flock, fcntl locks, ...).
+        @Test func shareBehavesLikeTheGuestsTmpfs() throws {
+            let dir = try Self.share("diff")
+            defer { Self.unshare("diff", dir) }
+            let source = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Fixtures/fsops.c").path
+            let cc = try Harness.runProcess("/usr/bin/cc", ["-static", "-O2", "-o", dir + "/fsops", source], stdin: nil,
+                                            env: ProcessInfo.processInfo.environment)
+            try #require(cc.status == 0, "cc: \(cc.err)")
+            try FileManager.default.createDirectory(atPath: dir + "/work", withIntermediateDirectories: true)
+            let r = try Self.guest("""
+                mkdir -p /dev/shm/fsops && /mnt/host/diff/fsops /mnt/host/diff/work > /dev/shm/share.out && \
+                /mnt/host/diff/fsops /dev/shm/fsops > /dev/shm/tmpfs.out && \
+                cat /dev/shm/share.out && echo ==== && cat /dev/shm/tmpfs.out
+                """)
+            try #require(r.status == 0, "stderr: \(r.err)")
+            let parts = r.out.components(separatedBy: "====\n")
+            try #require(parts.count == 2)
+            let share = parts[0].split(separator: "\n"), tmpfs = parts[1].split(separator: "\n")
+            #expect(share.count == tmpfs.count)
+            for (a, b) in zip(share, tmpfs) where a != b { Issue.record("share: \(a)\ntmpfs: \(b)") }
+            // The script really ran (a failure on both sides would compare equal).
+            for expected in ["list big: 10002 entries, 0 duplicates, hash ", "list big after removing half: 5000 entries, 0 duplicates, hash "] {
+                #expect(share.contains { $0.hasPrefix(expected) }, "missing: \(expected)")
+            }
+            for expected in ["created in big: 10000", "read unlinked u via second fd: 7 'keepING'", "sparse size: 5368709123",
+                             "read at 5 GiB: 3 'far'", "flock l2 exclusive (held): errno EAGAIN",
+                             "child fcntl lock byte 1 (held): refused", "rename d over non-empty f: errno ENOTEMPTY",
+                             "b times: atime 1000000000 mtime 1500000000", "statfs: ok", "fsync b: ok"] {
+                #expect(share.contains { $0 == expected }, "missing: \(expected)")
+            }
+            // And it happened on the host.
+            // b: "hello\n", "HE" written over, "more\n" appended, cut to 3, grown to 10, renamed
+            // onto b, then "HL\n" and "sync\n" appended.
+            #expect(FileManager.default.contents(atPath: dir + "/work/b") == Data("HEl".utf8 + [UInt8](repeating: 0, count: 7) + "HL\nsync\n".utf8))
+            #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/work/big").count == 5000)
+            #expect(try FileManager.default.destinationOfSymbolicLink(atPath: dir + "/work/sl") == "b")
+        }
+
+        /// Whatever the guest tries, the host file outside the share is neither opened nor changed.
+        /// inotify on the outside folder sees every open, read and write there, by anyone.
+        @Test func guestCannotReachOutsideTheShare() throws {
+            let dir = try Self.share("jail")
+            defer { Self.unshare("jail", dir) }
+            let outside = "/tmp/uvm-e2e-outside-\(getpid())"
+            try? FileManager.default.removeItem(atPath: outside)
+            try FileManager.default.createDirectory(atPath: outside, withIntermediateDirectories: true)
+            defer { try? FileManager.default.removeItem(atPath: outside) }
+            try "OUTSIDE-SECRET\n".write(toFile: outside + "/secret", atomically: false, encoding: .utf8)
+            let before = try FileManager.default.attributesOfItem(atPath: outside + "/secret")
+            // Planted on the host: symlinks out (absolute and relative), a FIFO, a device node.
+            try FileManager.default.createSymbolicLink(atPath: dir + "/abs", withDestinationPath: outside + "/secret")
+            try FileManager.default.createSymbolicLink(atPath: dir + "/rel", withDestinationPath: "../uvm-e2e-outside-\(getpid())/secret")
+            try FileManager.default.createSymbolicLink(atPath: dir + "/absdir", withDestinationPath: outside)
+            #expect(mkfifo(dir + "/fifo", 0o666) == 0)
+            let haveDevice = mknod(dir + "/hostnull", S_IFCHR | 0o666, dev_t((1 << 8) | 3)) == 0  // /dev/null's 1:3
+            try FileManager.default.createDirectory(atPath: dir + "/swap", withIntermediateDirectories: true)
+            try "INSIDE\n".write(toFile: dir + "/swap/secret", atomically: false, encoding: .utf8)
+
+            // Also the host's special files: the server must never open them.
+            let watch = try InotifyWatch([outside, outside + "/secret", dir + "/fifo"] + (haveDevice ? [dir + "/hostnull"] : []))
+            // A host thread swaps `swap` between a real directory and a symlink to the outside
+            // while the guest keeps reading swap/secret.
+            let stop = Box()
+            let swapper = Thread {
+                let fm = FileManager.default
+                while stop.data.isEmpty {
+                    try? fm.moveItem(atPath: dir + "/swap", toPath: dir + "/swap.real")
+                    try? fm.createSymbolicLink(atPath: dir + "/swap", withDestinationPath: outside)
+                    usleep(2000)
+                    try? fm.removeItem(atPath: dir + "/swap")
+                    try? fm.moveItem(atPath: dir + "/swap.real", toPath: dir + "/swap")
+                    usleep(2000)
+                }
+            }
+            swapper.start()
+            let r = try Self.guest("""
+                cd /mnt/host/jail
+                cat abs rel absdir/secret 2>&1
+                echo pwned > abs 2>&1; echo pwned > rel 2>&1; echo pwned > absdir/secret 2>&1
+                ls .. ; ls ../.. >/dev/null; cat ../../../tmp/uvm-e2e-outside-*/secret 2>&1
+                ln /etc/passwd hardlink 2>&1 || echo link-refused
+                mknod dev c 1 3 2>&1 || echo mknod-refused
+                timeout 2 cat fifo; echo fifo-status=$?
+                cat hostnull; echo device-status=$?
+                i=0; while [ $i -lt 300 ]; do cat swap/secret 2>/dev/null; i=$((i+1)); done | sort | uniq -c
+                echo done
+                """)
+            stop.data = Data([1])
+            while swapper.isExecuting { usleep(10000) }
+            // Checked first: looking at the folder ourselves below opens it.
+            #expect(watch.events() == [], "something opened or changed the outside folder")
+            #expect(r.status == 0, "stderr: \(r.err)")
+            #expect(r.out.contains("done"))
+            #expect(!r.out.contains("OUTSIDE-SECRET"), "the guest read the outside file: \(r.out)")
+            #expect(r.out.contains("INSIDE"), "the race never read the inside file: \(r.out)")
+            #expect(r.out.contains("link-refused"))
+            #expect(r.out.contains("mknod-refused"))
+            #expect(!FileManager.default.fileExists(atPath: dir + "/dev"))
+            #expect(!FileManager.default.fileExists(atPath: dir + "/hardlink"))
+            // The outside file: same bytes, same times, never even opened.
+            #expect(try String(contentsOfFile: outside + "/secret", encoding: .utf8) == "OUTSIDE-SECRET\n")
+            let after = try FileManager.default.attributesOfItem(atPath: outside + "/secret")
+            #expect(after[.modificationDate] as? Date == before[.modificationDate] as? Date)
+            #expect(try FileManager.default.contentsOfDirectory(atPath: outside) == ["secret"])
+        }
+
+        @Test func eightWritersAndEightReadersGetTheirBytes() throws {
+            let dir = try Self.share("par")
+            defer { Self.unshare("par", dir) }
+            let shared = Data((0..<(8 << 20)).map { _ in UInt8.random(in: 0...255) })
+            try shared.write(to: URL(fileURLWithPath: dir + "/shared"))
+            let expected = try Self.sha256(dir + "/shared")
+            let r = try Self.guest("""
+                cd /mnt/host/par
+                for i in 1 2 3 4 5 6 7 8; do dd if=/dev/urandom of=w$i bs=65536 count=48 2>/dev/null & done; wait
+                for i in 1 2 3 4 5 6 7 8; do sha256sum w$i; done
+                for i in 1 2 3 4 5 6 7 8; do (sha256sum shared > /dev/shm/r$i) & done; wait
+                cat /dev/shm/r*
+                """)
+            #expect(r.status == 0, "stderr: \(r.err)")
+            var writers = 0, readers = 0
+            for line in r.out.split(separator: "\n") {
+                let f = line.split(separator: " ", omittingEmptySubsequences: true)
+                guard f.count == 2 else { continue }
+                if f[1] == "shared" {
+                    readers += 1
+                    #expect(String(f[0]) == expected, "a reader got other bytes")
+                } else {
+                    writers += 1
+                    #expect(try Self.sha256(dir + "/" + f[1]) == String(f[0]), "\(f[1]) differs on the host")
+                    #expect((try FileManager.default.attributesOfItem(atPath: dir + "/" + f[1])[.size] as? Int) == 48 * 65536)
+                }
+            }
+            #expect(writers == 8 && readers == 8, "\(r.out)")
+        }
+
+        /// cache=mmap: no page cache between the guest and the host for reads and writes.
+        @Test func writesAndHostChangesAreSeenAtOnce() throws {
+            let dir = try Self.share("vis")
+            defer { Self.unshare("vis", dir) }
+            let file = dir + "/f"
+            func content() -> String { (try? String(contentsOfFile: file, encoding: .utf8)) ?? "" }
+            // The guest writes and fsyncs, then keeps the file open: the host sees it before close.
+            let writer = try Harness.start(["exec", "--", "sh", "-c", """
+                exec 3>/mnt/host/vis/f; echo one >&3; sync /mnt/host/vis/f
+                while [ ! -e /mnt/host/vis/go ]; do sleep 0.1; done
+                echo two >&3; sleep 30
+                """])
+            defer { writer.terminate() }
+            #expect(Harness.waitUntil(timeout: 30) { content() == "one\n" }, "after write+fsync: '\(content())'")
+            FileManager.default.createFile(atPath: dir + "/go", contents: nil)
+            #expect(Harness.waitUntil(timeout: 30) { content() == "one\ntwo\n" }, "second write, file still open: '\(content())'")
+            writer.terminate()
+            writer.waitUntilExit()
+
+            // The host changes a file the guest has read: the guest's next read sees the change.
+            try "old\n".write(toFile: file, atomically: false, encoding: .utf8)
+            let reader = try Harness.start(["exec", "--", "sh", "-c", """
+                cat /mnt/host/vis/f > /mnt/host/vis/first
+                i=0; while [ $i -lt 300 ]; do [ "$(cat /mnt/host/vis/f)" = "new and longer" ] && { echo seen > /mnt/host/vis/seen; break; }; sleep 0.1; i=$((i+1)); done
+                """])
+            defer { reader.terminate() }
+            #expect(Harness.waitUntil(timeout: 30) { FileManager.default.fileExists(atPath: dir + "/first") })
+            try "new and longer\n".write(toFile: file, atomically: false, encoding: .utf8)
+            #expect(Harness.waitUntil(timeout: 30) { FileManager.default.fileExists(atPath: dir + "/seen") }, "the guest never saw the host's change")
+            // Written in the guest, there on the host as soon as the command is done.
+            _ = try Self.guest("seq 1 1000 > /mnt/host/vis/numbers")
+            #expect(content().isEmpty == false)
+            #expect((try? String(contentsOfFile: dir + "/numbers", encoding: .utf8))?.hasSuffix("999\n1000\n") == true)
+        }
+
+        @Test func commandsStartInTheMatchingGuestFolder() throws {
+            let dir = try Self.share("cwd")
+            defer { Self.unshare("cwd", dir) }
+            try FileManager.default.createDirectory(atPath: dir + "/proj/src", withIntermediateDirectories: true)
+            try FileManager.default.createDirectory(atPath: dir + "/private", withIntermediateDirectories: true)
+            chmod(dir + "/private", 0o700)
+            #expect(try Self.guest("pwd", cwd: dir + "/proj/src").out == "/mnt/host/cwd/proj/src\n")
+            #expect(try Self.guest("pwd", cwd: dir).out == "/mnt/host/cwd\n")
+            // Outside every share: the user's home; --cd wins over both.
+            #expect(try Self.guest("pwd", cwd: "/").out == "/root\n")
+            #expect(try Harness.run(["exec", "--cd", "/tmp", "--", "pwd"], cwd: dir).out == "/tmp\n")
+            // A shell started there (commands on stdin) starts there too.
+            #expect(try Harness.run([], stdin: Data("pwd\n".utf8), cwd: dir + "/proj").out == "/mnt/host/cwd/proj\n")
+            // A user who may not enter the folder starts at home instead of failing.
+            let u = try Self.guest("pwd", user: "uvm", cwd: dir + "/private")
+            #expect(u.status == 0 && u.out == "/home/uvm\n", "stderr: \(u.err)")
+        }
+
+        @Test func readOnlySharesRefuseWritesAndGuestFilesBelongToTheHostUser() throws {
+            let ro = try Self.share("ro", options: ["--read-only"])
+            defer { Self.unshare("ro", ro) }
+            try "keep\n".write(toFile: ro + "/f", atomically: false, encoding: .utf8)
+            let r = try Self.guest("cat /mnt/host/ro/f; echo x > /mnt/host/ro/f; echo x > /mnt/host/ro/new; mkdir /mnt/host/ro/d; rm /mnt/host/ro/f; echo end")
+            #expect(r.out == "keep\nend\n")
+            #expect(r.err.components(separatedBy: "Read-only file system").count - 1 == 4, "\(r.err)")
+            #expect(try FileManager.default.contentsOfDirectory(atPath: ro) == ["f"])
+            #expect(try String(contentsOfFile: ro + "/f", encoding: .utf8) == "keep\n")
+
+            // Created by a guest user: owned by the host user who runs uvmd.
+            let rw = try Self.share("own", mode: 0o777)
+            defer { Self.unshare("own", rw) }
+            let w = try Self.guest("echo hi > /mnt/host/own/byuvm && stat -c %u /mnt/host/own/byuvm", user: "uvm")
+            #expect(w.status == 0, "stderr: \(w.err)")
+            let owner = try FileManager.default.attributesOfItem(atPath: rw + "/byuvm")[.ownerAccountID] as? NSNumber
+            #expect(owner?.uint32Value == getuid())
+
+            // With --metadata, chown and chmod in the guest persist (in xattrs, not on the host inode).
+            let md = try Self.share("meta", options: ["--metadata"])
+            defer { Self.unshare("meta", md) }
+            let m = try Self.guest("cd /mnt/host/meta && echo x > f && chown 1000:1000 f && chmod 640 f && stat -c '%u %g %a' f")
+            #expect(m.out == "1000 1000 640\n", "stderr: \(m.err)")
+            let again = try Self.guest("stat -c '%u %g %a' /mnt/host/meta/f")
+            #expect(again.out == "1000 1000 640\n")
+            let hostOwner = try FileManager.default.attributesOfItem(atPath: md + "/f")[.ownerAccountID] as? NSNumber
+            #expect(hostOwner?.uint32Value == getuid())
+            // (Glibc's overlay has no getxattr.)
+            let xattrs = try Harness.runProcess("/usr/bin/python3", ["-c", "import os,sys; print(os.listxattr(sys.argv[1]))", md + "/f"],
+                                                stdin: nil, env: ProcessInfo.processInfo.environment)
+            #expect(xattrs.out.contains("user.uvm.stat"), "no metadata xattr on the host file: \(xattrs.out) \(xattrs.err)")
+        }
+
+        @Test func sharesSurviveARestart() throws {
+            let dir = try Self.share("keep")
+            defer { Self.unshare("keep", dir) }
+            try "persisted\n".write(toFile: dir + "/f", atomically: false, encoding: .utf8)
+            #expect(try Harness.run(["stop"]).status == 0)
+            let r = try Self.guest("cat /mnt/host/keep/f")
+            #expect(r.out == "persisted\n", "stderr: \(r.err)")
+        }
+    }
+}
+
+/// inotify on some paths: every open, access, modify or attribute change, by any process.
+final class InotifyWatch {
+    let fd: Int32
+    init(_ paths: [String]) throws {
+        fd = inotify_init1(Int32(IN_NONBLOCK | IN_CLOEXEC))
+        guard fd >= 0 else { throw POSIXError(.init(rawValue: errno) ?? .EIO) }
+        for p in paths {
+            let mask = UInt32(IN_OPEN | IN_ACCESS | IN_MODIFY | IN_ATTRIB | IN_CREATE | IN_DELETE | IN_MOVED_TO | IN_MOVED_FROM)
+            guard inotify_add_watch(fd, p, mask) >= 0 else { throw POSIXError(.init(rawValue: errno) ?? .EIO) }
+        }
+    }
+    deinit { close(fd) }
+
+    /// The event masks seen since the watch began.
+    func events() -> [UInt32] {
+        var out: [UInt32] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = read(fd, &buf, buf.count)
+            guard n > 0 else { break }
+            var off = 0
+            while off + 16 <= n {
+                let mask = buf[off + 4..<off + 8].withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }
+                let len = buf[off + 12..<off + 16].withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }
+                out.append(mask)
+                off += 16 + Int(len)
+            }
+        }
+        return out
+    }
+}
