@@ -51,6 +51,7 @@ unit-test:
 
 bench: setup build kernel images
 	UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) python3 scripts/bench.py
+	UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) python3 scripts/bench_9p.py
 
 doctor: build
 	@$(BIN)/uvm doctor

@@ -53,7 +53,8 @@ actor ShareService {
             share.path = try ShareStore.canonicalDirectory(spec.path)
             let slot = try await exporter.export(share)
             _ = try await VMController.request(
-                Request(op: .mount, mount: MountRequest(name: share.name, port: slot.port, readOnly: share.readOnly)),
+                Request(op: .mount, mount: MountRequest(name: share.name, port: slot.port, readOnly: share.readOnly,
+                                                        aname: share.serverCommand == nil ? nil : share.path)),
                 on: link, as: [String: Bool].self)
             states[spec.name] = "mounted"
             logger.info("share mounted", metadata: ["share": "\(spec.name)", "path": "\(share.path)", "port": "\(slot.port)"])

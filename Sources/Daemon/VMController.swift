@@ -119,7 +119,7 @@ public actor VMController {
 
         var cmdline = "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init"
         if !settings.kernelCommandLine.isEmpty { cmdline += " " + settings.kernelCommandLine }
-        let spec = VMSpec(
+        var spec = VMSpec(
             name: paths.domainName, accelerator: accel.accelerator,
             memoryMiB: settings.memoryMiB, vcpus: settings.processors,
             kernel: paths.kernel, initrd: paths.initramfs, cmdline: cmdline,
@@ -127,6 +127,10 @@ public actor VMController {
             channels: [VMSpec.Channel(name: "uvm.control", socketPath: paths.controlSocket)]
                 + ShareService.slots(paths).map { VMSpec.Channel(name: $0.port, socketPath: $0.socketPath) },
             consoleLog: paths.consoleLog, userNetwork: true)
+        // Benchmarks only: QEMU's own virtio-9p on the same guest, to compare with our server.
+        if let dir = ProcessInfo.processInfo.environment["UVM_BENCH_VIRTIO_9P"], !dir.isEmpty {
+            spec.filesystems = [VMSpec.Filesystem(source: dir, tag: "bench9p")]
+        }
         await progress("uvm: starting the VM (\(accel.accelerator.rawValue.uppercased()): \(accel.reason))")
         logger.info("booting", metadata: ["accel": "\(accel)", "domain": "\(spec.name)"])
         let started = ContinuousClock.now

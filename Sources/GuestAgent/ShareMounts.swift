@@ -12,6 +12,7 @@ actor ShareMounts {
         var relay: RelayHandle
     }
     private var mounted: [String: Mounted] = [:]
+    static let mountTimeoutSeconds = 20
 
     /// The shared tree the mounts go under: a tmpfs of its own, made shared so that instances
     /// (slaves of it) see every later mount and unmount.
@@ -60,15 +61,33 @@ actor ShareMounts {
         // mmap()ed files are cached, so programs that map files writable still work.
         // access=client: the guest kernel checks permissions against the owners and modes the
         // server reports, as on a local file system.
-        let options = "trans=fd,rfdno=\(sv[0]),wfdno=\(sv[0]),version=9p2000.L,msize=\(request.msize),cache=mmap,access=client,aname=\(name)"
+        let options = "trans=fd,rfdno=\(sv[0]),wfdno=\(sv[0]),version=9p2000.L,msize=\(request.msize),cache=mmap,access=client,aname=\(request.aname ?? name)"
         let flags = UInt(MS_NOSUID | MS_NODEV) | (request.readOnly ? UInt(MS_RDONLY) : 0)
         // Blocking (Tversion and Tattach go through the relay): keep it off the cooperative pool.
-        let rc = await Self.blocking { uvm_mount("uvm-\(name)", target, "9p", flags, options) }
-        close(sv[0])  // the kernel holds its own reference from here on
+        // A server that never answers must not hang the boot: after the bound, shutting the
+        // socket down makes the kernel see EOF and fail the mount.
+        let kernelEnd = sv[0]
+        let rc = await withTaskGroup(of: Int32?.self) { group in
+            group.addTask { await Self.blocking { uvm_mount("uvm-\(name)", target, "9p", flags, options) } }
+            group.addTask {
+                guard (try? await Task.sleep(for: .seconds(Self.mountTimeoutSeconds))) != nil else { return nil }
+                shutdown(kernelEnd, Int32(SHUT_RDWR))
+                return nil
+            }
+            var result: Int32 = ETIMEDOUT
+            while let r = await group.next() {
+                if let r {
+                    result = r
+                    group.cancelAll()
+                }
+            }
+            return result
+        }
+        close(kernelEnd)  // the kernel holds its own reference from here on
         guard rc == 0 else {
             _ = uvm_relay_finish(relay.pointer, 0)
             rmdir(target)
-            throw WireError(.internalError, "share \(name): mount failed: \(String(cString: strerror(rc)))")
+            throw WireError(.internalError, "share \(name): mount failed: \(String(cString: strerror(rc))) (the 9P server refused the attach or did not answer within \(Self.mountTimeoutSeconds) s)")
         }
         mounted[name] = Mounted(port: request.port, relay: relay)
         log("share \(name) mounted at \(target) from \(request.port)")

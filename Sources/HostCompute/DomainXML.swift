@@ -31,6 +31,17 @@ public struct VMSpec: Sendable, Equatable {
         }
     }
 
+    /// A host folder served by QEMU's own virtio-9p (`mount -t 9p -o trans=virtio TAG`). uvm
+    /// shares go through its own server; this is here so benchmarks can compare the two.
+    public struct Filesystem: Sendable, Equatable {
+        public var source: String
+        public var tag: String
+        public init(source: String, tag: String) {
+            self.source = source
+            self.tag = tag
+        }
+    }
+
     /// The uid/gid QEMU runs as.
     public enum ProcessIdentity: Sendable, Equatable {
         /// Whatever the libvirt daemon is configured for (libvirt-qemu under qemu:///system), with
@@ -66,6 +77,7 @@ public struct VMSpec: Sendable, Equatable {
     /// as root. Running QEMU as the caller gives the VM exactly the caller's rights, which is what
     /// qemu:///session gives an ordinary user anyway (there the label is a no-op).
     public var processIdentity: ProcessIdentity
+    public var filesystems: [Filesystem] = []
 
     public init(
         name: String,
@@ -155,6 +167,12 @@ public func domainXML(for spec: VMSpec) -> String {
         x.empty("source", ["mode": "bind", "path": channel.socketPath])
         x.empty("target", ["type": "virtio", "name": channel.name])
         x.close("channel")
+    }
+    for fs in spec.filesystems {
+        x.open("filesystem", ["type": "mount", "accessmode": "passthrough"])
+        x.empty("source", ["dir": fs.source])
+        x.empty("target", ["dir": fs.tag])
+        x.close("filesystem")
     }
     if spec.userNetwork {
         x.open("interface", ["type": "user"])

@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import NIOCore
 import NIOPosix
@@ -19,8 +20,10 @@ public actor ShareExporter {
 
     private struct Active {
         var slot: Int
-        var channel: Channel
-        var server: Plan9Server
+        var channel: Channel?
+        var server: Plan9Server?
+        /// A share served by an outside command (benchmarks).
+        var process: Process?
     }
 
     public let slots: [Slot]
@@ -47,6 +50,10 @@ public actor ShareExporter {
         guard let slot = slots.indices.first(where: { !used.contains($0) }) else {
             throw WireError(.badRequest, "no free 9P port for share \(share.name) (at most \(slots.count) shares)")
         }
+        if let command = share.serverCommand {
+            active[share.name] = Active(slot: slot, process: try Self.spawn(command, on: slots[slot].socketPath))
+            return slots[slot]
+        }
         var log = logger
         log[metadataKey: "share"] = "\(share.name)"
         let server = try Plan9Server(export: Plan9Export(root: share.path, readOnly: share.readOnly, metadata: share.metadata),
@@ -71,7 +78,37 @@ public actor ShareExporter {
     /// Ends the 9P session of `name` (after the guest unmounted it) and frees its port.
     public func stop(_ name: String) async {
         guard let a = active.removeValue(forKey: name) else { return }
-        try? await a.channel.close()
+        try? await a.channel?.close()
+        if let p = a.process, p.isRunning {
+            p.terminate()
+            p.waitUntilExit()
+        }
+    }
+
+    /// `sh -c command` with stdin and stdout connected to QEMU's end of the port.
+    private static func spawn(_ command: String, on socketPath: String) throws -> Process {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw WireError(.internalError, "socket: \(String(cString: strerror(errno)))") }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            for (i, b) in socketPath.utf8.prefix(raw.count - 1).enumerated() { raw[i] = b }
+        }
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard rc == 0 else {
+            close(fd)
+            throw WireError(.internalError, "cannot connect to \(socketPath): \(String(cString: strerror(errno)))")
+        }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", command]
+        let handle = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
+        p.standardInput = handle
+        p.standardOutput = handle
+        try p.run()
+        return p
     }
 
     /// The VM is gone: its ports went with it.

@@ -24,11 +24,12 @@ struct Share: ParsableCommand {
         @Argument(help: "Host folder.") var path: String
         @Flag(help: "Refuse every change from the guest (EROFS).") var readOnly = false
         @Flag(help: "Keep guest owners and modes (chown, chmod) in user.* xattrs, as WSL's metadata option does.") var metadata = false
+        @Option(help: .hidden) var serverCommand: String?
         @OptionGroup var format: FormatOption
 
         func run() throws {
             let absolute = path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
-            let spec = ShareSpec(name: name, path: absolute, readOnly: readOnly, metadata: metadata)
+            let spec = ShareSpec(name: name, path: absolute, readOnly: readOnly, metadata: metadata, serverCommand: serverCommand)
             let status = try DaemonConnection.connectOrLaunch(paths: .current()).call(Request(op: .shareAdd, share: spec), as: ShareStatus.self)
             try printShares([status], format.format)
         }

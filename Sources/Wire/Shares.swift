@@ -12,12 +12,16 @@ public struct ShareSpec: Codable, Sendable, Equatable {
     public var readOnly: Bool
     /// WSL's "metadata": guest owners and modes kept in xattrs.
     public var metadata: Bool
+    /// Benchmarks: serve the share with this shell command (speaking 9P on its stdin and stdout,
+    /// e.g. diod) instead of uvm's own server, over the same port and relay.
+    public var serverCommand: String?
 
-    public init(name: String, path: String, readOnly: Bool = false, metadata: Bool = false) {
+    public init(name: String, path: String, readOnly: Bool = false, metadata: Bool = false, serverCommand: String? = nil) {
         self.name = name
         self.path = path
         self.readOnly = readOnly
         self.metadata = metadata
+        self.serverCommand = serverCommand
     }
 
     public static let guestRoot = "/mnt/host"
@@ -46,10 +50,13 @@ public struct MountRequest: Codable, Sendable, Equatable {
     public var port: String
     public var readOnly: Bool
     public var msize: UInt32
-    public init(name: String, port: String, readOnly: Bool = false, msize: UInt32 = 512 * 1024) {
+    /// What the guest attaches to (Tattach aname); nil: the share's name. diod wants its export path.
+    public var aname: String?
+    public init(name: String, port: String, readOnly: Bool = false, msize: UInt32 = 512 * 1024, aname: String? = nil) {
         self.name = name
         self.port = port
         self.readOnly = readOnly
         self.msize = msize
+        self.aname = aname
     }
 }

@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""File-sharing benchmark: uvm's 9P server against diod and QEMU's virtio-9p, on one guest.
+
+One VM is booted with four places to work in, all mounted with the same client options
+(9p2000.L, cache=mmap, access=client, msize 512 KiB):
+  ours     a uvm share: our Plan9 server in uvmd, over a virtio-serial port and the agent's relay
+  diod     Debian's diod as the server of a share, behind the same port and relay
+           (`uvm share add --server-command`, a benchmark-only option)
+  virtio   QEMU's built-in virtio-9p (<filesystem> in the domain, UVM_BENCH_VIRTIO_9P)
+  tmpfs    the guest's own /dev/shm: the limit
+and on each: sequential write and read of 256 MiB, create+stat+unlink of 5,000 files, listing a
+10,000-entry directory (names only, and with a stat of each), and unpacking the kernel's
+Documentation/ (a tar on the guest's tmpfs). Times are in seconds, measured inside the guest.
+Results: bench-results/9p.{txt,json}.
+"""
+import argparse, json, os, shutil, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("UVM_BIN", os.path.join(ROOT, ".build/release"))
+UVM = os.path.join(BIN, "uvm")
+CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "uvm")
+LINUX_SOURCE = "/usr/src/linux-source-6.1.tar.xz"
+MSIZE = 512 * 1024
+
+
+def log(msg):
+    print(f"bench-9p: {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        sys.exit(f"bench-9p: {' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()[-800:]}")
+    return r
+
+
+def documentation_tar():
+    """The kernel's Documentation/ as a plain tar, extracted once and cached."""
+    out = os.path.join(CACHE, "bench", "Documentation.tar")
+    if os.path.exists(out):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    log(f"extracting Documentation/ from {LINUX_SOURCE} (once)")
+    work = tempfile.mkdtemp(prefix="uvm-bench-doc-")
+    try:
+        run(["tar", "-xJf", LINUX_SOURCE, "-C", work, "--wildcards", "*/Documentation/*"])
+        top = os.path.join(work, os.listdir(work)[0])
+        run(["tar", "-cf", out + ".partial", "-C", top, "Documentation"])
+        os.rename(out + ".partial", out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mib", type=int, default=256)
+    ap.add_argument("--files", type=int, default=5000)
+    ap.add_argument("--entries", type=int, default=10000)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench-results"))
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+
+    work = tempfile.mkdtemp(prefix="uvm-bench-9p-")
+    home = os.path.join(work, "uvm")
+    dirs = {k: os.path.join(work, k) for k in ("ours", "diod", "virtio")}
+    for d in dirs.values():
+        os.makedirs(d)
+    tools = os.path.join(work, "tools")
+    os.makedirs(tools)
+    run(["cc", "-static", "-O2", "-o", os.path.join(tools, "fsbench"), os.path.join(ROOT, "scripts/bench/fsbench.c")])
+    shutil.copy(documentation_tar(), os.path.join(tools, "doc.tar"))
+
+    env = dict(os.environ, UVM_HOME=home, UVMD_PATH=os.path.join(BIN, "uvmd"), UVM_HOME_SHARE="off",
+               UVM_BENCH_VIRTIO_9P=dirs["virtio"])
+
+    def uvm(*args):
+        return run([UVM, *args], env=env, stdin=subprocess.DEVNULL, cwd="/")
+
+    def guest(script):
+        return uvm("exec", "--", "sh", "-c", script).stdout
+
+    uvm("share", "add", "tools", tools, "--read-only")
+    uvm("share", "add", "ours", dirs["ours"])
+    diod = shutil.which("diod") or "/usr/sbin/diod"
+    uvm("share", "add", "diod", dirs["diod"], "--server-command",
+        f"exec {diod} -f -r 0 -w 1 -n -S -U root -L stderr -e {dirs['diod']}")
+    listing = uvm("share", "list").stdout
+    if listing.count("mounted") < 3:
+        sys.exit(f"bench-9p: shares not mounted:\n{listing}")
+    guest(f"mkdir -p /mnt/virtio /dev/shm/tmpfs && mount -t 9p -o trans=virtio,version=9p2000.L,"
+          f"msize={MSIZE},cache=mmap,access=client bench9p /mnt/virtio && cp /mnt/host/tools/fsbench /mnt/host/tools/doc.tar /dev/shm/")
+    targets = {"ours": "/mnt/host/ours", "diod": "/mnt/host/diod", "virtio": "/mnt/virtio", "tmpfs": "/dev/shm/tmpfs"}
+
+    results = {t: {} for t in targets}
+    for target, path in targets.items():
+        log(f"{target}: {path}")
+        for op, n in (("write", a.mib), ("read", a.mib), ("files", a.files), ("list", a.entries)):
+            out = guest(f"/dev/shm/fsbench {path} {op} {n}")
+            results[target].update(json.loads(out))
+        out = guest(f"cd {path} && read t0 _ < /proc/uptime && tar -xf /dev/shm/doc.tar && read t1 _ < /proc/uptime && "
+                    f"echo $t0 $t1 && find Documentation | wc -l")
+        t0, t1, count = out.split()
+        results[target]["untar_s"] = float(t1) - float(t0)
+        results[target]["untar_entries"] = int(count)
+        guest(f"rm -rf {path}/seq {path}/files {path}/dir {path}/Documentation")
+        log(f"{target}: {results[target]}")
+
+    st = json.loads(uvm("status", "--format", "json").stdout)
+    uvm("stop")
+    pid = st.get("daemonPID")
+    if pid:
+        try:
+            os.kill(pid, 15)
+        except OSError:
+            pass
+    shutil.rmtree(work, ignore_errors=True)
+
+    rows = [
+        (f"sequential write {a.mib} MiB (+fsync)", "write_s", a.mib),
+        (f"sequential read {a.mib} MiB", "read_s", a.mib),
+        (f"create+stat+unlink {a.files} files", "files_s", None),
+        (f"list {a.entries} entries (readdir)", "list_s", None),
+        (f"list {a.entries} entries + stat each", "list_stat_s", None),
+        (f"untar Documentation/ ({results['ours'].get('untar_entries', 0)} entries)", "untar_s", None),
+    ]
+    head = f"{'operation':<40} {'ours':>9} {'diod':>9} {'virtio-9p':>9} {'tmpfs':>9}   {'virtio/ours':>11} {'diod/ours':>9}"
+    lines = [f"accelerator: {st.get('accelerator', '?')}, times in seconds in the guest (lower is better);",
+             "ratios are other/ours (> 1: ours is faster). Goals: virtio/ours >= 1, diod/ours >= 1.5.", "", head]
+    summary = {}
+    for label, key, mib in rows:
+        v = {t: results[t][key] for t in targets}
+        r_virtio = v["virtio"] / v["ours"] if v["ours"] > 0 else float("inf")
+        r_diod = v["diod"] / v["ours"] if v["ours"] > 0 else float("inf")
+        summary[key] = {"seconds": v, "virtio_over_ours": r_virtio, "diod_over_ours": r_diod}
+        if mib:
+            summary[key]["mib_per_s"] = {t: mib / v[t] for t in targets if v[t] > 0}
+        lines.append(f"{label:<40} {v['ours']:>9.3f} {v['diod']:>9.3f} {v['virtio']:>9.3f} {v['tmpfs']:>9.3f}   "
+                     f"{r_virtio:>11.2f} {r_diod:>9.2f}")
+    table = "\n".join(lines)
+    with open(os.path.join(a.out, "9p.txt"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(a.out, "9p.json"), "w") as f:
+        json.dump({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename,
+                   "accelerator": st.get("accelerator"), "msize": MSIZE, "results": results, "summary": summary}, f, indent=2)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
