@@ -12,7 +12,7 @@ ARGS         ?=
 # the end-to-end tests drive the release binaries that `make run` uses (UVM_BIN).
 TEST_FLAGS   ?=
 
-.PHONY: all setup build kernel images run test unit-test bench doctor clean help
+.PHONY: all setup build kernel images run test unit-test bench fuzz doctor clean help
 
 help:
 	@echo "make run [ARGS='exec -- uname -a']   set up, build, then run uvm (a shell without ARGS)"
@@ -40,18 +40,24 @@ TEST_HOME    ?= /tmp/uvm-test-$(shell id -u)-$(shell echo $(CURDIR) | cksum | cu
 
 test: setup build kernel images
 	@rm -rf $(TEST_HOME)
-	@UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) UVM_TEST_HOME=$(TEST_HOME) timeout 2400 $(SWIFT) test $(TEST_FLAGS); rc=$$?; \
+	@UVM_KERNEL=$$(cat .build/kernel-dir)/bzImage UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) UVM_TEST_HOME=$(TEST_HOME) timeout 2400 $(SWIFT) test $(TEST_FLAGS); rc=$$?; \
 	  UVM_HOME=$(TEST_HOME) $(BIN)/uvm stop >/dev/null 2>&1; \
 	  lock=$(TEST_HOME)/state/uvmd.lock; [ -f $$lock ] && ! flock -n $$lock true && kill $$(cat $$lock) 2>/dev/null; \
-	  exit $$rc
+	  [ $$rc = 0 ] || exit $$rc
+	scripts/fuzz-9p.sh $(FUZZ_SECONDS)
+
+# The 9P decoders and server under libFuzzer + ASan, bounded (make test runs it too).
+FUZZ_SECONDS ?= 60
+fuzz:
+	scripts/fuzz-9p.sh $(FUZZ_SECONDS)
 
 # Without a VM: protocol, 9P server, libvirt XML.
 unit-test:
 	$(SWIFT) test --skip EndToEndTests $(TEST_FLAGS)
 
 bench: setup build kernel images
-	UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) python3 scripts/bench.py
-	UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) python3 scripts/bench_9p.py
+	UVM_KERNEL=$$(cat .build/kernel-dir)/bzImage UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) python3 scripts/bench.py
+	UVM_KERNEL=$$(cat .build/kernel-dir)/bzImage UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) python3 scripts/bench_9p.py
 
 doctor: build
 	@$(BIN)/uvm doctor

@@ -8,7 +8,8 @@ UVM_INIT ?= .build/release/uvm-init
 setup:
 	scripts/setup.sh
 kernel:
-	scripts/kernel.sh
+	@mkdir -p .build
+	scripts/kernel.sh >.build/kernel-dir.out && tail -n 1 .build/kernel-dir.out >.build/kernel-dir
 images:
 	@mkdir -p .build
 	scripts/images.sh $(UVM_INIT) >.build/images-dir

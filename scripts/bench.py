@@ -14,7 +14,7 @@ import argparse, json, os, statistics, subprocess, sys, tempfile, time
 BIN = os.environ.get("UVM_BIN", os.path.abspath(".build/release"))
 UVM = os.path.join(BIN, "uvm")
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "uvm")
-KERNEL = os.path.join(CACHE, "kernel/current/bzImage")
+KERNEL = os.environ.get("UVM_KERNEL") or os.path.join(CACHE, "kernel/current/bzImage")
 INITRD = os.path.join(os.environ.get("UVM_IMAGES") or os.path.join(CACHE, "images/current"), "initramfs.cpio")
 
 

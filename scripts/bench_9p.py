@@ -9,8 +9,8 @@ One VM is booted with four places to work in, all mounted with the same client o
   virtio   QEMU's built-in virtio-9p (<filesystem> in the domain, UVM_BENCH_VIRTIO_9P)
   tmpfs    the guest's own /dev/shm: the limit
 and on each: sequential write and read of 256 MiB, create+stat+unlink of 5,000 files, listing a
-10,000-entry directory (names only, and with a stat of each), and unpacking the kernel's
-Documentation/ (a tar on the guest's tmpfs). Times are in seconds, measured inside the guest.
+10,000-entry directory (names only, and with a stat of each), and unpacking part of the kernel's
+Documentation/ (admin-guide, filesystems, networking: a tar on the guest's tmpfs). Times are in seconds, measured inside the guest.
 Results: bench-results/9p.{txt,json}.
 """
 import argparse, json, os, shutil, subprocess, sys, tempfile, time
@@ -34,9 +34,14 @@ def run(cmd, **kw):
     return r
 
 
+# A real source tree of ~800 files: all of Documentation/ (9,500 entries) takes over ten minutes
+# per target under TCG.
+DOC_PARTS = ["Documentation/admin-guide", "Documentation/filesystems", "Documentation/networking"]
+
+
 def documentation_tar():
-    """The kernel's Documentation/ as a plain tar, extracted once and cached."""
-    out = os.path.join(CACHE, "bench", "Documentation.tar")
+    """Part of the kernel's Documentation/ as a plain tar, extracted once and cached."""
+    out = os.path.join(CACHE, "bench", "Documentation-part.tar")
     if os.path.exists(out):
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -45,7 +50,7 @@ def documentation_tar():
     try:
         run(["tar", "-xJf", LINUX_SOURCE, "-C", work, "--wildcards", "*/Documentation/*"])
         top = os.path.join(work, os.listdir(work)[0])
-        run(["tar", "-cf", out + ".partial", "-C", top, "Documentation"])
+        run(["tar", "-cf", out + ".partial", "-C", top, *DOC_PARTS])
         os.rename(out + ".partial", out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -122,7 +127,7 @@ def main():
         (f"create+stat+unlink {a.files} files", "files_s", None),
         (f"list {a.entries} entries (readdir)", "list_s", None),
         (f"list {a.entries} entries + stat each", "list_stat_s", None),
-        (f"untar Documentation/ ({results['ours'].get('untar_entries', 0)} entries)", "untar_s", None),
+        (f"untar kernel docs ({results['ours'].get('untar_entries', 0)} entries)", "untar_s", None),
     ]
     head = f"{'operation':<40} {'ours':>9} {'diod':>9} {'virtio-9p':>9} {'tmpfs':>9}   {'virtio/ours':>11} {'diod/ours':>9}"
     lines = [f"accelerator: {st.get('accelerator', '?')}, times in seconds in the guest (lower is better);",

@@ -62,6 +62,7 @@ point_current() {
 if [[ -s $out/bzImage && -s $out/release && -s $out/config ]]; then
     point_current
     log "cached $(cat -- "$out/release") ($out)"
+    echo "$out"
     exit 0
 fi
 
@@ -83,6 +84,7 @@ fi
 if [[ -s $out/bzImage && -s $out/release && -s $out/config ]]; then
     point_current
     log "cached $(cat -- "$out/release") ($out)"
+    echo "$out"
     exit 0
 fi
 
@@ -191,5 +193,6 @@ rm -rf -- "$out"
 mv -T -- "$stage" "$out"
 point_current
 log "built $release in $((SECONDS - start)) s ($(du -k "$out/bzImage" | cut -f1) KiB bzImage): $out"
+echo "$out"
 exit 0
 }

@@ -41,7 +41,8 @@ public struct Paths: Sendable, Equatable {
     public var sharesFile: String { "\(dataDir)/shares.json" }
 
     public var kernel: String { ProcessInfo.processInfo.environment["UVM_KERNEL"] ?? "\(cacheDir)/kernel/current/bzImage" }
-    public var kernelReleaseFile: String { "\(cacheDir)/kernel/current/release" }
+    /// Next to the bzImage (kernel.sh writes both).
+    public var kernelReleaseFile: String { String(kernel[..<(kernel.lastIndex(of: "/") ?? kernel.startIndex)]) + "/release" }
     /// The built images; `UVM_IMAGES` names one build's directory, so that checkouts building
     /// different agents (tests in several worktrees) do not share the `current` pointer.
     public var imagesDir: String { ProcessInfo.processInfo.environment["UVM_IMAGES"].flatMap { $0.isEmpty ? nil : $0 } ?? "\(cacheDir)/images/current" }

@@ -10,7 +10,9 @@ extension EndToEnd {
             let r = try Harness.run(["exec", "--", "uname", "-r"])
             #expect(r.status == 0, "stderr: \(r.err)")
             let guest = r.out.trimmingCharacters(in: .whitespacesAndNewlines)
-            let built = try String(contentsOfFile: NSHomeDirectory() + "/.cache/uvm/kernel/current/release", encoding: .utf8)
+            // The kernel this checkout built (make test passes it), else the user's current one.
+            let kernel = ProcessInfo.processInfo.environment["UVM_KERNEL"] ?? NSHomeDirectory() + "/.cache/uvm/kernel/current/bzImage"
+            let built = try String(contentsOfFile: (kernel as NSString).deletingLastPathComponent + "/release", encoding: .utf8)
                 .trimmingCharacters(in: .whitespacesAndNewlines)
             var u = utsname()
             uname(&u)
