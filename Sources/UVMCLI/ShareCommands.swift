@@ -32,6 +32,10 @@ struct Share: ParsableCommand {
             let spec = ShareSpec(name: name, path: absolute, readOnly: readOnly, metadata: metadata, serverCommand: serverCommand)
             let status = try DaemonConnection.connectOrLaunch(paths: .current()).call(Request(op: .shareAdd, share: spec), as: ShareStatus.self)
             try printShares([status], format.format)
+            // Recorded, but the running VM could not mount it: say so, and fail.
+            if status.state.hasPrefix("failed") {
+                throw CLIError("share \(name) was added but not mounted: \(status.state.dropFirst("failed: ".count)) (uvm share remove \(name) to drop it)")
+            }
         }
     }
 
