@@ -56,19 +56,21 @@ struct ClientSession {
                 throw WireError(.notFound, "there is no distro '\(distro)' (installed: \(installedDistros().joined(separator: ", "))); `uvm exec --distro NAME` takes one of those")
             }
             exec.distro = distro
-            await daemon.sessions.begin()
-            defer { Task { await daemon.sessions.end() } }
+            // A client of the instance for as long as the session lasts: the reaper waits for it.
+            let reaper = daemon.reaper
+            let token = await reaper.begin(distro: distro)
+            defer { Task { await reaper.end(token) } }
             let link = try await controller.link(progress: progress)
             try await relay(Request(op: .exec, exec: exec, distroDisk: diskSerial(distro)), link: link, rest: rest, outbound: outbound)
         case .start:
             _ = try await controller.link(progress: progress)
-            try await outbound.write(.json(.response, await controller.status(daemonRSSKiB: residentKiB(), sessions: await daemon.sessions.count)))
+            try await outbound.write(.json(.response, await daemon.status()))
         case .stop:
-            await controller.stop()
-            try await outbound.write(.json(.response, await controller.status(daemonRSSKiB: residentKiB(), sessions: await daemon.sessions.count)))
+            await controller.stop(reason: "by `uvm stop`")
+            try await outbound.write(.json(.response, await daemon.status()))
         case .status:
-            try await outbound.write(.json(.response, await controller.status(daemonRSSKiB: residentKiB(), sessions: await daemon.sessions.count)))
-        case .info, .shutdown:
+            try await outbound.write(.json(.response, await daemon.status()))
+        case .info, .shutdown, .stopInstance:
             throw WireError(.badRequest, "'\(request.op.rawValue)' is not a client operation")
         }
     }
@@ -95,8 +97,14 @@ struct ClientSession {
                     // Read on after the final frame until the guest closes the stream: closing it
                     // ourselves would reset it.
                     for try await frame in guestIn where !answered {
-                        try await outbound.write(frame)
                         answered = frame.kind.isFinal
+                        // A process that `uvm stop` ended: say so rather than pass on its signal.
+                        if frame.kind == .exit, await controller.isStopping {
+                            let reason = await controller.lastStopReason ?? "session ended: the VM was stopped"
+                            try await outbound.write(.error(WireError(.vmStopped, "uvm: \(reason)")))
+                            continue
+                        }
+                        try await outbound.write(frame)
                     }
                     if answered { return true }
                     // The stream ended without an answer: the VM (or the link) went away.

@@ -92,6 +92,12 @@ public enum GuestAgent {
             try await Task.sleep(for: .milliseconds(50))
             log("powering off")
             _ = uvm_poweroff()
+        case .stopInstance:
+            guard let name = request.instance else { throw WireError(.badRequest, "stopInstance: which instance?") }
+            log("stopping instance \(name) (idle)")
+            await instances.stop(name)
+            sync()
+            try await outbound.write(.json(.response, ["ok": true]))
         default:
             throw WireError(.badRequest, "the guest does not serve '\(request.op.rawValue)'")
         }
