@@ -108,7 +108,7 @@ struct ClientSession {
                     }
                     if answered { return true }
                     // The stream ended without an answer: the VM (or the link) went away.
-                    let reason = await controller.lastStopReason ?? "the VM stopped unexpectedly"
+                    let reason = await controller.lastStopReason ?? "session ended: the VM stopped unexpectedly (QEMU exited)"
                     try await outbound.write(.error(WireError(.vmStopped, "uvm: \(reason)")))
                     return true
                 }

@@ -56,13 +56,21 @@ public actor VMController {
 
     func ensureRunning(progress: @escaping @Sendable (String) async -> Void) async throws -> Running {
         if let adopting { await adopting.value }
-        if let running { return running }
+        if let r = running {
+            if r.linkChannel.isActive { return r }
+            // QEMU died and libvirt's event has not arrived yet: that VM is over, boot another.
+            logger.warning("the link to the guest is gone: treating the VM as stopped")
+            try? await r.domain.destroy()
+            markStopped(generation: r.generation)
+            if let running { return running }
+        }
         if state == .stopping {
             await waitUntilStopped()
         }
         if let boot { return try await boot.value }
         state = .starting
         stopRequested = false
+        lastStopReason = nil
         let task = Task { try await self.bootVM(progress: progress) }
         boot = task
         do {
