@@ -21,7 +21,8 @@ extension EndToEnd {
                 #expect(st["instanceIdleTimeout"] as? String == "1s")
                 // Bounded only so that a broken reaper fails the test; `make bench` says how fast.
                 #expect(Harness.waitUntil(timeout: 60) { !Harness.alive(qemu) })
-                #expect(try Harness.status(home: home)["state"] as? String == "Stopped")
+                // uvmd learns it from libvirt's event, a moment after the process is gone.
+                #expect(try Harness.waitUntil(timeout: 30) { try Harness.status(home: home)["state"] as? String == "Stopped" })
                 let list = try Harness.list(home: home)
                 #expect(list.vm["state"] as? String == "Stopped")
                 #expect(list.instances.first { $0["name"] as? String == "busybox" }?["state"] as? String == "Stopped")
