@@ -14,6 +14,8 @@ Lifecycle (lifecycle_bench):
           first command typed at it.
   reaper  after the last `uvm exec` returns, how long until the QEMU process is gone, next to the
           configured instanceIdleTimeout + vmIdleTimeout (the rest is the clean teardown).
+  fault   QEMU killed (-9) under a running `uvm exec`: how long until that command has exited
+          with its error.
 """
 import argparse, json, os, pty, select, signal, statistics, subprocess, sys, tempfile, time
 
@@ -213,6 +215,23 @@ def lifecycle_bench(out, runs=3):
             time.sleep(0.01)
         gone.append(time.perf_counter() - t_last)
         print(f"  reaper {i + 1}/{runs}: QEMU gone {gone[-1]:.2f} s after the last exec (exec took {t_last - t0:.2f} s)", file=sys.stderr)
+    faults = []
+    for i in range(runs):
+        p = subprocess.Popen([UVM, "exec", "--", "sleep", "1000"], env=env(home, config), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            st = json.loads(uvm(home, "status", "--format", "json").stdout)
+            if st.get("clients") == 1 and st.get("qemuPID") and any(i.get("state") == "Running" for i in st.get("instances", [])):
+                break
+            time.sleep(0.1)
+        time.sleep(0.5)  # the sleep is running in the guest by now
+        t0 = time.perf_counter()
+        os.kill(st["qemuPID"], signal.SIGKILL)
+        p.wait()
+        faults.append(time.perf_counter() - t0)
+        err = p.stderr.read().decode().strip()
+        print(f"  fault {i + 1}/{runs}: client ended {faults[-1] * 1000:.0f} ms after kill -9 of QEMU ({p.returncode}: {err})", file=sys.stderr)
     stop_everything(home)
     configured = instance_idle + vm_idle
     res = {
@@ -221,6 +240,7 @@ def lifecycle_bench(out, runs=3):
         "instanceIdleTimeout_s": instance_idle,
         "vmIdleTimeout_s": vm_idle,
         "teardown_beyond_timeouts_s": statistics.median(gone) - configured,
+        "qemu_killed_client_error_ms": {"median": statistics.median(faults) * 1000, "runs": [f * 1000 for f in faults]},
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     rows = [
@@ -228,6 +248,7 @@ def lifecycle_bench(out, runs=3):
         ("QEMU gone after the last client (median)", f"{res['reaper_qemu_gone_s']['median']:.2f} s", f"{runs} runs"),
         ("  configured instanceIdleTimeout + vmIdleTimeout", f"{configured:.2f} s", f"{instance_idle:g} s + {vm_idle:g} s"),
         ("  clean teardown beyond the timeouts", f"{res['teardown_beyond_timeouts_s']:.2f} s", "instance stop + sync + power-off"),
+        ("QEMU killed -9: running `uvm exec` ends with its error (median)", f"{res['qemu_killed_client_error_ms']['median']:.0f} ms", "goal < 1 s"),
     ]
     width = max(len(r[0]) for r in rows)
     table = "\n".join(f"{r[0]:<{width}}  {r[1]:>10}  {r[2]}" for r in rows)
