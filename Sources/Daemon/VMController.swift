@@ -255,6 +255,7 @@ public actor VMController {
     /// Clean shutdown: the agent stops instances, syncs and powers off; only if that does not
     /// finish in time is the domain destroyed.
     public func stop(reason: String = "uvm stop") async {
+        if let adopting { await adopting.value }
         if let boot { _ = try? await boot.value }
         guard let r = running else { return }
         state = .stopping

@@ -13,7 +13,7 @@ extension EndToEnd {
 
         @Test func theVMGoesAwayAfterTheLastExec() throws {
             try Harness.withConfiguredHome("reap", config: Self.config) { home, env in
-                let r = try Harness.run(["exec", "--", "true"], home: home, env: env)
+                let r = try Harness.spawnRun(["exec", "--", "true"], home: home, env: env)
                 #expect(r.status == 0, "stderr: \(r.err)")
                 let st = try Harness.status(home: home)
                 let qemu = try #require(st["qemuPID"] as? Int)
@@ -27,14 +27,14 @@ extension EndToEnd {
                 #expect(list.vm["state"] as? String == "Stopped")
                 #expect(list.instances.first { $0["name"] as? String == "busybox" }?["state"] as? String == "Stopped")
                 // The next command boots it again.
-                #expect(try Harness.run(["exec", "--", "echo", "again"], home: home, env: env).out == "again\n")
+                #expect(try Harness.spawnRun(["exec", "--", "echo", "again"], home: home, env: env).out == "again\n")
             }
         }
 
         @Test func anOpenIdleShellKeepsTheVMUp() throws {
             try Harness.withConfiguredHome("shell", config: Self.config) { home, env in
-                let (shell, input, _) = try Harness.startWithInput([], home: home, env: env)
-                defer { if shell.isRunning { kill(shell.processIdentifier, SIGKILL) } }
+                let shell = try Harness.spawnUVM([], home: home, env: env, keepInput: true)
+                defer { if shell.isRunning { kill(shell.pid, SIGKILL); shell.wait() } }
                 let connected = try Harness.waitUntil(timeout: 120) {
                     try Harness.list(home: home).instances.first { $0["name"] as? String == "busybox" }?["clients"] as? Int == 1
                 }
@@ -51,10 +51,9 @@ extension EndToEnd {
                 #expect(busybox["clients"] as? Int == 1)
                 #expect(busybox["idleStopInSeconds"] == nil)
                 // The shell leaves: now the reaper takes the VM.
-                try input.fileHandleForWriting.write(contentsOf: Data("exit 5\n".utf8))
-                try input.fileHandleForWriting.close()
-                shell.waitUntilExit()
-                #expect(shell.terminationStatus == 5)
+                shell.write("exit 5\n")
+                shell.closeInput()
+                #expect(shell.wait() == 5)
                 #expect(Harness.waitUntil(timeout: 60) { !Harness.alive(qemu) })
             }
         }
@@ -68,7 +67,7 @@ extension EndToEnd {
                 var expected = ""
                 for i in 1...20 {
                     expected += "cycle-\(i) "
-                    let r = try Harness.run(["exec", "--", "sh", "-c",
+                    let r = try Harness.spawnRun(["exec", "--", "sh", "-c",
                         "echo cycle-\(i) > /root/cycle-\(i) && head -c 100000 /dev/urandom > /root/blob && md5sum /root/blob > /root/blob.md5 && "
                         + "ls /root | grep -c ^cycle- >/dev/null && cat $(ls /root/cycle-* | sort -t- -k2 -n) | tr '\\n' ' '"],
                         home: home, env: env)
@@ -76,16 +75,17 @@ extension EndToEnd {
                     #expect(r.out == expected, "cycle \(i)")
                     if i > 1 {
                         // The previous cycle's blob and its checksum survived the power-off.
-                        let check = try Harness.run(["exec", "--", "md5sum", "-c", "/root/blob.md5"], home: home, env: env)
+                        let check = try Harness.spawnRun(["exec", "--", "md5sum", "-c", "/root/blob.md5"], home: home, env: env)
                         #expect(check.status == 0, "cycle \(i): \(check.out) \(check.err)")
                     }
                     let stopped = try Harness.waitUntil(timeout: 60) {
                         try Harness.status(home: home)["state"] as? String == "Stopped"
                     }
                     #expect(stopped, "cycle \(i): the reaper did not stop the VM; \(Harness.daemonLog(home))")
-                    let fsck = try Harness.runProcess("/sbin/fsck.ext4", ["-n", "-f", disk], stdin: nil, env: [:])
-                    #expect(fsck.status == 0, "cycle \(i): fsck: \(fsck.out) \(fsck.err)")
-                    if !stopped || fsck.status != 0 { break }
+                    let fsck = try Harness.spawn("/sbin/fsck.ext4", ["-n", "-f", disk], env: [:])
+                    let fsckStatus = fsck.wait()
+                    #expect(fsckStatus == 0, "cycle \(i): fsck: \(String(decoding: fsck.stdout, as: UTF8.self)) \(fsck.stderr)")
+                    if !stopped || fsckStatus != 0 { break }
                 }
             }
         }
