@@ -118,13 +118,16 @@ struct Start: ParsableCommand {
 }
 
 struct Stop: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Shut the VM down cleanly (running commands are ended).")
+    static let configuration = CommandConfiguration(
+        abstract: "Shut the VM down cleanly (running commands end with a message saying so).",
+        discussion: "Without it the VM stops by itself once idle: see `uvm list` and `uvm config show`.")
     @OptionGroup var format: FormatOption
     func run() throws { try askRunningDaemon(.stop, format.format) }
 }
 
 struct Status: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Show the VM's state, accelerator, kernel, uptime, QEMU pid and memory.")
+    static let configuration = CommandConfiguration(
+        abstract: "Show the VM's state, accelerator, kernel, uptime, QEMU pid, memory, clients and when an idle stop is due.")
     @OptionGroup var format: FormatOption
     func run() throws { try askRunningDaemon(.status, format.format) }
 }
