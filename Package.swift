@@ -31,6 +31,12 @@ let package = Package(
         ]),
         // Where things live and what the user configured.
         .target(name: "Settings"),
+        // GLib, for GKeyFile: it reads the INI format of uvm.conf (WSL's .wslconfig style).
+        .systemLibrary(name: "CGLib", pkgConfig: "glib-2.0", providers: [.apt(["libglib2.0-dev"])]),
+        // uvm.conf: defaults < the file < UVM_* variables, with where each setting came from.
+        .target(name: "Config", dependencies: ["Settings", "CGLib"]),
+        // The idle reaper: counts clients per distro instance; stops idle instances, then the VM.
+        .target(name: "Reaper"),
         // The utility VM through libvirt: domain XML, lifecycle, events, accelerator choice.
         .target(name: "HostCompute", dependencies: [
             "CLibvirt",
@@ -56,7 +62,7 @@ let package = Package(
         ]),
         // uvmd: the socket API, the VM it owns, the sessions relayed into the guest.
         .target(name: "Daemon", dependencies: [
-            "Wire", "Settings", "HostCompute", "Shares",
+            "Wire", "Settings", "Config", "Reaper", "HostCompute", "Shares",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP2", package: "swift-nio-http2"),
@@ -84,7 +90,7 @@ let package = Package(
                 .linkedLibrary("_FoundationCollections"), .linkedLibrary("_FoundationCShims"),
             ]),
         .executableTarget(name: "uvmd", dependencies: [
-            "Daemon", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "Daemon", "Config", "Settings", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(
             name: "uvm-init", dependencies: ["GuestAgent"],
@@ -110,5 +116,7 @@ let package = Package(
         .testTarget(name: "SharesTests", dependencies: ["Shares", "Wire"]),
         // Fixtures are built by the tests themselves (statically, to run in the guest).
         .testTarget(name: "EndToEndTests", dependencies: ["Wire", "Settings"], exclude: ["Fixtures"]),
+        .testTarget(name: "ConfigTests", dependencies: ["Config", "Settings"]),
+        .testTarget(name: "ReaperTests", dependencies: ["Reaper"]),
     ]
 )

@@ -8,8 +8,16 @@ Boot and exec:
   warm   `uvm exec -- true` with the VM up, p50/p99 over N runs, next to the guest's own cost of
          spawning /bin/true from a shell (measured inside the guest).
   uvmd   resident memory after the runs.
+
+Lifecycle (lifecycle_bench):
+  prompt  `uvm` on a terminal with nothing running (no uvmd, no VM) until the shell has run the
+          first command typed at it.
+  reaper  after the last `uvm exec` returns, how long until the QEMU process is gone, next to the
+          configured instanceIdleTimeout + vmIdleTimeout (the rest is the clean teardown).
+  fault   QEMU killed (-9) under a running `uvm exec`: how long until that command has exited
+          with its error.
 """
-import argparse, json, os, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, pty, select, signal, statistics, subprocess, sys, tempfile, time
 
 BIN = os.environ.get("UVM_BIN", os.path.abspath(".build/release"))
 UVM = os.path.join(BIN, "uvm")
@@ -18,15 +26,20 @@ KERNEL = os.environ.get("UVM_KERNEL") or os.path.join(CACHE, "kernel/current/bzI
 INITRD = os.path.join(os.environ.get("UVM_IMAGES") or os.path.join(CACHE, "images/current"), "initramfs.cpio")
 
 
-def env(home):
+def env(home, config=None):
     e = dict(os.environ)
     e["UVM_HOME"] = home
     e["UVMD_PATH"] = os.path.join(BIN, "uvmd")
+    # The user's own uvm.conf must not change the numbers.
+    e["XDG_CONFIG_HOME"] = os.path.join(home, "config")
+    e.pop("UVM_CONFIG", None)
+    if config:
+        e["UVM_CONFIG"] = config
     return e
 
 
-def uvm(home, *args, check=True):
-    r = subprocess.run([UVM, *args], env=env(home), stdin=subprocess.DEVNULL, capture_output=True, text=True)
+def uvm(home, *args, check=True, config=None):
+    r = subprocess.run([UVM, *args], env=env(home, config), stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if check and r.returncode != 0:
         sys.exit(f"bench: uvm {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
     return r
@@ -124,7 +137,136 @@ def main():
     with open(os.path.join(a.out, "boot-exec.txt"), "w") as f:
         f.write(table + "\n")
     print(table)
+    lifecycle_bench(a.out)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def stop_everything(home):
+    """The VM and uvmd of `home` gone, as if nothing had ever run."""
+    r = uvm(home, "status", "--format", "json", check=False)
+    pid = (json.loads(r.stdout or "{}") or {}).get("daemonPID")
+    uvm(home, "stop", check=False)
+    if pid:
+        try: os.kill(pid, signal.SIGTERM)
+        except OSError: pass
+        while pid_alive(pid):
+            time.sleep(0.01)
+
+
+def cold_prompt(home, config):
+    """`uvm` on a pty with nothing running, until the shell has answered the first command."""
+    t0 = time.perf_counter()
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(UVM, [UVM], env(home, config))
+    os.write(fd, b"echo READY-$((40+2))\n")
+    seen = b""
+    deadline = time.time() + 300
+    while b"READY-42" not in seen and time.time() < deadline:
+        r, _, _ = select.select([fd], [], [], 1)
+        if r:
+            try:
+                seen += os.read(fd, 65536)
+            except OSError:
+                break
+    elapsed = time.perf_counter() - t0
+    os.write(fd, b"exit\n")
+    os.waitpid(pid, 0)
+    os.close(fd)
+    if b"READY-42" not in seen:
+        sys.exit(f"bench: no prompt from uvm: {seen[-500:]!r}")
+    return elapsed
+
+
+def lifecycle_bench(out, runs=3):
+    home = tempfile.mkdtemp(prefix="uvm-bench-lc-")
+    config = os.path.join(home, "uvm.conf")
+    instance_idle, vm_idle = 1.0, 2.0
+    with open(config, "w") as f:
+        f.write(f"[vm]\nvmIdleTimeout = {int(vm_idle * 1000)}ms\n[general]\ninstanceIdleTimeout = {int(instance_idle * 1000)}ms\n")
+    uvm(home, "exec", "--", "true", config=config)  # installs the distro
+    prompt, gone = [], []
+    for i in range(runs):
+        stop_everything(home)
+        prompt.append(cold_prompt(home, config))
+        print(f"  cold uvm to prompt {i + 1}/{runs}: {prompt[-1]:.2f} s", file=sys.stderr)
+    for i in range(runs):
+        # VM up; the exec below is then the last client.
+        uvm(home, "exec", "--", "true", config=config)
+        st = json.loads(uvm(home, "status", "--format", "json").stdout)
+        t0 = time.perf_counter()
+        uvm(home, "exec", "--", "true", config=config)
+        t_last = time.perf_counter()
+        qemu = st.get("qemuPID")
+        if not qemu:
+            sys.exit("bench: no QEMU pid in uvm status")
+        while pid_alive(qemu) and time.perf_counter() - t_last < 120:
+            time.sleep(0.01)
+        gone.append(time.perf_counter() - t_last)
+        print(f"  reaper {i + 1}/{runs}: QEMU gone {gone[-1]:.2f} s after the last exec (exec took {t_last - t0:.2f} s)", file=sys.stderr)
+    faults = []
+    for i in range(runs):
+        p = subprocess.Popen([UVM, "exec", "--", "sleep", "1000"], env=env(home, config), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            st = json.loads(uvm(home, "status", "--format", "json").stdout)
+            if st.get("clients") == 1 and st.get("qemuPID") and any(i.get("state") == "Running" for i in st.get("instances", [])):
+                break
+            time.sleep(0.1)
+        time.sleep(0.5)  # the sleep is running in the guest by now
+        t0 = time.perf_counter()
+        os.kill(st["qemuPID"], signal.SIGKILL)
+        p.wait()
+        faults.append(time.perf_counter() - t0)
+        err = p.stderr.read().decode().strip()
+        print(f"  fault {i + 1}/{runs}: client ended {faults[-1] * 1000:.0f} ms after kill -9 of QEMU ({p.returncode}: {err})", file=sys.stderr)
+    stop_everything(home)
+    configured = instance_idle + vm_idle
+    res = {
+        "cold_uvm_to_prompt_s": {"median": statistics.median(prompt), "runs": prompt},
+        "reaper_qemu_gone_s": {"median": statistics.median(gone), "runs": gone},
+        "instanceIdleTimeout_s": instance_idle,
+        "vmIdleTimeout_s": vm_idle,
+        "teardown_beyond_timeouts_s": statistics.median(gone) - configured,
+        "qemu_killed_client_error_ms": {"median": statistics.median(faults) * 1000, "runs": [f * 1000 for f in faults]},
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    rows = [
+        ("cold `uvm` (no uvmd, no VM) to a usable prompt (median)", f"{res['cold_uvm_to_prompt_s']['median']:.2f} s", f"{runs} runs, on a pty"),
+        ("QEMU gone after the last client (median)", f"{res['reaper_qemu_gone_s']['median']:.2f} s", f"{runs} runs"),
+        ("  configured instanceIdleTimeout + vmIdleTimeout", f"{configured:.2f} s", f"{instance_idle:g} s + {vm_idle:g} s"),
+        ("  clean teardown beyond the timeouts", f"{res['teardown_beyond_timeouts_s']:.2f} s", "instance stop + sync + power-off"),
+        ("QEMU killed -9: running `uvm exec` ends with its error (median)", f"{res['qemu_killed_client_error_ms']['median']:.0f} ms", "goal < 1 s"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    table = "\n".join(f"{r[0]:<{width}}  {r[1]:>10}  {r[2]}" for r in rows)
+    with open(os.path.join(out, "lifecycle.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    with open(os.path.join(out, "lifecycle.txt"), "w") as f:
+        f.write(table + "\n")
+    print(table)
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["lifecycle"]:
+        # Only this section: scripts/bench.py lifecycle [--out DIR]
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--out", default="bench-results")
+        ap.add_argument("--runs", type=int, default=3)
+        a = ap.parse_args(sys.argv[2:])
+        os.makedirs(a.out, exist_ok=True)
+        lifecycle_bench(a.out, a.runs)
+    else:
+        main()

@@ -61,18 +61,20 @@ struct ClientSession {
                 exec.cwd = guest
                 exec.cwdIsImplicit = true
             }
-            await daemon.sessions.begin()
-            defer { Task { await daemon.sessions.end() } }
+            // A client of the instance for as long as the session lasts: the reaper waits for it.
+            let reaper = daemon.reaper
+            let token = await reaper.begin(distro: distro)
+            defer { Task { await reaper.end(token) } }
             let link = try await controller.link(progress: progress)
             try await relay(Request(op: .exec, exec: exec, distroDisk: diskSerial(distro)), link: link, rest: rest, outbound: outbound)
         case .start:
             _ = try await controller.link(progress: progress)
-            try await outbound.write(.json(.response, await controller.status(daemonRSSKiB: residentKiB(), sessions: await daemon.sessions.count)))
+            try await outbound.write(.json(.response, await daemon.status()))
         case .stop:
-            await controller.stop()
-            try await outbound.write(.json(.response, await controller.status(daemonRSSKiB: residentKiB(), sessions: await daemon.sessions.count)))
+            await controller.stop(reason: "by `uvm stop`")
+            try await outbound.write(.json(.response, await daemon.status()))
         case .status:
-            try await outbound.write(.json(.response, await controller.status(daemonRSSKiB: residentKiB(), sessions: await daemon.sessions.count)))
+            try await outbound.write(.json(.response, await daemon.status()))
         case .shareAdd:
             guard let share = request.share else { throw WireError(.badRequest, "share add: no share given") }
             try await outbound.write(.json(.response, try await controller.shares.add(share)))
@@ -82,7 +84,7 @@ struct ClientSession {
             guard let share = request.share else { throw WireError(.badRequest, "share remove: no name given") }
             try await controller.shares.remove(share.name)
             try await outbound.write(.json(.response, try await controller.shares.list()))
-        case .info, .shutdown, .mount, .unmount:
+        case .info, .shutdown, .stopInstance, .mount, .unmount:
             throw WireError(.badRequest, "'\(request.op.rawValue)' is not a client operation")
         }
     }
@@ -109,12 +111,18 @@ struct ClientSession {
                     // Read on after the final frame until the guest closes the stream: closing it
                     // ourselves would reset it.
                     for try await frame in guestIn where !answered {
-                        try await outbound.write(frame)
                         answered = frame.kind.isFinal
+                        // A process that `uvm stop` ended: say so rather than pass on its signal.
+                        if frame.kind == .exit, await controller.isStopping {
+                            let reason = await controller.lastStopReason ?? "session ended: the VM was stopped"
+                            try await outbound.write(.error(WireError(.vmStopped, "uvm: \(reason)")))
+                            continue
+                        }
+                        try await outbound.write(frame)
                     }
                     if answered { return true }
                     // The stream ended without an answer: the VM (or the link) went away.
-                    let reason = await controller.lastStopReason ?? "the VM stopped unexpectedly"
+                    let reason = await controller.lastStopReason ?? "session ended: the VM stopped unexpectedly (QEMU exited)"
                     try await outbound.write(.error(WireError(.vmStopped, "uvm: \(reason)")))
                     return true
                 }

@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import NIOCore
 import NIOPosix
+import Reaper
 import Settings
 import Wire
 
@@ -11,13 +12,15 @@ public struct UVMDaemon: Sendable {
     let settings: Settings
     let logger: Logger
     let controller: VMController
-    let sessions = SessionCounter()
+    /// Counts clients per distro instance and stops what is idle.
+    let reaper: Reaper
 
     public init(paths: Paths = .current(), settings: Settings = .current(), logger: Logger) {
         self.paths = paths
         self.settings = settings
         self.logger = logger
         self.controller = VMController(paths: paths, settings: settings, logger: logger)
+        self.reaper = Reaper(instanceIdle: settings.instanceIdleTimeout, vmIdle: settings.vmIdleTimeout)
     }
 
     public enum StartError: Error, CustomStringConvertible {
@@ -48,12 +51,30 @@ public struct UVMDaemon: Sendable {
         logger.info("uvmd listening", metadata: ["socket": "\(paths.socket)", "pid": "\(getpid())"])
 
         let signals = SignalWatcher([SIGTERM, SIGINT])
+        let controller = self.controller, reaper = self.reaper, logger = self.logger
+        await reaper.setActions(Reaper.Actions(
+            stopInstance: { await controller.stopInstance($0) },
+            stopVM: { reason in
+                logger.info("idle reaper: stopping the VM", metadata: ["reason": "\(reason)"])
+                await controller.stop(reason: reason)
+            }))
+        // Before serving: a VM an earlier uvmd left running is taken over (or destroyed).
+        await controller.adoptLeftover()
         try await withThrowingDiscardingTaskGroup { group in
+            group.addTask {
+                for await event in controller.lifecycle {
+                    switch event {
+                    case .started(let instances): await reaper.vmStarted(instances: instances)
+                    case .stopped: await reaper.vmStopped()
+                    }
+                }
+            }
             group.addTask {
                 await signals.wait()
                 logger.info("signal received: stopping the VM and exiting")
                 await controller.stop(reason: "uvmd exiting")
                 try? await server.channel.close()
+                controller.finishLifecycle()
             }
             try await server.executeThenClose { clients in
                 for try await client in clients {
@@ -91,13 +112,6 @@ public struct UVMDaemon: Sendable {
             throw StartError.cannotListen("cannot listen on \(paths.socket): \(error)")
         }
     }
-}
-
-/// Counts client sessions (the idle reaper will build on it).
-actor SessionCounter {
-    private(set) var count = 0
-    func begin() { count += 1 }
-    func end() { count -= 1 }
 }
 
 /// Waits for one of a set of signals (ignored as signals, taken by dispatch sources instead).

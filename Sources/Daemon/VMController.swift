@@ -34,14 +34,21 @@ public actor VMController {
     private(set) var lastStopReason: String?
     private var stopRequested = false
     private var stoppedWaiters: [CheckedContinuation<Void, Never>] = []
-    var activeSessions = 0
     let shares: ShareService
+    /// A VM left behind by an earlier uvmd, being taken over (see `adoptLeftover`).
+    private var adopting: Task<Void, Never>?
+
+    /// The VM coming and going, for the idle reaper.
+    public enum Lifecycle: Sendable { case started(instances: [String]), stopped }
+    public nonisolated let lifecycle: AsyncStream<Lifecycle>
+    private let lifecycleSink: AsyncStream<Lifecycle>.Continuation
 
     public init(paths: Paths, settings: Settings, logger: Logger) {
         self.paths = paths
         self.settings = settings
         self.logger = logger
         self.shares = ShareService(paths: paths, settings: settings, logger: logger)
+        (lifecycle, lifecycleSink) = AsyncStream.makeStream(of: Lifecycle.self)
     }
 
     /// The link to a running guest, booting the VM first when needed.
@@ -50,13 +57,22 @@ public actor VMController {
     }
 
     func ensureRunning(progress: @escaping @Sendable (String) async -> Void) async throws -> Running {
-        if let running { return running }
+        if let adopting { await adopting.value }
+        if let r = running {
+            if r.linkChannel.isActive { return r }
+            // QEMU died and libvirt's event has not arrived yet: that VM is over, boot another.
+            logger.warning("the link to the guest is gone: treating the VM as stopped")
+            try? await r.domain.destroy()
+            markStopped(generation: r.generation)
+            if let running { return running }
+        }
         if state == .stopping {
             await waitUntilStopped()
         }
         if let boot { return try await boot.value }
         state = .starting
         stopRequested = false
+        lastStopReason = nil
         let task = Task { try await self.bootVM(progress: progress) }
         boot = task
         do {
@@ -64,6 +80,7 @@ public actor VMController {
             boot = nil
             running = r
             state = .running
+            lifecycleSink.yield(.started(instances: r.guest.instances))
             return r
         } catch {
             boot = nil
@@ -93,8 +110,10 @@ public actor VMController {
 
     private func bootVM(progress: @escaping @Sendable (String) async -> Void) async throws -> Running {
         let fm = FileManager.default
-        guard fm.fileExists(atPath: paths.kernel) else {
-            throw WireError(.vmUnavailable, "the uvm kernel is not built (expected \(paths.kernel)): run `make kernel`")
+        let kernel = settings.kernel ?? paths.kernel
+        guard fm.fileExists(atPath: kernel) else {
+            let fix = settings.kernel == nil ? "run `make kernel`" : "run `make kernel`, or fix the kernel setting (`uvm config show` says where it is set)"
+            throw WireError(.vmUnavailable, "the uvm kernel is not built (expected \(kernel)): \(fix)")
         }
         guard fm.fileExists(atPath: paths.initramfs) else {
             throw WireError(.vmUnavailable, "the uvm initramfs is not built (expected \(paths.initramfs)): run `make images`")
@@ -117,12 +136,14 @@ public actor VMController {
         try? fm.removeItem(atPath: paths.controlSocket)
         try? fm.removeItem(atPath: paths.consoleLog)
 
+        saveBootRecord(accel)
+
         var cmdline = "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init"
         if !settings.kernelCommandLine.isEmpty { cmdline += " " + settings.kernelCommandLine }
         var spec = VMSpec(
             name: paths.domainName, accelerator: accel.accelerator,
             memoryMiB: settings.memoryMiB, vcpus: settings.processors,
-            kernel: paths.kernel, initrd: paths.initramfs, cmdline: cmdline,
+            kernel: kernel, initrd: paths.initramfs, cmdline: cmdline,
             disks: distros.map { VMSpec.Disk(path: $0.disk, serial: diskSerial($0.name)) },
             channels: [VMSpec.Channel(name: "uvm.control", socketPath: paths.controlSocket)]
                 + ShareService.slots(paths).map { VMSpec.Channel(name: $0.port, socketPath: $0.socketPath) },
@@ -165,9 +186,9 @@ public actor VMController {
 
     /// QEMU creates the control socket before libvirt returns; the guest opens its end later,
     /// and until then what we send waits in the port.
-    private func connectControl(domain: VMDomain) async throws -> (Channel, HTTP2Sessions.ClientMultiplexer) {
+    private func connectControl(domain: VMDomain, attempts: Int = 200) async throws -> (Channel, HTTP2Sessions.ClientMultiplexer) {
         var lastError: Error?
-        for _ in 0..<200 {
+        for _ in 0..<attempts {
             do {
                 let result = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
                     .connect(unixDomainSocketPath: paths.controlSocket) { channel in
@@ -183,8 +204,8 @@ public actor VMController {
     }
 
     /// One request/response session with the guest agent.
-    static func request<T: Decodable & Sendable>(_ op: Request.Operation, on mux: HTTP2Sessions.ClientMultiplexer, as: T.Type) async throws -> T {
-        try await request(Request(op: op), on: mux, as: T.self)
+    static func request<T: Decodable & Sendable>(_ op: Request.Operation, instance: String? = nil, on mux: HTTP2Sessions.ClientMultiplexer, as: T.Type) async throws -> T {
+        try await request(Request(op: op, instance: instance), on: mux, as: T.self)
     }
 
     static func request<T: Decodable & Sendable>(_ request: Request, on mux: HTTP2Sessions.ClientMultiplexer, as: T.Type) async throws -> T {
@@ -246,11 +267,12 @@ public actor VMController {
     /// Clean shutdown: the agent stops instances, syncs and powers off; only if that does not
     /// finish in time is the domain destroyed.
     public func stop(reason: String = "uvm stop") async {
+        if let adopting { await adopting.value }
         if let boot { _ = try? await boot.value }
         guard let r = running else { return }
         state = .stopping
         stopRequested = true
-        lastStopReason = "the VM was stopped (\(reason))"
+        lastStopReason = "session ended: the VM was stopped (\(reason))"
         logger.info("stopping the VM", metadata: ["reason": "\(reason)"])
         do {
             try await withTimeout(seconds: 20, what: "the guest to power off") {
@@ -286,11 +308,94 @@ public actor VMController {
         state = .stopped
         r.linkChannel.close(promise: nil)
         Task { await shares.vmStopped() }
-        if !stopRequested { lastStopReason = "the VM stopped unexpectedly (see \(paths.consoleLog))" }
+        if !stopRequested { lastStopReason = "session ended: the VM stopped unexpectedly (QEMU exited; see \(paths.consoleLog))" }
         logger.info("VM stopped", metadata: ["reason": "\(lastStopReason ?? "?")"])
         let waiters = stoppedWaiters
         stoppedWaiters = []
         waiters.forEach { $0.resume() }
+        lifecycleSink.yield(.stopped)
+    }
+
+    /// Ends `lifecycle` (uvmd exiting).
+    public nonisolated func finishLifecycle() { lifecycleSink.finish() }
+
+    /// Whether a stop was asked for (`uvm stop`, the reaper, uvmd exiting) and is under way.
+    var isStopping: Bool { state == .stopping && stopRequested }
+
+    /// Stops one distro instance through the agent (the idle reaper's instance stop).
+    func stopInstance(_ distro: String) async {
+        guard let r = running else { return }
+        do {
+            try await withTimeout(seconds: 20, what: "instance \(distro) to stop") {
+                struct OK: Decodable, Sendable { var ok: Bool }
+                _ = try await Self.request(.stopInstance, instance: distro, on: r.link, as: OK.self)
+            }
+            logger.info("instance stopped (idle)", metadata: ["distro": "\(distro)"])
+        } catch {
+            logger.warning("could not stop instance", metadata: ["distro": "\(distro)", "error": "\(error)"])
+        }
+    }
+
+    // MARK: a VM left behind
+
+    /// At uvmd's start: a VM of ours still running (uvmd was killed, crashed) is adopted when its
+    /// agent answers, else destroyed, so that no QEMU is left without a uvmd. Commands wait.
+    public func adoptLeftover() {
+        guard adopting == nil, running == nil, boot == nil else { return }
+        state = .starting
+        adopting = Task {
+            await self.adopt()
+            self.adoptionDone()
+        }
+    }
+
+    private func adoptionDone() {
+        adopting = nil
+        if running == nil && state == .starting { state = .stopped }
+    }
+
+    private func adopt() async {
+        guard let conn = try? await libvirt(), let domain = try? await conn.lookup(name: paths.domainName) else { return }
+        logger.info("found a VM left behind by an earlier uvmd", metadata: ["domain": "\(paths.domainName)"])
+        do {
+            let (channel, mux) = try await connectControl(domain: domain, attempts: 40)
+            let guest = try await withTimeout(seconds: 10, what: "the guest agent of the VM left behind") {
+                try await Self.request(.info, on: mux, as: GuestInfo.self)
+            }
+            generation += 1
+            let gen = generation
+            channel.closeFuture.whenComplete { _ in
+                Task { await self.linkClosed(generation: gen) }
+            }
+            let accel = loadBootRecord() ?? AcceleratorChoice(accelerator: .tcg, reason: "adopted; accelerator unknown")
+            let r = Running(domain: domain, link: mux, linkChannel: channel, accel: accel, guest: guest,
+                            bootedAt: .now - .milliseconds(Int64(guest.uptimeSeconds * 1000)), generation: gen)
+            running = r
+            state = .running
+            stopRequested = false
+            // The earlier uvmd's 9P servers went with it: serve the shares again and remount them.
+            await shares.vmStarted(link: mux)
+            logger.info("adopted the VM", metadata: ["instances": "\(guest.instances)", "qemu": "\(domain.qemuPID().map { "\($0)" } ?? "?")"])
+            lifecycleSink.yield(.started(instances: guest.instances))
+        } catch {
+            logger.warning("the VM left behind does not answer: destroying it", metadata: ["error": "\(error)"])
+            try? await domain.destroy()
+        }
+    }
+
+    /// What `uvm status` of an adopted VM needs and libvirt does not say.
+    private struct BootRecord: Codable { var accelerator: String; var reason: String }
+
+    private func saveBootRecord(_ accel: AcceleratorChoice) {
+        let data = try? JSONEncoder().encode(BootRecord(accelerator: accel.accelerator.rawValue, reason: accel.reason))
+        _ = FileManager.default.createFile(atPath: "\(paths.runDir)/boot.json", contents: data)
+    }
+
+    private func loadBootRecord() -> AcceleratorChoice? {
+        guard let data = FileManager.default.contents(atPath: "\(paths.runDir)/boot.json"),
+              let r = try? JSONDecoder().decode(BootRecord.self, from: data),
+              let a = Accelerator(rawValue: r.accelerator) else { return nil }
+        return AcceleratorChoice(accelerator: a, reason: r.reason)
     }
 
     private func handle(_ event: DomainEvent) {

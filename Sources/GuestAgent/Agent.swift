@@ -103,6 +103,12 @@ public enum GuestAgent {
             guard let m = request.mount else { throw WireError(.badRequest, "unmount: no share given") }
             try await shares.unmount(m.name)
             try await outbound.write(.json(.response, ["ok": true]))
+        case .stopInstance:
+            guard let name = request.instance else { throw WireError(.badRequest, "stopInstance: which instance?") }
+            log("stopping instance \(name) (idle)")
+            await instances.stop(name)
+            sync()
+            try await outbound.write(.json(.response, ["ok": true]))
         default:
             throw WireError(.badRequest, "the guest does not serve '\(request.op.rawValue)'")
         }

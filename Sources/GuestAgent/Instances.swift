@@ -23,11 +23,15 @@ struct Account: Sendable, Equatable {
 actor Instances {
     private var running: [String: Instance] = [:]
     private var starting: [String: Task<Instance, Error>] = [:]
+    private var stopping: [String: Task<Void, Never>] = [:]
+    private var exits: [pid_t: Task<Void, Never>] = [:]
 
     var names: [String] { running.keys.sorted() }
 
     /// The running instance of `distro`, started from the disk whose serial is `diskSerial`.
     func instance(_ distro: String, diskSerial: String) async throws -> Instance {
+        // A session that arrives while its instance stops gets a fresh one, not the dying one.
+        while let s = stopping[distro] { await s.value }
         if let i = running[distro] { return i }
         if let t = starting[distro] { return try await t.value }
         let task = Task { try Self.start(distro, diskSerial: diskSerial) }
@@ -35,7 +39,8 @@ actor Instances {
         defer { starting[distro] = nil }
         let instance = try await task.value
         running[distro] = instance
-        Task { [weak self] in
+        // The only waiter for this pid (ChildReaper keeps one per pid): stopping awaits this task.
+        exits[instance.initPID] = Task { [weak self] in
             _ = await ChildReaper.shared.wait(for: instance.initPID)
             await self?.ended(distro, pid: instance.initPID)
         }
@@ -43,25 +48,39 @@ actor Instances {
     }
 
     private func ended(_ distro: String, pid: pid_t) {
+        exits[pid] = nil
         if running[distro]?.initPID == pid { running[distro] = nil }
+    }
+
+    /// Ends one instance (the idle reaper): its init signals everything in it, gives 3 s, syncs;
+    /// when the init is gone, so is its mount namespace and with it the distro's file system.
+    func stop(_ distro: String) async {
+        if let s = stopping[distro] { return await s.value }
+        guard let i = running[distro] else { return }
+        let exit = exits[i.initPID]
+        let task = Task { await Self.terminate(i, exit: exit) }
+        stopping[distro] = task
+        await task.value
+        stopping[distro] = nil
+        if running[distro]?.initPID == i.initPID { running[distro] = nil }
+    }
+
+    private static func terminate(_ i: Instance, exit: Task<Void, Never>?) async {
+        kill(i.initPID, SIGTERM)
+        // Backstop: an init that does not end in 5 s takes its namespace down by force.
+        let killer = Task {
+            try await Task.sleep(for: .seconds(5))
+            kill(i.initPID, SIGKILL)
+        }
+        await exit?.value
+        killer.cancel()
     }
 
     /// Asks every instance to end (its init gives processes 3 s after SIGTERM), waits for them.
     func stopAll() async {
-        let all = Array(running.values)
-        for i in all { kill(i.initPID, SIGTERM) }
+        let all = running.values.map { ($0, exits[$0.initPID]) }
         await withTaskGroup(of: Void.self) { g in
-            for i in all {
-                g.addTask {
-                    // Backstop: an init that does not end in 5 s takes its namespace down by force.
-                    let killer = Task {
-                        try await Task.sleep(for: .seconds(5))
-                        kill(i.initPID, SIGKILL)
-                    }
-                    _ = await ChildReaper.shared.wait(for: i.initPID)
-                    killer.cancel()
-                }
-            }
+            for (i, exit) in all { g.addTask { await Self.terminate(i, exit: exit) } }
         }
         running.removeAll()
     }

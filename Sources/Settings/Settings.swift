@@ -5,8 +5,9 @@ import Foundation
 #endif
 import Glibc
 
-/// What the VM and its instances are made of. Defaults follow WSL where it has one; `UVM_*`
-/// environment variables override them.
+/// What the VM and its instances are made of. Defaults follow WSL where it has one; uvm.conf
+/// (module Config) and then `UVM_*` environment variables override them. Every setting a user may
+/// change has a row in `Settings.schema` (Schema.swift).
 public struct Settings: Sendable, Equatable {
     public var memoryMiB: Int = 2048
     public var processors: Int = min(max(ProcessInfo.processInfo.activeProcessorCount, 1), 8)
@@ -17,18 +18,22 @@ public struct Settings: Sendable, Equatable {
     public var bootTimeoutSeconds: Double = 180
     /// The host folder every distro sees at /mnt/host/home (WSL shows C: at /mnt/c); nil: none.
     public var homeShare: String? = ProcessInfo.processInfo.environment["HOME"] ?? homeDirectory()
+    /// The guest kernel; nil: the one `make kernel` built (`Paths.kernel`).
+    public var kernel: String?
+    /// How long the VM lives on once no instance runs; nil: forever (WSL's vmIdleTimeout).
+    public var vmIdleTimeout: Duration? = .seconds(60)
+    /// How long an instance lives on once its last client has gone; nil: forever.
+    public var instanceIdleTimeout: Duration? = .seconds(15)
+    /// Guest ports listening on localhost appear on the host's localhost.
+    public var localhostForwarding: Bool = true
 
     public init() {}
 
+    /// Defaults and environment only, bad values ignored; uvmd reads uvm.conf too (`Config.load`).
     public static func current(_ env: [String: String] = ProcessInfo.processInfo.environment) -> Settings {
         var s = Settings()
-        if let v = env["UVM_MEMORY_MB"], let n = Int(v), n >= 128 { s.memoryMiB = n }
-        if let v = env["UVM_CPUS"], let n = Int(v), n >= 1 { s.processors = n }
-        if let v = env["UVM_ACCEL"], !v.isEmpty { s.accel = v }
-        if let v = env["UVM_LIBVIRT_URI"], !v.isEmpty { s.libvirtURI = v }
-        if let v = env["UVM_KERNEL_CMDLINE"] { s.kernelCommandLine = v }
-        if let v = env["UVM_DEFAULT_DISTRO"], !v.isEmpty { s.defaultDistro = v }
-        if let v = env["UVM_HOME_SHARE"] { s.homeShare = ["", "off", "false", "no", "0"].contains(v.lowercased()) ? nil : v }
+        var sources: [String: SettingSource] = [:]
+        for key in schema { try? key.applyEnvironment(env, to: &s, sources: &sources) }
         return s
     }
 }

@@ -15,13 +15,29 @@ public struct UVM: ParsableCommand {
         discussion: """
             uvm boots a small VM (its own kernel, through libvirt) the first time it is needed and runs distributions inside it. `uvm` alone opens a shell; `uvm exec -- CMD` runs a command with your stdin, stdout, stderr and exit status. uvmd, the host service, is started automatically.
 
-            Environment: UVM_HOME (keep state there), UVM_ACCEL=auto|kvm|tcg, UVM_MEMORY_MB, UVM_CPUS, UVM_LIBVIRT_URI, UVM_SOCKET.
+            Settings live in ~/.config/uvm/uvm.conf (or $UVM_CONFIG), WSL's INI style; `uvm config show` lists them. The VM stops by itself when idle ([vm] vmIdleTimeout, [general] instanceIdleTimeout).
+
+            Environment: UVM_HOME (keep state there), UVM_CONFIG, UVM_ACCEL=auto|kvm|tcg, UVM_MEMORY_MB, UVM_CPUS, UVM_LIBVIRT_URI, UVM_VM_IDLE_TIMEOUT, UVM_INSTANCE_IDLE_TIMEOUT, UVM_SOCKET.
             """,
         version: "0.1.0",
-        subcommands: [Shell.self, Exec.self, Start.self, Stop.self, Status.self, Share.self, Doctor.self],
+        subcommands: [Shell.self, Exec.self, Start.self, Stop.self, Status.self, List.self, Share.self, ConfigCommand.self, Doctor.self],
         defaultSubcommand: Shell.self)
 
     public init() {}
+
+    /// `main()`, except that uvm's own failures exit 125 with one line (a command's status is its own).
+    public static func run() -> Never {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+            Glibc.exit(0)
+        } catch let e as CLIError {
+            printError(e.message)
+            Glibc.exit(SessionRunner.ownFailure)
+        } catch {
+            exit(withError: error)
+        }
+    }
 }
 
 struct DistroOptions: ParsableArguments {
@@ -102,13 +118,16 @@ struct Start: ParsableCommand {
 }
 
 struct Stop: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Shut the VM down cleanly (running commands are ended).")
+    static let configuration = CommandConfiguration(
+        abstract: "Shut the VM down cleanly (running commands end with a message saying so).",
+        discussion: "Without it the VM stops by itself once idle: see `uvm list` and `uvm config show`.")
     @OptionGroup var format: FormatOption
     func run() throws { try askRunningDaemon(.stop, format.format) }
 }
 
 struct Status: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Show the VM's state, accelerator, kernel, uptime, QEMU pid and memory.")
+    static let configuration = CommandConfiguration(
+        abstract: "Show the VM's state, accelerator, kernel, uptime, QEMU pid, memory, clients and when an idle stop is due.")
     @OptionGroup var format: FormatOption
     func run() throws { try askRunningDaemon(.status, format.format) }
 }
@@ -156,6 +175,7 @@ func printStatus(_ s: VMStatus, _ format: FormatOption.Format) throws {
     }
     if let d = s.domain { lines.append(("domain", d + (s.libvirtURI.map { " on \($0)" } ?? ""))) }
     lines.append(("uvmd", "pid \(s.daemonPID)" + (s.daemonRSSKiB.map { ", \($0 / 1024) MiB resident" } ?? "") + ", \(s.sessions) session(s)"))
+    lines += lifecycleLines(s)
     for (k, v) in lines {
         let key = (k + ":") + String(repeating: " ", count: max(0, 9 - k.count - 1))
         print("\(key)\(v)")

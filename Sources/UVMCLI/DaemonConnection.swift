@@ -43,16 +43,34 @@ final class DaemonConnection: @unchecked Sendable {
     /// start step).
     static func connectOrLaunch(paths: Paths) throws -> DaemonConnection {
         if let c = connect(path: paths.socket) { return c }
-        try launchDaemon(paths: paths)
+        // What uvmd logs from here on is about this start.
+        var st = stat()
+        let logStart = stat(paths.daemonLog, &st) == 0 ? Int(st.st_size) : 0
+        let pid = try launchDaemon(paths: paths)
         let deadline = Date().addingTimeInterval(30)
         while Date() < deadline {
             if let c = connect(path: paths.socket) { return c }
+            // uvmd refused to start (a bad uvm.conf, say): its last words say why.
+            var status: Int32 = 0
+            if waitpid(pid, &status, WNOHANG) == pid {
+                if let c = connect(path: paths.socket) { return c }  // another uvmd won the race
+                throw CLIError(lastLogLine(paths.daemonLog, from: logStart) ?? "uvmd exited at start; see \(paths.daemonLog)")
+            }
             usleep(20_000)
         }
         throw CLIError("uvmd did not start within 30 s; see \(paths.daemonLog)")
     }
 
-    static func launchDaemon(paths: Paths) throws {
+    /// The last non-empty line written to `path` after `offset`, with uvmd's "uvmd: cannot start: " turned into "uvm: ".
+    static func lastLogLine(_ path: String, from offset: Int) -> String? {
+        guard let data = FileManager.default.contents(atPath: path), data.count > offset else { return nil }
+        let text = String(decoding: data[offset...], as: UTF8.self)
+        guard let line = text.split(separator: "\n").last(where: { !$0.allSatisfy(\.isWhitespace) }) else { return nil }
+        return line.hasPrefix("uvmd: cannot start: ") ? "uvm: " + line.dropFirst("uvmd: cannot start: ".count) : String(line)
+    }
+
+    @discardableResult
+    static func launchDaemon(paths: Paths) throws -> pid_t {
         let uvmd = ProcessInfo.processInfo.environment["UVMD_PATH"] ?? siblingExecutable("uvmd")
         guard access(uvmd, X_OK) == 0 else {
             throw CLIError("cannot start uvmd: \(uvmd) is missing (build it with `make build`, or set UVMD_PATH)")
@@ -61,9 +79,11 @@ final class DaemonConnection: @unchecked Sendable {
         // Detached: its own session, stdio to the log, so it outlives this command.
         let argv: [UnsafeMutablePointer<CChar>?] = [strdup(uvmd), strdup("serve"), nil]
         defer { argv.forEach { free($0) } }
-        guard uvm_spawn_detached(uvmd, argv, paths.daemonLog) > 0 else {
+        let pid = uvm_spawn_detached(uvmd, argv, paths.daemonLog)
+        guard pid > 0 else {
             throw CLIError("cannot start \(uvmd): \(String(cString: strerror(errno)))")
         }
+        return pid
     }
 
     static func siblingExecutable(_ name: String) -> String {

@@ -19,6 +19,7 @@ public struct Request: Codable, Sendable, Equatable {
         case shareRemove // stop exporting a folder (CLI -> uvmd)
         case mount       // mount a share from its 9P port (uvmd -> guest)
         case unmount     // unmount a share and free its port (uvmd -> guest)
+        case stopInstance  // stop one distro instance: signal, sync, unmount (uvmd -> guest)
     }
     public var op: Operation
     public var exec: ExecRequest?
@@ -28,12 +29,15 @@ public struct Request: Codable, Sendable, Equatable {
     public var share: ShareSpec?
     /// mount, unmount (only the name)
     public var mount: MountRequest?
+    /// The distro instance an operation is about (stopInstance).
+    public var instance: String?
 
-    public init(op: Operation, exec: ExecRequest? = nil, distroDisk: String? = nil,
+    public init(op: Operation, exec: ExecRequest? = nil, distroDisk: String? = nil, instance: String? = nil,
                 share: ShareSpec? = nil, mount: MountRequest? = nil) {
         self.op = op
         self.exec = exec
         self.distroDisk = distroDisk
+        self.instance = instance
         self.share = share
         self.mount = mount
     }
@@ -133,10 +137,34 @@ public struct VMStatus: Codable, Sendable, Equatable {
     public var daemonPID: Int32
     public var daemonRSSKiB: UInt64?
     public var sessions: Int
+    /// The idle reaper's view (nil from a uvmd that predates it).
+    public var clients: Int?
+    public var idleStopInSeconds: Double?
+    public var vmIdleTimeout: String?
+    public var instanceIdleTimeout: String?
+    public var instances: [InstanceStatus]?
     public init(state: String, daemonPID: Int32, sessions: Int) {
         self.state = state
         self.daemonPID = daemonPID
         self.sessions = sessions
+    }
+}
+
+/// A distro instance in `uvm status` and `uvm list`.
+public struct InstanceStatus: Codable, Sendable, Equatable {
+    public var name: String
+    /// Stopped, Running or Stopping.
+    public var state: String
+    public var clients: Int
+    /// Seconds until the idle reaper stops it, if a stop is pending.
+    public var idleStopInSeconds: Double?
+    public var isDefault: Bool
+    public init(name: String, state: String, clients: Int, idleStopInSeconds: Double? = nil, isDefault: Bool = false) {
+        self.name = name
+        self.state = state
+        self.clients = clients
+        self.idleStopInSeconds = idleStopInSeconds
+        self.isDefault = isDefault
     }
 }
 

@@ -1,3 +1,3 @@
 import UVMCLI
 
-UVM.main()
+UVM.run()

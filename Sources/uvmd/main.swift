@@ -1,7 +1,9 @@
 import ArgumentParser
+import Config
 import Daemon
 import Foundation
 import Logging
+import Settings
 
 @main
 struct UVMD: AsyncParsableCommand {
@@ -11,7 +13,7 @@ struct UVMD: AsyncParsableCommand {
         discussion: """
             `uvm` starts uvmd by itself when it is not running; there is no need to start it by hand. It listens on $UVM_HOME/state/uvmd.sock (or $XDG_STATE_HOME/uvm/uvmd.sock), mode 0600, or on the socket systemd passes it (uvmd.socket). It logs to stderr.
             """,
-        subcommands: [Serve.self, DoctorCommand.self],
+        subcommands: [Serve.self, DoctorCommand.self, ConfigCommand.self],
         defaultSubcommand: Serve.self)
 }
 
@@ -28,8 +30,16 @@ struct Serve: AsyncParsableCommand {
             h.logLevel = level
             return h
         }
+        let loaded: LoadedSettings
         do {
-            try await UVMDaemon(logger: Logger(label: "uvmd")).run()
+            loaded = try Config.load()
+        } catch {
+            // One line the CLI that launched us shows to the user (it reads our log).
+            FileHandle.standardError.write(Data("uvmd: cannot start: \(error)\n".utf8))
+            throw ExitCode(78)  // EX_CONFIG
+        }
+        do {
+            try await UVMDaemon(settings: loaded.settings, logger: Logger(label: "uvmd")).run()
         } catch let e as UVMDaemon.StartError {
             throw ValidationError(e.description)
         }
@@ -59,3 +69,34 @@ struct DoctorCommand: AsyncParsableCommand {
 }
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
+
+struct ConfigCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "config", abstract: "The settings in effect (what `uvm config` runs).",
+        subcommands: [Show.self], defaultSubcommand: Show.self)
+
+    struct Show: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Print every setting, its value and where it came from (default, file:line, environment).")
+
+        @Option(help: "Output format: text or json.")
+        var format: String = "text"
+
+        func run() throws {
+            let loaded: LoadedSettings
+            do {
+                loaded = try Config.load()
+            } catch {
+                FileHandle.standardError.write(Data("uvm: \(error)\n".utf8))
+                throw ExitCode(125)
+            }
+            if format == "json" {
+                let e = JSONEncoder()
+                e.outputFormatting = [.prettyPrinted, .sortedKeys]
+                print(String(decoding: try e.encode(Config.report(loaded)), as: UTF8.self))
+            } else {
+                print(Config.describe(loaded), terminator: "")
+            }
+        }
+    }
+}

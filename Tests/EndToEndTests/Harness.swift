@@ -34,6 +34,9 @@ enum Harness {
         env["UVM_HOME"] = home
         env["UVMD_PATH"] = "\(bin)/uvmd"
         env["PATH"] = "\(bin):" + (env["PATH"] ?? "/usr/bin:/bin")
+        // The user's own uvm.conf must not change what the tests see; tests that want one set UVM_CONFIG.
+        env["XDG_CONFIG_HOME"] = "\(home)/config"
+        env["UVM_CONFIG"] = nil
         for (k, v) in extra { env[k] = v }
         return env
     }

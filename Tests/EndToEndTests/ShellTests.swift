@@ -7,6 +7,7 @@ extension EndToEnd {
         /// tmux through posix_spawn and waitpid: the tmux client forks the server, which
         /// Foundation's Process does not cope with (the client was never reaped).
         func tmux(_ socket: String, _ args: String...) throws -> String {
+            try? FileManager.default.createDirectory(atPath: Harness.home, withIntermediateDirectories: true)
             let out = "\(Harness.home)/tmux-\(getpid()).out"
             var actions = posix_spawn_file_actions_t()
             posix_spawn_file_actions_init(&actions)
@@ -49,6 +50,26 @@ extension EndToEnd {
             #expect(try waitFor(socket, "EXITED=3"))
             // The host terminal is back in canonical mode.
             #expect(try waitFor(socket, "canonical=2"))
+        }
+
+        @Test func ctrlZSuspendsAndCtrlDLeaves() throws {
+            let socket = "uvm-test-z-\(getpid())"
+            defer { _ = try? tmux(socket, "kill-server") }
+            _ = try tmux(socket, "new-session", "-d", "-s", "t", "-x", "100", "-y", "30", "sh")
+            _ = try tmux(socket, "send-keys", "-t", "t", "\(Harness.uvm); echo EXITED=$?", "Enter")
+            _ = try tmux(socket, "send-keys", "-t", "t", "echo ready-$((3*3))", "Enter")
+            #expect(try waitFor(socket, "ready-9"))
+            _ = try tmux(socket, "send-keys", "-t", "t", "sleep 100", "Enter")
+            usleep(500_000)
+            // Job control in the guest: the job stops, the shell is back.
+            _ = try tmux(socket, "send-keys", "-t", "t", "C-z")
+            #expect(try waitFor(socket, "Stopped"))
+            _ = try tmux(socket, "send-keys", "-t", "t", "echo after-z-$((2+2)); kill -9 %1", "Enter")
+            #expect(try waitFor(socket, "after-z-4"))
+            usleep(300_000)
+            // Ctrl-D at the prompt is EOF for the shell: it exits 0, and so does uvm.
+            _ = try tmux(socket, "send-keys", "-t", "t", "C-d")
+            #expect(try waitFor(socket, "EXITED=0"))
         }
 
         @Test func withoutATerminalTheShellReadsStdin() throws {

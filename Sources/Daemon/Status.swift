@@ -1,0 +1,34 @@
+import Foundation
+import Reaper
+import Settings
+import Wire
+
+extension UVMDaemon {
+    /// `uvm status` and `uvm list`: the VM, the reaper's clients and timers, every installed distro.
+    func status() async -> VMStatus {
+        let snap = await reaper.snapshot()
+        var s = await controller.status(daemonRSSKiB: residentKiB(), sessions: snap.clients)
+        let now = ContinuousClock.now
+        func seconds(_ due: ContinuousClock.Instant?) -> Double? {
+            guard let due else { return nil }
+            let d = due - now
+            return max(0, Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18)
+        }
+        s.clients = snap.clients
+        s.idleStopInSeconds = seconds(snap.vmStopDue)
+        s.vmIdleTimeout = formatTimeout(settings.vmIdleTimeout)
+        s.instanceIdleTimeout = formatTimeout(settings.instanceIdleTimeout)
+        let installed = ((try? FileManager.default.contentsOfDirectory(atPath: paths.distrosDir)) ?? [])
+            .filter { validDistroName($0) && FileManager.default.fileExists(atPath: paths.distroDisk($0)) }
+        let vmUp = s.state == "Running"
+        var instances: [InstanceStatus] = []
+        for name in Set(installed).union([settings.defaultDistro]).sorted() {
+            let i = vmUp ? snap.instances.first { $0.name == name } : nil
+            instances.append(InstanceStatus(
+                name: name, state: i?.state.rawValue ?? "Stopped", clients: i?.clients ?? 0,
+                idleStopInSeconds: seconds(i?.stopDue), isDefault: name == settings.defaultDistro))
+        }
+        s.instances = instances
+        return s
+    }
+}

@@ -1,0 +1,125 @@
+import Foundation
+import Testing
+
+extension EndToEnd {
+    /// QEMU or uvmd dying, `uvm stop` under running sessions, a broken uvm.conf.
+    @Suite struct FaultTests {
+        static let config = "[vm]\nvmIdleTimeout = never\n[general]\ninstanceIdleTimeout = never\n"
+
+        /// `uvm exec -- sleep 1000` × n, once all of them run in the guest.
+        func startSleepers(_ n: Int, home: String, env: [String: String]) throws -> [Harness.Spawned] {
+            let sleepers = try (0..<n).map { _ in try Harness.spawnUVM(["exec", "--", "sleep", "1000"], home: home, env: env) }
+            let running = try Harness.waitUntil(timeout: 120) {
+                try Harness.list(home: home).instances.first { $0["name"] as? String == "busybox" }?["clients"] as? Int == n
+            }
+            #expect(running, "\(Harness.daemonLog(home))")
+            return sleepers
+        }
+
+        @Test func qemuKilledWhileCommandsRun() throws {
+            try Harness.withConfiguredHome("kill-qemu", config: Self.config) { home, env in
+                let sleepers = try startSleepers(3, home: home, env: env)
+                let qemu = try #require(try Harness.status(home: home)["qemuPID"] as? Int)
+                kill(pid_t(qemu), SIGKILL)
+                for p in sleepers {
+                    #expect(p.wait() == 125)
+                    let message = p.stderr
+                    #expect(message.contains("the VM stopped unexpectedly"), "\(message)")
+                    #expect(message.split(separator: "\n").count == 1)
+                }
+                // The next command boots a fresh VM.
+                let r = try Harness.spawnRun(["exec", "--", "echo", "fresh"], home: home, env: env)
+                #expect(r.out == "fresh\n", "stderr: \(r.err)")
+                let now = try #require(try Harness.status(home: home)["qemuPID"] as? Int)
+                #expect(now != qemu)
+            }
+        }
+
+        @Test func uvmdKilledAndStartedAgainAdoptsItsVM() throws {
+            try Harness.withConfiguredHome("kill-uvmd", config: Self.config) { home, env in
+                #expect(try Harness.spawnRun(["exec", "--", "true"], home: home, env: env).status == 0)
+                let st = try Harness.status(home: home)
+                let qemu = try #require(st["qemuPID"] as? Int)
+                let uvmd = try #require(st["daemonPID"] as? Int)
+                let domain = try #require(st["domain"] as? String)
+                kill(pid_t(uvmd), SIGKILL)
+                #expect(Harness.waitUntil(timeout: 10) { !Harness.alive(uvmd) })
+                // The socket and lock it left behind do not stop a new uvmd, which takes the VM over.
+                let r = try Harness.spawnRun(["exec", "--", "echo", "adopted"], home: home, env: env)
+                #expect(r.out == "adopted\n", "stderr: \(r.err)")
+                let after = try Harness.status(home: home)
+                #expect(after["daemonPID"] as? Int != uvmd)
+                #expect(after["qemuPID"] as? Int == qemu)
+                #expect(Harness.qemuProcesses(domain: domain) == [qemu])
+            }
+        }
+
+        @Test func uvmdKilledLeavesNoOrphanOnceTheReaperRuns() throws {
+            // The adopted VM is idle: the new uvmd's reaper stops it, so no QEMU outlives its use.
+            let config = "[vm]\nvmIdleTimeout = 1s\n[general]\ninstanceIdleTimeout = 1s\n"
+            try Harness.withConfiguredHome("orphan", config: config) { home, env in
+                let shell = try Harness.spawnUVM([], home: home, env: env, keepInput: true)
+                let up = try Harness.waitUntil(timeout: 120) { try Harness.status(home: home)["qemuPID"] != nil }
+                #expect(up, "\(Harness.daemonLog(home))")
+                let st = try Harness.status(home: home)
+                let qemu = try #require(st["qemuPID"] as? Int)
+                kill(pid_t(try #require(st["daemonPID"] as? Int)), SIGKILL)
+                shell.closeInput()
+                shell.wait()
+                // A command starts uvmd again (`status` and `list` would not).
+                #expect(try Harness.spawnRun(["exec", "--", "true"], home: home, env: env).status == 0)
+                #expect(Harness.waitUntil(timeout: 60) { !Harness.alive(qemu) })
+            }
+        }
+
+        @Test func stopEndsRunningSessionsWithAMessage() throws {
+            try Harness.withConfiguredHome("stop", config: Self.config) { home, env in
+                let sleepers = try startSleepers(2, home: home, env: env)
+                let stop = try Harness.spawnRun(["stop"], home: home, env: env)
+                #expect(stop.status == 0)
+                for p in sleepers {
+                    #expect(p.wait() == 125)
+                    let message = p.stderr
+                    #expect(message.contains("the VM was stopped (by `uvm stop`)"), "\(message)")
+                }
+            }
+        }
+
+        @Test func aBadConfigIsOneLineNamingFileLineAndKey() throws {
+            try Harness.withConfiguredHome("badconf", config: "[vm]\nmemory = 2GB\nvmIdleTimeot = 2s\n") { home, env in
+                let file = "\(home)/uvm.conf"
+                // uvmd refuses to start; the command says why at once instead of waiting for it.
+                let r = try Harness.spawnRun(["exec", "--", "true"], home: home, env: env)
+                #expect(r.status == 125)
+                #expect(r.err == "uvm: \(file):3: [vm] vmIdleTimeot: unknown key (known in [vm]: memory, processors, kernel, kernelCommandLine, accel, vmIdleTimeout, localhostForwarding, libvirtURI)\n")
+                let show = try Harness.spawnRun(["config", "show"], home: home, env: env)
+                #expect(show.status == 125)
+                #expect(show.err.contains("\(file):3: [vm] vmIdleTimeot"))
+                _ = FileManager.default.createFile(atPath: file, contents: Data("[vm]\nmemory = 2GB\nvmIdleTimeout = soon\n".utf8))
+                let bad = try Harness.spawnRun(["exec", "--", "true"], home: home, env: env)
+                #expect(bad.status == 125)
+                #expect(bad.err.contains("\(file):3: [vm] vmIdleTimeout: bad value 'soon'"))
+            }
+        }
+
+        @Test func configShowSaysWhereEachSettingComesFrom() throws {
+            try Harness.withConfiguredHome("show", config: "[vm]\nprocessors = 1\n[general]\ninstanceIdleTimeout = 3s\n") { home, env in
+                var e = env
+                e["UVM_VM_IDLE_TIMEOUT"] = "never"
+                let r = try Harness.spawnRun(["config", "show", "--format", "json"], home: home, env: e)
+                #expect(r.status == 0, "stderr: \(r.err)")
+                let json = try #require(try JSONSerialization.jsonObject(with: r.stdout) as? [String: Any])
+                let rows = try #require(json["settings"] as? [[String: Any]])
+                func row(_ key: String) -> [String: Any]? { rows.first { $0["key"] as? String == key } }
+                #expect(row("processors")?["value"] as? String == "1")
+                #expect(row("processors")?["source"] as? String == "\(home)/uvm.conf:2")
+                #expect(row("instanceIdleTimeout")?["source"] as? String == "\(home)/uvm.conf:4")
+                #expect(row("vmIdleTimeout")?["value"] as? String == "never")
+                #expect(row("vmIdleTimeout")?["source"] as? String == "env UVM_VM_IDLE_TIMEOUT")
+                #expect(row("memory")?["source"] as? String == "default")
+                let text = try Harness.spawnRun(["config", "show"], home: home, env: e)
+                #expect(text.out.contains("processors = 1"))
+            }
+        }
+    }
+}
