@@ -76,7 +76,9 @@ def main():
     run(["cc", "-static", "-O2", "-o", os.path.join(tools, "fsbench"), os.path.join(ROOT, "scripts/bench/fsbench.c")])
     shutil.copy(documentation_tar(), os.path.join(tools, "doc.tar"))
 
+    # No idle stops mid-run: the virtio-9p mount lives in the instance.
     env = dict(os.environ, UVM_HOME=home, UVMD_PATH=os.path.join(BIN, "uvmd"), UVM_HOME_SHARE="off",
+               UVM_INSTANCE_IDLE_TIMEOUT="never", UVM_VM_IDLE_TIMEOUT="never",
                UVM_BENCH_VIRTIO_9P=dirs["virtio"])
 
     def uvm(*args):
