@@ -5,6 +5,9 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -334,6 +337,46 @@ int uvm_if_up(const char *name) {
         ifr.ifr_flags |= IFF_UP;
         if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) rc = errno;
     }
+    close(s);
+    return rc;
+}
+
+static int set_inet_addr(struct sockaddr *sa, const char *text) {
+    struct sockaddr_in *in = (struct sockaddr_in *)sa;
+    memset(in, 0, sizeof *in);
+    in->sin_family = AF_INET;
+    return inet_pton(AF_INET, text, &in->sin_addr) == 1 ? 0 : EINVAL;
+}
+
+int uvm_if_configure_ipv4(const char *name, const char *addr, int prefix, const char *gateway, const char **stage) {
+    if (prefix < 0 || prefix > 32) { *stage = "prefix"; return EINVAL; }
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) { *stage = "socket"; return errno; }
+    int rc = 0;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    if ((rc = set_inet_addr(&ifr.ifr_addr, addr))) { *stage = "address"; goto out; }
+    if (ioctl(s, SIOCSIFADDR, &ifr) < 0) { rc = errno; *stage = "SIOCSIFADDR"; goto out; }
+    struct sockaddr_in *mask = (struct sockaddr_in *)&ifr.ifr_netmask;
+    memset(mask, 0, sizeof *mask);
+    mask->sin_family = AF_INET;
+    mask->sin_addr.s_addr = htonl(prefix == 0 ? 0 : 0xffffffffu << (32 - prefix));
+    if (ioctl(s, SIOCSIFNETMASK, &ifr) < 0) { rc = errno; *stage = "SIOCSIFNETMASK"; goto out; }
+    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) { rc = errno; *stage = "SIOCGIFFLAGS"; goto out; }
+    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) { rc = errno; *stage = "SIOCSIFFLAGS"; goto out; }
+    if (gateway) {
+        struct rtentry rt;
+        memset(&rt, 0, sizeof rt);
+        if ((rc = set_inet_addr(&rt.rt_gateway, gateway))) { *stage = "gateway"; goto out; }
+        set_inet_addr(&rt.rt_dst, "0.0.0.0");
+        set_inet_addr(&rt.rt_genmask, "0.0.0.0");
+        rt.rt_flags = RTF_UP | RTF_GATEWAY;
+        rt.rt_dev = (char *)name;
+        if (ioctl(s, SIOCADDRT, &rt) < 0 && errno != EEXIST) { rc = errno; *stage = "SIOCADDRT"; goto out; }
+    }
+out:
     close(s);
     return rc;
 }

@@ -68,7 +68,9 @@ struct ClientSession {
             try await outbound.write(.json(.response, await controller.status(daemonRSSKiB: residentKiB(), sessions: await daemon.sessions.count)))
         case .status:
             try await outbound.write(.json(.response, await controller.status(daemonRSSKiB: residentKiB(), sessions: await daemon.sessions.count)))
-        case .info, .shutdown:
+        case .ports:
+            try await outbound.write(.json(.response, await daemon.forwarder.list()))
+        case .info, .shutdown, .watchPorts, .connect:
             throw WireError(.badRequest, "'\(request.op.rawValue)' is not a client operation")
         }
     }

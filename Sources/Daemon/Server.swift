@@ -11,13 +11,17 @@ public struct UVMDaemon: Sendable {
     let settings: Settings
     let logger: Logger
     let controller: VMController
-    let sessions = SessionCounter()
+    let sessions: SessionCounter
+    let forwarder: PortForwarder
 
     public init(paths: Paths = .current(), settings: Settings = .current(), logger: Logger) {
         self.paths = paths
         self.settings = settings
         self.logger = logger
-        self.controller = VMController(paths: paths, settings: settings, logger: logger)
+        let sessions = SessionCounter()
+        self.sessions = sessions
+        self.forwarder = PortForwarder(enabled: settings.localhostForwarding, logger: logger, sessions: sessions)
+        self.controller = VMController(paths: paths, settings: settings, logger: logger, forwarder: forwarder)
     }
 
     public enum StartError: Error, CustomStringConvertible {

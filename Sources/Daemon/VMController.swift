@@ -35,11 +35,13 @@ public actor VMController {
     private var stopRequested = false
     private var stoppedWaiters: [CheckedContinuation<Void, Never>] = []
     var activeSessions = 0
+    let forwarder: PortForwarder?
 
-    public init(paths: Paths, settings: Settings, logger: Logger) {
+    init(paths: Paths, settings: Settings, logger: Logger, forwarder: PortForwarder? = nil) {
         self.paths = paths
         self.settings = settings
         self.logger = logger
+        self.forwarder = forwarder
     }
 
     /// The link to a running guest, booting the VM first when needed.
@@ -62,6 +64,7 @@ public actor VMController {
             boot = nil
             running = r
             state = .running
+            await forwarder?.start(link: r.link)
             return r
         } catch {
             boot = nil

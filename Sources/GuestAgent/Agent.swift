@@ -11,7 +11,10 @@ public enum GuestAgent {
 
     public static func main() async -> Never {
         signal(SIGPIPE, SIG_IGN)
-        if getpid() == 1 { preparePID1() }
+        if getpid() == 1 {
+            preparePID1()
+            GuestNetwork.configure()
+        }
         let cmdline = readSmallFile("/proc/cmdline") ?? ""
         if cmdline.split(whereSeparator: { $0 == " " || $0 == "\n" }).contains("uvm.poweroff=1") {
             // Baseline for benchmarks: the same kernel and initramfs, booted and powered off.
@@ -92,6 +95,11 @@ public enum GuestAgent {
             try await Task.sleep(for: .milliseconds(50))
             log("powering off")
             _ = uvm_poweroff()
+        case .watchPorts:
+            try await PortTracker(instances: instances).watch(rest: rest, outbound: outbound)
+        case .connect:
+            guard let port = request.port, port > 0 else { throw WireError(.badRequest, "connect without a port") }
+            try await PortRelay.connect(port: port, rest: rest, outbound: outbound)
         default:
             throw WireError(.badRequest, "the guest does not serve '\(request.op.rawValue)'")
         }

@@ -25,6 +25,7 @@ actor Instances {
     private var starting: [String: Task<Instance, Error>] = [:]
 
     var names: [String] { running.keys.sorted() }
+    var all: [Instance] { Array(running.values) }
 
     /// The running instance of `distro`, started from the disk whose serial is `diskSerial`.
     func instance(_ distro: String, diskSerial: String) async throws -> Instance {
@@ -34,6 +35,7 @@ actor Instances {
         starting[distro] = task
         defer { starting[distro] = nil }
         let instance = try await task.value
+        GuestNetwork.writeResolvConf(instance)
         running[distro] = instance
         Task { [weak self] in
             _ = await ChildReaper.shared.wait(for: instance.initPID)

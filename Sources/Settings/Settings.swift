@@ -15,6 +15,8 @@ public struct Settings: Sendable, Equatable {
     public var libvirtURI: String = getuid() == 0 ? "qemu:///system" : "qemu:///session"
     public var defaultDistro: String = "busybox"
     public var bootTimeoutSeconds: Double = 180
+    /// Forward TCP ports listening in the guest to the host's 127.0.0.1 and ::1 (WSL's default: on).
+    public var localhostForwarding = true
 
     public init() {}
 
@@ -26,6 +28,7 @@ public struct Settings: Sendable, Equatable {
         if let v = env["UVM_LIBVIRT_URI"], !v.isEmpty { s.libvirtURI = v }
         if let v = env["UVM_KERNEL_CMDLINE"] { s.kernelCommandLine = v }
         if let v = env["UVM_DEFAULT_DISTRO"], !v.isEmpty { s.defaultDistro = v }
+        if let v = env["UVM_LOCALHOST_FORWARDING"] { s.localhostForwarding = !["0", "false", "no", "off"].contains(v.lowercased()) }
         return s
     }
 }

@@ -15,10 +15,10 @@ public struct UVM: ParsableCommand {
         discussion: """
             uvm boots a small VM (its own kernel, through libvirt) the first time it is needed and runs distributions inside it. `uvm` alone opens a shell; `uvm exec -- CMD` runs a command with your stdin, stdout, stderr and exit status. uvmd, the host service, is started automatically.
 
-            Environment: UVM_HOME (keep state there), UVM_ACCEL=auto|kvm|tcg, UVM_MEMORY_MB, UVM_CPUS, UVM_LIBVIRT_URI, UVM_SOCKET.
+            Environment: UVM_HOME (keep state there), UVM_ACCEL=auto|kvm|tcg, UVM_MEMORY_MB, UVM_CPUS, UVM_LIBVIRT_URI, UVM_SOCKET, UVM_LOCALHOST_FORWARDING=0|1.
             """,
         version: "0.1.0",
-        subcommands: [Shell.self, Exec.self, Start.self, Stop.self, Status.self, Doctor.self],
+        subcommands: [Shell.self, Exec.self, Start.self, Stop.self, Status.self, Ports.self, Doctor.self],
         defaultSubcommand: Shell.self)
 
     public init() {}

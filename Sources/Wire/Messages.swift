@@ -14,16 +14,22 @@ public struct Request: Codable, Sendable, Equatable {
         case stop        // clean shutdown (CLI -> uvmd)
         case info        // describe the guest (uvmd -> guest)
         case shutdown    // stop instances, sync, power off (uvmd -> guest)
+        case ports       // what is forwarded to host localhost (CLI -> uvmd)
+        case watchPorts  // stream of listening-port snapshots, `event` frames (uvmd -> guest)
+        case connect     // relay one TCP connection to `port` on the guest's loopback (uvmd -> guest)
     }
     public var op: Operation
     public var exec: ExecRequest?
     /// Disk of each distro the guest may start, by name (uvmd -> guest, with exec).
     public var distroDisk: String?
+    /// Guest TCP port (connect).
+    public var port: UInt16?
 
-    public init(op: Operation, exec: ExecRequest? = nil, distroDisk: String? = nil) {
+    public init(op: Operation, exec: ExecRequest? = nil, distroDisk: String? = nil, port: UInt16? = nil) {
         self.op = op
         self.exec = exec
         self.distroDisk = distroDisk
+        self.port = port
     }
 }
 

@@ -41,6 +41,10 @@ int uvm_mount(const char *source, const char *target, const char *fstype, unsign
 /// Brings a network interface up (IFF_UP). Returns 0 or errno.
 int uvm_if_up(const char *name);
 
+/// Gives interface `name` the IPv4 address `addr` with `prefix` bits, brings it up, and when
+/// `gateway` is not NULL adds the default route through it. Returns 0 or errno; *stage says which step failed.
+int uvm_if_configure_ipv4(const char *name, const char *addr, int prefix, const char *gateway, const char **stage);
+
 /// Syncs and powers the machine off. Does not return on success.
 int uvm_poweroff(void);
 

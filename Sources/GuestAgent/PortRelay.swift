@@ -1,0 +1,65 @@
+import Glibc
+import NIOCore
+import NIOPosix
+import Wire
+
+/// The guest end of one forwarded connection: connects to the port on the guest's loopback and
+/// relays bytes both ways. `stdin` frames carry host->guest bytes and `stdinEOF` the host's
+/// half-close; `stdout` frames carry guest->host bytes and `stdoutEOF` the guest's half-close.
+/// When both directions are done the session ends with `exit`.
+enum PortRelay {
+    typealias Connection = NIOAsyncChannel<ByteBuffer, ByteBuffer>
+
+    static func connect(port: UInt16, rest: AsyncStream<Frame>, outbound: NIOAsyncChannelOutboundWriter<Frame>) async throws {
+        let connection = try await open(port: port)
+        try await connection.executeThenClose { fromGuest, toGuest in
+            try await withThrowingTaskGroup(of: Bool.self) { group in
+                group.addTask {
+                    for await frame in rest {
+                        switch frame.kind {
+                        case .stdin: try await toGuest.write(frame.payload)
+                        case .stdinEOF:
+                            toGuest.finish()
+                            return true
+                        default: break
+                        }
+                    }
+                    return false  // uvmd dropped the connection: abort ours
+                }
+                group.addTask {
+                    for try await chunk in fromGuest {
+                        try await outbound.write(Frame(.stdout, chunk))
+                    }
+                    try await outbound.write(Frame(.stdoutEOF))
+                    return true
+                }
+                for try await finished in group where !finished {
+                    group.cancelAll()
+                    return
+                }
+            }
+        }
+        try await outbound.write(.json(.exit, ExitStatus(code: 0)))
+    }
+
+    /// 127.0.0.1 first, then ::1: the tracker reports the port when either (or a wildcard) listens.
+    static func open(port: UInt16) async throws -> Connection {
+        var lastError: Error? = nil
+        for host in ["127.0.0.1", "::1"] {
+            do {
+                return try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                    .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                    .channelOption(.allowRemoteHalfClosure, value: true)
+                    .connect(host: host, port: Int(port)) { channel in
+                        channel.eventLoop.makeCompletedFuture {
+                            try Connection(wrappingChannelSynchronously: channel,
+                                           configuration: .init(isOutboundHalfClosureEnabled: true))
+                        }
+                    }
+            } catch {
+                lastError = error
+            }
+        }
+        throw WireError(.notFound, "nothing accepts connections on port \(port) in the guest: \(lastError.map { "\($0)" } ?? "?")")
+    }
+}
