@@ -14,7 +14,7 @@ same server is fetched through uvm's localhost forwarding and through QEMU's own
 `hostfwd` (added to the same running VM with the monitor's hostfwd_add), alternately, in one run:
 throughput (MB/s) and per-connection latency (connect + tiny request + response), as ratios.
 """
-import argparse, json, os, socket, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, socket, statistics, subprocess, sys, tempfile, time
 
 BIN = os.environ.get("UVM_BIN", os.path.abspath(".build/release"))
 UVM = os.path.join(BIN, "uvm")
@@ -188,9 +188,9 @@ def bench_network(out, big_mib=256, rounds=3, conns=200):
         r = subprocess.run(["virsh", "-c", uri, "qemu-monitor-command", domain, "--hmp", cmd], capture_output=True, text=True)
         # hostfwd_add prints nothing when it worked; hostfwd_remove says what it removed.
         if r.returncode != 0 or (cmd.startswith("hostfwd_add") and r.stdout.strip()):
-            sys.exit(f"bench: monitor {cmd!r} failed: {r.stdout.strip()} {r.stderr.strip()}")
-    monitor(f"hostfwd_add hostnet0 tcp:127.0.0.1:{hport}-:{port}")
+            raise RuntimeError(f"bench: monitor {cmd!r} failed: {r.stdout.strip()} {r.stderr.strip()}")
     try:
+        monitor(f"hostfwd_add hostnet0 tcp:127.0.0.1:{hport}-:{port}")
         if not wait_served(hport, "/small", 30):
             sys.exit("bench: hostfwd never served")
         thr = {"uvm": [], "hostfwd": []}
@@ -206,12 +206,13 @@ def bench_network(out, big_mib=256, rounds=3, conns=200):
             for name, p in (("uvm", port), ("hostfwd", hport)):
                 lat[name] += [http_get(p, "/small")[1] for _ in range(20)]
     finally:
-        monitor(f"hostfwd_remove hostnet0 tcp:127.0.0.1:{hport}")
+        # Whatever happened, leave no VM or uvmd behind.
         st = json.loads(uvm(home, "status", "--format", "json").stdout)
         uvm(home, "stop", check=False)
         if st.get("daemonPID"):
             try: os.kill(st["daemonPID"], 15)
             except OSError: pass
+        shutil.rmtree(home, ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in thr.items()}
     p50 = {k: pct(v, 50) * 1000 for k, v in lat.items()}

@@ -26,6 +26,9 @@ actor PortForwarder {
     private var forwards: [UInt16: Forward] = [:]
     private var watcher: Task<Void, Never>?
     private var generation = 0
+    private var retry: Task<Void, Never>?
+    /// How often a port that was taken on the host is tried again.
+    static let retryInterval: Duration = .seconds(2)
 
     init(enabled: Bool, logger: Logger, sessions: SessionCounter) {
         self.enabled = enabled
@@ -72,6 +75,7 @@ actor PortForwarder {
 
     private func apply(_ ports: [ListeningPort], link: HTTP2Sessions.ClientMultiplexer, generation gen: Int) async {
         guard gen == generation else { return }
+        defer { scheduleRetry(ports, link: link, generation: gen) }
         let wanted = Dictionary(ports.map { ($0.port, $0) }, uniquingKeysWith: { a, _ in a })
         for (port, f) in forwards where wanted[port] == nil {
             f.listeners.forEach { $0.close(promise: nil) }
@@ -88,15 +92,17 @@ actor PortForwarder {
             var f = forwards[port] ?? Forward(guest: guest)
             f.guest = guest
             forwards[port] = f
-            let (listeners, addresses, error) = await listen(port: port, link: link)
+            let (listeners, addresses, error) = await listen(port: port, skipping: f.hostAddresses, link: link)
             guard gen == generation, forwards[port] != nil else {
                 listeners.forEach { $0.close(promise: nil) }
                 continue
             }
+            let previous = f.error
             f.listeners += listeners
             f.hostAddresses += addresses
             f.error = error
             forwards[port] = f
+            if error != nil && error == previous { continue }  // still taken: said so already
             if let error {
                 logger.warning("cannot forward guest port", metadata: ["port": "\(port)", "why": "\(error)"])
             } else {
@@ -105,16 +111,29 @@ actor PortForwarder {
         }
     }
 
+    /// A host port taken by another program may be freed later: try again while any is failing.
+    private func scheduleRetry(_ ports: [ListeningPort], link: HTTP2Sessions.ClientMultiplexer, generation gen: Int) {
+        retry?.cancel()
+        retry = nil
+        guard forwards.values.contains(where: { $0.error != nil }) else { return }
+        retry = Task {
+            try? await Task.sleep(for: Self.retryInterval)
+            if !Task.isCancelled { await self.apply(ports, link: link, generation: gen) }
+        }
+    }
+
     private func releaseAll() {
+        retry?.cancel()
+        retry = nil
         for f in forwards.values { f.listeners.forEach { $0.close(promise: nil) } }
         forwards = [:]
     }
 
     /// Binds 127.0.0.1:port and [::1]:port. A host without IPv6 on its loopback gets the IPv4 one only.
-    private func listen(port: UInt16, link: HTTP2Sessions.ClientMultiplexer) async
+    private func listen(port: UInt16, skipping bound: [String], link: HTTP2Sessions.ClientMultiplexer) async
         -> (listeners: [Channel], addresses: [String], error: String?) {
         var listeners: [Channel] = [], addresses: [String] = [], errors: [String] = []
-        for host in Self.hostAddresses {
+        for host in Self.hostAddresses where !bound.contains(host) {
             do {
                 let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
                     .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)

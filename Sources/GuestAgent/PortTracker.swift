@@ -1,14 +1,15 @@
+import CSyscalls
 import Glibc
 import NIOCore
 import Wire
 
-/// WSL's localhost port tracker, for uvm: polls the kernel's table of TCP sockets and reports
+/// WSL's localhost port tracker, for uvm: polls the kernel for listening TCP sockets and reports
 /// the ports listening on a loopback or wildcard address to uvmd, which forwards them from the
-/// host's loopback. Instances share the VM's network namespace, so /proc/net/tcp{,6} covers all
-/// of them; the owning process (and so the distro) is found through the socket's inode.
+/// host's loopback. Instances share the VM's network namespace, so one query covers all of
+/// them; the owning process (and so the distro) is found through the socket's inode.
 struct PortTracker {
     let instances: Instances
-    /// Well under the "about a second" users expect; one poll reads two small files.
+    /// Well under the "about a second" users expect; one poll is two netlink round trips.
     static let interval: Duration = .milliseconds(250)
 
     /// Sends a snapshot (`event` frame with `[ListeningPort]`) at once and whenever it changes,
@@ -41,8 +42,34 @@ struct PortTracker {
         var inode: UInt64
     }
 
-    /// LISTEN sockets on 0.0.0.0, 127.0.0.1, :: or ::1.
+    /// LISTEN sockets on 0.0.0.0, 127.0.0.1, :: or ::1 (v4-mapped included), from NETLINK_SOCK_DIAG;
+    /// /proc/net/tcp{,6} when that fails (a kernel without INET_DIAG).
     static func listeningSockets() -> [Socket] {
+        var buf = [uvm_listener](repeating: uvm_listener(), count: 256)
+        var n = Int(uvm_tcp_listeners(&buf, Int32(buf.count)))
+        if n > buf.count {
+            buf = [uvm_listener](repeating: uvm_listener(), count: n + 64)
+            n = Int(uvm_tcp_listeners(&buf, Int32(buf.count)))
+        }
+        guard n >= 0 else { return fromProc() }
+        return buf.prefix(min(n, buf.count)).compactMap { l in
+            let a = withUnsafeBytes(of: l.addr) { Array($0) }
+            let address: String?
+            if l.family == AF_INET {
+                address = a[0..<4] == [0, 0, 0, 0] ? "0.0.0.0" : a[0..<4] == [127, 0, 0, 1] ? "127.0.0.1" : nil
+            } else if a[0..<10].allSatisfy({ $0 == 0 }) {
+                let tail = Array(a[10..<16])
+                address = tail == [0, 0, 0, 0, 0, 0] ? "::" : tail == [0, 0, 0, 0, 0, 1] ? "::1"
+                    : tail == [255, 255, 127, 0, 0, 1] ? "127.0.0.1" : nil
+            } else {
+                address = nil
+            }
+            guard let address else { return nil }
+            return Socket(port: l.port, address: address, inode: l.inode)
+        }
+    }
+
+    static func fromProc() -> [Socket] {
         var out: [Socket] = []
         for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
             guard let text = readSmallFile(file, limit: 8 << 20) else { continue }
