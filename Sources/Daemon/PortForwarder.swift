@@ -140,6 +140,8 @@ actor PortForwarder {
                     .serverChannelOption(.backlog, value: 256)
                     .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
                     .childChannelOption(.allowRemoteHalfClosure, value: true)
+                    // Big reads make big frames: each frame costs the same in the guest, whatever its size.
+                    .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 65536, maximum: 1 << 20))
                     .bind(host: host, port: Int(port)) { child in
                         child.eventLoop.makeCompletedFuture {
                             try Connection(wrappingChannelSynchronously: child, configuration: .init(isOutboundHalfClosureEnabled: true))

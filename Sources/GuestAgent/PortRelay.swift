@@ -50,17 +50,14 @@ enum PortRelay {
         // the server's backlog is full does it take longer; then NIO waits for it.
         let fd = uvm_connect_loopback(port, 5)
         if fd >= 0 {
-            return try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-                .channelOption(.allowRemoteHalfClosure, value: true)
-                .withConnectedSocket(fd) { wrap($0) }
+            return try await bootstrap().withConnectedSocket(fd) { wrap($0) }
         }
         var lastError: Error = IOError(errnoCode: errno, reason: "connect")
         if errno == ETIMEDOUT {
             for host in ["127.0.0.1", "::1"] {
                 do {
-                    return try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                    return try await bootstrap()
                         .channelOption(.socketOption(.tcp_nodelay), value: 1)
-                        .channelOption(.allowRemoteHalfClosure, value: true)
                         .connect(to: try SocketAddress(ipAddress: host, port: Int(port))) { wrap($0) }
                 } catch {
                     lastError = error
@@ -68,6 +65,13 @@ enum PortRelay {
             }
         }
         throw WireError(.notFound, "nothing accepts connections on port \(port) in the guest: \(lastError)")
+    }
+
+    static func bootstrap() -> ClientBootstrap {
+        ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelOption(.allowRemoteHalfClosure, value: true)
+            // Big reads make big frames: under TCG each frame has a fixed cost, whatever its size.
+            .channelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 65536, maximum: 1 << 20))
     }
 
     @Sendable

@@ -87,6 +87,29 @@ extension EndToEnd {
             #expect(try ports().first { ($0["port"] as? Int) == port } == nil)
         }
 
+        /// Host -> guest bytes and the host's half-close (the guest server sees EOF, then finishes).
+        @Test func uploadReachesTheGuestWhole() throws {
+            let port = 18082
+            try guest("rm -f /tmp/up.sum; (nc -l -p \(port) | sha256sum > /tmp/up.part && mv /tmp/up.part /tmp/up.sum) </dev/null >/dev/null 2>&1 &")
+            let dir = try makeTempDir()
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            // socat sends the file, then shuts its side down; retried until the port is forwarded.
+            let r = try Harness.shell("""
+                head -c 20000000 /dev/urandom > \(dir)/up && sha256sum < \(dir)/up | cut -d' ' -f1 && \
+                for i in $(seq 300); do socat -u FILE:\(dir)/up TCP:127.0.0.1:\(port) 2>/dev/null && exit 0; sleep 0.1; done; exit 1
+                """)
+            #expect(r.status == 0, "\(r.err)")
+            let sent = r.out.trimmingCharacters(in: .whitespacesAndNewlines)
+            var received = ""
+            _ = try Harness.waitUntil(timeout: 60) {
+                received = try Harness.run(["exec", "--", "sh", "-c", "cat /tmp/up.sum 2>/dev/null"]).out
+                return !received.isEmpty
+            }
+            #expect(sent.count == 64)
+            #expect(received.hasPrefix(sent), "sent \(sent), the guest got \(received)")
+            try guest("rm -f /tmp/up.sum")
+        }
+
         @Test func hostLoopbackServiceIsReachableFromTheGuest() throws {
             let server = try HostServer(body: "hello from the host\n")
             defer { server.stop() }
