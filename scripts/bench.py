@@ -16,8 +16,13 @@ Lifecycle (lifecycle_bench):
           configured instanceIdleTimeout + vmIdleTimeout (the rest is the clean teardown).
   fault   QEMU killed (-9) under a running `uvm exec`: how long until that command has exited
           with its error.
+
+Network (bench_network): a busybox httpd in the guest serves a 256 MiB file and a tiny one; the
+same server is fetched through uvm's localhost forwarding and through QEMU's own user-mode
+`hostfwd` (added to the same running VM with the monitor's hostfwd_add), alternately, in one run:
+throughput (MB/s) and per-connection latency (connect + tiny request + response), as ratios.
 """
-import argparse, json, os, pty, select, signal, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, pty, select, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
 BIN = os.environ.get("UVM_BIN", os.path.abspath(".build/release"))
 UVM = os.path.join(BIN, "uvm")
@@ -71,8 +76,13 @@ def main():
     ap.add_argument("--cold-runs", type=int, default=5)
     ap.add_argument("--warm-runs", type=int, default=200)
     ap.add_argument("--out", default="bench-results")
+    ap.add_argument("--only", choices=["boot", "network", "lifecycle"], help="run one section")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
+    if a.only == "network":
+        return bench_network(a.out)
+    if a.only == "lifecycle":
+        return lifecycle_bench(a.out)
     home = tempfile.mkdtemp(prefix="uvm-bench-")
 
     uvm(home, "exec", "--", "true")  # installs the distro, starts uvmd
@@ -137,7 +147,10 @@ def main():
     with open(os.path.join(a.out, "boot-exec.txt"), "w") as f:
         f.write(table + "\n")
     print(table)
-    lifecycle_bench(a.out)
+    if a.only is None:
+        lifecycle_bench(a.out)
+    if a.only is None:
+        bench_network(a.out)
 
 
 def pid_alive(pid):
@@ -255,6 +268,116 @@ def lifecycle_bench(out, runs=3):
     with open(os.path.join(out, "lifecycle.json"), "w") as f:
         json.dump(res, f, indent=2)
     with open(os.path.join(out, "lifecycle.txt"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(port, path, timeout=600):
+    """One connection: connect, GET, read to EOF. Returns (bytes received, seconds)."""
+    t = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as c:
+        c.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        n = 0
+        while True:
+            b = c.recv(1 << 20)
+            if not b:
+                break
+            n += len(b)
+    return n, time.perf_counter() - t
+
+
+def wait_served(port, path, timeout):
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        try:
+            if http_get(port, path, timeout=5)[0] > 0:
+                return True
+        except OSError:
+            pass
+        time.sleep(0.02)
+    return False
+
+
+def bench_network(out, big_mib=256, rounds=3, conns=200):
+    home = tempfile.mkdtemp(prefix="uvm-bench-net-")
+    port = 8080
+    uvm(home, "exec", "--", "true")
+    st = json.loads(uvm(home, "status", "--format", "json").stdout)
+    domain, uri = st["domain"], st["libvirtURI"]
+    # /dev/shm is a tmpfs: the file comes from memory, not the emulated disk.
+    uvm(home, "exec", "--", "sh", "-c",
+        f"mkdir -p /dev/shm/www && head -c {big_mib << 20} /dev/zero > /dev/shm/www/big && echo hello > /dev/shm/www/small")
+    t0 = time.perf_counter()
+    uvm(home, "exec", "--", "httpd", "-p", str(port), "-h", "/dev/shm/www")
+    if not wait_served(port, "/small", 30):
+        sys.exit("bench: the guest's httpd never showed up on 127.0.0.1:%d" % port)
+    appear = time.perf_counter() - t0
+    # QEMU's own forwarding to the same server in the same VM (libvirt's user network is hostnet0).
+    hport = free_port()
+    def monitor(cmd):
+        r = subprocess.run(["virsh", "-c", uri, "qemu-monitor-command", domain, "--hmp", cmd], capture_output=True, text=True)
+        # hostfwd_add prints nothing when it worked; hostfwd_remove says what it removed.
+        if r.returncode != 0 or (cmd.startswith("hostfwd_add") and r.stdout.strip()):
+            raise RuntimeError(f"bench: monitor {cmd!r} failed: {r.stdout.strip()} {r.stderr.strip()}")
+    try:
+        monitor(f"hostfwd_add hostnet0 tcp:127.0.0.1:{hport}-:{port}")
+        if not wait_served(hport, "/small", 30):
+            sys.exit("bench: hostfwd never served")
+        thr = {"uvm": [], "hostfwd": []}
+        for i in range(rounds):
+            for name, p in (("uvm", port), ("hostfwd", hport)):
+                n, dt = http_get(p, "/big")
+                if n < big_mib << 20:
+                    sys.exit(f"bench: {name} download short: {n} bytes")
+                thr[name].append(n / dt / 1e6)
+            print(f"  throughput round {i + 1}/{rounds}: uvm {thr['uvm'][-1]:.1f} MB/s, hostfwd {thr['hostfwd'][-1]:.1f} MB/s", file=sys.stderr)
+        lat = {"uvm": [], "hostfwd": []}
+        for i in range(conns // 20):
+            for name, p in (("uvm", port), ("hostfwd", hport)):
+                lat[name] += [http_get(p, "/small")[1] for _ in range(20)]
+    finally:
+        # Whatever happened, leave no VM or uvmd behind.
+        st = json.loads(uvm(home, "status", "--format", "json").stdout)
+        uvm(home, "stop", check=False)
+        if st.get("daemonPID"):
+            try: os.kill(st["daemonPID"], 15)
+            except OSError: pass
+        shutil.rmtree(home, ignore_errors=True)
+
+    med = {k: statistics.median(v) for k, v in thr.items()}
+    p50 = {k: pct(v, 50) * 1000 for k, v in lat.items()}
+    p99 = {k: pct(v, 99) * 1000 for k, v in lat.items()}
+    res = {
+        "accelerator": st.get("accelerator"),
+        "forward_appears_s": appear,
+        "throughput_MBps": {k: {"median": med[k], "runs": thr[k]} for k in thr},
+        "throughput_ratio_uvm_to_hostfwd": med["uvm"] / med["hostfwd"],
+        "connection_ms": {k: {"p50": p50[k], "p99": p99[k], "runs": len(lat[k])} for k in lat},
+        "connection_p50_ratio_hostfwd_to_uvm": p50["hostfwd"] / p50["uvm"],
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "host": os.uname().nodename,
+    }
+    rows = [
+        ("accelerator", str(res["accelerator"]).upper(), ""),
+        ("guest port on host 127.0.0.1 after uvm exec -- httpd", f"{appear:.2f} s", "incl. one request"),
+        (f"download {big_mib} MiB via uvm forwarding (median)", f"{med['uvm']:.1f} MB/s", f"{rounds} runs"),
+        (f"download {big_mib} MiB via QEMU hostfwd (median)", f"{med['hostfwd']:.1f} MB/s", "same guest server"),
+        ("throughput ratio uvm / hostfwd (goal >= 1)", f"{res['throughput_ratio_uvm_to_hostfwd']:.2f}", ""),
+        ("connection (connect+GET tiny+EOF) uvm p50 / p99", f"{p50['uvm']:.1f} / {p99['uvm']:.1f} ms", f"{len(lat['uvm'])} conns"),
+        ("connection (connect+GET tiny+EOF) hostfwd p50 / p99", f"{p50['hostfwd']:.1f} / {p99['hostfwd']:.1f} ms", ""),
+        ("latency ratio hostfwd / uvm p50 (goal >= 1)", f"{res['connection_p50_ratio_hostfwd_to_uvm']:.2f}", ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    table = "\n".join(f"{r[0]:<{width}}  {r[1]:>16}  {r[2]}" for r in rows)
+    with open(os.path.join(out, "network.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    with open(os.path.join(out, "network.txt"), "w") as f:
         f.write(table + "\n")
     print(table)
 

@@ -44,7 +44,7 @@ fi
 if ldd "$busybox" 2>&1 | grep -q '=>'; then
     die "$busybox is dynamically linked: install busybox-static (run \`make setup\`) or set BUSYBOX"
 fi
-bb_version=$("$busybox" 2>&1 | head -n 1 | sed -n 's/^BusyBox \(v[^ ]*\).*/\1/p')
+bb_version=$("$busybox" 2>&1 | sed -n '1s/^BusyBox \(v[^ ]*\).*/\1/p')
 [[ -n $bb_version ]] || die "cannot read the version of $busybox"
 
 init_sum=$(sha256sum -- "$init_bin" | cut -d' ' -f1)

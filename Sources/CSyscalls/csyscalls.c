@@ -5,6 +5,13 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <linux/netlink.h>
+#include <linux/sock_diag.h>
+#include <linux/inet_diag.h>
+#include <arpa/inet.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -349,6 +356,128 @@ int uvm_if_up(const char *name) {
     }
     close(s);
     return rc;
+}
+
+static int set_inet_addr(struct sockaddr *sa, const char *text) {
+    struct sockaddr_in *in = (struct sockaddr_in *)sa;
+    memset(in, 0, sizeof *in);
+    in->sin_family = AF_INET;
+    return inet_pton(AF_INET, text, &in->sin_addr) == 1 ? 0 : EINVAL;
+}
+
+int uvm_if_configure_ipv4(const char *name, const char *addr, int prefix, const char *gateway, const char **stage) {
+    if (prefix < 0 || prefix > 32) { *stage = "prefix"; return EINVAL; }
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) { *stage = "socket"; return errno; }
+    int rc = 0;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    if ((rc = set_inet_addr(&ifr.ifr_addr, addr))) { *stage = "address"; goto out; }
+    if (ioctl(s, SIOCSIFADDR, &ifr) < 0) { rc = errno; *stage = "SIOCSIFADDR"; goto out; }
+    struct sockaddr_in *mask = (struct sockaddr_in *)&ifr.ifr_netmask;
+    memset(mask, 0, sizeof *mask);
+    mask->sin_family = AF_INET;
+    mask->sin_addr.s_addr = htonl(prefix == 0 ? 0 : 0xffffffffu << (32 - prefix));
+    if (ioctl(s, SIOCSIFNETMASK, &ifr) < 0) { rc = errno; *stage = "SIOCSIFNETMASK"; goto out; }
+    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) { rc = errno; *stage = "SIOCGIFFLAGS"; goto out; }
+    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) { rc = errno; *stage = "SIOCSIFFLAGS"; goto out; }
+    if (gateway) {
+        struct rtentry rt;
+        memset(&rt, 0, sizeof rt);
+        if ((rc = set_inet_addr(&rt.rt_gateway, gateway))) { *stage = "gateway"; goto out; }
+        set_inet_addr(&rt.rt_dst, "0.0.0.0");
+        set_inet_addr(&rt.rt_genmask, "0.0.0.0");
+        rt.rt_flags = RTF_UP | RTF_GATEWAY;
+        rt.rt_dev = (char *)name;
+        if (ioctl(s, SIOCADDRT, &rt) < 0 && errno != EEXIST) { rc = errno; *stage = "SIOCADDRT"; goto out; }
+    }
+out:
+    close(s);
+    return rc;
+}
+
+int uvm_connect_loopback(unsigned short port, int wait_ms) {
+    struct sockaddr_in v4 = { .sin_family = AF_INET, .sin_port = htons(port), .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    struct sockaddr_in6 v6 = { .sin6_family = AF_INET6, .sin6_port = htons(port), .sin6_addr = IN6ADDR_LOOPBACK_INIT };
+    const struct sockaddr *addrs[2] = { (const struct sockaddr *)&v4, (const struct sockaddr *)&v6 };
+    const socklen_t lens[2] = { sizeof v4, sizeof v6 };
+    int err = ECONNREFUSED;
+    for (int i = 0; i < 2; i++) {
+        int s = socket(addrs[i]->sa_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (s < 0) { err = errno; continue; }
+        int r = connect(s, addrs[i], lens[i]);
+        if (r < 0 && errno == EINPROGRESS) {
+            struct pollfd p = { s, POLLOUT, 0 };
+            do { r = poll(&p, 1, wait_ms); } while (r < 0 && errno == EINTR);
+            if (r == 0) { close(s); errno = ETIMEDOUT; return -1; }
+            int soerr = 0;
+            socklen_t len = sizeof soerr;
+            if (r < 0) soerr = errno;
+            else if (getsockopt(s, SOL_SOCKET, SO_ERROR, &soerr, &len) < 0) soerr = errno;
+            r = soerr ? -1 : 0;
+            errno = soerr;
+        }
+        if (r == 0) {
+            int one = 1;
+            setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            return s;
+        }
+        err = errno;
+        close(s);
+    }
+    errno = err;
+    return -1;
+}
+
+static int diag_dump(int nl, int family, uvm_listener *out, int max, int count) {
+    struct {
+        struct nlmsghdr nh;
+        struct inet_diag_req_v2 req;
+    } msg;
+    memset(&msg, 0, sizeof msg);
+    msg.nh.nlmsg_len = sizeof msg;
+    msg.nh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+    msg.nh.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+    msg.req.sdiag_family = family;
+    msg.req.sdiag_protocol = IPPROTO_TCP;
+    msg.req.idiag_states = 1 << 10;  // TCP_LISTEN
+    struct sockaddr_nl kernel = { .nl_family = AF_NETLINK };
+    if (sendto(nl, &msg, sizeof msg, 0, (struct sockaddr *)&kernel, sizeof kernel) < 0) return -1;
+    static __thread char buf[32768];
+    for (;;) {
+        ssize_t n = recv(nl, buf, sizeof buf, 0);
+        if (n < 0) { if (errno == EINTR) continue; return -1; }
+        for (struct nlmsghdr *h = (struct nlmsghdr *)buf; NLMSG_OK(h, n); h = NLMSG_NEXT(h, n)) {
+            if (h->nlmsg_type == NLMSG_DONE) return count;
+            if (h->nlmsg_type == NLMSG_ERROR) {
+                struct nlmsgerr *e = NLMSG_DATA(h);
+                errno = e->error ? -e->error : EIO;
+                return -1;
+            }
+            struct inet_diag_msg *d = NLMSG_DATA(h);
+            if (count < max) {
+                uvm_listener *l = &out[count];
+                l->family = d->idiag_family;
+                l->port = ntohs(d->id.idiag_sport);
+                memcpy(l->addr, d->id.idiag_src, 16);
+                l->inode = d->idiag_inode;
+            }
+            count++;
+        }
+    }
+}
+
+int uvm_tcp_listeners(uvm_listener *out, int max) {
+    int nl = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    if (nl < 0) return -1;
+    int count = diag_dump(nl, AF_INET, out, max, 0);
+    if (count >= 0) count = diag_dump(nl, AF_INET6, out, max, count);
+    int saved = errno;
+    close(nl);
+    errno = saved;
+    return count;
 }
 
 int uvm_poweroff(void) {

@@ -84,7 +84,9 @@ struct ClientSession {
             guard let share = request.share else { throw WireError(.badRequest, "share remove: no name given") }
             try await controller.shares.remove(share.name)
             try await outbound.write(.json(.response, try await controller.shares.list()))
-        case .info, .shutdown, .stopInstance, .mount, .unmount:
+        case .ports:
+            try await outbound.write(.json(.response, await daemon.forwarder.list()))
+        case .info, .shutdown, .stopInstance, .mount, .unmount, .watchPorts, .connect:
             throw WireError(.badRequest, "'\(request.op.rawValue)' is not a client operation")
         }
     }

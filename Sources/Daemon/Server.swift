@@ -14,13 +14,16 @@ public struct UVMDaemon: Sendable {
     let controller: VMController
     /// Counts clients per distro instance and stops what is idle.
     let reaper: Reaper
+    let forwarder: PortForwarder
 
     public init(paths: Paths = .current(), settings: Settings = .current(), logger: Logger) {
         self.paths = paths
         self.settings = settings
         self.logger = logger
-        self.controller = VMController(paths: paths, settings: settings, logger: logger)
-        self.reaper = Reaper(instanceIdle: settings.instanceIdleTimeout, vmIdle: settings.vmIdleTimeout)
+        let reaper = Reaper(instanceIdle: settings.instanceIdleTimeout, vmIdle: settings.vmIdleTimeout)
+        self.reaper = reaper
+        self.forwarder = PortForwarder(enabled: settings.localhostForwarding, logger: logger, reaper: reaper, defaultDistro: settings.defaultDistro)
+        self.controller = VMController(paths: paths, settings: settings, logger: logger, forwarder: forwarder)
     }
 
     public enum StartError: Error, CustomStringConvertible {

@@ -42,13 +42,15 @@ public actor VMController {
     public enum Lifecycle: Sendable { case started(instances: [String]), stopped }
     public nonisolated let lifecycle: AsyncStream<Lifecycle>
     private let lifecycleSink: AsyncStream<Lifecycle>.Continuation
+    let forwarder: PortForwarder?
 
-    public init(paths: Paths, settings: Settings, logger: Logger) {
+    init(paths: Paths, settings: Settings, logger: Logger, forwarder: PortForwarder? = nil) {
         self.paths = paths
         self.settings = settings
         self.logger = logger
         self.shares = ShareService(paths: paths, settings: settings, logger: logger)
         (lifecycle, lifecycleSink) = AsyncStream.makeStream(of: Lifecycle.self)
+        self.forwarder = forwarder
     }
 
     /// The link to a running guest, booting the VM first when needed.
@@ -81,6 +83,7 @@ public actor VMController {
             running = r
             state = .running
             lifecycleSink.yield(.started(instances: r.guest.instances))
+            await forwarder?.start(link: r.link)
             return r
         } catch {
             boot = nil
@@ -375,6 +378,7 @@ public actor VMController {
             stopRequested = false
             // The earlier uvmd's 9P servers went with it: serve the shares again and remount them.
             await shares.vmStarted(link: mux)
+            await forwarder?.start(link: mux)
             logger.info("adopted the VM", metadata: ["instances": "\(guest.instances)", "qemu": "\(domain.qemuPID().map { "\($0)" } ?? "?")"])
             lifecycleSink.yield(.started(instances: guest.instances))
         } catch {

@@ -2,6 +2,7 @@ import CSyscalls
 import Glibc
 import NIOCore
 import NIOPosix
+import Synchronization
 import Wire
 
 /// uvm-init: PID 1 of the utility VM. It prepares the bare initramfs, finds its virtio-serial
@@ -9,9 +10,20 @@ import Wire
 public enum GuestAgent {
     public static let controlPortName = "uvm.control"
 
+    /// PID 1's mounts, called before anything runs on a worker thread: libdispatch's worker
+    /// monitor reads /proc/TID/stat and kills the process (SIGILL, "registered worker exited
+    /// prematurely") when it cannot, which happened now and then at boot under TCG while
+    /// /proc was not mounted yet.
+    public static func preparePID1IfNeeded() {
+        guard getpid() == 1, !pid1Prepared.exchange(true, ordering: .relaxed) else { return }
+        preparePID1()
+    }
+    private static let pid1Prepared = Atomic<Bool>(false)
+
     public static func main() async -> Never {
         signal(SIGPIPE, SIG_IGN)
-        if getpid() == 1 { preparePID1() }
+        preparePID1IfNeeded()
+        if getpid() == 1 { GuestNetwork.configure() }
         let cmdline = readSmallFile("/proc/cmdline") ?? ""
         if cmdline.split(whereSeparator: { $0 == " " || $0 == "\n" }).contains("uvm.poweroff=1") {
             // Baseline for benchmarks: the same kernel and initramfs, booted and powered off.
@@ -109,6 +121,11 @@ public enum GuestAgent {
             await instances.stop(name)
             sync()
             try await outbound.write(.json(.response, ["ok": true]))
+        case .watchPorts:
+            try await PortTracker(instances: instances).watch(rest: rest, outbound: outbound)
+        case .connect:
+            guard let port = request.port, port > 0 else { throw WireError(.badRequest, "connect without a port") }
+            try await PortRelay.connect(port: port, rest: rest, outbound: outbound)
         default:
             throw WireError(.badRequest, "the guest does not serve '\(request.op.rawValue)'")
         }

@@ -27,6 +27,7 @@ actor Instances {
     private var exits: [pid_t: Task<Void, Never>] = [:]
 
     var names: [String] { running.keys.sorted() }
+    var all: [Instance] { Array(running.values) }
 
     /// The running instance of `distro`, started from the disk whose serial is `diskSerial`.
     func instance(_ distro: String, diskSerial: String) async throws -> Instance {
@@ -38,6 +39,7 @@ actor Instances {
         starting[distro] = task
         defer { starting[distro] = nil }
         let instance = try await task.value
+        GuestNetwork.writeResolvConf(instance)
         running[distro] = instance
         // The only waiter for this pid (ChildReaper keeps one per pid): stopping awaits this task.
         exits[instance.initPID] = Task { [weak self] in

@@ -183,8 +183,8 @@ public func formatMemory(_ mib: Int) -> String { mib % 1024 == 0 ? "\(mib / 1024
 
 public func parseBool(_ text: String) throws(SettingValueError) -> Bool {
     switch text.lowercased() {
-    case "true": return true
-    case "false": return false
+    case "true", "1", "yes", "on": return true
+    case "false", "0", "no", "off": return false
     default: throw SettingValueError("expected true or false")
     }
 }

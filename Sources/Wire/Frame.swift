@@ -16,6 +16,8 @@ public enum FrameKind: UInt8, Sendable, CaseIterable {
     case error = 19        // JSON `WireError`; final
     case progress = 20     // UTF-8 line for the user (boot progress and the like)
     case response = 21     // JSON, operation-specific; final
+    case event = 22        // JSON, operation-specific; one of many (watchPorts snapshots)
+    case stdoutEOF = 23    // empty: no more stdout (a relayed connection's half-close)
 
     /// A final frame ends the session: nothing follows it in that direction.
     public var isFinal: Bool { self == .exit || self == .error || self == .response }

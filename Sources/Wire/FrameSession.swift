@@ -13,15 +13,25 @@ public enum FrameSession {
         _ body: @Sendable (_ request: Frame, _ rest: AsyncStream<Frame>, _ outbound: Outbound) async throws -> Void
     ) async throws {
         try await channel.executeThenClose { inbound, outbound in
-            let (rest, restInput) = AsyncStream.makeStream(of: Frame.self)
+            // Bounded: a body that reads slowly (a process not reading its stdin, a slow server
+            // behind a forwarded port) holds the peer back through flow control.
+            let queue = FrameQueue(limit: 4 << 20)
+            let rest = AsyncStream<Frame>(unfolding: { await queue.take() })
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask {
-                    defer { restInput.finish() }
-                    for try await frame in inbound { restInput.yield(frame) }
+                    defer { queue.finish() }
+                    for try await frame in inbound { await queue.put(frame) }
                 }
                 var frames = rest.makeAsyncIterator()
                 guard let first = await frames.next() else { return }
-                try await body(first, rest, outbound)
+                do {
+                    try await body(first, rest, outbound)
+                } catch {
+                    queue.discard()
+                    throw error
+                }
+                // Nobody reads `rest` any more: what still comes until the peer closes is dropped.
+                queue.discard()
                 try await group.waitForAll()
             }
         }

@@ -20,6 +20,9 @@ public struct Request: Codable, Sendable, Equatable {
         case mount       // mount a share from its 9P port (uvmd -> guest)
         case unmount     // unmount a share and free its port (uvmd -> guest)
         case stopInstance  // stop one distro instance: signal, sync, unmount (uvmd -> guest)
+        case ports       // what is forwarded to host localhost (CLI -> uvmd)
+        case watchPorts  // stream of listening-port snapshots, `event` frames (uvmd -> guest)
+        case connect     // relay one TCP connection to `port` on the guest's loopback (uvmd -> guest)
     }
     public var op: Operation
     public var exec: ExecRequest?
@@ -31,15 +34,18 @@ public struct Request: Codable, Sendable, Equatable {
     public var mount: MountRequest?
     /// The distro instance an operation is about (stopInstance).
     public var instance: String?
+    /// Guest TCP port (connect).
+    public var port: UInt16?
 
     public init(op: Operation, exec: ExecRequest? = nil, distroDisk: String? = nil, instance: String? = nil,
-                share: ShareSpec? = nil, mount: MountRequest? = nil) {
+                share: ShareSpec? = nil, mount: MountRequest? = nil, port: UInt16? = nil) {
         self.op = op
         self.exec = exec
         self.distroDisk = distroDisk
         self.instance = instance
         self.share = share
         self.mount = mount
+        self.port = port
     }
 }
 

@@ -56,6 +56,30 @@ int uvm_mount(const char *source, const char *target, const char *fstype, unsign
 /// Brings a network interface up (IFF_UP). Returns 0 or errno.
 int uvm_if_up(const char *name);
 
+/// Gives interface `name` the IPv4 address `addr` with `prefix` bits, brings it up, and when
+/// `gateway` is not NULL adds the default route through it. Returns 0 or errno; *stage says which step failed.
+int uvm_if_configure_ipv4(const char *name, const char *addr, int prefix, const char *gateway, const char **stage);
+
+/// Connects to `port` on the guest's loopback: 127.0.0.1, then ::1, waiting at most `wait_ms`
+/// for each handshake (on loopback it takes microseconds unless the listener's backlog is full).
+/// The socket comes back non-blocking, close-on-exec, with TCP_NODELAY. Returns the fd, or -1
+/// with errno: ETIMEDOUT when a handshake was still pending, else the last attempt's error.
+int uvm_connect_loopback(unsigned short port, int wait_ms);
+
+/// A listening TCP socket as NETLINK_SOCK_DIAG reports it.
+typedef struct uvm_listener {
+    int family;                 // AF_INET or AF_INET6
+    unsigned short port;        // host byte order
+    unsigned char addr[16];     // IPv4 in the first 4 bytes
+    unsigned long long inode;
+} uvm_listener;
+
+/// The TCP sockets in state LISTEN (IPv4 and IPv6), asked of the kernel with NETLINK_SOCK_DIAG:
+/// the kernel filters by state, so the cost does not grow with established or TIME_WAIT
+/// connections as reading /proc/net/tcp does. Fills at most `max`; returns how many there are,
+/// or -1 with errno.
+int uvm_tcp_listeners(uvm_listener *out, int max);
+
 /// Syncs and powers the machine off. Does not return on success.
 int uvm_poweroff(void);
 
