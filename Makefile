@@ -40,7 +40,7 @@ TEST_HOME    ?= /tmp/uvm-test-$(shell id -u)-$(shell echo $(CURDIR) | cksum | cu
 
 test: setup build kernel images
 	@rm -rf $(TEST_HOME)
-	@UVM_KERNEL=$$(cat .build/kernel-dir)/bzImage UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) UVM_TEST_HOME=$(TEST_HOME) timeout 2400 $(SWIFT) test $(TEST_FLAGS); rc=$$?; \
+	@UVM_KERNEL=$$(cat .build/kernel-dir)/bzImage UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) UVM_TEST_HOME=$(TEST_HOME) timeout 3600 $(SWIFT) test $(TEST_FLAGS); rc=$$?; \
 	  UVM_HOME=$(TEST_HOME) $(BIN)/uvm stop >/dev/null 2>&1; \
 	  lock=$(TEST_HOME)/state/uvmd.lock; [ -f $$lock ] && ! flock -n $$lock true && kill $$(cat $$lock) 2>/dev/null; \
 	  [ $$rc = 0 ] || exit $$rc

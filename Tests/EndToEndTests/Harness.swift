@@ -43,8 +43,8 @@ enum Harness {
 
     /// Runs `uvm ARGS` with `stdin` (nil: /dev/null) and returns what it printed.
     static func run(_ args: [String], stdin: Data? = nil, home: String = Harness.home, env extra: [String: String] = [:],
-                    cwd: String = "/") throws -> Result {
-        try runProcess(uvm, args, stdin: stdin, env: environment(home: home, extra: extra), cwd: cwd)
+                    cwd: String = "/", timeout: Double = 300) throws -> Result {
+        try runProcess(uvm, args, stdin: stdin, env: environment(home: home, extra: extra), timeout: timeout, cwd: cwd)
     }
 
     /// Runs a shell pipeline with `uvm` on PATH, as a user would type it.

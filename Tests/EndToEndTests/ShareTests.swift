@@ -24,8 +24,8 @@ extension EndToEnd {
             try? FileManager.default.removeItem(atPath: dir)
         }
 
-        static func guest(_ script: String, user: String? = nil, cwd: String = "/") throws -> Harness.Result {
-            try Harness.run(["exec"] + (user.map { ["--user", $0] } ?? []) + ["--", "sh", "-c", script], cwd: cwd)
+        static func guest(_ script: String, user: String? = nil, cwd: String = "/", timeout: Double = 300) throws -> Harness.Result {
+            try Harness.run(["exec"] + (user.map { ["--user", $0] } ?? []) + ["--", "sh", "-c", script], cwd: cwd, timeout: timeout)
         }
 
         static func sha256(_ path: String) throws -> String {
@@ -89,7 +89,7 @@ extension EndToEnd {
                 mkdir -p /dev/shm/fsops && /mnt/host/diff/fsops /mnt/host/diff/work > /dev/shm/share.out && \
                 /mnt/host/diff/fsops /dev/shm/fsops > /dev/shm/tmpfs.out && \
                 cat /dev/shm/share.out && echo ==== && cat /dev/shm/tmpfs.out
-                """)
+                """, timeout: 2400)  // some 60,000 9P requests: 4 min on an idle 2-core TCG host, far more on a busy one
             try #require(r.status == 0, "stderr: \(r.err)")
             let parts = r.out.components(separatedBy: "====\n")
             try #require(parts.count == 2)
