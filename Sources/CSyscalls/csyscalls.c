@@ -654,4 +654,16 @@ int uvm_relay_finish(uvm_relay *r, int timeout_ms) {
     pthread_cond_destroy(&r->ended_cond);
     free(r);
     return by_itself;
+
+// ---- PID 1, before Swift starts -----------------------------------------------------------
+
+// libdispatch's Linux thread-pool monitor reads /proc/TID/stat of its workers from its first
+// tick on, and crashes the process ("registered worker exited prematurely", a SIGILL) when it
+// cannot open it. As PID 1 of a bare initramfs we mount /proc ourselves, and Swift's async main
+// runs on a dispatch worker: mounting it in main() raced with that tick and lost under load
+// (a kernel panic at boot, now and then). A constructor runs before any dispatch thread exists.
+__attribute__((constructor)) static void uvm_pid1_mount_proc_early(void) {
+    if (getpid() != 1 || access("/proc/self/stat", F_OK) == 0) return;
+    mkdir("/proc", 0555);
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
 }

@@ -181,7 +181,9 @@ public actor VMController {
         } catch {
             try? await domain.destroy()
             let tail = consoleTail()
-            // The next boot overwrites the console log: keep this one's end in uvmd's log.
+            // The next boot overwrites the console log: keep this one whole, and its end in uvmd's log.
+            try? FileManager.default.removeItem(atPath: paths.consoleLog + ".failed")
+            try? FileManager.default.copyItem(atPath: paths.consoleLog, toPath: paths.consoleLog + ".failed")
             logger.error("the VM did not come up", metadata: ["error": "\(error)", "console": "\(tail)"])
             throw WireError(.vmUnavailable, "the VM did not come up: \(error)" + (tail.isEmpty ? "" : "\nconsole (\(paths.consoleLog)):\n\(tail)"))
         }
