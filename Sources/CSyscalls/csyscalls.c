@@ -654,6 +654,7 @@ int uvm_relay_finish(uvm_relay *r, int timeout_ms) {
     pthread_cond_destroy(&r->ended_cond);
     free(r);
     return by_itself;
+}
 
 // ---- PID 1, before Swift starts -----------------------------------------------------------
 
