@@ -16,6 +16,16 @@ actor ShareService {
     private var link: HTTP2Sessions.ClientMultiplexer?
     /// name -> "mounted" or "failed: why", for the running VM.
     private var states: [String: String] = [:]
+    /// The share list as last read from the store: every exec asks for its working directory,
+    /// and only this actor changes the file (one uvmd per state directory).
+    private var cachedEntries: [ShareStore.Entry]?
+
+    private func entries() throws -> [ShareStore.Entry] {
+        if let cachedEntries { return cachedEntries }
+        let e = try store.entries()
+        cachedEntries = e
+        return e
+    }
 
     init(paths: Paths, settings: Settings, logger: Logger) {
         store = ShareStore(file: paths.sharesFile, homeShare: settings.homeShare, capacity: Self.portCount)
@@ -33,7 +43,7 @@ actor ShareService {
         self.link = link
         states = [:]
         let entries: [ShareStore.Entry]
-        do { entries = try store.entries() } catch {
+        do { entries = try self.entries() } catch {
             logger.error("shares not mounted: \(error)")
             return
         }
@@ -66,12 +76,14 @@ actor ShareService {
     }
 
     func add(_ spec: ShareSpec) async throws -> ShareStatus {
+        cachedEntries = nil
         let share = try store.add(spec)
         await mount(share)
         return ShareStatus(share: share, source: "user", state: state(share.name))
     }
 
     func remove(_ name: String) async throws {
+        cachedEntries = nil
         try store.remove(name)
         states[name] = nil
         guard let link, await exporter.exported.contains(name) else { return }
@@ -82,7 +94,7 @@ actor ShareService {
     }
 
     func list() throws -> [ShareStatus] {
-        try store.entries().map { ShareStatus(share: $0.spec, source: $0.source, state: state($0.spec.name)) }
+        try entries().map { ShareStatus(share: $0.spec, source: $0.source, state: state($0.spec.name)) }
     }
 
     private func state(_ name: String) -> String {
@@ -91,7 +103,7 @@ actor ShareService {
 
     /// Where a command started in host directory `hostCwd` runs in the guest, if that is in a share.
     func guestCwd(forHost hostCwd: String) -> String? {
-        guard let entries = try? store.entries() else { return nil }
-        return ShareStore.guestPath(forHost: hostCwd, in: entries.map(\.spec))
+        guard let all = try? entries() else { return nil }
+        return ShareStore.guestPath(forHost: hostCwd, in: all.map(\.spec))
     }
 }
