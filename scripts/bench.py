@@ -61,6 +61,17 @@ def pct(values, p):
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
+def write_results(out, name, res, rows, value_width):
+    """res as out/NAME.json; rows (label, value, remark) as an aligned table in out/NAME.txt and on stdout."""
+    width = max(len(r[0]) for r in rows)
+    table = "\n".join(f"{r[0]:<{width}}  {r[1]:>{value_width}}  {r[2]}" for r in rows)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    with open(os.path.join(out, f"{name}.txt"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
 def bare_qemu(mem, cpus, accel):
     cmd = ["qemu-system-x86_64", "-M", "q35", "-accel", accel, "-m", str(mem), "-smp", str(cpus),
            "-nodefaults", "-no-user-config", "-nographic", "-serial", "null", "-no-reboot",
@@ -140,13 +151,7 @@ def main():
         ("warm p50 / guest spawn (goal <= 2)", f"{res['warm_exec_p50_ratio_to_guest_spawn']:.2f}", ""),
         ("uvmd resident memory", f"{res['uvmd_rss_mib']:.1f} MiB", ""),
     ]
-    width = max(len(r[0]) for r in rows)
-    table = "\n".join(f"{r[0]:<{width}}  {r[1]:>10}  {r[2]}" for r in rows)
-    with open(os.path.join(a.out, "boot-exec.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    with open(os.path.join(a.out, "boot-exec.txt"), "w") as f:
-        f.write(table + "\n")
-    print(table)
+    write_results(a.out, "boot-exec", res, rows, value_width=10)
     if a.only is None:
         lifecycle_bench(a.out)
     if a.only is None:
@@ -263,13 +268,7 @@ def lifecycle_bench(out, runs=3):
         ("  clean teardown beyond the timeouts", f"{res['teardown_beyond_timeouts_s']:.2f} s", "instance stop + sync + power-off"),
         ("QEMU killed -9: running `uvm exec` ends with its error (median)", f"{res['qemu_killed_client_error_ms']['median']:.0f} ms", "goal < 1 s"),
     ]
-    width = max(len(r[0]) for r in rows)
-    table = "\n".join(f"{r[0]:<{width}}  {r[1]:>10}  {r[2]}" for r in rows)
-    with open(os.path.join(out, "lifecycle.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    with open(os.path.join(out, "lifecycle.txt"), "w") as f:
-        f.write(table + "\n")
-    print(table)
+    write_results(out, "lifecycle", res, rows, value_width=10)
 
 
 def free_port():
@@ -373,13 +372,7 @@ def bench_network(out, big_mib=256, rounds=3, conns=200):
         ("connection (connect+GET tiny+EOF) hostfwd p50 / p99", f"{p50['hostfwd']:.1f} / {p99['hostfwd']:.1f} ms", ""),
         ("latency ratio hostfwd / uvm p50 (goal >= 1)", f"{res['connection_p50_ratio_hostfwd_to_uvm']:.2f}", ""),
     ]
-    width = max(len(r[0]) for r in rows)
-    table = "\n".join(f"{r[0]:<{width}}  {r[1]:>16}  {r[2]}" for r in rows)
-    with open(os.path.join(out, "network.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    with open(os.path.join(out, "network.txt"), "w") as f:
-        f.write(table + "\n")
-    print(table)
+    write_results(out, "network", res, rows, value_width=16)
 
 
 if __name__ == "__main__":
