@@ -69,7 +69,7 @@ struct DiodComparisonTests {
         return out
     }
 
-    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: diod)))
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: diod), "diod is not installed (make setup installs it)"))
     func sameAnswersAsDiod() async throws {
         // diod over TCP on loopback.
         var template = Array("/tmp/plan9-diod-XXXXXX".utf8CString)

@@ -43,19 +43,19 @@ struct ExecutableTests {
         await c.close()
     }
 
-    @Test(.enabled(if: available)) func stdio() async throws {
+    @Test(.enabled(if: available, "uvm-9p is not built (swift build --product uvm-9p)")) func stdio() async throws {
         let fx = try Fixture { share, _ in try write(share + "/f", "served") }
         defer { Task { await fx.close() } }
         try await serve(["--stdio"], root: fx.share, readOnly: false)
     }
 
-    @Test(.enabled(if: available)) func connectedFD() async throws {
+    @Test(.enabled(if: available, "uvm-9p is not built (swift build --product uvm-9p)")) func connectedFD() async throws {
         let fx = try Fixture { share, _ in try write(share + "/f", "served") }
         defer { Task { await fx.close() } }
         try await serve(["--fd", "FD"], root: fx.share, readOnly: true)
     }
 
-    @Test(.enabled(if: available)) func unixSocket() async throws {
+    @Test(.enabled(if: available, "uvm-9p is not built (swift build --product uvm-9p)")) func unixSocket() async throws {
         let fx = try Fixture { share, _ in try write(share + "/f", "served") }
         defer { Task { await fx.close() } }
         let sock = fx.base + "/9p.sock"

@@ -105,7 +105,7 @@ struct FuzzCorpusTests {
         }),
     ]
 
-    @Test(.enabled(if: ProcessInfo.processInfo.environment["UVM_9P_WRITE_CORPUS"] != nil))
+    @Test(.enabled(if: ProcessInfo.processInfo.environment["UVM_9P_WRITE_CORPUS"] != nil, "regenerates the seed corpus: only with UVM_9P_WRITE_CORPUS set"))
     func writeSeedCorpus() async throws {
         try FileManager.default.createDirectory(atPath: Self.corpusDir, withIntermediateDirectories: true)
         for (name, msize, session) in Self.sessions {
