@@ -28,8 +28,12 @@ extension EndToEnd {
 
         func screen(_ socket: String) throws -> String { try tmux(socket, "capture-pane", "-t", "t", "-p") }
 
+        /// Waits for `text` on the screen; when it never comes, the screen goes into the test's
+        /// record so a failure says what the terminal showed instead.
         func waitFor(_ socket: String, _ text: String) throws -> Bool {
-            try Harness.waitUntil(timeout: 60) { try screen(socket).contains(text) }
+            if try Harness.waitUntil(timeout: 60, { try screen(socket).contains(text) }) { return true }
+            Issue.record("waited 60 s for \(text.debugDescription); the screen shows:\n\(try screen(socket))")
+            return false
         }
 
         @Test func interactiveShellBehavesLikeALocalTerminal() throws {
@@ -66,7 +70,16 @@ extension EndToEnd {
             #expect(try waitFor(socket, "Stopped"))
             _ = try tmux(socket, "send-keys", "-t", "t", "echo after-z-$((2+2)); kill -9 %1", "Enter")
             #expect(try waitFor(socket, "after-z-4"))
-            usleep(300_000)
+            // ash notices the killed job only when it next reaps (at a prompt, or `jobs`); until
+            // then Ctrl-D answers "You have stopped jobs", as it would for a person typing fast.
+            let reaped = try Harness.waitUntil(timeout: 60) {
+                if try screen(socket).contains("Killed") { return true }
+                _ = try tmux(socket, "send-keys", "-t", "t", "jobs", "Enter")
+                usleep(1_000_000)
+                return false
+            }
+            let shown = try screen(socket)
+            #expect(reaped, "the shell never reported the killed job:\n\(shown)")
             // Ctrl-D at the prompt is EOF for the shell: it exits 0, and so does uvm.
             _ = try tmux(socket, "send-keys", "-t", "t", "C-d")
             #expect(try waitFor(socket, "EXITED=0"))
