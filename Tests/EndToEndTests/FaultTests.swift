@@ -46,7 +46,7 @@ extension EndToEnd {
                 #expect(Harness.waitUntil(timeout: 10) { !Harness.alive(uvmd) })
                 // The socket and lock it left behind do not stop a new uvmd, which takes the VM over.
                 let r = try Harness.spawnRun(["exec", "--", "echo", "adopted"], home: home, env: env)
-                #expect(r.out == "adopted\n", "stderr: \(r.err)")
+                #expect(r.out == "adopted\n", "stderr: \(r.err)\n\(Harness.daemonLog(home))")
                 let after = try Harness.status(home: home)
                 #expect(after["daemonPID"] as? Int != uvmd)
                 #expect(after["qemuPID"] as? Int == qemu)
