@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Build uvm's guest kernel (bzImage) from Debian's linux-source tarball (or an
-# unpacked kernel source dir) with kernel-config/uvm.config merged onto
-# tinyconfig. The result is cached outside the clone, keyed by content:
+# unpacked kernel source dir) with kernel-patches/*.patch applied and
+# kernel-config/uvm.config merged onto tinyconfig. The result is cached outside
+# the clone, keyed by content:
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/uvm/kernel/<key>/{bzImage,config,release}
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/uvm/kernel/current -> <key>
-# key = sha256(fragment + source identity + this script), so a change to any of
-# them rebuilds, and an unchanged second run takes a second or two.
+# key = sha256(fragment + patches + source identity + this script), so a change
+# to any of them rebuilds, and an unchanged second run takes a second or two.
 #
 # Environment: KERNEL_SRC (tarball or dir; default Debian's linux-source-6.1),
 # XDG_CACHE_HOME, JOBS (default: nproc).
@@ -20,6 +21,8 @@ die() { echo "kernel: error: $*" >&2; exit 1; }
 script=$(readlink -f -- "${BASH_SOURCE[0]}")
 root=$(dirname -- "$(dirname -- "$script")")
 fragment=$root/kernel-config/uvm.config
+patches=("$root"/kernel-patches/*.patch)
+[[ -e ${patches[0]} ]] || patches=()
 src=${KERNEL_SRC:-/usr/src/linux-source-6.1.tar.xz}
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/uvm/kernel
 jobs=${JOBS:-$(nproc)}
@@ -51,7 +54,7 @@ else
     src_id="tarball sha256:$sum"
 fi
 
-key=$({ echo "fragment"; cat -- "$fragment"; echo "source $src_id"; echo "script"; cat -- "$script"; } | sha256sum | cut -c1-16)
+key=$({ echo "fragment"; cat -- "$fragment"; for p in "${patches[@]}"; do echo "patch $(basename -- "$p")"; cat -- "$p"; done; echo "source $src_id"; echo "script"; cat -- "$script"; } | sha256sum | cut -c1-16)
 out=$cache/$key
 
 point_current() {
@@ -68,7 +71,7 @@ fi
 
 # --- build dependencies -----------------------------------------------------
 missing=()
-for cmd in make gcc ld bc bison flex perl tar xz sha256sum flock; do
+for cmd in make gcc ld bc bison flex perl tar xz sha256sum flock patch; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
 done
 [[ -e /usr/include/libelf.h ]] || missing+=("libelf.h (libelf-dev)")
@@ -98,11 +101,20 @@ start=$SECONDS
 if [[ -d $src ]]; then
     srcdir=$src
     log "using source dir $srcdir (built out of tree)"
+    # A source dir is not ours to change: it must carry the patches already.
+    for p in "${patches[@]}"; do
+        patch -d "$srcdir" -p1 -R --dry-run -s -f <"$p" >/dev/null 2>&1 \
+            || die "$srcdir lacks $(basename -- "$p"): apply it (patch -p1 < $p) or use the tarball"
+    done
 else
     log "unpacking $src"
     mkdir -p -- "$work/src"
     tar -xf "$src" -C "$work/src" --strip-components=1 || die "cannot unpack $src"
     srcdir=$work/src
+    for p in "${patches[@]}"; do
+        log "applying $(basename -- "$p")"
+        patch -d "$srcdir" -p1 -s -f <"$p" >>"$buildlog" 2>&1 || die "$(basename -- "$p") does not apply (log: $buildlog)"
+    done
 fi
 obj=$work/obj
 mkdir -p -- "$obj"

@@ -13,7 +13,7 @@ packages=(
     libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-dev libvirt-clients
     qemu-system-x86 qemu-utils
     e2fsprogs busybox-static cpio
-    make gcc libc6-dev bc bison flex libelf-dev libssl-dev xz-utils linux-source-6.1
+    make gcc libc6-dev bc bison flex patch libelf-dev libssl-dev xz-utils linux-source-6.1
     diod libglib2.0-dev socat tmux expect curl pkg-config
 )
 is_root=0
