@@ -53,9 +53,13 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // The host end of the guest kernel's uvmshm 9P transport (rings in ivshmem shared memory):
+        // the ivshmem server protocol and one pump thread per channel, in C because they work on
+        // memory the guest writes at any time.
+        .target(name: "CShmRing"),
         // Shared host folders: which ones (kept across restarts) and their 9P ports while the VM runs.
         .target(name: "Shares", dependencies: [
-            "Wire", "Settings", "Plan9",
+            "Wire", "Settings", "Plan9", "CShmRing",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
@@ -113,7 +117,7 @@ let package = Package(
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ], exclude: ["corpus"]),
-        .testTarget(name: "SharesTests", dependencies: ["Shares", "Wire"]),
+        .testTarget(name: "SharesTests", dependencies: ["Shares", "Wire", "CShmRing"]),
         // Fixtures are built by the tests themselves (statically, to run in the guest).
         .testTarget(name: "EndToEndTests", dependencies: ["Wire", "Settings"], exclude: ["Fixtures"]),
         .testTarget(name: "ConfigTests", dependencies: ["Config", "Settings"]),

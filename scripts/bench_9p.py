@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """File-sharing benchmark: uvm's 9P server against diod and QEMU's virtio-9p, on one guest.
 
-One VM is booted with four places to work in, all mounted with the same client options
+One VM is booted with five places to work in, all mounted with the same client options
 (9p2000.L, cache=mmap, access=client, msize 512 KiB):
-  ours     a uvm share: our Plan9 server in uvmd, over a virtio-serial port and the agent's relay
-  diod     Debian's diod as the server of a share, behind the same port and relay
+  ours     a uvm share: our Plan9 server in uvmd, over the shared-memory transport (trans=uvmshm)
+  relay    the same server over a virtio-serial port and the agent's relay (the transport of a VM
+           adopted from an earlier uvmd; `uvm share add --via-port`, a benchmark-only option)
+  diod     Debian's diod as the server of a share, behind the same shared-memory transport
            (`uvm share add --server-command`, a benchmark-only option)
   virtio   QEMU's built-in virtio-9p (<filesystem> in the domain, UVM_BENCH_VIRTIO_9P)
   tmpfs    the guest's own /dev/shm: the limit
@@ -68,7 +70,7 @@ def main():
 
     work = tempfile.mkdtemp(prefix="uvm-bench-9p-")
     home = os.path.join(work, "uvm")
-    dirs = {k: os.path.join(work, k) for k in ("ours", "diod", "virtio")}
+    dirs = {k: os.path.join(work, k) for k in ("ours", "relay", "diod", "virtio")}
     for d in dirs.values():
         os.makedirs(d)
     tools = os.path.join(work, "tools")
@@ -89,15 +91,17 @@ def main():
 
     uvm("share", "add", "tools", tools, "--read-only")
     uvm("share", "add", "ours", dirs["ours"])
+    uvm("share", "add", "relay", dirs["relay"], "--via-port")
     diod = shutil.which("diod") or "/usr/sbin/diod"
     uvm("share", "add", "diod", dirs["diod"], "--server-command",
         f"exec {diod} -f -r 0 -w 1 -n -S -U root -L stderr -e {dirs['diod']}")
     listing = uvm("share", "list").stdout
-    if listing.count("mounted") < 3:
+    if listing.count("mounted") < 4:
         sys.exit(f"bench-9p: shares not mounted:\n{listing}")
     guest(f"mkdir -p /mnt/virtio /dev/shm/tmpfs && mount -t 9p -o trans=virtio,version=9p2000.L,"
           f"msize={MSIZE},cache=mmap,access=client bench9p /mnt/virtio && cp /mnt/host/tools/fsbench /mnt/host/tools/doc.tar /dev/shm/")
-    targets = {"ours": "/mnt/host/ours", "diod": "/mnt/host/diod", "virtio": "/mnt/virtio", "tmpfs": "/dev/shm/tmpfs"}
+    targets = {"ours": "/mnt/host/ours", "relay": "/mnt/host/relay", "diod": "/mnt/host/diod", "virtio": "/mnt/virtio",
+               "tmpfs": "/dev/shm/tmpfs"}
 
     # Operation by operation, each on every target in turn, so that a change in the host's load
     # (a shared machine) falls on all targets alike rather than on whichever ran then.
@@ -134,19 +138,23 @@ def main():
         (f"list {a.entries} entries + stat each", "list_stat_s", None),
         (f"untar kernel docs ({results['ours'].get('untar_entries', 0)} entries)", "untar_s", None),
     ]
-    head = f"{'operation':<40} {'ours':>9} {'diod':>9} {'virtio-9p':>9} {'tmpfs':>9}   {'virtio/ours':>11} {'diod/ours':>9}"
+    head = (f"{'operation':<40} {'ours':>9} {'relay':>9} {'diod':>9} {'virtio-9p':>9} {'tmpfs':>9}   "
+            f"{'virtio/ours':>11} {'diod/ours':>9} {'relay/ours':>10}")
     lines = [f"accelerator: {st.get('accelerator', '?')}, times in seconds in the guest (lower is better);",
+             "ours: our server over the shared-memory transport; relay: the same server over virtio-serial",
+             "and the guest relay; diod: behind the same shared-memory transport as ours.",
              "ratios are other/ours (> 1: ours is faster). Goals: virtio/ours >= 1, diod/ours >= 1.5.", "", head]
     summary = {}
     for label, key, mib in rows:
         v = {t: results[t][key] for t in targets}
         r_virtio = v["virtio"] / v["ours"] if v["ours"] > 0 else float("inf")
         r_diod = v["diod"] / v["ours"] if v["ours"] > 0 else float("inf")
-        summary[key] = {"seconds": v, "virtio_over_ours": r_virtio, "diod_over_ours": r_diod}
+        r_relay = v["relay"] / v["ours"] if v["ours"] > 0 else float("inf")
+        summary[key] = {"seconds": v, "virtio_over_ours": r_virtio, "diod_over_ours": r_diod, "relay_over_ours": r_relay}
         if mib:
             summary[key]["mib_per_s"] = {t: mib / v[t] for t in targets if v[t] > 0}
-        lines.append(f"{label:<40} {v['ours']:>9.3f} {v['diod']:>9.3f} {v['virtio']:>9.3f} {v['tmpfs']:>9.3f}   "
-                     f"{r_virtio:>11.2f} {r_diod:>9.2f}")
+        lines.append(f"{label:<40} {v['ours']:>9.3f} {v['relay']:>9.3f} {v['diod']:>9.3f} {v['virtio']:>9.3f} {v['tmpfs']:>9.3f}   "
+                     f"{r_virtio:>11.2f} {r_diod:>9.2f} {r_relay:>10.2f}")
     table = "\n".join(lines)
     with open(os.path.join(a.out, "9p.txt"), "w") as f:
         f.write(table + "\n")

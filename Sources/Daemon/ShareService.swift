@@ -39,8 +39,9 @@ actor ShareService {
 
     /// The VM is up: mount every share before the first command runs. A share that cannot be
     /// mounted (its folder is gone, say) is reported by `uvm share list`, not fatal.
-    func vmStarted(link: HTTP2Sessions.ClientMultiplexer) async {
+    func vmStarted(link: HTTP2Sessions.ClientMultiplexer, transport: ShmTransport?) async {
         self.link = link
+        await exporter.use(transport)
         states = [:]
         let entries: [ShareStore.Entry]
         do { entries = try self.entries() } catch {
@@ -54,6 +55,7 @@ actor ShareService {
         link = nil
         states = [:]
         await exporter.stopAll()
+        await exporter.use(nil)
     }
 
     private func mount(_ spec: ShareSpec) async {
@@ -61,13 +63,18 @@ actor ShareService {
         do {
             var share = spec
             share.path = try ShareStore.canonicalDirectory(spec.path)
-            let slot = try await exporter.export(share)
-            _ = try await VMController.request(
-                Request(op: .mount, mount: MountRequest(name: share.name, port: slot.port, readOnly: share.readOnly,
-                                                        aname: share.serverCommand == nil ? nil : share.path)),
-                on: link, as: [String: Bool].self)
+            let placed = try await exporter.export(share)
+            let request = Request(op: .mount, mount: MountRequest(name: share.name, port: placed.slot.port, readOnly: share.readOnly,
+                                                                  aname: share.serverCommand == nil ? nil : share.path,
+                                                                  channel: placed.channel))
+            // A server that never answers the guest's attach must not hang the share: when this
+            // gives up, stopping the export (below) closes the channel and fails the guest's mount.
+            _ = try await withTimeout(seconds: 30, what: "the guest to mount share \(share.name)") {
+                try await VMController.request(request, on: link, as: [String: Bool].self)
+            }
             states[spec.name] = "mounted"
-            logger.info("share mounted", metadata: ["share": "\(spec.name)", "path": "\(share.path)", "port": "\(slot.port)"])
+            let via = placed.channel.map { "shared memory channel \($0)" } ?? placed.slot.port
+            logger.info("share mounted", metadata: ["share": "\(spec.name)", "path": "\(share.path)", "via": "\(via)"])
         } catch {
             await exporter.stop(spec.name)
             states[spec.name] = "failed: \(error)"

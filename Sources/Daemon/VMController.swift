@@ -4,6 +4,7 @@ import Logging
 import NIOCore
 import NIOPosix
 import Settings
+import Shares
 import Wire
 
 /// The one utility VM of this uvmd: boots it on demand through libvirt, keeps the HTTP/2 link to
@@ -151,6 +152,18 @@ public actor VMController {
             channels: [VMSpec.Channel(name: "uvm.control", socketPath: paths.controlSocket)]
                 + ShareService.slots(paths).map { VMSpec.Channel(name: $0.port, socketPath: $0.socketPath) },
             consoleLog: paths.consoleLog, userNetwork: true)
+        // The 9P rings' shared memory: QEMU connects to its server when the domain starts. Without
+        // it (or with UVM_9P_TRANSPORT=port) shares go through the virtio-serial ports.
+        var transport: ShmTransport?
+        if ProcessInfo.processInfo.environment["UVM_9P_TRANSPORT"] != "port" {
+            do {
+                let t = try ShmTransport(socketPath: paths.ninePSharedMemorySocket, channels: ShareService.portCount)
+                spec.sharedMemory = [VMSpec.SharedMemory(name: "uvm-9p", serverPath: t.socketPath, vectors: t.channels)]
+                transport = t
+            } catch {
+                logger.warning("9P over shared memory unavailable, using virtio-serial", metadata: ["error": "\(error)"])
+            }
+        }
         // Benchmarks only: QEMU's own virtio-9p on the same guest, to compare with our server.
         if let dir = ProcessInfo.processInfo.environment["UVM_BENCH_VIRTIO_9P"], !dir.isEmpty {
             spec.filesystems = [VMSpec.Filesystem(source: dir, tag: "bench9p")]
@@ -175,7 +188,10 @@ public actor VMController {
             channel.closeFuture.whenComplete { _ in
                 Task { await self.linkClosed(generation: gen) }
             }
-            await shares.vmStarted(link: mux)
+            if let transport, !transport.connected {
+                logger.warning("QEMU did not take the 9P shared memory: shares use virtio-serial")
+            }
+            await shares.vmStarted(link: mux, transport: transport)
             return Running(domain: domain, link: mux, linkChannel: channel, accel: accel, guest: guest,
                            bootedAt: started, generation: gen)
         } catch {
@@ -378,8 +394,10 @@ public actor VMController {
             running = r
             state = .running
             stopRequested = false
-            // The earlier uvmd's 9P servers went with it: serve the shares again and remount them.
-            await shares.vmStarted(link: mux)
+            // The earlier uvmd's 9P servers went with it: serve the shares again and remount them,
+            // through the virtio-serial ports (the shared memory's server went with it too, and
+            // QEMU cannot connect to a new one).
+            await shares.vmStarted(link: mux, transport: nil)
             await forwarder?.start(link: mux)
             logger.info("adopted the VM", metadata: ["instances": "\(guest.instances)", "qemu": "\(domain.qemuPID().map { "\($0)" } ?? "?")"])
             lifecycleSink.yield(.started(instances: guest.instances))

@@ -3,13 +3,14 @@ import Glibc
 import NIOPosix
 import Wire
 
-/// Host folders mounted over 9P. Each share has its own virtio-serial port; a relay thread moves
-/// bytes between the port and the socket the kernel's `trans=fd` client uses, and the mount goes
-/// under UVM_SHARES_DIR, which every instance sees at /mnt/host.
+/// Host folders mounted over 9P, under UVM_SHARES_DIR, which every instance sees at /mnt/host.
+/// Each share has a channel of the kernel's shared-memory transport (`trans=uvmshm`: the kernel
+/// talks to uvmd directly), or on a VM without it a virtio-serial port of its own, where a relay
+/// thread moves bytes between the port and the socket the kernel's `trans=fd` client uses.
 actor ShareMounts {
     private struct Mounted {
         var port: String
-        var relay: RelayHandle
+        var relay: RelayHandle?
     }
     private var mounted: [String: Mounted] = [:]
     static let mountTimeoutSeconds = 20
@@ -30,6 +31,10 @@ actor ShareMounts {
             throw WireError(.badRequest, "bad share name '\(name)'")
         }
         if mounted[name] != nil { try await unmount(name) }
+        if let channel = request.channel {
+            try await mountChannel(channel, request)
+            return
+        }
         let portPath = try await GuestAgent.findPort(named: request.port)
         // The previous user of this port may still be letting go of it (EBUSY).
         var port: Int32 = -1
@@ -61,8 +66,8 @@ actor ShareMounts {
         // mmap()ed files are cached, so programs that map files writable still work.
         // access=client: the guest kernel checks permissions against the owners and modes the
         // server reports, as on a local file system.
-        let options = "trans=fd,rfdno=\(sv[0]),wfdno=\(sv[0]),version=9p2000.L,msize=\(request.msize),cache=mmap,access=client,aname=\(request.aname ?? name)"
-        let flags = UInt(MS_NOSUID | MS_NODEV) | (request.readOnly ? UInt(MS_RDONLY) : 0)
+        let options = "trans=fd,rfdno=\(sv[0]),wfdno=\(sv[0]),\(Self.options(request))"
+        let flags = Self.flags(request)
         // Blocking (Tversion and Tattach go through the relay): keep it off the cooperative pool.
         // A server that never answers must not hang the boot: after the bound, shutting the
         // socket down makes the kernel see EOF and fail the mount.
@@ -93,6 +98,39 @@ actor ShareMounts {
         log("share \(name) mounted at \(target) from \(request.port)")
     }
 
+    /// What every 9P mount of a share says, whatever its transport.
+    private static func options(_ request: MountRequest) -> String {
+        "version=9p2000.L,msize=\(request.msize),cache=mmap,access=client,aname=\(request.aname ?? request.name)"
+    }
+
+    private static func flags(_ request: MountRequest) -> UInt {
+        UInt(MS_NOSUID | MS_NODEV) | (request.readOnly ? UInt(MS_RDONLY) : 0)
+    }
+
+    /// The shared-memory transport: no relay, the kernel's client reaches uvmd's rings itself.
+    /// uvmd bounds the mount: a server that does not answer has its channel closed, which fails
+    /// the kernel's requests.
+    private func mountChannel(_ channel: Int, _ request: MountRequest) async throws {
+        let name = request.name
+        let target = "\(UVM_SHARES_DIR)/\(name)"
+        mkdir(target, 0o755)
+        let options = "trans=uvmshm,\(Self.options(request))"
+        let flags = Self.flags(request)
+        var rc: Int32 = 0
+        // A mount detached earlier may hold the channel until its last file is closed (EBUSY).
+        for _ in 0..<100 {
+            rc = await Self.blocking { uvm_mount(String(channel), target, "9p", flags, options) }
+            if rc != EBUSY { break }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        guard rc == 0 else {
+            rmdir(target)
+            throw WireError(.internalError, "share \(name): mount of shared-memory channel \(channel) failed: \(String(cString: strerror(rc)))")
+        }
+        mounted[name] = Mounted(port: "shm:\(channel)", relay: nil)
+        log("share \(name) mounted at \(target) from shared-memory channel \(channel)")
+    }
+
     /// Detaches the mount (files still open in the guest fail with EIO once the relay is gone)
     /// and frees the port for another share.
     func unmount(_ name: String) async throws {
@@ -103,8 +141,9 @@ actor ShareMounts {
         umount2(target, Int32(MNT_DETACH))
         rmdir(target)
         // The kernel closes its end once nothing in the guest uses the mount any more.
-        let relay = m.relay
-        _ = await Self.blocking { uvm_relay_finish(relay.pointer, 1000) }
+        if let relay = m.relay {
+            _ = await Self.blocking { uvm_relay_finish(relay.pointer, 1000) }
+        }
         log("share \(name) unmounted")
     }
 

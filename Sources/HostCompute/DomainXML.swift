@@ -42,6 +42,19 @@ public struct VMSpec: Sendable, Equatable {
         }
     }
 
+    /// An ivshmem-doorbell device whose shared memory and interrupts come from the ivshmem server
+    /// listening on `serverPath` (uvmd's 9P rings; the guest kernel's `uvmshm` transport).
+    public struct SharedMemory: Sendable, Equatable {
+        public var name: String
+        public var serverPath: String
+        public var vectors: Int
+        public init(name: String, serverPath: String, vectors: Int) {
+            self.name = name
+            self.serverPath = serverPath
+            self.vectors = vectors
+        }
+    }
+
     /// The uid/gid QEMU runs as.
     public enum ProcessIdentity: Sendable, Equatable {
         /// Whatever the libvirt daemon is configured for (libvirt-qemu under qemu:///system), with
@@ -78,6 +91,7 @@ public struct VMSpec: Sendable, Equatable {
     /// qemu:///session gives an ordinary user anyway (there the label is a no-op).
     public var processIdentity: ProcessIdentity
     public var filesystems: [Filesystem] = []
+    public var sharedMemory: [SharedMemory] = []
 
     public init(
         name: String,
@@ -173,6 +187,13 @@ public func domainXML(for spec: VMSpec) -> String {
         x.empty("source", ["dir": fs.source])
         x.empty("target", ["dir": fs.tag])
         x.close("filesystem")
+    }
+    for shm in spec.sharedMemory {
+        x.open("shmem", ["name": shm.name])
+        x.empty("model", ["type": "ivshmem-doorbell"])
+        x.empty("server", ["path": shm.serverPath])
+        x.empty("msi", ["vectors": String(shm.vectors), "ioeventfd": "on"])
+        x.close("shmem")
     }
     if spec.userNetwork {
         x.open("interface", ["type": "user"])

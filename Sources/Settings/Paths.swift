@@ -37,6 +37,8 @@ public struct Paths: Sendable, Equatable {
     public var runDir: String { "\(stateDir)/run" }
     /// The host end of 9P port `slot` (one port per mounted share).
     public func ninePSocket(_ slot: Int) -> String { "\(stateDir)/run/9p-\(slot).sock" }
+    /// Where uvmd's ivshmem server hands QEMU the 9P rings' shared memory.
+    public var ninePSharedMemorySocket: String { "\(stateDir)/run/9p-shm.sock" }
     /// `uvm share add` shares, kept across restarts.
     public var sharesFile: String { "\(dataDir)/shares.json" }
 

@@ -5,9 +5,10 @@ import NIOPosix
 import Plan9
 import Wire
 
-/// The host side of the shares of one running VM: each mounted share has a 9P port of its own
-/// (a virtio-serial port whose host end QEMU offers as a unix socket), served by a Plan9Server
-/// for that share's folder.
+/// The host side of the shares of one running VM: each mounted share has a slot of its own, served
+/// by a Plan9Server for that share's folder. A slot is a channel of the shared-memory transport
+/// when the VM has it (ShmTransport), else a virtio-serial port whose host end QEMU offers as a
+/// unix socket (a VM adopted from an earlier uvmd: its shared memory went with that uvmd).
 public actor ShareExporter {
     public struct Slot: Sendable {
         public var port: String        // the port's name in the guest
@@ -24,9 +25,19 @@ public actor ShareExporter {
         var server: Plan9Server?
         /// A share served by an outside command (benchmarks).
         var process: Process?
+        /// The transport whose channel `slot` carries it, if not the virtio-serial port.
+        var shm: ShmTransport?
+    }
+
+    /// Where a share was exported: the guest mounts shared-memory channel `channel` when there is
+    /// one, else the slot's virtio-serial port.
+    public struct Placement: Sendable {
+        public var slot: Slot
+        public var channel: Int?
     }
 
     public let slots: [Slot]
+    private var shm: ShmTransport?
     private let pool: NIOThreadPool
     private let logger: Logger
     private var active: [String: Active] = [:]
@@ -43,41 +54,66 @@ public actor ShareExporter {
 
     public var exported: [String] { active.keys.sorted() }
 
-    /// Starts serving `share` on a free port; returns the port for the guest to mount.
-    public func export(_ share: ShareSpec) async throws -> Slot {
+    /// The running VM's shared-memory transport, or nil (no VM, or one without it).
+    public func use(_ transport: ShmTransport?) {
+        shm = transport
+    }
+
+    /// Starts serving `share` in a free slot; returns where the guest mounts it.
+    public func export(_ share: ShareSpec) async throws -> Placement {
         if active[share.name] != nil { await stop(share.name) }
         let used = Set(active.values.map(\.slot))
         guard let slot = slots.indices.first(where: { !used.contains($0) }) else {
             throw WireError(.badRequest, "no free 9P port for share \(share.name) (at most \(slots.count) shares)")
         }
+        let shm = shm.flatMap { $0.connected && slot < $0.channels && share.viaPort != true ? $0 : nil }
+        // The server's socket: our end of the shared-memory channel's pump, or QEMU's port.
+        let fd = try shm?.attach(channel: slot) ?? Self.connectPort(slots[slot].socketPath)
+        let placement = Placement(slot: slots[slot], channel: shm == nil ? nil : slot)
         if let command = share.serverCommand {
-            active[share.name] = Active(slot: slot, process: try Self.spawn(command, on: slots[slot].socketPath))
-            return slots[slot]
+            do {
+                active[share.name] = Active(slot: slot, process: try Self.spawn(command, fd: fd), shm: shm)
+            } catch {
+                shm?.detach(channel: slot)
+                throw error
+            }
+            return placement
         }
         var log = logger
         log[metadataKey: "share"] = "\(share.name)"
-        let server = try Plan9Server(export: Plan9Export(root: share.path, readOnly: share.readOnly, metadata: share.metadata),
-                                     threadPool: pool, logger: log)
-        let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-            .channelOption(.socketOption(.so_rcvbuf), value: 4 << 20)
-            .channelOption(.socketOption(.so_sndbuf), value: 4 << 20)
-            .channelInitializer { server.configure(channel: $0) }
-            .connect(unixDomainSocketPath: slots[slot].socketPath).get()
-        active[share.name] = Active(slot: slot, channel: channel, server: server)
+        let channel: Channel
+        do {
+            let server = try Plan9Server(export: Plan9Export(root: share.path, readOnly: share.readOnly, metadata: share.metadata),
+                                         threadPool: pool, logger: log)
+            channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .channelOption(.socketOption(.so_rcvbuf), value: 4 << 20)
+                .channelOption(.socketOption(.so_sndbuf), value: 4 << 20)
+                .channelInitializer { server.configure(channel: $0) }
+                .withConnectedSocket(fd).get()
+            active[share.name] = Active(slot: slot, channel: channel, server: server, shm: shm)
+        } catch {
+            close(fd)
+            shm?.detach(channel: slot)
+            throw error
+        }
         let name = share.name
         channel.closeFuture.whenComplete { _ in
             Task { await self.closed(name, channel: channel) }
         }
-        return slots[slot]
+        return placement
     }
 
     private func closed(_ name: String, channel: Channel) {
-        if let a = active[name], a.channel === channel { active[name] = nil }
+        if let a = active[name], a.channel === channel {
+            active[name] = nil
+            a.shm?.detach(channel: a.slot)
+        }
     }
 
     /// Ends the 9P session of `name` (after the guest unmounted it) and frees its port.
     public func stop(_ name: String) async {
         guard let a = active.removeValue(forKey: name) else { return }
+        a.shm?.detach(channel: a.slot)
         try? await a.channel?.close()
         if let p = a.process, p.isRunning {
             p.terminate()
@@ -85,8 +121,8 @@ public actor ShareExporter {
         }
     }
 
-    /// `sh -c command` with stdin and stdout connected to QEMU's end of the port.
-    private static func spawn(_ command: String, on socketPath: String) throws -> Process {
+    /// A socket connected to QEMU's end of a virtio-serial port.
+    private static func connectPort(_ socketPath: String) throws -> Int32 {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw WireError(.internalError, "socket: \(String(cString: strerror(errno)))") }
         var addr = sockaddr_un()
@@ -98,9 +134,15 @@ public actor ShareExporter {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
         guard rc == 0 else {
+            let why = String(cString: strerror(errno))
             close(fd)
-            throw WireError(.internalError, "cannot connect to \(socketPath): \(String(cString: strerror(errno)))")
+            throw WireError(.internalError, "cannot connect to \(socketPath): \(why)")
         }
+        return fd
+    }
+
+    /// `sh -c command` with stdin and stdout on `fd` (which it then owns).
+    private static func spawn(_ command: String, fd: Int32) throws -> Process {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/bin/sh")
         p.arguments = ["-c", command]

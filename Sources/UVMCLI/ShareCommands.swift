@@ -25,11 +25,13 @@ struct Share: ParsableCommand {
         @Flag(help: "Refuse every change from the guest (EROFS).") var readOnly = false
         @Flag(help: "Keep guest owners and modes (chown, chmod) in user.* xattrs, as WSL's metadata option does.") var metadata = false
         @Option(help: .hidden) var serverCommand: String?
+        @Flag(help: .hidden) var viaPort = false
         @OptionGroup var format: FormatOption
 
         func run() throws {
             let absolute = path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
-            let spec = ShareSpec(name: name, path: absolute, readOnly: readOnly, metadata: metadata, serverCommand: serverCommand)
+            let spec = ShareSpec(name: name, path: absolute, readOnly: readOnly, metadata: metadata, serverCommand: serverCommand,
+                                 viaPort: viaPort ? true : nil)
             let status = try DaemonConnection.connectOrLaunch(paths: .current()).call(Request(op: .shareAdd, share: spec), as: ShareStatus.self)
             try printShares([status], format.format)
             // Recorded, but the running VM could not mount it: say so, and fail.

@@ -15,13 +15,18 @@ public struct ShareSpec: Codable, Sendable, Equatable {
     /// Benchmarks: serve the share with this shell command (speaking 9P on its stdin and stdout,
     /// e.g. diod) instead of uvm's own server, over the same port and relay.
     public var serverCommand: String?
+    /// Benchmarks: mount through the virtio-serial port and the guest's relay even when the VM has
+    /// the shared-memory transport, to compare the two in one run.
+    public var viaPort: Bool?
 
-    public init(name: String, path: String, readOnly: Bool = false, metadata: Bool = false, serverCommand: String? = nil) {
+    public init(name: String, path: String, readOnly: Bool = false, metadata: Bool = false, serverCommand: String? = nil,
+                viaPort: Bool? = nil) {
         self.name = name
         self.path = path
         self.readOnly = readOnly
         self.metadata = metadata
         self.serverCommand = serverCommand
+        self.viaPort = viaPort
     }
 
     public static let guestRoot = "/mnt/host"
@@ -52,11 +57,16 @@ public struct MountRequest: Codable, Sendable, Equatable {
     public var msize: UInt32
     /// What the guest attaches to (Tattach aname); nil: the share's name. diod wants its export path.
     public var aname: String?
-    public init(name: String, port: String, readOnly: Bool = false, msize: UInt32 = 512 * 1024, aname: String? = nil) {
+    /// The channel of the kernel's shared-memory transport (`trans=uvmshm`) to mount; nil: the
+    /// virtio-serial `port` through the guest's relay.
+    public var channel: Int?
+    public init(name: String, port: String, readOnly: Bool = false, msize: UInt32 = 512 * 1024, aname: String? = nil,
+                channel: Int? = nil) {
         self.name = name
         self.port = port
         self.readOnly = readOnly
         self.msize = msize
         self.aname = aname
+        self.channel = channel
     }
 }

@@ -3,7 +3,8 @@ import Testing
 
 extension EndToEnd {
     /// Host folders in the guest over our 9P server: what a user sees through the guest kernel's
-    /// own 9P client (trans=fd, relayed over a virtio-serial port), on the real VM.
+    /// own 9P client (trans=uvmshm, rings in shared memory; trans=fd relayed over a virtio-serial
+    /// port on a VM without it), on the real VM.
     @Suite struct ShareTests {
         /// A fresh host folder shared as /mnt/host/NAME.
         static func share(_ name: String, options: [String] = [], mode: mode_t = 0o755) throws -> String {
@@ -59,6 +60,34 @@ extension EndToEnd {
             let after = try Self.guest("ls /mnt/host; test -e /mnt/host/live/hello && echo still-there")
             #expect(after.out == "home\n", "stderr: \(after.err)")
             #expect(!(try Harness.run(["share", "list"]).out.contains("live")))
+        }
+
+        /// Shares go through the shared-memory transport; the virtio-serial relay (what a VM adopted
+        /// from an earlier uvmd uses) still works beside it, and both carry the same bytes.
+        @Test func sharedMemoryAndRelayTransportsCarryTheSameBytes() throws {
+            let fast = try Self.share("viashm")
+            defer { Self.unshare("viashm", fast) }
+            let relayed = try Self.share("viaport", options: ["--via-port"])
+            defer { Self.unshare("viaport", relayed) }
+            let blob = Data((0..<(3 << 20)).map { _ in UInt8.random(in: 0...255) })
+            try blob.write(to: URL(fileURLWithPath: fast + "/blob"))
+            try blob.write(to: URL(fileURLWithPath: relayed + "/blob"))
+            let expected = try Self.sha256(fast + "/blob")
+            let r = try Self.guest("""
+                grep -E ' /mnt/host/via(shm|port) ' /proc/mounts | sed -E 's/^[^ ]+ ([^ ]+) 9p .*(trans=[a-z]+).*/\\1 \\2/'
+                for s in viashm viaport; do
+                  sha256sum /mnt/host/$s/blob | cut -c1-64
+                  head -c 1500000 /dev/urandom > /dev/shm/$s && cp /dev/shm/$s /mnt/host/$s/back && sha256sum /dev/shm/$s | cut -c1-64
+                done
+                """)
+            #expect(r.status == 0, "stderr: \(r.err)")
+            let lines = r.out.split(separator: "\n").map(String.init)
+            #expect(lines.count == 6, "\(r.out)")
+            guard lines.count == 6 else { return }
+            #expect(Set(lines[0...1]) == ["/mnt/host/viashm trans=uvmshm", "/mnt/host/viaport trans=fd"])
+            #expect(lines[2] == expected && lines[4] == expected)
+            #expect(try Self.sha256(fast + "/back") == lines[3])
+            #expect(try Self.sha256(relayed + "/back") == lines[5])
         }
 
         @Test func badShareRequestsFailWithAReason() throws {

@@ -119,6 +119,17 @@ import FoundationXML
         #expect(try nodes(d, "seclabel").isEmpty)
     }
 
+    @Test func sharedMemoryIsAnIvshmemDoorbellWithOneVectorPerChannel() throws {
+        var spec = Self.full
+        spec.sharedMemory = [.init(name: "uvm-9p", serverPath: "/run/uvm/9p-shm.sock", vectors: 8)]
+        let d = try parse(spec)
+        #expect(try value(d, "devices/shmem/@name") == "uvm-9p")
+        #expect(try value(d, "devices/shmem/model/@type") == "ivshmem-doorbell")
+        #expect(try value(d, "devices/shmem/server/@path") == "/run/uvm/9p-shm.sock")
+        #expect(try value(d, "devices/shmem/msi/@vectors") == "8")
+        #expect(try nodes(try parse(Self.full), "devices/shmem").isEmpty)
+    }
+
     @Test func callerIdentityIsTheProcessIDs() {
         #expect(VMSpec.ProcessIdentity.caller == .user(uid: getuid(), gid: getgid()))
     }
