@@ -244,12 +244,28 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
         let session = self.session
         let hook = server.beforeHandle
         let generation = session.currentGeneration
+        // Walks, getattrs and clunks are most of a metadata workload (the guest's cache=mmap
+        // client drops dentries at once, so every path is walked again) and each is a few
+        // microseconds of statx/openat2/close: answered here, they skip the two thread hops of
+        // the pool, which cost more than the work itself.
+        if hook == nil, Self.isQuick(message) {
+            _ = ticket.start()
+            complete(context, tag: tag, ticket: ticket, result: .success(session.handle(message, generation: generation)))
+            return
+        }
         server.threadPool.runIfActive(eventLoop: context.eventLoop) { () -> P9Message? in
             guard ticket.start() else { return nil }
             hook?(tag, message)
             return session.handle(message, generation: generation)
         }.assumeIsolated().whenComplete { result in
             self.complete(context, tag: tag, ticket: ticket, result: result)
+        }
+    }
+
+    private static func isQuick(_ message: P9Message) -> Bool {
+        switch message {
+        case .twalk, .tgetattr, .tclunk: return true
+        default: return false
         }
     }
 
