@@ -59,14 +59,14 @@ let package = Package(
         .target(name: "CShmRing"),
         // Shared host folders: which ones (kept across restarts) and their 9P ports while the VM runs.
         .target(name: "Shares", dependencies: [
-            "Wire", "Settings", "Plan9", "CShmRing",
+            "Wire", "Settings", "Plan9", "CShmRing", "CSyscalls",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         // uvmd: the socket API, the VM it owns, the sessions relayed into the guest.
         .target(name: "Daemon", dependencies: [
-            "Wire", "Settings", "Config", "Reaper", "HostCompute", "Shares",
+            "Wire", "Settings", "Config", "Reaper", "HostCompute", "Shares", "CSyscalls",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP2", package: "swift-nio-http2"),

@@ -533,6 +533,21 @@ pid_t uvm_spawn_detached(const char *path, char *const argv[], const char *log_p
     _exit(127);
 }
 
+pid_t uvm_spawn_with_fds(const char *path, char *const argv[], int in, int out, int err) {
+    pid_t pid = fork();
+    if (pid != 0) return pid;
+    reset_signals();
+    int null = open("/dev/null", O_RDWR);
+    if (null < 0) _exit(127);
+    /* Above 2 first, so that dup2 into 0..2 cannot overwrite a source still needed. */
+    int fds[3] = {in, out, err};
+    for (int i = 0; i < 3; i++) fds[i] = fcntl(fds[i] >= 0 ? fds[i] : null, F_DUPFD, 3);
+    for (int i = 0; i < 3; i++) if (fds[i] < 0 || dup2(fds[i], i) < 0) _exit(127);
+    syscall(SYS_close_range, 3, ~0U, 0);
+    execv(path, argv);
+    _exit(127);
+}
+
 // ---- 9P relay -------------------------------------------------------------------------------
 
 struct uvm_relay {

@@ -1,3 +1,4 @@
+import CSyscalls
 import Foundation
 import HostCompute
 import Logging
@@ -267,12 +268,13 @@ public actor VMController {
         let dir = (paths.distroDisk(name) as NSString).deletingLastPathComponent
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let tmp = paths.distroDisk(name) + ".partial"
-        let cp = Process()
-        cp.executableURL = URL(fileURLWithPath: "/bin/cp")
-        cp.arguments = ["--sparse=always", "--reflink=auto", template, tmp]
-        try cp.run()
-        cp.waitUntilExit()
-        guard cp.terminationStatus == 0 else { throw WireError(.vmUnavailable, "cannot copy \(template) to \(tmp)") }
+        let args: [String] = ["cp", "--sparse=always", "--reflink=auto", template, tmp]
+        let argv: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        let pid = uvm_spawn_with_fds("/bin/cp", argv, -1, -1, 2)
+        var status: Int32 = -1
+        if pid > 0 { while waitpid(pid, &status, 0) < 0 && errno == EINTR {} }
+        guard pid > 0, status == 0 else { throw WireError(.vmUnavailable, "cannot copy \(template) to \(tmp)") }
         try FileManager.default.moveItem(atPath: tmp, toPath: paths.distroDisk(name))
         logger.info("installed distro", metadata: ["distro": "\(name)"])
     }

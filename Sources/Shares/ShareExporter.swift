@@ -1,3 +1,4 @@
+import CSyscalls
 import Foundation
 import Logging
 import NIOCore
@@ -24,7 +25,7 @@ public actor ShareExporter {
         var channel: Channel?
         var server: Plan9Server?
         /// A share served by an outside command (benchmarks).
-        var process: Process?
+        var process: pid_t?
         /// The transport whose channel `slot` carries it, if not the virtio-serial port.
         var shm: ShmTransport?
     }
@@ -115,9 +116,10 @@ public actor ShareExporter {
         guard let a = active.removeValue(forKey: name) else { return }
         a.shm?.detach(channel: a.slot)
         try? await a.channel?.close()
-        if let p = a.process, p.isRunning {
-            p.terminate()
-            p.waitUntilExit()
+        if let pid = a.process {
+            kill(pid, SIGTERM)
+            var status: Int32 = 0
+            waitpid(pid, &status, 0)
         }
     }
 
@@ -141,16 +143,16 @@ public actor ShareExporter {
         return fd
     }
 
-    /// `sh -c command` with stdin and stdout on `fd` (which it then owns).
-    private static func spawn(_ command: String, fd: Int32) throws -> Process {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/sh")
-        p.arguments = ["-c", command]
-        let handle = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
-        p.standardInput = handle
-        p.standardOutput = handle
-        try p.run()
-        return p
+    /// `sh -c command` with stdin and stdout on `fd` (closed here: the child has its copy) and
+    /// stderr on ours (uvmd's log).
+    private static func spawn(_ command: String, fd: Int32) throws -> pid_t {
+        defer { close(fd) }
+        let args: [String] = ["sh", "-c", command]
+        let argv: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        let pid = uvm_spawn_with_fds("/bin/sh", argv, fd, fd, 2)
+        guard pid > 0 else { throw WireError(.internalError, "cannot start `\(command)`: \(String(cString: strerror(errno)))") }
+        return pid
     }
 
     /// The VM is gone: its ports went with it.

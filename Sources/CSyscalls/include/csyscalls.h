@@ -101,3 +101,9 @@ int uvm_pipe_cloexec(int fds[2]);
 /// appended to `log_path`, and no other inherited descriptor (a long-lived daemon must not keep
 /// the caller's pipes open). Returns the pid, or -1 with errno.
 pid_t uvm_spawn_detached(const char *path, char *const argv[], const char *log_path);
+
+/// Starts `path` with `in`, `out` and `err` as its stdin, stdout and stderr (-1: /dev/null) and
+/// no other descriptor of ours: uvmd's listening socket and its clients' connections are not
+/// all close-on-exec (NIO accepts without it), and a child holding them would keep a dead
+/// uvmd's socket accepting connections nobody answers. Returns the pid, or -1 with errno.
+pid_t uvm_spawn_with_fds(const char *path, char *const argv[], int in, int out, int err);
