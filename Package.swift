@@ -117,7 +117,7 @@ let package = Package(
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ], exclude: ["corpus"]),
-        .testTarget(name: "SharesTests", dependencies: ["Shares", "Wire", "CShmRing"]),
+        .testTarget(name: "SharesTests", dependencies: ["Shares", "Wire", "CShmRing", "CSyscalls"]),
         // Fixtures are built by the tests themselves (statically, to run in the guest).
         .testTarget(name: "EndToEndTests", dependencies: ["Wire", "Settings"], exclude: ["Fixtures"]),
         .testTarget(name: "ConfigTests", dependencies: ["Config", "Settings"]),
