@@ -200,7 +200,7 @@ actor PortForwarder {
                                 for try await frame in fromGuest {
                                     switch frame.kind {
                                     case .stdout: try await toHost.write(frame.payload)
-                                    case .stdoutEOF: toHost.finish()
+                                    case .stdoutEOF: await toHost.finish(after: connection.channel)
                                     case .error: throw try frame.decode(WireError.self)
                                     default: break
                                     }

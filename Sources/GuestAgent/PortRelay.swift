@@ -20,7 +20,7 @@ enum PortRelay {
                         switch frame.kind {
                         case .stdin: try await toGuest.write(frame.payload)
                         case .stdinEOF:
-                            toGuest.finish()
+                            await toGuest.finish(after: connection.channel)
                             return true
                         default: break
                         }

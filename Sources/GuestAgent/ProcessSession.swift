@@ -93,7 +93,7 @@ struct ProcessSession {
         let status: Int32 = try await mainChannel.executeThenClose { mainIn, mainOut in
             // Input from the client runs until the session ends; it is not part of the group
             // below because the process may exit while the client still holds its stdin.
-            let input = Task { await relayInput(to: mainOut, pid: pid, master: request.tty ? stdoutChannelFD.input : nil) }
+            let input = Task { await relayInput(to: mainOut, channel: mainChannel.channel, pid: pid, master: request.tty ? stdoutChannelFD.input : nil) }
             defer { input.cancel() }
             return try await withThrowingTaskGroup(of: ProcessEvent.self) { events in
                 events.addTask { try await pump(mainIn, as: .stdout, activity: activity); return .outputClosed }
@@ -150,11 +150,12 @@ struct ProcessSession {
     /// Client -> process: stdin bytes, EOF, signals, window size. When the client goes away
     /// (the stream ends without the process having exited), the process group gets SIGHUP, as
     /// it would from a terminal that hangs up.
-    private func relayInput(to stdin: NIOAsyncChannelOutboundWriter<ByteBuffer>, pid: pid_t, master: Int32?) async {
+    private func relayInput(to stdin: NIOAsyncChannelOutboundWriter<ByteBuffer>, channel: Channel, pid: pid_t, master: Int32?) async {
         for await frame in inbound {
             switch frame.kind {
             case .stdin: try? await stdin.write(frame.payload)
-            case .stdinEOF: if master == nil { stdin.finish() }
+            // Not awaited here: signals and resizes must not wait for a process that does not read.
+            case .stdinEOF: if master == nil { Task { await stdin.finish(after: channel) } }
             case .signal:
                 if let sig = frame.signalNumber, sig > 0, sig < 65 { signalGroup(pid, sig) }
             case .resize:

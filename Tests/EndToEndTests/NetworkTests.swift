@@ -90,13 +90,13 @@ extension EndToEnd {
         /// Host -> guest bytes and the host's half-close (the guest server sees EOF, then finishes).
         @Test func uploadReachesTheGuestWhole() throws {
             let port = 18082
-            try guest("rm -f /tmp/up.sum; (nc -l -p \(port) | sha256sum > /tmp/up.part && mv /tmp/up.part /tmp/up.sum) </dev/null >/dev/null 2>&1 &")
+            try guest("rm -f /tmp/up.sum /tmp/up.bin; (nc -l -p \(port) | tee /tmp/up.bin | sha256sum > /tmp/up.part && wc -c < /tmp/up.bin >> /tmp/up.part && mv /tmp/up.part /tmp/up.sum) </dev/null >/dev/null 2>&1 &")
             let dir = try makeTempDir()
             defer { try? FileManager.default.removeItem(atPath: dir) }
             // socat sends the file, then shuts its side down; retried until the port is forwarded.
             let r = try Harness.shell("""
                 head -c 20000000 /dev/urandom > \(dir)/up && sha256sum < \(dir)/up | cut -d' ' -f1 && \
-                for i in $(seq 300); do socat -u FILE:\(dir)/up TCP:127.0.0.1:\(port) 2>/dev/null && exit 0; sleep 0.1; done; exit 1
+                for i in $(seq 300); do socat -u FILE:\(dir)/up TCP:127.0.0.1:\(port) 2>>\(dir)/socat.err && { echo attempts=$i >&2; cat \(dir)/socat.err >&2; exit 0; }; sleep 0.1; done; exit 1
                 """)
             #expect(r.status == 0, "\(r.err)")
             let sent = r.out.trimmingCharacters(in: .whitespacesAndNewlines)
@@ -106,8 +106,11 @@ extension EndToEnd {
                 return !received.isEmpty
             }
             #expect(sent.count == 64)
-            #expect(received.hasPrefix(sent), "sent \(sent), the guest got \(received)")
-            try guest("rm -f /tmp/up.sum")
+            if !received.hasPrefix(sent) {
+                let dmesg = (try? Harness.run(["exec", "--", "sh", "-c", "dmesg | tail -5"]).out) ?? ""
+                Issue.record("sent \(sent) (20000000 bytes), the guest got \(received); socat: \(r.err); guest dmesg:\n\(dmesg)")
+            }
+            try guest("rm -f /tmp/up.sum /tmp/up.bin")
         }
 
         @Test func hostLoopbackServiceIsReachableFromTheGuest() throws {
