@@ -8,8 +8,8 @@ import Wire
 /// talks to uvmd directly), or on a VM without it a virtio-serial port of its own, where a relay
 /// thread moves bytes between the port and the socket the kernel's `trans=fd` client uses.
 actor ShareMounts {
+    /// A mounted share; the relay thread when it goes through a virtio-serial port.
     private struct Mounted {
-        var port: String
         var relay: RelayHandle?
     }
     private var mounted: [String: Mounted] = [:]
@@ -94,7 +94,7 @@ actor ShareMounts {
             rmdir(target)
             throw WireError(.internalError, "share \(name): mount failed: \(String(cString: strerror(rc))) (the 9P server refused the attach or did not answer within \(Self.mountTimeoutSeconds) s)")
         }
-        mounted[name] = Mounted(port: request.port, relay: relay)
+        mounted[name] = Mounted(relay: relay)
         log("share \(name) mounted at \(target) from \(request.port)")
     }
 
@@ -127,7 +127,7 @@ actor ShareMounts {
             rmdir(target)
             throw WireError(.internalError, "share \(name): mount of shared-memory channel \(channel) failed: \(String(cString: strerror(rc)))")
         }
-        mounted[name] = Mounted(port: "shm:\(channel)", relay: nil)
+        mounted[name] = Mounted(relay: nil)
         log("share \(name) mounted at \(target) from shared-memory channel \(channel)")
     }
 
