@@ -22,10 +22,10 @@ extension EndToEnd {
                 let qemu = try #require(try Harness.status(home: home)["qemuPID"] as? Int)
                 kill(pid_t(qemu), SIGKILL)
                 for p in sleepers {
-                    #expect(p.wait() == 125)
+                    let status = p.wait()
                     let message = p.stderr
-                    #expect(message.contains("the VM stopped unexpectedly"), "\(message)")
-                    #expect(message.split(separator: "\n").count == 1)
+                    #expect(status == 125 && message.contains("the VM stopped unexpectedly") && message.split(separator: "\n").count == 1,
+                            "status \(status), stderr: \(message)\n\(Harness.daemonLog(home))")
                 }
                 // The next command boots a fresh VM.
                 let r = try Harness.spawnRun(["exec", "--", "echo", "fresh"], home: home, env: env)
@@ -37,7 +37,8 @@ extension EndToEnd {
 
         @Test func uvmdKilledAndStartedAgainAdoptsItsVM() throws {
             try Harness.withConfiguredHome("kill-uvmd", config: Self.config) { home, env in
-                #expect(try Harness.spawnRun(["exec", "--", "true"], home: home, env: env).status == 0)
+                let first = try Harness.spawnRun(["exec", "--", "true"], home: home, env: env)
+                #expect(first.status == 0, "stderr: \(first.err)\n\(Harness.daemonLog(home))")
                 let st = try Harness.status(home: home)
                 let qemu = try #require(st["qemuPID"] as? Int)
                 let uvmd = try #require(st["daemonPID"] as? Int)
@@ -67,8 +68,9 @@ extension EndToEnd {
                 shell.closeInput()
                 shell.wait()
                 // A command starts uvmd again (`status` and `list` would not).
-                #expect(try Harness.spawnRun(["exec", "--", "true"], home: home, env: env).status == 0)
-                #expect(Harness.waitUntil(timeout: 60) { !Harness.alive(qemu) })
+                let again = try Harness.spawnRun(["exec", "--", "true"], home: home, env: env)
+                #expect(again.status == 0, "stderr: \(again.err)\n\(Harness.daemonLog(home))")
+                #expect(Harness.waitUntil(timeout: 60) { !Harness.alive(qemu) }, "\(Harness.daemonLog(home))")
             }
         }
 
@@ -76,11 +78,12 @@ extension EndToEnd {
             try Harness.withConfiguredHome("stop", config: Self.config) { home, env in
                 let sleepers = try startSleepers(2, home: home, env: env)
                 let stop = try Harness.spawnRun(["stop"], home: home, env: env)
-                #expect(stop.status == 0)
+                #expect(stop.status == 0, "stderr: \(stop.err)")
                 for p in sleepers {
-                    #expect(p.wait() == 125)
+                    let status = p.wait()
                     let message = p.stderr
-                    #expect(message.contains("the VM was stopped (by `uvm stop`)"), "\(message)")
+                    #expect(status == 125 && message.contains("the VM was stopped (by `uvm stop`)"),
+                            "status \(status), stderr: \(message)\n\(Harness.daemonLog(home))")
                 }
             }
         }

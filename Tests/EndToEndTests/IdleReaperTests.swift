@@ -20,7 +20,7 @@ extension EndToEnd {
                 #expect(st["vmIdleTimeout"] as? String == "2s")
                 #expect(st["instanceIdleTimeout"] as? String == "1s")
                 // Bounded only so that a broken reaper fails the test; `make bench` says how fast.
-                #expect(Harness.waitUntil(timeout: 60) { !Harness.alive(qemu) })
+                #expect(Harness.waitUntil(timeout: 60) { !Harness.alive(qemu) }, "\(Harness.daemonLog(home))")
                 // uvmd learns it from libvirt's event, a moment after the process is gone.
                 #expect(try Harness.waitUntil(timeout: 30) { try Harness.status(home: home)["state"] as? String == "Stopped" })
                 let list = try Harness.list(home: home)
@@ -42,7 +42,7 @@ extension EndToEnd {
                 let qemu = try #require(try Harness.status(home: home)["qemuPID"] as? Int)
                 // Three times both timeouts, idle: the shell is a client, so nothing stops.
                 sleep(9)
-                #expect(Harness.alive(qemu))
+                #expect(Harness.alive(qemu), "\(Harness.daemonLog(home))")
                 let list = try Harness.list(home: home)
                 #expect(list.vm["state"] as? String == "Running")
                 #expect(list.vm["idleStopInSeconds"] == nil)
@@ -53,8 +53,8 @@ extension EndToEnd {
                 // The shell leaves: now the reaper takes the VM.
                 shell.write("exit 5\n")
                 shell.closeInput()
-                #expect(shell.wait() == 5)
-                #expect(Harness.waitUntil(timeout: 60) { !Harness.alive(qemu) })
+                #expect(shell.wait() == 5, "stderr: \(shell.stderr)")
+                #expect(Harness.waitUntil(timeout: 60) { !Harness.alive(qemu) }, "\(Harness.daemonLog(home))")
             }
         }
 
@@ -71,12 +71,12 @@ extension EndToEnd {
                         "echo cycle-\(i) > /root/cycle-\(i) && head -c 100000 /dev/urandom > /root/blob && md5sum /root/blob > /root/blob.md5 && "
                         + "ls /root | grep -c ^cycle- >/dev/null && cat $(ls /root/cycle-* | sort -t- -k2 -n) | tr '\\n' ' '"],
                         home: home, env: env)
-                    #expect(r.status == 0, "cycle \(i): \(r.err)")
+                    #expect(r.status == 0, "cycle \(i): \(r.err)\n\(Harness.daemonLog(home))")
                     #expect(r.out == expected, "cycle \(i)")
                     if i > 1 {
                         // The previous cycle's blob and its checksum survived the power-off.
                         let check = try Harness.spawnRun(["exec", "--", "md5sum", "-c", "/root/blob.md5"], home: home, env: env)
-                        #expect(check.status == 0, "cycle \(i): \(check.out) \(check.err)")
+                        #expect(check.status == 0, "cycle \(i): \(check.out) \(check.err)\n\(Harness.daemonLog(home))")
                     }
                     let stopped = try Harness.waitUntil(timeout: 60) {
                         try Harness.status(home: home)["state"] as? String == "Stopped"
