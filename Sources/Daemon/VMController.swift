@@ -62,6 +62,10 @@ public actor VMController {
 
     func ensureRunning(progress: @escaping @Sendable (String) async -> Void) async throws -> Running {
         if let adopting { await adopting.value }
+        // A VM being stopped (the reaper, `uvm stop`) still has its link, but is powering off: a
+        // command that arrives now waits for the stop and boots a fresh VM, rather than starting
+        // in the old one and being killed with it.
+        while state == .stopping { await waitUntilStopped() }
         if let r = running {
             if r.linkChannel.isActive { return r }
             // QEMU died and libvirt's event has not arrived yet: that VM is over, boot another.

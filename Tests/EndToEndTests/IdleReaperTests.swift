@@ -31,6 +31,24 @@ extension EndToEnd {
             }
         }
 
+        /// A command that comes while the reaper is powering the VM off is not lost with it: it
+        /// waits for the stop and runs in a fresh VM.
+        @Test func aCommandDuringTheReapersStopRunsInAFreshVM() throws {
+            try Harness.withConfiguredHome("midstop", config: Self.config) { home, env in
+                #expect(try Harness.spawnRun(["exec", "--", "true"], home: home, env: env).status == 0)
+                // The clean power-off takes seconds under TCG: status sees it.
+                let stopping = try Harness.waitUntil(timeout: 60) {
+                    try Harness.status(home: home)["state"] as? String == "Stopping"
+                }
+                try #require(stopping, "never saw the reaper's stop; \(Harness.daemonLog(home))")
+                let r = try Harness.spawnRun(["exec", "--", "echo", "after"], home: home, env: env)
+                #expect(r.status == 0 && r.out == "after\n", "status \(r.status), stderr: \(r.err)\n\(Harness.daemonLog(home))")
+                // ... in a second boot, not in the VM that was going away.
+                let log = (try? String(contentsOfFile: "\(home)/state/uvmd.log", encoding: .utf8)) ?? ""
+                #expect(log.components(separatedBy: "guest up").count - 1 == 2, "\(Harness.daemonLog(home))")
+            }
+        }
+
         @Test func anOpenIdleShellKeepsTheVMUp() throws {
             try Harness.withConfiguredHome("shell", config: Self.config) { home, env in
                 let shell = try Harness.spawnUVM([], home: home, env: env, keepInput: true)
