@@ -91,6 +91,8 @@ extension EndToEnd {
                         home: home, env: env)
                     #expect(r.status == 0, "cycle \(i): \(r.err)\n\(Harness.daemonLog(home))")
                     #expect(r.out == expected, "cycle \(i)")
+                    // Every later cycle would miss this one's file too: one failure, said once.
+                    if r.status != 0 || r.out != expected { break }
                     if i > 1 {
                         // The previous cycle's blob and its checksum survived the power-off.
                         let check = try Harness.spawnRun(["exec", "--", "md5sum", "-c", "/root/blob.md5"], home: home, env: env)
