@@ -27,6 +27,8 @@ struct ClientSession {
                 } catch let e as WireError {
                     try? await outbound.write(.error(e))
                 } catch {
+                    // Not an answer we meant to give: log it with the request it ended.
+                    daemon.logger.error("request failed", metadata: ["op": "\((try? first.decode(Request.self).op.rawValue) ?? "?")", "error": "\(error)"])
                     try? await outbound.write(.error(WireError(.internalError, "\(error)")))
                 }
             }

@@ -79,6 +79,8 @@ public enum GuestAgent {
                 } catch let e as WireError {
                     try await outbound.write(.error(e))
                 } catch {
+                    // Not an answer we meant to give: the console log says where it came from.
+                    log("\((try? first.decode(Request.self).op.rawValue) ?? "request") failed: \(error)")
                     try await outbound.write(.error(WireError(.internalError, "\(error)")))
                 }
             }
