@@ -100,7 +100,7 @@ extension EndToEnd {
             kill(p.processIdentifier, SIGINT)
             p.waitUntilExit()
             #expect(p.terminationStatus == 130)
-            let gone = try Harness.waitUntil(timeout: 10) {
+            let gone = try Harness.waitUntil(timeout: 60) {
                 try Harness.run(["exec", "--", "sh", "-c", "ps | grep -v grep | grep -q 'sleep 4242'"]).status != 0
             }
             #expect(gone)

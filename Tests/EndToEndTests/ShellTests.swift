@@ -28,6 +28,15 @@ extension EndToEnd {
 
         func screen(_ socket: String) throws -> String { try tmux(socket, "capture-pane", "-t", "t", "-p") }
 
+        /// Waits until `command` runs in the guest: a key sent before it starts would reach the
+        /// shell instead (on a loaded machine that can take longer than any fixed pause).
+        func waitForGuestProcess(_ command: String) throws {
+            let running = try Harness.waitUntil(timeout: 60) {
+                try Harness.run(["exec", "--", "sh", "-c", "ps | grep -v grep | grep -q '\(command)'"]).status == 0
+            }
+            #expect(running, "\(command) never ran in the guest")
+        }
+
         /// Waits for `text` on the screen; when it never comes, the screen goes into the test's
         /// record so a failure says what the terminal showed instead.
         func waitFor(_ socket: String, _ text: String) throws -> Bool {
@@ -46,8 +55,8 @@ extension EndToEnd {
             _ = try tmux(socket, "resize-window", "-t", "t", "-x", "120", "-y", "40")
             _ = try tmux(socket, "send-keys", "-t", "t", "stty size", "Enter")
             #expect(try waitFor(socket, "40 120"))
-            _ = try tmux(socket, "send-keys", "-t", "t", "sleep 100", "Enter")
-            usleep(500_000)
+            _ = try tmux(socket, "send-keys", "-t", "t", "sleep 1001", "Enter")
+            try waitForGuestProcess("sleep 1001")
             _ = try tmux(socket, "send-keys", "-t", "t", "C-c")
             _ = try tmux(socket, "send-keys", "-t", "t", "echo still-$((1+1))-alive; exit 3", "Enter")
             #expect(try waitFor(socket, "still-2-alive"))
@@ -63,8 +72,8 @@ extension EndToEnd {
             _ = try tmux(socket, "send-keys", "-t", "t", "\(Harness.uvm); echo EXITED=$?", "Enter")
             _ = try tmux(socket, "send-keys", "-t", "t", "echo ready-$((3*3))", "Enter")
             #expect(try waitFor(socket, "ready-9"))
-            _ = try tmux(socket, "send-keys", "-t", "t", "sleep 100", "Enter")
-            usleep(500_000)
+            _ = try tmux(socket, "send-keys", "-t", "t", "sleep 1002", "Enter")
+            try waitForGuestProcess("sleep 1002")
             // Job control in the guest: the job stops, the shell is back.
             _ = try tmux(socket, "send-keys", "-t", "t", "C-z")
             #expect(try waitFor(socket, "Stopped"))
