@@ -103,7 +103,7 @@ public enum GuestAgent {
             log("shutdown requested: stopping instances")
             await instances.stopAll()
             await shares.unmountAll()
-            sync()
+            // uvm_poweroff syncs (bounded) once the answer is on its way.
             try await outbound.write(.json(.response, ["ok": true]))
             // Let the answer reach the host before the machine goes away.
             try await Task.sleep(for: .milliseconds(50))
@@ -121,7 +121,7 @@ public enum GuestAgent {
             guard let name = request.instance else { throw WireError(.badRequest, "stopInstance: which instance?") }
             log("stopping instance \(name) (idle)")
             await instances.stop(name)
-            sync()
+            await boundedSync()
             try await outbound.write(.json(.response, ["ok": true]))
         case .watchPorts:
             try await PortTracker(instances: instances).watch(rest: rest, outbound: outbound)

@@ -138,8 +138,11 @@ actor ShareMounts {
             throw WireError(.notFound, "share \(name) is not mounted")
         }
         let target = "\(UVM_SHARES_DIR)/\(name)"
-        umount2(target, Int32(MNT_DETACH))
-        rmdir(target)
+        // The mount leaves the tree at once; when nothing else holds it, the same call then tears
+        // the 9P client down, which clunks its fids: bounded, for a server that is gone.
+        if await onOwnThread(within: .seconds(2), "unmounting \(target)", { _ = umount2(target, Int32(MNT_DETACH)) }) {
+            rmdir(target)
+        }
         // The kernel closes its end once nothing in the guest uses the mount any more.
         if let relay = m.relay {
             _ = await Self.blocking { uvm_relay_finish(relay.pointer, 1000) }

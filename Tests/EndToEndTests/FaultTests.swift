@@ -39,6 +39,11 @@ extension EndToEnd {
             try Harness.withConfiguredHome("kill-uvmd", config: Self.config) { home, env in
                 let first = try Harness.spawnRun(["exec", "--", "true"], home: home, env: env)
                 #expect(first.status == 0, "stderr: \(first.err)\n\(Harness.daemonLog(home))")
+                // A share mounted by the first uvmd: its 9P server dies with it.
+                let dir = "\(home)/shared"
+                try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+                try "before\n".write(toFile: "\(dir)/hello", atomically: false, encoding: .utf8)
+                #expect(try Harness.spawnRun(["share", "add", "adopted", dir], home: home, env: env).status == 0)
                 let st = try Harness.status(home: home)
                 let qemu = try #require(st["qemuPID"] as? Int)
                 let uvmd = try #require(st["daemonPID"] as? Int)
@@ -52,6 +57,12 @@ extension EndToEnd {
                 #expect(after["daemonPID"] as? Int != uvmd)
                 #expect(after["qemuPID"] as? Int == qemu)
                 #expect(Harness.qemuProcesses(domain: domain) == [qemu])
+                // The new uvmd serves the shares again: the guest reads and writes the host folder.
+                // (Bounded: a mount whose server is gone hangs the reader.)
+                let shared = try Harness.spawnRun(["exec", "--", "sh", "-c",
+                    "cat /mnt/host/adopted/hello && echo after > /mnt/host/adopted/back"], home: home, env: env, timeout: 120)
+                #expect(shared.status == 0 && shared.out == "before\n", "status \(shared.status), stderr: \(shared.err)\n\(Harness.daemonLog(home))")
+                #expect((try? String(contentsOfFile: "\(dir)/back", encoding: .utf8)) == "after\n")
             }
         }
 

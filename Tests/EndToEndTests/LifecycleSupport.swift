@@ -153,9 +153,15 @@ extension Harness {
         try spawn(uvm, args, env: environment(home: home, extra: env), keepInput: keepInput)
     }
 
-    /// `uvm ARGS` to the end, through posix_spawn (see `Spawned`).
-    static func spawnRun(_ args: [String], home: String, env: [String: String] = [:]) throws -> Result {
+    /// `uvm ARGS` to the end, through posix_spawn (see `Spawned`). With a `timeout`, a command
+    /// still running then is killed (status 137) so that a hang fails the test instead of the run.
+    static func spawnRun(_ args: [String], home: String, env: [String: String] = [:], timeout: Double? = nil) throws -> Result {
         let p = try spawnUVM(args, home: home, env: env)
+        if let timeout, !waitUntil(timeout: timeout, { !p.isRunning }) {
+            kill(p.pid, SIGKILL)
+            p.wait()
+            return Result(status: 137, stdout: p.stdout, stderr: Data("(killed after \(timeout) s) \(p.stderr)".utf8))
+        }
         let status = p.wait()
         return Result(status: status, stdout: p.stdout, stderr: Data(p.stderr.utf8))
     }

@@ -1,0 +1,48 @@
+import Glibc
+import Synchronization
+
+/// Runs a blocking call on a thread of its own and waits for it `within` at most; true when it
+/// finished. For calls that can block forever in the kernel: once a 9P server is gone (uvmd was
+/// killed; the one that adopts the VM cannot reach the old shared memory), tearing its mount down
+/// waits for answers that never come, and sync() then waits behind that mount. Such a call is
+/// left to itself (its thread stays blocked) and the agent goes on.
+func onOwnThread(within limit: Duration, _ what: String, _ body: @escaping @Sendable () -> Void) async -> Bool {
+    final class Call: @unchecked Sendable {
+        let body: @Sendable () -> Void
+        let done = Atomic<Bool>(false)
+        init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+    }
+    let call = Call(body)
+    var thread = pthread_t()
+    let started = pthread_create(&thread, nil, { arg in
+        let call = Unmanaged<Call>.fromOpaque(arg!).takeRetainedValue()
+        call.body()
+        call.done.store(true, ordering: .releasing)
+        return nil
+    }, Unmanaged.passRetained(call).toOpaque())
+    guard started == 0 else {
+        body()
+        return true
+    }
+    pthread_detach(thread)
+    let deadline = ContinuousClock.now + limit
+    while !call.done.load(ordering: .acquiring) {
+        if ContinuousClock.now >= deadline {
+            log("\(what) does not finish within \(limit) (a 9P server that is gone?): left behind")
+            return false
+        }
+        try? await Task.sleep(for: .milliseconds(10))
+    }
+    return true
+}
+
+/// sync(), bounded (see `onOwnThread`). While an earlier one is still blocked, another would only
+/// block behind it: skipped.
+func boundedSync() async {
+    guard syncRunning.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return }
+    _ = await onOwnThread(within: .seconds(5), "sync") {
+        sync()
+        syncRunning.store(false, ordering: .releasing)
+    }
+}
+private let syncRunning = Atomic<Bool>(false)
