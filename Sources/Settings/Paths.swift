@@ -30,6 +30,9 @@ public struct Paths: Sendable, Equatable {
     /// The daemon's socket; `UVM_SOCKET` overrides.
     public var socket: String { ProcessInfo.processInfo.environment["UVM_SOCKET"] ?? "\(stateDir)/uvmd.sock" }
     public var daemonLock: String { "\(stateDir)/uvmd.lock" }
+    /// uvmd's exit status when another uvmd holds `daemonLock` (EX_TEMPFAIL): a `uvm` that
+    /// launched it lost a race with another start and waits for the winner to listen.
+    public static let daemonAlreadyRunningStatus: Int32 = 75
     public var daemonLog: String { "\(stateDir)/uvmd.log" }
     public var consoleLog: String { "\(stateDir)/console.log" }
     /// The host end of the guest agent's control port (QEMU binds it).

@@ -48,12 +48,19 @@ final class DaemonConnection: @unchecked Sendable {
         let logStart = stat(paths.daemonLog, &st) == 0 ? Int(st.st_size) : 0
         let pid = try launchDaemon(paths: paths)
         let deadline = Date().addingTimeInterval(30)
+        var lostRace = false
         while Date() < deadline {
             if let c = connect(path: paths.socket) { return c }
-            // uvmd refused to start (a bad uvm.conf, say): its last words say why.
+            // uvmd refused to start (a bad uvm.conf, say): its last words say why. One that
+            // found the lock taken lost a race with another start (`uvm` run several times at
+            // once): that one is about to listen, so wait for it.
             var status: Int32 = 0
-            if waitpid(pid, &status, WNOHANG) == pid {
-                if let c = connect(path: paths.socket) { return c }  // another uvmd won the race
+            if !lostRace, waitpid(pid, &status, WNOHANG) == pid {
+                if let c = connect(path: paths.socket) { return c }
+                if status & 0x7f == 0, (status >> 8) & 0xff == Paths.daemonAlreadyRunningStatus {
+                    lostRace = true
+                    continue
+                }
                 throw CLIError(lastLogLine(paths.daemonLog, from: logStart) ?? "uvmd exited at start; see \(paths.daemonLog)")
             }
             usleep(20_000)

@@ -41,7 +41,11 @@ struct Serve: AsyncParsableCommand {
         do {
             try await UVMDaemon(settings: loaded.settings, logger: Logger(label: "uvmd")).run()
         } catch let e as UVMDaemon.StartError {
-            throw ValidationError(e.description)
+            FileHandle.standardError.write(Data("uvmd: cannot start: \(e.description)\n".utf8))
+            // Tells a `uvm` that launched us that another uvmd has the lock and is about to
+            // listen: it waits for that one instead of failing.
+            if case .alreadyRunning = e { throw ExitCode(Paths.daemonAlreadyRunningStatus) }
+            throw ExitCode(71)  // EX_OSERR
         }
     }
 }

@@ -35,6 +35,34 @@ extension EndToEnd {
             }
         }
 
+        /// Several `uvm` started at once each launch a uvmd; all but one find the lock taken. Their
+        /// commands wait for the winner instead of failing (as one did in CI, with uvmd's usage text).
+        @Test func aCommandThatLosesTheStartRaceWaitsForTheWinner() throws {
+            try Harness.withConfiguredHome("race", config: Self.config) { home, env in
+                // Hold uvmd's lock as a uvmd that has not listened yet would.
+                let state = "\(home)/state"
+                try FileManager.default.createDirectory(atPath: state, withIntermediateDirectories: true)
+                let lock = open("\(state)/uvmd.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+                #expect(lock >= 0 && flock(lock, LOCK_EX | LOCK_NB) == 0)
+                let loser = try Harness.spawnUVM(["exec", "--", "echo", "waited"], home: home, env: env)
+                // The uvmd it launched finds the lock taken and says so in one line.
+                let refused = Harness.waitUntil(timeout: 60) {
+                    ((try? String(contentsOfFile: "\(state)/uvmd.log", encoding: .utf8)) ?? "").contains("uvmd: cannot start: uvmd is already running")
+                }
+                #expect(refused, "\(Harness.daemonLog(home))")
+                usleep(500_000)
+                #expect(loser.isRunning, "gave up: \(loser.stderr)")
+                // The "winner" now listens: the waiting command goes through it.
+                close(lock)
+                let winner = try Harness.spawn("\(Harness.bin)/uvmd", ["serve"], env: Harness.environment(home: home, extra: env))
+                defer { if winner.isRunning { kill(winner.pid, SIGTERM); winner.wait() } }
+                let done = Harness.waitUntil(timeout: 300) { !loser.isRunning }
+                if !done { kill(loser.pid, SIGKILL) }
+                #expect(loser.wait() == 0 && String(decoding: loser.stdout, as: UTF8.self) == "waited\n",
+                        "stderr: \(loser.stderr)\n\(Harness.daemonLog(home))")
+            }
+        }
+
         @Test func uvmdKilledAndStartedAgainAdoptsItsVM() throws {
             try Harness.withConfiguredHome("kill-uvmd", config: Self.config) { home, env in
                 let first = try Harness.spawnRun(["exec", "--", "true"], home: home, env: env)
