@@ -156,7 +156,8 @@ public actor VMController {
             disks: distros.map { VMSpec.Disk(path: $0.disk, serial: diskSerial($0.name)) },
             channels: [VMSpec.Channel(name: "uvm.control", socketPath: paths.controlSocket)]
                 + ShareService.slots(paths).map { VMSpec.Channel(name: $0.port, socketPath: $0.socketPath) },
-            consoleLog: paths.consoleLog, userNetwork: true)
+            consoleLog: paths.consoleLog, userNetwork: true,
+            processIdentity: .forConnection(uri: settings.libvirtURI))
         // The 9P rings' shared memory: QEMU connects to its server when the domain starts. Without
         // it (or with UVM_9P_TRANSPORT=port) shares go through the virtio-serial ports.
         var transport: ShmTransport?

@@ -66,6 +66,14 @@ public struct VMSpec: Sendable, Equatable {
 
         /// The calling process's identity.
         public static var caller: ProcessIdentity { .user(uid: getuid(), gid: getgid()) }
+
+        /// What a domain created through `uri` needs. A per-user daemon (`qemu:///session`)
+        /// already runs QEMU as its user and has no DAC security driver: it refuses any DAC
+        /// `<seclabel>` ("Security driver model 'dac' is not available"). A system daemon runs
+        /// QEMU as libvirt-qemu unless told to run it as the caller.
+        public static func forConnection(uri: String) -> ProcessIdentity {
+            isSessionURI(uri) ? .libvirtDefault : .caller
+        }
     }
 
     /// The libvirt domain name, e.g. "uvm-<uid>".
@@ -83,12 +91,12 @@ public struct VMSpec: Sendable, Equatable {
     public var consoleLog: String?
     /// A virtio NIC on QEMU's user-mode (slirp) network.
     public var userNetwork: Bool
-    /// Default `.caller`: under qemu:///system as root, libvirt would otherwise run QEMU as
-    /// libvirt-qemu, which cannot read the kernel, initrd and disks under /root, and would chown
-    /// them. Measured here: `<seclabel type='none' model='dac'/>` is NOT enough (QEMU still ran as
-    /// libvirt-qemu, it only turns relabelling off); the static label `+0:+0` relabel='no' ran it
-    /// as root. Running QEMU as the caller gives the VM exactly the caller's rights, which is what
-    /// qemu:///session gives an ordinary user anyway (there the label is a no-op).
+    /// `.caller` under a system daemon: libvirt would otherwise run QEMU as libvirt-qemu, which
+    /// cannot read the kernel, initrd and disks under /root, and would chown them. Measured here:
+    /// `<seclabel type='none' model='dac'/>` is NOT enough (QEMU still ran as libvirt-qemu, it only
+    /// turns relabelling off); the static label `+0:+0` relabel='no' ran it as root. Running QEMU
+    /// as the caller gives the VM exactly the caller's rights, which is what qemu:///session gives
+    /// an ordinary user by itself; there it must be `.libvirtDefault` (see `forConnection`).
     public var processIdentity: ProcessIdentity
     public var filesystems: [Filesystem] = []
     public var sharedMemory: [SharedMemory] = []
@@ -105,7 +113,7 @@ public struct VMSpec: Sendable, Equatable {
         channels: [Channel] = [],
         consoleLog: String? = nil,
         userNetwork: Bool = true,
-        processIdentity: ProcessIdentity = .caller
+        processIdentity: ProcessIdentity = .forConnection(uri: LibvirtConnection.defaultURI)
     ) {
         self.name = name
         self.accelerator = accelerator
@@ -219,6 +227,16 @@ public func domainXML(for spec: VMSpec) -> String {
     }
     x.close("domain")
     return x.text
+}
+
+/// Whether `uri` names a per-user libvirt daemon (`qemu:///session`, `qemu+unix:///session?...`).
+public func isSessionURI(_ uri: String) -> Bool {
+    guard let scheme = uri.range(of: "://") else { return false }
+    var path = uri[scheme.upperBound...]
+    // The host part (empty for local URIs) ends at the first "/".
+    if let slash = path.firstIndex(of: "/") { path = path[slash...] } else { return false }
+    if let query = path.firstIndex(of: "?") { path = path[..<query] }
+    return path == "/session"
 }
 
 /// vda..vdz, vdaa.. as libvirt counts (virIndexToDiskName).

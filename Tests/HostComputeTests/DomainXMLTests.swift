@@ -130,6 +130,25 @@ import FoundationXML
         #expect(try nodes(try parse(Self.full), "devices/shmem").isEmpty)
     }
 
+    /// A per-user libvirtd has no DAC driver and refuses the domain if it carries a DAC label
+    /// ("Security driver model 'dac' is not available"): ordinary users could not boot at all.
+    @Test func sessionDomainsCarryNoSecurityLabel() throws {
+        var spec = Self.full
+        spec.processIdentity = .forConnection(uri: "qemu:///session")
+        #expect(try nodes(try parse(spec), "seclabel").isEmpty)
+        spec.processIdentity = .forConnection(uri: "qemu:///system")
+        #expect(try value(try parse(spec), "seclabel/label") == "+\(getuid()):+\(getgid())")
+    }
+
+    @Test func sessionURIsAreRecognized() {
+        for uri in ["qemu:///session", "qemu+unix:///session", "qemu+unix:///session?socket=/run/user/1000/libvirt/libvirt-sock"] {
+            #expect(isSessionURI(uri), "\(uri)")
+        }
+        for uri in ["qemu:///system", "qemu+ssh://host/system", "qemu+ssh://host/session-not", "test:///default", "session", ""] {
+            #expect(!isSessionURI(uri), "\(uri)")
+        }
+    }
+
     @Test func callerIdentityIsTheProcessIDs() {
         #expect(VMSpec.ProcessIdentity.caller == .user(uid: getuid(), gid: getgid()))
     }
