@@ -4,6 +4,7 @@
 #   (a) installs the Debian packages uvm needs (as root; else prints the command)
 #   (b) without systemd, starts virtlogd and libvirtd (as root)
 #   (c) makes /dev/kvm group kvm, mode 660 (as root; else prints the command)
+#   (d) as an ordinary user: checks group kvm and that libvirt's per-user daemon starts
 set -euo pipefail
 
 log() { echo "setup: $*" >&2; }
@@ -76,6 +77,30 @@ if [[ -e /dev/kvm ]]; then
             echo "sudo chgrp kvm /dev/kvm && sudo chmod 660 /dev/kvm"
             exit 1
         fi
+    fi
+fi
+
+# --- (d) an ordinary account: group kvm, and libvirt's per-user daemon ----------
+# qemu:///session runs QEMU as the user, so the user needs /dev/kvm through group kvm (a group
+# added with usermod counts from the next login). libvirt starts the per-user daemon itself,
+# systemd or not; asking it once here also has it probe QEMU's capabilities before the first VM.
+if ((!is_root)); then
+    me=$(id -un)
+    if [[ -e /dev/kvm && ! ( -r /dev/kvm && -w /dev/kvm ) ]]; then
+        if id -nG | tr ' ' '\n' | grep -qx kvm; then
+            log "$me is in group kvm and /dev/kvm is $(stat -c '%G %a' /dev/kvm), yet it cannot be opened read-write (an ACL?)"
+        elif id -nG "$me" | tr ' ' '\n' | grep -qx kvm; then
+            log "$me is in group kvm, but this login started before that: log in again (or run \`newgrp kvm\`), then run this again"
+        else
+            log "$me is not in group kvm (needed for /dev/kvm); run once, then log in again:"
+            echo "sudo usermod -aG kvm,libvirt $me"
+        fi
+        exit 1
+    fi
+    if ! out=$(timeout 120 virsh -c qemu:///session uri 2>&1); then
+        log "libvirt's per-user daemon does not answer \`virsh -c qemu:///session uri\`: $out"
+        log "see ~/.cache/libvirt/libvirtd.log"
+        exit 1
     fi
 fi
 

@@ -35,17 +35,15 @@ public struct Doctor {
             conn.close()
             checks.append(Check(name: "libvirt", ok: true, detail: "\(settings.libvirtURI) answers"))
         } catch {
-            checks.append(Check(name: "libvirt", ok: false, detail: "\(error)",
-                                fix: "make setup (as root without systemd: `virtlogd -d && libvirtd -d`; with systemd: `systemctl start libvirtd`)"))
+            checks.append(Check(name: "libvirt", ok: false, detail: "\(error)", fix: Self.libvirtFix(uri: settings.libvirtURI)))
         }
 
         if fm.fileExists(atPath: "/dev/kvm") {
-            var st = stat()
-            stat("/dev/kvm", &st)
-            let mode = String(st.st_mode & 0o777, radix: 8)
+            let kvm = KVMAccess.current()
             let usable = access("/dev/kvm", R_OK | W_OK) == 0
-            checks.append(Check(name: "/dev/kvm", ok: usable, detail: "mode \(mode)" + (usable ? ", usable" : ", not usable by this user"),
-                                fix: usable ? nil : "as root: chgrp kvm /dev/kvm && chmod 660 /dev/kvm; then add yourself to group kvm"))
+            let detail = "group \(kvm.deviceGroup), mode \(String(kvm.deviceMode & 0o777, radix: 8))"
+                + (usable ? ", usable by \(kvm.userName)" : ", not usable by \(kvm.userName) (without it the VM runs under TCG, much slower)")
+            checks.append(Check(name: "/dev/kvm", ok: usable, detail: detail, fix: usable ? nil : kvm.advice))
         } else {
             checks.append(Check(name: "/dev/kvm", ok: true, detail: "absent: the VM will run under TCG (software emulation, slower)"))
         }
@@ -79,6 +77,17 @@ public struct Doctor {
                                 fix: private_ ? nil : "chmod 700 \(paths.stateDir)"))
         }
         return checks
+    }
+
+    /// How to get the daemon behind `uri` going. A per-user daemon (qemu:///session) is started
+    /// by libvirt itself on first use, no systemd needed; a system one is started by root.
+    static func libvirtFix(uri: String) -> String {
+        if isSessionURI(uri) {
+            return "libvirt starts its per-user daemon by itself: check that libvirt-daemon-system and qemu-system-x86 are installed "
+                + "(`make setup` says how) and see ~/.cache/libvirt/libvirtd.log"
+        }
+        let systemd = (try? String(contentsOfFile: "/proc/1/comm", encoding: .utf8))?.hasPrefix("systemd") == true
+        return systemd ? "as root: `systemctl start libvirtd`" : "as root (no systemd here): `virtlogd -d && libvirtd -d` (or `make setup`)"
     }
 
     func which(_ name: String) -> String? {

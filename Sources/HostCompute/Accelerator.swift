@@ -80,8 +80,8 @@ public struct HostProbe: Sendable {
         case ENOENT:
             return "\(path) does not exist (no KVM module loaded, or no hardware virtualization)"
         case EACCES, EPERM:
-            return "\(path) cannot be opened read-write (\(String(cString: strerror(err)))); "
-                + "as root: `chgrp kvm \(path) && chmod 660 \(path)`, and add the user to group kvm"
+            return "\(path) cannot be opened read-write (\(String(cString: strerror(err)))): "
+                + KVMAccess.current(device: path).advice
         default:
             return "\(path) cannot be opened read-write: \(String(cString: strerror(err)))"
         }

@@ -74,3 +74,40 @@ import Testing
         #expect(choice.reason.contains("PVM"))
     }
 }
+
+/// What `uvm doctor` and the accelerator's reason tell a user who cannot open /dev/kvm.
+@Suite struct KVMAccessTests {
+    func access(group: String = "kvm", mode: UInt32 = 0o20660, exists: Bool = true, db: Bool = true, process: Bool = true) -> KVMAccess {
+        KVMAccess(userName: "alice", deviceGroup: group, deviceMode: mode, groupExists: exists, memberInDatabase: db, memberInProcess: process)
+    }
+
+    @Test func aUserMissingFromGroupKVMIsToldToJoinItAndLogInAgain() {
+        let advice = access(db: false, process: false).advice
+        #expect(advice.contains("alice is not in group kvm"))
+        #expect(advice.contains("sudo usermod -aG kvm,libvirt alice"))
+        #expect(advice.contains("log in again"))
+    }
+
+    @Test func aUserAddedAfterLoggingInIsToldToLogInAgain() {
+        let advice = access(process: false).advice
+        #expect(advice.contains("log in again"))
+        #expect(!advice.contains("usermod"))
+    }
+
+    @Test func aRootOnlyDeviceIsToldHowToOpenItToTheGroup() {
+        let advice = access(group: "root", mode: 0o20600).advice
+        #expect(advice.contains("chgrp kvm /dev/kvm && chmod 660 /dev/kvm"))
+        #expect(!advice.contains("usermod"))
+        #expect(access(group: "root", mode: 0o20600, db: false, process: false).advice.contains("usermod -aG kvm,libvirt alice"))
+    }
+
+    @Test func noGroupKVMAtAll() {
+        #expect(access(exists: false, db: false, process: false).advice.contains("groupadd --system kvm"))
+    }
+
+    @Test func theCurrentProcessIsDescribed() {
+        let me = KVMAccess.current(device: "/dev/null")
+        #expect(!me.userName.isEmpty)
+        #expect(me.deviceGroup == "root")
+    }
+}
