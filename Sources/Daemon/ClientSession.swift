@@ -14,9 +14,12 @@ struct ClientSession {
     func run() async {
         // Only our own user may talk to us (the socket is 0600 too; this also covers an
         // activated socket whose mode we did not choose).
-        guard await peerIsOurUser() else {
-            daemon.logger.warning("refused a connection from another user")
-            try? await channel.channel.close()
+        let peer = await peerUID()
+        guard peer == geteuid() else {
+            daemon.logger.warning("refused a connection from another user", metadata: ["uid": "\(peer.map { "\($0)" } ?? "?")"])
+            // Said before closing, so that the other user's `uvm` does not just see a closed socket.
+            let refusal = WireError(.permissionDenied, "this uvmd (\(daemon.paths.socket)) serves uid \(geteuid()) only; each user runs their own uvmd (unset UVM_SOCKET/UVM_HOME)")
+            try? await channel.executeThenClose { _, outbound in try await outbound.write(.error(refusal)) }
             return
         }
         do {
@@ -38,13 +41,13 @@ struct ClientSession {
     }
 
     /// SO_PEERCRED: the uid of the process at the other end.
-    private func peerIsOurUser() async -> Bool {
+    private func peerUID() async -> uid_t? {
         struct PeerCredentials { var pid: Int32 = 0; var uid: UInt32 = .max; var gid: UInt32 = .max }
         guard let provider = channel.channel as? SocketOptionProvider,
               let cred: PeerCredentials = try? await provider.unsafeGetSocketOption(
                 level: .init(SOL_SOCKET), name: .init(SO_PEERCRED)).get()
-        else { return false }
-        return cred.uid == geteuid()
+        else { return nil }
+        return cred.uid
     }
 
     private func serve(_ request: Request, rest: AsyncStream<Frame>, outbound: NIOAsyncChannelOutboundWriter<Frame>) async throws {

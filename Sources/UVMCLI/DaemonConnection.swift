@@ -22,6 +22,12 @@ final class DaemonConnection: @unchecked Sendable {
     deinit { close(fd) }
 
     static func connect(path: String) -> DaemonConnection? {
+        var err: Int32 = 0
+        return connect(path: path, errno: &err)
+    }
+
+    /// `errno` says why when it returns nil.
+    static func connect(path: String, errno err: inout Int32) -> DaemonConnection? {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { return nil }
         var addr = sockaddr_un()
@@ -35,25 +41,34 @@ final class DaemonConnection: @unchecked Sendable {
         let rc = withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
-        guard rc == 0 else { close(fd); return nil }
+        guard rc == 0 else { err = errno; close(fd); return nil }
         return DaemonConnection(fd: fd)
     }
 
     /// Connects to uvmd, starting it first when it is not running (`uvm` never needs a separate
     /// start step).
     static func connectOrLaunch(paths: Paths) throws -> DaemonConnection {
-        if let c = connect(path: paths.socket) { return c }
+        var err: Int32 = 0
+        if let c = connect(path: paths.socket, errno: &err) { return c }
+        // Another user's uvmd (its socket and state are 0600/0700): starting one of ours there
+        // could not work either.
+        if err == EACCES || err == EPERM {
+            throw CLIError("cannot connect to \(paths.socket): \(String(cString: strerror(err))); "
+                + "it belongs to another user (each user runs their own uvmd: check UVM_SOCKET and UVM_HOME)")
+        }
         // What uvmd logs from here on is about this start.
         var st = stat()
         let logStart = stat(paths.daemonLog, &st) == 0 ? Int(st.st_size) : 0
-        let pid = try launchDaemon(paths: paths)
-        let deadline = Date().addingTimeInterval(30)
+        var pid = try launchDaemon(paths: paths)
+        let start = Date()
         var lostRace = false
-        while Date() < deadline {
+        // 30 s for a start; longer while another uvmd holds the lock, which may be one that is
+        // exiting (SIGTERM, a restart) and stopping its VM first (bounded at about a minute).
+        while Date() < start.addingTimeInterval(lostRace ? 120 : 30) {
             if let c = connect(path: paths.socket) { return c }
             // uvmd refused to start (a bad uvm.conf, say): its last words say why. One that
             // found the lock taken lost a race with another start (`uvm` run several times at
-            // once): that one is about to listen, so wait for it.
+            // once) or with an exiting uvmd: wait for the winner to listen, or to go.
             var status: Int32 = 0
             if !lostRace, waitpid(pid, &status, WNOHANG) == pid {
                 if let c = connect(path: paths.socket) { return c }
@@ -63,9 +78,22 @@ final class DaemonConnection: @unchecked Sendable {
                 }
                 throw CLIError(lastLogLine(paths.daemonLog, from: logStart) ?? "uvmd exited at start; see \(paths.daemonLog)")
             }
+            // The lock's holder has gone without listening (it was exiting): start the next one.
+            if lostRace && !lockHeld(paths.daemonLock) {
+                lostRace = false
+                pid = try launchDaemon(paths: paths)
+            }
             usleep(20_000)
         }
-        throw CLIError("uvmd did not start within 30 s; see \(paths.daemonLog)")
+        throw CLIError("uvmd did not start within \(lostRace ? 120 : 30) s; see \(paths.daemonLog)")
+    }
+
+    /// Whether a uvmd holds its lock (it takes it exclusively for its lifetime).
+    static func lockHeld(_ path: String) -> Bool {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        return flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK
     }
 
     /// The last non-empty line written to `path` after `offset`, with uvmd's "uvmd: cannot start: " turned into "uvm: ".

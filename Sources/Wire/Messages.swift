@@ -100,7 +100,7 @@ public struct ExitStatus: Codable, Sendable, Equatable {
 /// An error meant for the user: one line saying what is wrong and what to do.
 public struct WireError: Codable, Sendable, Equatable, Error, CustomStringConvertible {
     public enum Code: String, Codable, Sendable {
-        case badRequest, notFound, vmUnavailable, vmStopped, spawnFailed, internalError, protocolError
+        case badRequest, notFound, vmUnavailable, vmStopped, spawnFailed, internalError, protocolError, permissionDenied
     }
     public var code: Code
     public var message: String
