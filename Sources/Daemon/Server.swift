@@ -63,6 +63,8 @@ public struct UVMDaemon: Sendable {
             }))
         // Before serving: a VM an earlier uvmd left running is taken over (or destroyed).
         await controller.adoptLeftover()
+        let (exited, exitedSink) = AsyncStream.makeStream(of: Void.self)
+        let socketPath = paths.socket
         try await withThrowingDiscardingTaskGroup { group in
             group.addTask {
                 for await event in controller.lifecycle {
@@ -74,19 +76,27 @@ public struct UVMDaemon: Sendable {
             }
             group.addTask {
                 await signals.wait()
-                logger.info("signal received: stopping the VM and exiting")
-                await controller.stop(reason: "uvmd exiting")
+                // Stop accepting at once (a restart's next uvmd serves new commands: the CLI
+                // launches it and waits until this one is gone), then take the VM down.
+                logger.info("signal received: no new commands; stopping the VM and exiting")
                 try? await server.channel.close()
+                try? FileManager.default.removeItem(atPath: socketPath)
+                await controller.stop(reason: "uvmd exiting")
                 controller.finishLifecycle()
+                exitedSink.finish()
             }
             try await server.executeThenClose { clients in
                 for try await client in clients {
                     group.addTask { await ClientSession(daemon: self, channel: client).run() }
                 }
             }
+            // The listener closed on a signal: what is left ends with the VM's stop.
+            for await _ in exited {}
             group.cancelAll()
         }
         try? fm.removeItem(atPath: paths.socket)
+        // Free the lock before the process ends: the next uvmd may start now.
+        close(lockFD)
     }
 
     private func listen() async throws -> NIOAsyncChannel<NIOAsyncChannel<Frame, Frame>, Never> {

@@ -6,6 +6,7 @@ import NIOCore
 import NIOPosix
 import Settings
 import Shares
+import Synchronization
 import Wire
 
 /// The one utility VM of this uvmd: boots it on demand through libvirt, keeps the HTTP/2 link to
@@ -35,7 +36,9 @@ public actor VMController {
     /// Why the last VM went away, for the sessions it took with it.
     private(set) var lastStopReason: String?
     private var stopRequested = false
-    private var stoppedWaiters: [CheckedContinuation<Void, Never>] = []
+    /// Tasks waiting for the VM to stop, by id, so that a bounded wait can withdraw its own.
+    private var stoppedWaiters: [Int: CheckedContinuation<Bool, Never>] = [:]
+    private var nextWaiterID = 0
     let shares: ShareService
     /// A VM left behind by an earlier uvmd, being taken over (see `adoptLeftover`).
     private var adopting: Task<Void, Never>?
@@ -65,17 +68,18 @@ public actor VMController {
         // A VM being stopped (the reaper, `uvm stop`) still has its link, but is powering off: a
         // command that arrives now waits for the stop and boots a fresh VM, rather than starting
         // in the old one and being killed with it.
-        while state == .stopping { await waitUntilStopped() }
+        // A stop always ends (see `stop`), so this wait does too.
+        while state == .stopping { _ = await waitUntilStopped(timeout: .seconds(60)) }
         if let r = running {
             if r.linkChannel.isActive { return r }
             // QEMU died and libvirt's event has not arrived yet: that VM is over, boot another.
             logger.warning("the link to the guest is gone: treating the VM as stopped")
-            try? await r.domain.destroy()
+            await destroyBounded(r.domain)
             markStopped(generation: r.generation)
             if let running { return running }
         }
         if state == .stopping {
-            await waitUntilStopped()
+            _ = await waitUntilStopped(timeout: .seconds(60))
         }
         if let boot { return try await boot.value }
         state = .starting
@@ -101,8 +105,12 @@ public actor VMController {
     private func libvirt() async throws -> LibvirtConnection {
         if let connection { return connection }
         let c: LibvirtConnection
+        let uri = settings.libvirtURI
         do {
-            c = try await LibvirtConnection.open(uri: settings.libvirtURI)
+            // A stuck libvirtd accepts the connection and never answers: bounded.
+            c = try await withTimeout(seconds: 30, what: "libvirt at \(uri) to answer (is libvirtd stuck? restart it)") {
+                try await LibvirtConnection.open(uri: uri)
+            }
         } catch {
             throw WireError(.vmUnavailable, "\(error)")
         }
@@ -139,7 +147,7 @@ public actor VMController {
         // A VM of ours left behind by an earlier uvmd (killed, crashed) would hold the disks.
         if let stale = try? await conn.lookup(name: paths.domainName) {
             logger.warning("destroying a VM left behind by an earlier uvmd", metadata: ["domain": "\(paths.domainName)"])
-            try? await stale.destroy()
+            await destroyBounded(stale)
         }
         try fm.createDirectory(atPath: paths.runDir, withIntermediateDirectories: true)
         try? fm.removeItem(atPath: paths.controlSocket)
@@ -201,7 +209,7 @@ public actor VMController {
             return Running(domain: domain, link: mux, linkChannel: channel, accel: accel, guest: guest,
                            bootedAt: started, generation: gen)
         } catch {
-            try? await domain.destroy()
+            await destroyBounded(domain)
             let tail = consoleTail()
             // The next boot overwrites the console log: keep this one whole, and its end in uvmd's log.
             try? FileManager.default.removeItem(atPath: paths.consoleLog + ".failed")
@@ -309,25 +317,43 @@ public actor VMController {
             }
         } catch {
             logger.warning("clean shutdown failed, destroying", metadata: ["error": "\(error)"])
-            try? await r.domain.destroy()
+            await destroyBounded(r.domain)
         }
-        let gone = await withTaskGroup(of: Bool.self) { g in
-            g.addTask { await self.waitUntilStopped(); return true }
-            g.addTask { try? await Task.sleep(for: .seconds(15)); return false }
-            let first = await g.next()!
-            g.cancelAll()
-            return first
-        }
-        if !gone {
-            logger.warning("the VM did not power off in time, destroying")
-            try? await r.domain.destroy()
+        // libvirt's `stopped` event ends the wait; without it (libvirtd stuck or restarted) the
+        // domain is destroyed and the VM counts as stopped all the same: a stop always ends.
+        if await !waitUntilStopped(timeout: .seconds(15)) {
+            logger.warning("the VM did not power off in time (or libvirt did not say so), destroying")
+            await destroyBounded(r.domain)
             markStopped(generation: r.generation)
         }
     }
 
-    private func waitUntilStopped() async {
-        if state == .stopped { return }
-        await withCheckedContinuation { stoppedWaiters.append($0) }
+    /// virDomainDestroy, given up after 10 s: a hung libvirtd must not hang a stop. (Its keepalive
+    /// closes such a connection within ~20 s, failing the call; `libvirtConnectionLost` follows.)
+    private func destroyBounded(_ domain: VMDomain) async {
+        do {
+            try await withTimeout(seconds: 10, what: "libvirt to destroy the VM") { try await domain.destroy() }
+        } catch {
+            logger.warning("could not destroy the VM", metadata: ["error": "\(error)"])
+        }
+    }
+
+    /// Waits until the VM is stopped; false when `timeout` passed first.
+    private func waitUntilStopped(timeout: Duration) async -> Bool {
+        if state == .stopped { return true }
+        let id = nextWaiterID
+        nextWaiterID += 1
+        return await withCheckedContinuation { c in
+            stoppedWaiters[id] = c
+            Task {
+                try? await Task.sleep(for: timeout)
+                self.expireWaiter(id)
+            }
+        }
+    }
+
+    private func expireWaiter(_ id: Int) {
+        stoppedWaiters.removeValue(forKey: id)?.resume(returning: false)
     }
 
     private func markStopped(generation gen: Int) {
@@ -338,9 +364,9 @@ public actor VMController {
         Task { await shares.vmStopped() }
         if !stopRequested { lastStopReason = "session ended: the VM stopped unexpectedly (QEMU exited; see \(paths.consoleLog))" }
         logger.info("VM stopped", metadata: ["reason": "\(lastStopReason ?? "?")"])
-        let waiters = stoppedWaiters
-        stoppedWaiters = []
-        waiters.forEach { $0.resume() }
+        let waiters = stoppedWaiters.values
+        stoppedWaiters = [:]
+        waiters.forEach { $0.resume(returning: true) }
         lifecycleSink.yield(.stopped)
     }
 
@@ -410,7 +436,7 @@ public actor VMController {
             lifecycleSink.yield(.started(instances: guest.instances))
         } catch {
             logger.warning("the VM left behind does not answer: destroying it", metadata: ["error": "\(error)"])
-            try? await domain.destroy()
+            await destroyBounded(domain)
         }
     }
 
@@ -442,13 +468,18 @@ public actor VMController {
         guard let r = running, r.generation == gen else { return }
         // On a requested stop, the domain is gone only when libvirt says so (`stopped`): until
         // then it still holds its name and disks, and the next boot would have to wait for it.
-        if stopRequested { return }
-        try? await r.domain.destroy()
+        // Without a libvirt connection no event can come: QEMU has gone, and that is the end.
+        if stopRequested && connection != nil { return }
+        if !stopRequested { await destroyBounded(r.domain) }
         markStopped(generation: gen)
     }
 
+    /// libvirtd died, restarted or stopped answering keepalives: the next call reconnects. A VM
+    /// whose link is already gone will get no `stopped` event on this connection: it is over.
     private func libvirtConnectionLost() {
+        logger.warning("lost the connection to libvirt; reconnecting on next use", metadata: ["uri": "\(settings.libvirtURI)"])
         connection = nil
+        if let r = running, !r.linkChannel.isActive { markStopped(generation: r.generation) }
     }
 
     // MARK: status
@@ -482,16 +513,67 @@ public actor VMController {
 
 func diskSerial(_ distro: String) -> String { "uvm-\(distro)" }
 
-/// Runs `body`, failing with a clear error if it takes longer than `seconds`.
+/// Runs `body`, failing with a clear error if it takes longer than `seconds`. Bounded even when
+/// `body` ignores cancellation (a libvirt call blocked on a hung daemon): it is cancelled and
+/// left to finish on its own, and its result is dropped. A task group would wait for it.
 func withTimeout<T: Sendable>(seconds: Double, what: String, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
-    try await withThrowingTaskGroup(of: T.self) { g in
-        g.addTask { try await body() }
-        g.addTask {
-            try await Task.sleep(for: .seconds(seconds))
-            throw WireError(.vmUnavailable, "timed out after \(Int(seconds)) s waiting for \(what)")
+    let race = Race<T>()
+    return try await withTaskCancellationHandler {
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<T, Error>) in
+            race.start(c)
+            let work = Task {
+                do { race.finish(.success(try await body())) } catch { race.finish(.failure(error)) }
+            }
+            let timer = Task {
+                try? await Task.sleep(for: .seconds(seconds))
+                race.finish(.failure(WireError(.vmUnavailable, "timed out after \(Int(seconds)) s waiting for \(what)")))
+            }
+            race.onFinish { work.cancel(); timer.cancel() }
         }
-        let first = try await g.next()!
-        g.cancelAll()
-        return first
+    } onCancel: {
+        race.finish(.failure(CancellationError()))
+    }
+}
+
+/// The first of several outcomes resumes the continuation; the others are dropped.
+private final class Race<T: Sendable>: Sendable {
+    private struct State {
+        var continuation: CheckedContinuation<T, Error>?
+        var early: Result<T, Error>?
+        var cleanup: (@Sendable () -> Void)?
+        var done = false
+    }
+    private let state = Mutex(State())
+
+    func start(_ c: CheckedContinuation<T, Error>) {
+        let early: Result<T, Error>? = state.withLock { s in
+            if let e = s.early { s.early = nil; return e }
+            s.continuation = c
+            return nil
+        }
+        if let early { c.resume(with: early) }
+    }
+
+    /// Runs `cleanup` once the race is decided (at once if it already is).
+    func onFinish(_ cleanup: @escaping @Sendable () -> Void) {
+        let now = state.withLock { s -> Bool in
+            if s.done { return true }
+            s.cleanup = cleanup
+            return false
+        }
+        if now { cleanup() }
+    }
+
+    func finish(_ result: Result<T, Error>) {
+        let (c, cleanup): (CheckedContinuation<T, Error>?, (@Sendable () -> Void)?) = state.withLock { s in
+            if s.done { return (nil, nil) }
+            s.done = true
+            // Cancelled before `start`: the continuation takes the result when it arrives.
+            if s.continuation == nil { s.early = result }
+            defer { s.continuation = nil; s.cleanup = nil }
+            return (s.continuation, s.cleanup)
+        }
+        c?.resume(with: result)
+        cleanup?()
     }
 }
