@@ -21,6 +21,14 @@ enum Harness {
 
     static var uvm: String { "\(bin)/uvm" }
 
+    /// A file of Tests/EndToEndTests/Fixtures. `UVM_TEST_FIXTURES` names a copy when the tests run
+    /// as an account that cannot read the checkout (`make test` as root runs them as `uvmtest`).
+    static func fixture(_ name: String) -> String {
+        let dir = ProcessInfo.processInfo.environment["UVM_TEST_FIXTURES"]
+            ?? URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Fixtures").path
+        return "\(dir)/\(name)"
+    }
+
     struct Result {
         var status: Int32
         var stdout: Data

@@ -109,7 +109,7 @@ extension EndToEnd {
         @Test func shareBehavesLikeTheGuestsTmpfs() throws {
             let dir = try Self.share("diff")
             defer { Self.unshare("diff", dir) }
-            let source = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Fixtures/fsops.c").path
+            let source = Harness.fixture("fsops.c")
             let cc = try Harness.runProcess("/usr/bin/cc", ["-static", "-O2", "-o", dir + "/fsops", source], stdin: nil,
                                             env: ProcessInfo.processInfo.environment)
             try #require(cc.status == 0, "cc: \(cc.err)")
