@@ -142,7 +142,7 @@ actor PortForwarder {
                 let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
                     .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                     .serverChannelOption(.backlog, value: 256)
-                    .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                    .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
                     .childChannelOption(.allowRemoteHalfClosure, value: true)
                     // Big reads make big frames: each frame costs the same in the guest, whatever its size.
                     .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 65536, maximum: 1 << 20))
@@ -153,13 +153,18 @@ actor PortForwarder {
                     }
                 listeners.append(server.channel)
                 addresses.append(host)
+                let logger = logger
                 Task {
-                    try? await server.executeThenClose { accepted in
-                        try await withThrowingDiscardingTaskGroup { group in
-                            for try await connection in accepted {
-                                group.addTask { await self.relay(connection, port: port, distro: distro, link: link) }
+                    do {
+                        try await server.executeThenClose { accepted in
+                            try await withThrowingDiscardingTaskGroup { group in
+                                for try await connection in accepted {
+                                    group.addTask { await self.relay(connection, port: port, distro: distro, link: link) }
+                                }
                             }
                         }
+                    } catch {
+                        logger.warning("stopped listening on a forwarded port", metadata: ["host": "\(host)", "port": "\(port)", "error": "\(error)"])
                     }
                 }
             } catch let e as IOError where e.errnoCode == EADDRNOTAVAIL || e.errnoCode == EAFNOSUPPORT {

@@ -57,7 +57,7 @@ enum PortRelay {
             for host in ["127.0.0.1", "::1"] {
                 do {
                     return try await bootstrap()
-                        .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                        .channelOption(.tcpOption(.tcp_nodelay), value: 1)
                         .connect(to: try SocketAddress(ipAddress: host, port: Int(port))) { wrap($0) }
                 } catch {
                     lastError = error
