@@ -35,6 +35,8 @@ let package = Package(
         .systemLibrary(name: "CGLib", pkgConfig: "glib-2.0", providers: [.apt(["libglib2.0-dev"])]),
         // uvm.conf: defaults < the file < UVM_* variables, with where each setting came from.
         .target(name: "Config", dependencies: ["Settings", "CGLib"]),
+        // Distributions: which ones this user has, their disks, the default (DistroStore).
+        .target(name: "Distros", dependencies: ["Settings", "CSyscalls"]),
         // The idle reaper: counts clients per distro instance; stops idle instances, then the VM.
         .target(name: "Reaper"),
         // The utility VM through libvirt: domain XML, lifecycle, events, accelerator choice.
@@ -66,7 +68,7 @@ let package = Package(
         ]),
         // uvmd: the socket API, the VM it owns, the sessions relayed into the guest.
         .target(name: "Daemon", dependencies: [
-            "Wire", "Settings", "Config", "Reaper", "HostCompute", "Shares", "CSyscalls",
+            "Wire", "Settings", "Config", "Distros", "Reaper", "HostCompute", "Shares", "CSyscalls",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP2", package: "swift-nio-http2"),
@@ -81,7 +83,7 @@ let package = Package(
         ]),
         // The `uvm` command's subcommands and its connection to uvmd (auto-launch included).
         .target(name: "UVMCLI", dependencies: [
-            "Wire", "Settings", "CSyscalls",
+            "Wire", "Settings", "Distros", "CSyscalls",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
@@ -122,5 +124,6 @@ let package = Package(
         .testTarget(name: "EndToEndTests", dependencies: ["Wire", "Settings"], exclude: ["Fixtures"]),
         .testTarget(name: "ConfigTests", dependencies: ["Config", "Settings"]),
         .testTarget(name: "ReaperTests", dependencies: ["Reaper"]),
+        .testTarget(name: "DistrosTests", dependencies: ["Distros", "Settings"]),
     ]
 )

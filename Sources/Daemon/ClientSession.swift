@@ -1,3 +1,4 @@
+import Distros
 import Foundation
 import Logging
 import NIOCore
@@ -19,7 +20,15 @@ struct ClientSession {
             daemon.logger.warning("refused a connection from another user", metadata: ["uid": "\(peer.map { "\($0)" } ?? "?")"])
             // Said before closing, so that the other user's `uvm` does not just see a closed socket.
             let refusal = WireError(.permissionDenied, "this uvmd (\(daemon.paths.socket)) serves uid \(geteuid()) only; each user runs their own uvmd (unset UVM_SOCKET/UVM_HOME)")
-            try? await channel.executeThenClose { _, outbound in try await outbound.write(.error(refusal)) }
+            try? await channel.executeThenClose { inbound, outbound in
+                // Its request first (2 s at most): closing on unread data would reset the
+                // connection, and the client would see "broken pipe" instead of the reason.
+                _ = try? await withTimeout(seconds: 2, what: "the request") {
+                    var frames = inbound.makeAsyncIterator()
+                    return try await frames.next() != nil
+                }
+                try await outbound.write(.error(refusal))
+            }
             return
         }
         do {
@@ -140,7 +149,6 @@ struct ClientSession {
     }
 
     private func installedDistros() -> [String] {
-        let dir = daemon.paths.distrosDir
-        return ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).sorted()
+        DistroStore(paths: daemon.paths, defaultDistro: daemon.settings.defaultDistro).listed()
     }
 }

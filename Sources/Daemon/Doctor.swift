@@ -1,3 +1,4 @@
+import Distros
 import Foundation
 import HostCompute
 import Settings
@@ -62,11 +63,12 @@ public struct Doctor {
             ? Check(name: "initramfs", ok: true, detail: paths.initramfs)
             : Check(name: "initramfs", ok: false, detail: "not built (expected \(paths.initramfs))", fix: "make images"))
         let distro = settings.defaultDistro
-        if fm.fileExists(atPath: paths.distroDisk(distro)) {
-            checks.append(Check(name: "distro", ok: true, detail: "\(distro) installed at \(paths.distroDisk(distro))"))
-        } else if fm.fileExists(atPath: paths.distroTemplate(distro)) {
+        switch DistroStore(paths: paths, defaultDistro: distro).availability(distro) {
+        case .installed(let disk):
+            checks.append(Check(name: "distro", ok: true, detail: "\(distro) installed at \(disk)"))
+        case .template:
             checks.append(Check(name: "distro", ok: true, detail: "\(distro) built; installed on first use"))
-        } else {
+        case .absent:
             checks.append(Check(name: "distro", ok: false, detail: "\(distro) is not built (expected \(paths.distroTemplate(distro)))", fix: "make images"))
         }
 

@@ -1,3 +1,4 @@
+import Distros
 import Foundation
 import Reaper
 import Settings
@@ -18,11 +19,9 @@ extension UVMDaemon {
         s.idleStopInSeconds = seconds(snap.vmStopDue)
         s.vmIdleTimeout = formatTimeout(settings.vmIdleTimeout)
         s.instanceIdleTimeout = formatTimeout(settings.instanceIdleTimeout)
-        let installed = ((try? FileManager.default.contentsOfDirectory(atPath: paths.distrosDir)) ?? [])
-            .filter { validDistroName($0) && FileManager.default.fileExists(atPath: paths.distroDisk($0)) }
         let vmUp = s.state == "Running"
         var instances: [InstanceStatus] = []
-        for name in Set(installed).union([settings.defaultDistro]).sorted() {
+        for name in DistroStore(paths: paths, defaultDistro: settings.defaultDistro).listed() {
             let i = vmUp ? snap.instances.first { $0.name == name } : nil
             instances.append(InstanceStatus(
                 name: name, state: i?.state.rawValue ?? "Stopped", clients: i?.clients ?? 0,

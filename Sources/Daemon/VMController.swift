@@ -1,4 +1,5 @@
 import CSyscalls
+import Distros
 import Foundation
 import HostCompute
 import Logging
@@ -135,7 +136,7 @@ public actor VMController {
         guard fm.fileExists(atPath: paths.initramfs) else {
             throw WireError(.vmUnavailable, "the uvm initramfs is not built (expected \(paths.initramfs)): run `make images`")
         }
-        let distros = try prepareDistroDisks()
+        let distros = try await prepareDistroDisks()
         let preference = AcceleratorPreference(rawValue: settings.accel) ?? .auto
         let accel: AcceleratorChoice
         do {
@@ -169,7 +170,7 @@ public actor VMController {
         // The 9P rings' shared memory: QEMU connects to its server when the domain starts. Without
         // it (or with UVM_9P_TRANSPORT=port) shares go through the virtio-serial ports.
         var transport: ShmTransport?
-        if ProcessInfo.processInfo.environment["UVM_9P_TRANSPORT"] != "port" {
+        if !settings.ninePOverPorts {
             do {
                 let t = try ShmTransport(socketPath: paths.ninePSharedMemorySocket, channels: ShareService.portCount)
                 spec.sharedMemory = [VMSpec.SharedMemory(name: "uvm-9p", serverPath: t.socketPath, vectors: t.channels)]
@@ -179,7 +180,7 @@ public actor VMController {
             }
         }
         // Benchmarks only: QEMU's own virtio-9p on the same guest, to compare with our server.
-        if let dir = ProcessInfo.processInfo.environment["UVM_BENCH_VIRTIO_9P"], !dir.isEmpty {
+        if let dir = settings.benchVirtio9PDir {
             spec.filesystems = [VMSpec.Filesystem(source: dir, tag: "bench9p")]
         }
         await progress("uvm: starting the VM (\(accel.accelerator.rawValue.uppercased()): \(accel.reason))")
@@ -256,47 +257,28 @@ public actor VMController {
         }
     }
 
-    struct DistroDisk { var name: String; var disk: String }
+    /// Which distros exist and where their disks are.
+    var distros: DistroStore { DistroStore(paths: paths, defaultDistro: settings.defaultDistro) }
 
     /// Every installed distro's disk is attached; a distro built by `make images` but not yet
-    /// installed for this user is installed (copied) first, as WSL imports a distro.
-    private func prepareDistroDisks() throws -> [DistroDisk] {
-        let fm = FileManager.default
-        try fm.createDirectory(atPath: paths.distrosDir, withIntermediateDirectories: true)
-        let def = settings.defaultDistro
-        if !fm.fileExists(atPath: paths.distroDisk(def)) {
-            let template = paths.distroTemplate(def)
-            guard fm.fileExists(atPath: template) else {
-                throw WireError(.vmUnavailable, "distro \(def) is not built (expected \(template)): run `make images`")
+    /// installed for this user is installed (copied) first, as WSL imports a distro. The copy
+    /// runs on NIO's thread pool, not in this actor.
+    private func prepareDistroDisks() async throws -> [DistroStore.Distro] {
+        let store = distros, logger = logger
+        do {
+            return try await NIOThreadPool.singleton.runIfActive {
+                let wasInstalled = Set(store.installed().map(\.name))
+                let all = try store.prepareForBoot()
+                for d in all where !wasInstalled.contains(d.name) { logger.info("installed distro", metadata: ["distro": "\(d.name)"]) }
+                return all
             }
-            try installDistro(def, from: template)
+        } catch let e as DistroStore.InstallError {
+            throw WireError(.vmUnavailable, e.description)
         }
-        let names = (try fm.contentsOfDirectory(atPath: paths.distrosDir)).filter {
-            validDistroName($0) && fm.fileExists(atPath: paths.distroDisk($0))
-        }.sorted()
-        return names.map { DistroDisk(name: $0, disk: paths.distroDisk($0)) }
-    }
-
-    private func installDistro(_ name: String, from template: String) throws {
-        let dir = (paths.distroDisk(name) as NSString).deletingLastPathComponent
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        let tmp = paths.distroDisk(name) + ".partial"
-        let args: [String] = ["cp", "--sparse=always", "--reflink=auto", template, tmp]
-        let argv: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        let pid = uvm_spawn_with_fds("/bin/cp", argv, -1, -1, 2)
-        var status: Int32 = -1
-        if pid > 0 { while waitpid(pid, &status, 0) < 0 && errno == EINTR {} }
-        guard pid > 0, status == 0 else { throw WireError(.vmUnavailable, "cannot copy \(template) to \(tmp)") }
-        try FileManager.default.moveItem(atPath: tmp, toPath: paths.distroDisk(name))
-        logger.info("installed distro", metadata: ["distro": "\(name)"])
     }
 
     /// Whether `name` is a distro this VM can run.
-    func knowsDistro(_ name: String) -> Bool {
-        FileManager.default.fileExists(atPath: paths.distroDisk(name))
-            || FileManager.default.fileExists(atPath: paths.distroTemplate(name))
-    }
+    func knowsDistro(_ name: String) -> Bool { distros.knows(name) }
 
     // MARK: stopping
 

@@ -4,6 +4,7 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+import Distros
 import Glibc
 import Settings
 import Wire
@@ -23,7 +24,10 @@ struct List: ParsableCommand {
             // No uvmd: nothing runs; the distros are what is installed.
             status = VMStatus(state: "Stopped", daemonPID: 0, sessions: 0)
         }
-        let instances = status.instances ?? installedDistros(paths).map { InstanceStatus(name: $0, state: "Stopped", clients: 0) }
+        // Without uvmd (which reads uvm.conf) the default is unknown here: the installed ones.
+        let instances = status.instances ?? DistroStore(paths: paths, defaultDistro: "").installed().map {
+            InstanceStatus(name: $0.name, state: "Stopped", clients: 0)
+        }
         if format.format == .json {
             struct Listing: Encodable { var vm: VMSummary; var instances: [InstanceStatus] }
             struct VMSummary: Encodable { var state: String; var clients: Int; var idleStopInSeconds: Double?; var vmIdleTimeout: String?; var instanceIdleTimeout: String? }
@@ -47,11 +51,6 @@ struct List: ParsableCommand {
             print(String(line.reversed().drop { $0 == " " }.reversed()))
         }
     }
-}
-
-func installedDistros(_ paths: Paths) -> [String] {
-    ((try? FileManager.default.contentsOfDirectory(atPath: paths.distrosDir)) ?? [])
-        .filter { validDistroName($0) && FileManager.default.fileExists(atPath: paths.distroDisk($0)) }.sorted()
 }
 
 func dueText(_ seconds: Double?) -> String {
