@@ -14,21 +14,35 @@ public struct Paths: Sendable, Equatable {
     public var dataDir: String
     public var cacheDir: String
     public var configFile: String
+    /// What UVM_SOCKET, UVM_KERNEL, UVM_IMAGES and UVM_INITRAMFS said when `current` read them.
+    public var socketOverride: String?
+    public var kernelOverride: String?
+    public var imagesOverride: String?
+    public var initramfsOverride: String?
 
+    /// Read from `env` once: a Paths never changes under its user's feet.
     public static func current(_ env: [String: String] = ProcessInfo.processInfo.environment) -> Paths {
+        func value(_ name: String) -> String? { env[name].flatMap { $0.isEmpty ? nil : $0 } }
         let userHome = env["HOME"] ?? homeDirectory()
-        let cache = (env["XDG_CACHE_HOME"].flatMap { $0.isEmpty ? nil : $0 } ?? "\(userHome)/.cache") + "/uvm"
-        let config = env["UVM_CONFIG"] ?? ((env["XDG_CONFIG_HOME"].flatMap { $0.isEmpty ? nil : $0 } ?? "\(userHome)/.config") + "/uvm/uvm.conf")
-        if let home = env["UVM_HOME"], !home.isEmpty {
-            return Paths(home: home, stateDir: "\(home)/state", dataDir: "\(home)/data", cacheDir: cache, configFile: config)
+        let cache = (value("XDG_CACHE_HOME") ?? "\(userHome)/.cache") + "/uvm"
+        let config = env["UVM_CONFIG"] ?? ((value("XDG_CONFIG_HOME") ?? "\(userHome)/.config") + "/uvm/uvm.conf")
+        var paths: Paths
+        if let home = value("UVM_HOME") {
+            paths = Paths(home: home, stateDir: "\(home)/state", dataDir: "\(home)/data", cacheDir: cache, configFile: config)
+        } else {
+            let state = (value("XDG_STATE_HOME") ?? "\(userHome)/.local/state") + "/uvm"
+            let data = (value("XDG_DATA_HOME") ?? "\(userHome)/.local/share") + "/uvm"
+            paths = Paths(home: nil, stateDir: state, dataDir: data, cacheDir: cache, configFile: config)
         }
-        let state = (env["XDG_STATE_HOME"].flatMap { $0.isEmpty ? nil : $0 } ?? "\(userHome)/.local/state") + "/uvm"
-        let data = (env["XDG_DATA_HOME"].flatMap { $0.isEmpty ? nil : $0 } ?? "\(userHome)/.local/share") + "/uvm"
-        return Paths(home: nil, stateDir: state, dataDir: data, cacheDir: cache, configFile: config)
+        paths.socketOverride = env["UVM_SOCKET"]
+        paths.kernelOverride = env["UVM_KERNEL"]
+        paths.imagesOverride = value("UVM_IMAGES")
+        paths.initramfsOverride = env["UVM_INITRAMFS"]
+        return paths
     }
 
     /// The daemon's socket; `UVM_SOCKET` overrides.
-    public var socket: String { ProcessInfo.processInfo.environment["UVM_SOCKET"] ?? "\(stateDir)/uvmd.sock" }
+    public var socket: String { socketOverride ?? "\(stateDir)/uvmd.sock" }
     public var daemonLock: String { "\(stateDir)/uvmd.lock" }
     /// uvmd's exit status when another uvmd holds `daemonLock` (EX_TEMPFAIL): a `uvm` that
     /// launched it lost a race with another start and waits for the winner to listen.
@@ -45,13 +59,13 @@ public struct Paths: Sendable, Equatable {
     /// `uvm share add` shares, kept across restarts.
     public var sharesFile: String { "\(dataDir)/shares.json" }
 
-    public var kernel: String { ProcessInfo.processInfo.environment["UVM_KERNEL"] ?? "\(cacheDir)/kernel/current/bzImage" }
+    public var kernel: String { kernelOverride ?? "\(cacheDir)/kernel/current/bzImage" }
     /// Next to the bzImage (kernel.sh writes both).
     public var kernelReleaseFile: String { String(kernel[..<(kernel.lastIndex(of: "/") ?? kernel.startIndex)]) + "/release" }
     /// The built images; `UVM_IMAGES` names one build's directory, so that checkouts building
     /// different agents (tests in several worktrees) do not share the `current` pointer.
-    public var imagesDir: String { ProcessInfo.processInfo.environment["UVM_IMAGES"].flatMap { $0.isEmpty ? nil : $0 } ?? "\(cacheDir)/images/current" }
-    public var initramfs: String { ProcessInfo.processInfo.environment["UVM_INITRAMFS"] ?? "\(imagesDir)/initramfs.cpio" }
+    public var imagesDir: String { imagesOverride ?? "\(cacheDir)/images/current" }
+    public var initramfs: String { initramfsOverride ?? "\(imagesDir)/initramfs.cpio" }
     /// A distro as built by `make images`: the template a user's disk is copied from.
     public func distroTemplate(_ name: String) -> String { "\(imagesDir)/\(name).ext4" }
     /// The user's own disk of a distro (WSL's ext4.vhdx).

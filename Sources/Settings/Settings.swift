@@ -27,6 +27,12 @@ public struct Settings: Sendable, Equatable {
     /// Guest ports listening on localhost appear on the host's localhost.
     public var localhostForwarding: Bool = true
 
+    // Development and benchmark switches: environment only, not uvm.conf settings.
+    /// `UVM_9P_TRANSPORT=port`: shares over the virtio-serial ports, not the shared-memory rings.
+    public var ninePOverPorts: Bool = ProcessInfo.processInfo.environment["UVM_9P_TRANSPORT"] == "port"
+    /// `UVM_BENCH_VIRTIO_9P=DIR`: QEMU's own virtio-9p export of DIR beside ours (bench_9p.py).
+    public var benchVirtio9PDir: String? = ProcessInfo.processInfo.environment["UVM_BENCH_VIRTIO_9P"].flatMap { $0.isEmpty ? nil : $0 }
+
     public init() {}
 
     /// Defaults and environment only, bad values ignored; uvmd reads uvm.conf too (`Config.load`).
