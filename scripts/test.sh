@@ -7,13 +7,16 @@
 #     libvirt; scripts/test-accounts.sh). That account may not be able to read the checkout (a
 #     clone under /root), so what it runs is copied to a staging folder first.
 # Environment (from the Makefile): SWIFT, TEST_FLAGS, TEST_HOME, TEST_LOG, UVM_BIN, UVM_KERNEL,
-# UVM_IMAGES. Exit status: the first failing phase's.
+# UVM_IMAGES; TEST_ONLY=REGEX runs only the tests it matches (e.g. 'NetworkTests|AccountTests').
+# Exit status: the first failing phase's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${SWIFT:=swift}" "${TEST_FLAGS:=}" "${TEST_HOME:?}" "${TEST_LOG:?}" "${UVM_BIN:?}" "${UVM_KERNEL:?}" "${UVM_IMAGES:?}"
 # A hung run must end: each phase has its own bound.
 BOUND=${TEST_BOUND:-3600}
 E2E='EndToEndTests\.EndToEnd'
+only=()
+[[ -n ${TEST_ONLY:-} ]] && only=(--filter "$TEST_ONLY")
 mkdir -p "$(dirname "$TEST_LOG")"
 : >"$TEST_LOG"
 
@@ -28,7 +31,7 @@ stop_uvmd() {  # HOME_DIR [setpriv args...]
 
 if (($(id -u) != 0)); then
     rm -rf "$TEST_HOME"
-    UVM_TEST_HOME=$TEST_HOME timeout "$BOUND" $SWIFT test $TEST_FLAGS 2>&1 | tee -a "$TEST_LOG"
+    UVM_TEST_HOME=$TEST_HOME timeout "$BOUND" $SWIFT test $TEST_FLAGS "${only[@]}" 2>&1 | tee -a "$TEST_LOG"
     rc=${PIPESTATUS[0]}
     stop_uvmd "$TEST_HOME"
     ((rc == 0)) || { scripts/test-summary.sh "$TEST_LOG"; exit "$rc"; }
@@ -60,7 +63,7 @@ install -d -o "$user" -g "$user" -m 700 "$user_test_home"
 
 echo "test: phase 1 of 2: unit tests and root-only tests, as root" | tee -a "$TEST_LOG"
 UVM_TEST_HOME=$TEST_HOME UVM_TEST_STAGE=$stage UVM_TEST_USER=$user UVM_TEST_OTHER_USER=uvmtest2 \
-    timeout "$BOUND" $SWIFT test --skip-build $TEST_FLAGS --skip "$E2E" 2>&1 | tee -a "$TEST_LOG"
+    timeout "$BOUND" $SWIFT test --skip-build $TEST_FLAGS --skip "$E2E" "${only[@]}" 2>&1 | tee -a "$TEST_LOG"
 rc1=${PIPESTATUS[0]}
 stop_uvmd "$TEST_HOME"
 
@@ -70,7 +73,7 @@ echo "test: phase 2 of 2: the end-to-end suite as $user (qemu:///session)" | tee
     PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin \
     UVM_BIN="$stage/bin" UVM_KERNEL="$stage/kernel/bzImage" UVM_IMAGES="$stage/images" \
     UVM_TEST_HOME="$user_test_home" UVM_TEST_FIXTURES="$stage/fixtures" \
-    "$stage/tests/uvmPackageTests.xctest" --testing-library swift-testing --filter "$E2E") 2>&1 | tee -a "$TEST_LOG"
+    "$stage/tests/uvmPackageTests.xctest" --testing-library swift-testing --filter "$E2E${TEST_ONLY:+.*($TEST_ONLY)}") 2>&1 | tee -a "$TEST_LOG"
 rc2=${PIPESTATUS[0]}
 stop_uvmd "$user_test_home" "${as_user[@]}"
 

@@ -61,48 +61,92 @@ enum Harness {
     }
 
     /// Runs in `cwd`: "/" unless a test wants otherwise, because a host folder inside a share
-    /// would change where guest commands start.
+    /// would change where guest commands start. Spawned with posix_spawn: Foundation's Process.run
+    /// (Swift 6.3.1) now and then over-reads /proc/self/fd and crashes the whole test run
+    /// (swift-corelibs-foundation PR #5472; seen in ShellTests).
     static func runProcess(_ path: String, _ args: [String], stdin: Data?, env: [String: String], timeout: Double = 300,
                            cwd: String = "/") throws -> Result {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: path)
-        p.currentDirectoryURL = URL(fileURLWithPath: cwd)
-        p.arguments = args
-        p.environment = env
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        let inPipe = Pipe()
-        p.standardInput = stdin == nil ? FileHandle.nullDevice : inPipe
-        try p.run()
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        var outPipe: [Int32] = [-1, -1], errPipe: [Int32] = [-1, -1], inPipe: [Int32] = [-1, -1]
+        guard pipe(&outPipe) == 0, pipe(&errPipe) == 0, pipe(&inPipe) == 0 else { throw CocoaError(.fileWriteUnknown) }
+        for fd in outPipe + errPipe + inPipe { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        if stdin == nil {
+            posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        } else {
+            posix_spawn_file_actions_adddup2(&actions, inPipe[0], 0)
+        }
+        posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
+        posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
+        guard addChdir(&actions, cwd) == 0 else { throw CocoaError(.fileReadNoSuchFile) }
+        let argv = ([path] + args).map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        let envp = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { envp.forEach { free($0) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, path, &actions, nil, argv, envp)
+        for fd in [outPipe[1], errPipe[1], inPipe[0]] { close(fd) }
+        guard rc == 0 else {
+            for fd in [outPipe[0], errPipe[0], inPipe[1]] { close(fd) }
+            throw CocoaError(.executableLoad)
+        }
         // Read both outputs (and feed stdin) concurrently: any of them can fill a pipe.
         let outData = Box(), errData = Box()
         let group = DispatchGroup()
-        for (pipe, box) in [(out, outData), (err, errData)] {
+        for (fd, box) in [(outPipe[0], outData), (errPipe[0], errData)] {
             group.enter()
             DispatchQueue.global().async {
-                box.data = pipe.fileHandleForReading.readDataToEndOfFile()
+                var buf = [UInt8](repeating: 0, count: 65536)
+                while true {
+                    let n = read(fd, &buf, buf.count)
+                    if n > 0 { box.data.append(contentsOf: buf[..<n]); continue }
+                    if n < 0 && errno == EINTR { continue }
+                    break
+                }
+                close(fd)
                 group.leave()
             }
         }
+        let input = inPipe[1]
         if let stdin {
             DispatchQueue.global().async {
-                try? inPipe.fileHandleForWriting.write(contentsOf: stdin)
-                try? inPipe.fileHandleForWriting.close()
+                signal(SIGPIPE, SIG_IGN)
+                stdin.withUnsafeBytes { raw in
+                    var off = 0
+                    while off < raw.count {
+                        let n = write(input, raw.baseAddress! + off, raw.count - off)
+                        if n > 0 { off += n } else if n < 0 && errno == EINTR { continue } else { break }
+                    }
+                }
+                close(input)
             }
+        } else {
+            close(input)
         }
         // A hung command must fail its test, not hang the whole run.
-        let deadline = DispatchTime.now() + timeout
-        let watchdog = DispatchWorkItem { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
-        DispatchQueue.global().asyncAfter(deadline: deadline, execute: watchdog)
-        p.waitUntilExit()
+        let killed = Box()
+        let watchdog = DispatchWorkItem { kill(pid, SIGKILL); killed.data = Data([1]) }
+        DispatchQueue.global().asyncAfter(deadline: .now() + timeout, execute: watchdog)
+        var raw: Int32 = 0
+        while waitpid(pid, &raw, 0) < 0 && errno == EINTR {}
         watchdog.cancel()
         // Output ends with the process, unless something it started still holds the pipes.
         let drained = group.wait(timeout: .now() + 10) == .success
         #expect(drained, "output of \(path) \(args) still open 10 s after it exited: a descendant holds the pipe")
-        #expect(p.terminationReason == .exit || p.terminationStatus != SIGKILL, "\(path) \(args) killed after \(timeout) s")
-        return Result(status: p.terminationStatus, stdout: outData.data, stderr: errData.data)
+        #expect(killed.data.isEmpty, "\(path) \(args) killed after \(timeout) s")
+        // The shell's convention: 128+N when it died of signal N (Process gave N alone).
+        let status = raw & 0x7f == 0 ? (raw >> 8) & 0xff : 128 + (raw & 0x7f)
+        return Result(status: status, stdout: outData.data, stderr: errData.data)
     }
+
+    /// glibc's posix_spawn_file_actions_addchdir_np (2.29+), which Swift's Glibc module does not
+    /// export.
+    nonisolated(unsafe) static let addChdir: @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, UnsafePointer<CChar>) -> Int32 = {
+        let sym = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "posix_spawn_file_actions_addchdir_np")
+        precondition(sym != nil, "glibc without posix_spawn_file_actions_addchdir_np")
+        return unsafeBitCast(sym, to: (@convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, UnsafePointer<CChar>) -> Int32).self)
+    }()
 
     /// Starts `uvm ARGS` without waiting for it.
     static func start(_ args: [String], home: String = Harness.home) throws -> Process {
