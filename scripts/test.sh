@@ -58,6 +58,7 @@ cp "$(dirname "$UVM_KERNEL")/release" "$stage/kernel/release" 2>/dev/null || tru
 cp --sparse=always "$UVM_IMAGES"/* "$stage/images/"
 cp "$bundle" "$stage/tests/"
 cp Tests/EndToEndTests/Fixtures/* "$stage/fixtures/"
+cp scripts/setup.sh "$stage/"
 chmod -R a+rX "$stage"
 install -d -o "$user" -g "$user" -m 700 "$user_test_home"
 

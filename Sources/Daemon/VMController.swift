@@ -36,6 +36,8 @@ public actor VMController {
     private var generation = 0
     /// Why the last VM went away, for the sessions it took with it.
     private(set) var lastStopReason: String?
+    /// How the last requested stop ended (`uvm status`, `uvm stop`).
+    private(set) var lastStopOutcome: String?
     private var stopRequested = false
     /// Tasks waiting for the VM to stop, by id, so that a bounded wait can withdraw its own.
     private var stoppedWaiters: [Int: CheckedContinuation<Bool, Never>] = [:]
@@ -292,6 +294,7 @@ public actor VMController {
         stopRequested = true
         lastStopReason = "session ended: the VM was stopped (\(reason))"
         logger.info("stopping the VM", metadata: ["reason": "\(reason)"])
+        var outcome = "powered off cleanly"
         do {
             try await withTimeout(seconds: 20, what: "the guest to power off") {
                 struct OK: Decodable, Sendable { var ok: Bool }
@@ -299,15 +302,18 @@ public actor VMController {
             }
         } catch {
             logger.warning("clean shutdown failed, destroying", metadata: ["error": "\(error)"])
+            outcome = "destroyed: the guest did not power off (\(error))"
             await destroyBounded(r.domain)
         }
         // libvirt's `stopped` event ends the wait; without it (libvirtd stuck or restarted) the
         // domain is destroyed and the VM counts as stopped all the same: a stop always ends.
         if await !waitUntilStopped(timeout: .seconds(15)) {
             logger.warning("the VM did not power off in time (or libvirt did not say so), destroying")
+            if outcome.hasPrefix("powered off") { outcome = "destroyed: libvirt did not report the VM stopped within 15 s (is libvirtd stuck?)" }
             await destroyBounded(r.domain)
             markStopped(generation: r.generation)
         }
+        lastStopOutcome = outcome
     }
 
     /// virDomainDestroy, given up after 10 s: a hung libvirtd must not hang a stop. (Its keepalive
@@ -471,6 +477,7 @@ public actor VMController {
         s.libvirtURI = settings.libvirtURI
         s.domain = paths.domainName
         s.daemonRSSKiB = daemonRSSKiB
+        s.lastStop = lastStopOutcome
         guard let r = running else { return s }
         s.accelerator = r.accel.accelerator.rawValue
         s.acceleratorReason = r.accel.reason

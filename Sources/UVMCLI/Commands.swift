@@ -174,6 +174,7 @@ func printStatus(_ s: VMStatus, _ format: FormatOption.Format) throws {
         lines.append(("memory", mem))
     }
     if let d = s.domain { lines.append(("domain", d + (s.libvirtURI.map { " on \($0)" } ?? ""))) }
+    if s.state == "Stopped", let stop = s.lastStop { lines.append(("stopped", stop)) }
     lines.append(("uvmd", "pid \(s.daemonPID)" + (s.daemonRSSKiB.map { ", \($0 / 1024) MiB resident" } ?? "") + ", \(s.sessions) session(s)"))
     lines += lifecycleLines(s)
     for (k, v) in lines {

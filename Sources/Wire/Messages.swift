@@ -149,6 +149,8 @@ public struct VMStatus: Codable, Sendable, Equatable {
     public var vmIdleTimeout: String?
     public var instanceIdleTimeout: String?
     public var instances: [InstanceStatus]?
+    /// How the last stop ended: a clean power-off, or why the VM had to be destroyed.
+    public var lastStop: String?
     public init(state: String, daemonPID: Int32, sessions: Int) {
         self.state = state
         self.daemonPID = daemonPID

@@ -149,6 +149,26 @@ struct AccountTests {
         }
     }
 
+    /// `make run`/`make test` as an ordinary user: set-up does what needs no root and, for what
+    /// does, prints the command and stops.
+    @Test(.enabled(if: FileManager.default.fileExists(atPath: "/dev/kvm"), "no /dev/kvm on this host: nothing for group kvm to grant"))
+    func setupTellsAnOrdinaryUserWhatToRunAsRoot() throws {
+        let setup = try #require(Self.setup)
+        for (name, ready) in [(setup.user, true), (setup.other, false)] {
+            let account = try Account(name)
+            let r = try Harness.runProcess("/usr/bin/setpriv", ["--reuid=\(account.uid)", "--regid=\(account.gid)", "--init-groups", "env", "-i",
+                                                                "HOME=\(account.dir)", "USER=\(name)", "PATH=/usr/bin:/bin:/usr/sbin:/sbin",
+                                                                "bash", "\(setup.stage)/setup.sh"], stdin: nil, env: [:], timeout: 180)
+            if ready {
+                #expect(r.status == 0 && r.err.contains("setup: ok"), "\(name): \(r.err)")
+            } else {
+                #expect(r.status == 1, "\(name): \(r.err)")
+                #expect(r.out == "sudo usermod -aG kvm,libvirt \(name)\n", "\(name): \(r.out)")
+                #expect(r.err.contains("not in group kvm") && r.err.contains("log in again"), "\(r.err)")
+            }
+        }
+    }
+
     /// Root is the exception: the system daemon, with QEMU run as root by a static DAC label.
     @Test func rootUsesTheSystemDaemon() throws {
         let home = "/tmp/uvm-acct-\(getpid())-root"
