@@ -80,12 +80,7 @@ enum Harness {
         posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
         posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
         guard addChdir(&actions, cwd) == 0 else { throw CocoaError(.fileReadNoSuchFile) }
-        let argv = ([path] + args).map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        let envp = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer { envp.forEach { free($0) } }
-        var pid: pid_t = 0
-        let rc = posix_spawn(&pid, path, &actions, nil, argv, envp)
+        let (pid, rc) = posixSpawn(path, args, env: env, actions: &actions)
         for fd in [outPipe[1], errPipe[1], inPipe[0]] { close(fd) }
         guard rc == 0 else {
             for fd in [outPipe[0], errPipe[0], inPipe[1]] { close(fd) }
@@ -138,6 +133,17 @@ enum Harness {
         // The shell's convention: 128+N when it died of signal N (Process gave N alone).
         let status = raw & 0x7f == 0 ? (raw >> 8) & 0xff : 128 + (raw & 0x7f)
         return Result(status: status, stdout: outData.data, stderr: errData.data)
+    }
+
+    /// posix_spawn of `path ARGS` with `env`; the pid and posix_spawn's result.
+    static func posixSpawn(_ path: String, _ args: [String], env: [String: String], actions: inout posix_spawn_file_actions_t) -> (pid_t, Int32) {
+        let argv = ([path] + args).map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        let envp = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { envp.forEach { free($0) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, path, &actions, nil, argv, envp)
+        return (pid, rc)
     }
 
     /// glibc's posix_spawn_file_actions_addchdir_np (2.29+), which Swift's Glibc module does not
