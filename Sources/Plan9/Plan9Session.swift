@@ -677,6 +677,7 @@ final class Plan9Session: @unchecked Sendable {
         guard case .none = state else { throw P9Errno(EINVAL) }
         guard dir.type == .dir else { throw P9Errno(ENOTDIR) }
         try HostFS.validateName(name)
+        try ensureInShare(dir)
         var hostFlags = try hostOpenFlags(flags)
         hostFlags &= ~cp9_O_DIRECTORY
         let hmode = hostMode(mode, isDir: false)
@@ -872,10 +873,18 @@ final class Plan9Session: @unchecked Sendable {
 
     // MARK: directory entries
 
+    /// The directory a fid names, for a change in it (create, link, rename, unlink).
     private func dirNode(_ n: UInt32) throws(P9Errno) -> Node {
         let node = try lookup(n).snapshot.0
         guard node.type == .dir else { throw P9Errno(ENOTDIR) }
+        try ensureInShare(node)
         return node
+    }
+
+    /// A fid keeps its directory when the host moves that directory out of the share; from then on
+    /// nothing may be created, linked, renamed or removed through it (it would happen outside).
+    private func ensureInShare(_ dir: Node) throws(P9Errno) {
+        guard try isBeneathRoot(dir) else { throw P9Errno(ENOENT) }
     }
 
     /// The qid of an entry just created, and an cp9_O_PATH fd to it when it is a directory or regular
