@@ -466,6 +466,32 @@ final class Plan9Session: @unchecked Sendable {
         try HostFS.setxattr(fd, GuestMetadata.xattrName, meta.bytes, flags: 0)
     }
 
+    /// The guest's owner and mode for a file just created. If they cannot be kept (no user xattrs
+    /// on that file system, quota) the file is removed again and the guest gets the error: left,
+    /// it would show the host user as its owner.
+    private func storeNewMetadata(_ fd: HostFD, _ meta: GuestMetadata, in dir: Node, _ name: [UInt8]) throws(P9Errno) {
+        do throws(P9Errno) {
+            try storeMetadata(fd, meta)
+        } catch {
+            let isDir = meta.mode & 0o170000 == FileType.dir.rawValue
+            _ = Glibc.unlinkat(dir.fd.raw, HostFS.cName(name), isDir ? cp9_AT_REMOVEDIR : 0)
+            throw error
+        }
+    }
+
+    /// Linux clears setuid, and setgid with group execute, when a file is written by a process
+    /// without CAP_FSETID (killpriv). In metadata mode those bits exist only in the xattr, so the
+    /// host kernel cannot do it; guest root stands in for CAP_FSETID.
+    private func killPriv(_ node: Node, writer: UInt32) throws(P9Errno) {
+        guard writer != 0, var meta = loadMetadata(node) else { return }
+        var kill = meta.mode & UInt32(S_ISUID)
+        let sgid = UInt32(S_ISGID) | UInt32(S_IXGRP)
+        if meta.mode & sgid == sgid { kill |= UInt32(S_ISGID) }
+        guard kill != 0 else { return }
+        meta.mode &= ~kill
+        try storeMetadata(node.fd, meta)
+    }
+
     private func getattr(fid: UInt32, mask: UInt64) throws(P9Errno) -> P9Attr {
         let node = try lookup(fid).snapshot.0
         let st = try HostFS.stat(node.fd)
@@ -707,7 +733,8 @@ final class Plan9Session: @unchecked Sendable {
             applyUmaskedMode(pathFD, hmode)
             if export.metadata {
                 let (u, g) = metadataOwner(f, gid: gid)
-                try? storeMetadata(pathFD, GuestMetadata(uid: u, gid: g, mode: FileType.reg.rawValue | (mode & 0o7777), rdev: 0))
+                try storeNewMetadata(pathFD, GuestMetadata(uid: u, gid: g, mode: FileType.reg.rawValue | (mode & 0o7777), rdev: 0),
+                                     in: dir, name)
             }
         }
         let node = Node(fd: pathFD, parent: dir.fd, name: name, stat: st)
@@ -758,11 +785,12 @@ final class Plan9Session: @unchecked Sendable {
     private func write(fid: UInt32, offset: UInt64, data: ByteBuffer) throws(P9Errno) -> UInt32 {
         try checkWritable()
         let f = try lookup(fid)
-        let (_, state) = f.snapshot
+        let (node, state) = f.snapshot
         switch state {
         case .file(let fd, let writable):
             guard writable else { throw P9Errno(EBADF) }
             guard offset <= UInt64(Int64.max) else { throw P9Errno(EINVAL) }
+            if export.metadata { try killPriv(node, writer: f.uid) }
             var done = 0
             var err: Int32 = 0
             data.withUnsafeReadableBytes { ptr in
@@ -910,7 +938,8 @@ final class Plan9Session: @unchecked Sendable {
             applyUmaskedMode(fd, hmode)
             if export.metadata {
                 let (u, g) = metadataOwner(f, gid: gid)
-                try? storeMetadata(fd, GuestMetadata(uid: u, gid: g, mode: FileType.dir.rawValue | (mode & 0o7777), rdev: 0))
+                try storeNewMetadata(fd, GuestMetadata(uid: u, gid: g, mode: FileType.dir.rawValue | (mode & 0o7777), rdev: 0),
+                                     in: dir, name)
             }
         }
         return qid
@@ -936,7 +965,8 @@ final class Plan9Session: @unchecked Sendable {
             if let fd {
                 let (u, g) = metadataOwner(f, gid: gid)
                 let rdev = type == .chr || type == .blk ? cp9_makedev(major, minor) : 0
-                try? storeMetadata(fd, GuestMetadata(uid: u, gid: g, mode: type.rawValue | (mode & 0o7777), rdev: rdev))
+                try storeNewMetadata(fd, GuestMetadata(uid: u, gid: g, mode: type.rawValue | (mode & 0o7777), rdev: rdev),
+                                     in: dir, name)
             }
             return Qid(type: P9.QidType.file, path: qid.path)
         }
