@@ -5,6 +5,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/stat.h>
+#include <sys/socket.h>
 #include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
@@ -73,6 +74,11 @@ int cp9_open_beneath_path(int dirfd, const char *path, int flags) {
     long fd;
     do { fd = syscall(SYS_openat2, dirfd, path, &how, sizeof how); } while (fd < 0 && errno == EAGAIN);
     return (int)fd;
+}
+
+// accept4 needs _GNU_SOURCE, which Swift's Glibc module does not see.
+int cp9_accept(int fd) {
+    return accept4(fd, NULL, NULL, SOCK_CLOEXEC);
 }
 
 ssize_t cp9_getdents64(int fd, void *buf, size_t count) {

@@ -1,4 +1,6 @@
+import CPlan9
 import Dispatch
+import Glibc
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -134,14 +136,83 @@ public final class Plan9Server: Sendable {
         try await channel.closeFuture.get()
     }
 
-    /// Listens on a unix socket; every connection is a session. Close the returned channel to stop
-    /// listening.
+    /// Listens on a unix socket; every connection is a session. Close the returned listener to
+    /// stop listening (sessions already accepted go on).
     public func listen(unixSocketPath: String,
-                       group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> Channel {
-        try await ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 16)
-            .childChannelInitializer { self.configure(channel: $0) }
-            .bind(unixDomainSocketPath: unixSocketPath, cleanupExistingSocketFile: true).get()
+                       group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) throws -> Plan9Listener {
+        try Plan9Listener(path: unixSocketPath, logger: logger) { fd in
+            _ = ClientBootstrap(group: group)
+                .channelInitializer { self.configure(channel: $0) }
+                .withConnectedSocket(fd)
+        }
+    }
+}
+
+/// A listening unix socket whose connections are accepted on a thread of its own. NIO's accept
+/// loop retries at once when accept fails for want of descriptors (EMFILE/ENFILE: the connection
+/// stays queued, so the socket stays readable), spinning at 100% of a core; this one waits.
+public final class Plan9Listener: Sendable {
+    private let fd: CInt
+    private let thread: NIOThreadPool
+    private let stopped = NIOLockedValueBox(false)
+    private let done: EventLoopPromise<Void>
+
+    init(path: String, logger: Logger, accepted: @escaping @Sendable (CInt) -> Void) throws {
+        let address = try SocketAddress(unixDomainSocketPath: path)
+        // Only a stale socket is replaced, never another kind of file.
+        var st = stat()
+        if lstat(path, &st) == 0, st.st_mode & S_IFMT == S_IFSOCK { unlink(path) }
+        let sock = socket(AF_UNIX, CInt(SOCK_STREAM.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0)
+        guard sock >= 0 else { throw IOError(errnoCode: errno, reason: "socket") }
+        let rc = address.withSockAddr { bind(sock, $0, socklen_t($1)) }
+        guard rc == 0, Glibc.listen(sock, 16) == 0 else {
+            let e = errno
+            Glibc.close(sock)
+            throw IOError(errnoCode: e, reason: "bind/listen \(path)")
+        }
+        fd = sock
+        thread = NIOThreadPool(numberOfThreads: 1)
+        thread.start()
+        done = MultiThreadedEventLoopGroup.singleton.next().makePromise()
+        let (fd, stopped, done) = (self.fd, self.stopped, self.done)
+        thread.submit { _ in
+            var failing = false
+            while !stopped.withLockedValue({ $0 }) {
+                let c = cp9_accept(fd)
+                if c >= 0 {
+                    failing = false
+                    accepted(c)
+                    continue
+                }
+                let e = errno
+                switch e {
+                case EINTR, ECONNABORTED, EAGAIN, EPROTO:
+                    continue
+                case EMFILE, ENFILE, ENOBUFS, ENOMEM:
+                    // Until sessions end and give descriptors back; said once per episode.
+                    if !failing { logger.error("cannot accept 9P sessions: \(P9Errno(e)); retrying") }
+                    failing = true
+                    usleep(100_000)
+                default:
+                    if !stopped.withLockedValue({ $0 }) { logger.error("9P listener stopped: \(P9Errno(e))") }
+                    stopped.withLockedValue { $0 = true }
+                }
+            }
+            Glibc.close(fd)
+            done.succeed()
+        }
+    }
+
+    /// Stops accepting; returns at once (see `closed`).
+    public func close() {
+        guard !stopped.withLockedValue({ old in defer { old = true }; return old }) else { return }
+        shutdown(fd, CInt(SHUT_RDWR))  // wakes the accept
+        thread.shutdownGracefully { _ in }
+    }
+
+    /// Waits until the listener has stopped (closed, or the socket failed).
+    public func closed() async throws {
+        try await done.futureResult.get()
     }
 }
 

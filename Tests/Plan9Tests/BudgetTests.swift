@@ -156,6 +156,59 @@ struct BudgetTests {
         try await c.walk(100, 2, Array(repeating: "d", count: 16))
         #expect(try await c.getattr(2).qid == (try await c.getattr(1).qid))
     }
+
+    /// uvm-9p with few descriptors: connections beyond them wait in the backlog, and accept fails
+    /// with EMFILE until some close. The server must wait, not retry at once (100% of a core).
+    @Test(.enabled(if: ExecutableTests.available, "uvm-9p is not built"))
+    func acceptBacksOffWhenOutOfDescriptors() async throws {
+        let fx = try Fixture()
+        defer { Task { await fx.close() } }
+        let sock = fx.base + "/9p.sock"
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", "ulimit -n 48 && exec \"$0\" serve \"$1\" --socket \"$2\" --log-level critical",
+                       ExecutableTests.binary, fx.share, sock]
+        try p.run()
+        defer { p.terminate(); p.waitUntilExit() }
+        var sockets: [Int32] = []
+        defer { sockets.forEach { Glibc.close($0) } }
+        for _ in 0..<100 where !FileManager.default.fileExists(atPath: sock) { try await Task.sleep(nanoseconds: 50_000_000) }
+        // More than the server has descriptors for, up to what the backlog takes (a full backlog
+        // refuses until the server accepts some).
+        var refused = 0
+        while sockets.count < 64 && refused < 20 {
+            if let s = connectUnix(sock) {
+                sockets.append(s)
+            } else {
+                refused += 1
+                try await Task.sleep(nanoseconds: 50_000_000)
+            }
+        }
+        try await Task.sleep(nanoseconds: 500_000_000)
+        let cpu0 = try cpuSeconds(pid: p.processIdentifier)
+        try await Task.sleep(nanoseconds: 2_000_000_000)
+        let cpu = try cpuSeconds(pid: p.processIdentifier) - cpu0
+        let held = openDescriptors(pid: "\(p.processIdentifier)")
+        print("uvm-9p at \(held) of 48 descriptors, \(sockets.count) connections: \(cpu) s of CPU in 2 s")
+        #expect(held >= 46)
+        #expect(cpu < 0.5)
+        // Once some close, a new session is served.
+        for s in sockets.prefix(30) { Glibc.close(s) }
+        sockets.removeFirst(min(30, sockets.count))
+        let c = try await withTimeout(seconds: 10, "no session after descriptors were freed") {
+            while true {
+                // Refused (EAGAIN) while the backlog is still full.
+                guard let c = try? await Plan9Client.connect(unixSocketPath: sock) else {
+                    try await Task.sleep(nanoseconds: 50_000_000)
+                    continue
+                }
+                _ = try await c.version(msize: 8192)
+                return c
+            }
+        }
+        try await c.attach(fid: 0)
+        await c.close()
+    }
 }
 
 /// Sends all at once, then waits for every reply.
@@ -228,6 +281,33 @@ func residentBytes() throws -> Int {
 
 func openDescriptors(pid: String = "self") -> Int {
     (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").count) ?? 0
+}
+
+func cpuSeconds(pid: Int32) throws -> Double {
+    let stat = try String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)
+    // Fields after the parenthesized command: state is field 3, utime 14, stime 15.
+    let fields = stat[stat.range(of: ")")!.upperBound...].split(separator: " ")
+    let ticks = (Double(fields[11]) ?? 0) + (Double(fields[12]) ?? 0)
+    return ticks / Double(sysconf(Int32(_SC_CLK_TCK)))
+}
+
+/// A non-blocking connect: nil once the listener's backlog is full.
+func connectUnix(_ path: String) -> Int32? {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { return nil }
+    var addr = sockaddr_un()
+    addr.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+        for (i, b) in path.utf8.prefix(raw.count - 1).enumerated() { raw[i] = b }
+    }
+    let rc = withUnsafePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
+    if rc != 0 {
+        close(fd)
+        return nil
+    }
+    return fd
 }
 
 /// `path/d/d/.../d`, `depth` levels: deeper than PATH_MAX, so made one level at a time.
