@@ -5,6 +5,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/stat.h>
+#include <sys/socket.h>
 #include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
@@ -57,6 +58,27 @@ int cp9_open_beneath(int dirfd, const char *name, int flags, unsigned mode) {
     }
     // One component with O_NOFOLLOW cannot traverse anything: the same guarantee for this use.
     return openat(dirfd, name, flags, mode);
+}
+
+// A relative path of several components beneath `dirfd`, following no symlink and never leaving
+// `dirfd`'s tree. Without openat2 it fails with ENOSYS: callers have a slower fallback.
+int cp9_open_beneath_path(int dirfd, const char *path, int flags) {
+    if (!cp9_have_openat2()) {
+        errno = ENOSYS;
+        return -1;
+    }
+    struct open_how how = {
+        .flags = (uint64_t)(flags | O_NOFOLLOW | O_CLOEXEC),
+        .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+    };
+    long fd;
+    do { fd = syscall(SYS_openat2, dirfd, path, &how, sizeof how); } while (fd < 0 && errno == EAGAIN);
+    return (int)fd;
+}
+
+// accept4 needs _GNU_SOURCE, which Swift's Glibc module does not see.
+int cp9_accept(int fd) {
+    return accept4(fd, NULL, NULL, SOCK_CLOEXEC);
 }
 
 ssize_t cp9_getdents64(int fd, void *buf, size_t count) {

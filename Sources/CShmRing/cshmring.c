@@ -200,7 +200,12 @@ static void *serve(void *arg) {
         }
         if (p[1].revents) break;
         int c = accept4(s->listener, NULL, NULL, SOCK_CLOEXEC);
-        if (c < 0) continue;
+        if (c < 0) {
+            /* Out of descriptors the connection stays queued and poll returns at once: wait (for
+             * the stop fd at most 100 ms) rather than spin at 100% of a core. */
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) poll(&p[1], 1, 100);
+            continue;
+        }
         /* One VM per region: a second connection gets nothing. */
         if (atomic_load(&s->connected) || greet(s, c) != 0) {
             close(c);

@@ -38,7 +38,13 @@ func sysSize(_ body: () -> Int) throws(P9Errno) -> Int {
 /// closed and reused under it.
 final class HostFD: Sendable {
     let raw: Int32
-    init(_ raw: Int32) { self.raw = raw }
+    /// The session's descriptor budget, paid back when this closes (nil: not counted, e.g. the
+    /// export root or a descriptor that lives for one request).
+    private let lease: Lease?
+    init(_ raw: Int32, lease: Lease? = nil) {
+        self.raw = raw
+        self.lease = lease
+    }
     deinit { close(raw) }
 
     /// "/proc/self/fd/N": only for the xattr calls, which have no fd-relative form that works on
@@ -103,25 +109,46 @@ enum HostFS {
 
     /// One component beneath `dir`, never following a symlink (an cp9_O_PATH fd to a symlink refers to
     /// the link itself).
-    static func openBeneath(_ dir: HostFD, _ name: [UInt8], flags: Int32, mode: UInt32 = 0) throws(P9Errno) -> HostFD {
+    static func openBeneath(_ dir: HostFD, _ name: [UInt8], flags: Int32, mode: UInt32 = 0,
+                            lease: Lease? = nil) throws(P9Errno) -> HostFD {
         try validateName(name)
         let c = cName(name)
-        return HostFD(try sys { cp9_open_beneath(dir.raw, c, flags, mode) })
+        return HostFD(try sys { cp9_open_beneath(dir.raw, c, flags, mode) }, lease: lease)
     }
 
     /// The parent of `dir` (".."), an cp9_O_PATH fd. The caller checks it is still inside the export.
-    static func openParent(_ dir: HostFD) throws(P9Errno) -> HostFD {
-        HostFD(try sys { openat(dir.raw, "..", cp9_O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) })
+    static func openParent(_ dir: HostFD, lease: Lease? = nil) throws(P9Errno) -> HostFD {
+        HostFD(try sys { openat(dir.raw, "..", cp9_O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }, lease: lease)
+    }
+
+    /// The kernel's current absolute name for the inode behind `fd`, or nil when it has none that
+    /// could be resolved again (unlinked, longer than PATH_MAX, not reachable from our root).
+    static func currentPath(_ fd: HostFD) -> [UInt8]? {
+        guard procSelfFD >= 0 else { return nil }
+        let num = cName(Array(String(fd.raw).utf8))
+        var buf = [UInt8](repeating: 0, count: Int(PATH_MAX) + 1)
+        let n = buf.withUnsafeMutableBytes { readlinkat(procSelfFD, num, $0.baseAddress!.assumingMemoryBound(to: CChar.self), $0.count) }
+        guard n > 0, n < Int(PATH_MAX), buf[0] == UInt8(ascii: "/") else { return nil }
+        let path = Array(buf[0..<n])
+        if path.suffix(10).elementsEqual(" (deleted)".utf8) { return nil }
+        return path
+    }
+
+    /// A relative path of several components beneath `dir`, no symlink followed (ENOSYS without
+    /// openat2).
+    static func openBeneath(_ dir: HostFD, path: [UInt8], flags: Int32) throws(P9Errno) -> HostFD {
+        let c = cName(path)
+        return HostFD(try sys { cp9_open_beneath_path(dir.raw, c, flags) })
     }
 
     /// Opens the inode behind an cp9_O_PATH fd for I/O. The caller has checked that the inode is a
     /// regular file or directory; the result is checked again to be that same inode.
-    static func reopen(_ fd: HostFD, flags: Int32, expect st: HostStat) throws(P9Errno) -> HostFD {
+    static func reopen(_ fd: HostFD, flags: Int32, expect st: HostStat, lease: Lease? = nil) throws(P9Errno) -> HostFD {
         guard procSelfFD >= 0 else { throw P9Errno(EOPNOTSUPP) }
         guard let t = st.fileType, t.openable else { throw P9Errno(EPERM) }
         let num = cName(Array(String(fd.raw).utf8))
         // O_NONBLOCK: a FIFO can never block this thread, even if something above is wrong.
-        let newFD = HostFD(try sys { openat(procSelfFD, num, flags | O_CLOEXEC | O_NOCTTY | O_NONBLOCK) })
+        let newFD = HostFD(try sys { openat(procSelfFD, num, flags | O_CLOEXEC | O_NOCTTY | O_NONBLOCK) }, lease: lease)
         let nst = try stat(newFD)
         guard nst.dev == st.dev, nst.ino == st.ino, nst.fileType == t else { throw P9Errno(ESTALE) }
         if flags & O_NONBLOCK == 0 {
@@ -132,10 +159,10 @@ enum HostFS {
     }
 
     /// An cp9_O_PATH fd for the inode behind an open fd (after create, without looking the name up again).
-    static func pathFD(of fd: HostFD) throws(P9Errno) -> HostFD {
+    static func pathFD(of fd: HostFD, lease: Lease? = nil) throws(P9Errno) -> HostFD {
         guard procSelfFD >= 0 else { throw P9Errno(EOPNOTSUPP) }
         let num = cName(Array(String(fd.raw).utf8))
-        return HostFD(try sys { openat(procSelfFD, num, cp9_O_PATH | O_CLOEXEC) })
+        return HostFD(try sys { openat(procSelfFD, num, cp9_O_PATH | O_CLOEXEC) }, lease: lease)
     }
 
     static func stat(_ fd: HostFD) throws(P9Errno) -> HostStat {

@@ -67,10 +67,19 @@ struct FuzzState: Sendable {
                  Plan9Export(root: share, readOnly: true)].map { try! ExportCore(export: $0) }
     }
 
+    /// Small enough that an input of at most 64 KiB can run into each of them.
+    static let limits: SessionLimits = {
+        var l = SessionLimits()
+        l.fids = 256
+        l.descriptors = 64
+        l.xattrBytes = 256 * 1024
+        return l
+    }()
+
     mutating func run(_ data: UnsafeRawBufferPointer) {
         runs += 1
         if runs % 2000 == 0 { reset() }
-        let session = Plan9Session(core: cores[data.count % cores.count])
+        let session = Plan9Session(core: cores[data.count % cores.count], limits: FuzzState.limits)
         defer { session.close() }
         var stream = ByteBuffer(bytes: data)
         var msize = Int(P9.minMsize)

@@ -1,4 +1,6 @@
+import CPlan9
 import Dispatch
+import Glibc
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -39,8 +41,8 @@ public final class Plan9Server: Sendable {
     let threadPool: NIOThreadPool
     private let ownsPool: Bool
     let logger: Logger
-    /// Requests in flight per session before the server stops reading from it.
-    let maxInflight: Int
+    /// What each session may hold and have in flight.
+    let limits: SessionLimits
     /// Test hook: runs on the pool thread before each request (by tag) is handled.
     let beforeHandle: (@Sendable (UInt16, P9Message) -> Void)?
 
@@ -49,10 +51,10 @@ public final class Plan9Server: Sendable {
     ///     for one owned by the server (stopped by `shutdown()`).
     public convenience init(export: Plan9Export, threadPool: NIOThreadPool? = nil,
                             logger: Logger = Logger(label: "uvm.plan9")) throws {
-        try self.init(export: export, threadPool: threadPool, logger: logger, maxInflight: 1024, beforeHandle: nil)
+        try self.init(export: export, threadPool: threadPool, logger: logger, limits: SessionLimits(), beforeHandle: nil)
     }
 
-    init(export: Plan9Export, threadPool: NIOThreadPool?, logger: Logger, maxInflight: Int,
+    init(export: Plan9Export, threadPool: NIOThreadPool?, logger: Logger, limits: SessionLimits,
          beforeHandle: (@Sendable (UInt16, P9Message) -> Void)?) throws {
         self.export = export
         do {
@@ -64,7 +66,8 @@ public final class Plan9Server: Sendable {
             self.threadPool = threadPool
             ownsPool = false
         } else {
-            let pool = NIOThreadPool(numberOfThreads: max(8, System.coreCount * 4))
+            // Twice a session's share (SessionLimits.running): one busy session leaves half.
+            let pool = NIOThreadPool(numberOfThreads: max(2 * limits.running, System.coreCount * 4))
             pool.start()
             self.threadPool = pool
             ownsPool = true
@@ -72,7 +75,7 @@ public final class Plan9Server: Sendable {
         var logger = logger
         logger[metadataKey: "export"] = "\(export.root)"
         self.logger = logger
-        self.maxInflight = maxInflight
+        self.limits = limits
         self.beforeHandle = beforeHandle
     }
 
@@ -133,14 +136,83 @@ public final class Plan9Server: Sendable {
         try await channel.closeFuture.get()
     }
 
-    /// Listens on a unix socket; every connection is a session. Close the returned channel to stop
-    /// listening.
+    /// Listens on a unix socket; every connection is a session. Close the returned listener to
+    /// stop listening (sessions already accepted go on).
     public func listen(unixSocketPath: String,
-                       group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> Channel {
-        try await ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 16)
-            .childChannelInitializer { self.configure(channel: $0) }
-            .bind(unixDomainSocketPath: unixSocketPath, cleanupExistingSocketFile: true).get()
+                       group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) throws -> Plan9Listener {
+        try Plan9Listener(path: unixSocketPath, logger: logger) { fd in
+            _ = ClientBootstrap(group: group)
+                .channelInitializer { self.configure(channel: $0) }
+                .withConnectedSocket(fd)
+        }
+    }
+}
+
+/// A listening unix socket whose connections are accepted on a thread of its own. NIO's accept
+/// loop retries at once when accept fails for want of descriptors (EMFILE/ENFILE: the connection
+/// stays queued, so the socket stays readable), spinning at 100% of a core; this one waits.
+public final class Plan9Listener: Sendable {
+    private let fd: CInt
+    private let thread: NIOThreadPool
+    private let stopped = NIOLockedValueBox(false)
+    private let done: EventLoopPromise<Void>
+
+    init(path: String, logger: Logger, accepted: @escaping @Sendable (CInt) -> Void) throws {
+        let address = try SocketAddress(unixDomainSocketPath: path)
+        // Only a stale socket is replaced, never another kind of file.
+        var st = stat()
+        if lstat(path, &st) == 0, st.st_mode & S_IFMT == S_IFSOCK { unlink(path) }
+        let sock = socket(AF_UNIX, CInt(SOCK_STREAM.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0)
+        guard sock >= 0 else { throw IOError(errnoCode: errno, reason: "socket") }
+        let rc = address.withSockAddr { bind(sock, $0, socklen_t($1)) }
+        guard rc == 0, Glibc.listen(sock, 16) == 0 else {
+            let e = errno
+            Glibc.close(sock)
+            throw IOError(errnoCode: e, reason: "bind/listen \(path)")
+        }
+        fd = sock
+        thread = NIOThreadPool(numberOfThreads: 1)
+        thread.start()
+        done = MultiThreadedEventLoopGroup.singleton.next().makePromise()
+        let (fd, stopped, done) = (self.fd, self.stopped, self.done)
+        thread.submit { _ in
+            var failing = false
+            while !stopped.withLockedValue({ $0 }) {
+                let c = cp9_accept(fd)
+                if c >= 0 {
+                    failing = false
+                    accepted(c)
+                    continue
+                }
+                let e = errno
+                switch e {
+                case EINTR, ECONNABORTED, EAGAIN, EPROTO:
+                    continue
+                case EMFILE, ENFILE, ENOBUFS, ENOMEM:
+                    // Until sessions end and give descriptors back; said once per episode.
+                    if !failing { logger.error("cannot accept 9P sessions: \(P9Errno(e)); retrying") }
+                    failing = true
+                    usleep(100_000)
+                default:
+                    if !stopped.withLockedValue({ $0 }) { logger.error("9P listener stopped: \(P9Errno(e))") }
+                    stopped.withLockedValue { $0 = true }
+                }
+            }
+            Glibc.close(fd)
+            done.succeed()
+        }
+    }
+
+    /// Stops accepting; returns at once (see `closed`).
+    public func close() {
+        guard !stopped.withLockedValue({ old in defer { old = true }; return old }) else { return }
+        shutdown(fd, CInt(SHUT_RDWR))  // wakes the accept
+        thread.shutdownGracefully { _ in }
+    }
+
+    /// Waits until the listener has stopped (closed, or the socket failed).
+    public func closed() async throws {
+        try await done.futureResult.get()
     }
 }
 
@@ -169,7 +241,9 @@ final class FlushTicket: @unchecked Sendable {
 }
 
 /// One 9P session on a channel. All state here is touched on the channel's event loop only; the
-/// file system work runs on the server's pool and comes back to the loop to be answered.
+/// file system work runs on the server's pool and comes back to the loop to be answered. Nothing
+/// here makes a file system call: a slow file system (NFS home) must not stall the loop, which
+/// serves other sessions too.
 final class Plan9SessionHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
@@ -177,8 +251,17 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
 
     private struct Inflight {
         let ticket: FlushTicket
+        /// Reply bytes held for it (a read's count) against SessionLimits.replyBytes.
+        let replyBytes: Int
         /// Tflush tags waiting for this request's reply: Rflush goes out after it.
         var flushes: [UInt16] = []
+    }
+
+    private struct Waiting {
+        let tag: UInt16
+        let message: P9Message
+        let ticket: FlushTicket
+        let generation: Int
     }
 
     private let server: Plan9Server
@@ -187,12 +270,20 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
     private var negotiated = false
     private var msize = Int(P9.minMsize)
     private var inflight: [UInt16: Inflight] = [:]
+    /// Sum of the in-flight requests' replyBytes.
+    private var replyBytes = 0
+    /// Messages framed but not yet taken in: one socket read can hold thousands, and each is
+    /// admitted only while the session is within its limits.
+    private var backlog = CircularBuffer<ByteBuffer>()
+    /// Requests taken in, waiting for one of the session's places on the pool.
+    private var waiting = CircularBuffer<Waiting>()
+    private var running = 0
     private var readHeld = false
     private var ended = false
 
     init(server: Plan9Server) {
         self.server = server
-        session = Plan9Session(core: server.core)
+        session = Plan9Session(core: server.core, limits: server.limits)
         logger = server.logger
     }
 
@@ -200,9 +291,23 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
         logger[metadataKey: "peer"] = "\(context.channel.remoteAddress.map { "\($0)" } ?? "fd")"
     }
 
+    /// Whether another message may be taken in: checked per message, not per socket read.
+    private func admits(_ context: ChannelHandlerContext) -> Bool {
+        inflight.count < server.limits.inflight && replyBytes < server.limits.replyBytes
+            && context.channel.isWritable
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !ended else { return }
         let bytes = unwrapInboundIn(data)
+        if backlog.isEmpty && admits(context) {
+            take(context, bytes)
+        } else {
+            backlog.append(bytes)
+        }
+    }
+
+    private func take(_ context: ChannelHandlerContext, _ bytes: ByteBuffer) {
         if negotiated && bytes.readableBytes > msize {
             return fail(context, "message of \(bytes.readableBytes) bytes exceeds msize \(msize)")
         }
@@ -215,8 +320,8 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
         let tag = frame.tag
         switch frame.message {
         case .tversion(let m, let version):
-            for (_, entry) in inflight { _ = entry.ticket.cancel() }
-            inflight.removeAll()
+            dropAll()
+            releaseFids()
             let reply = session.version(msize: m, version: version)
             if case .rversion(let agreed, let v) = reply, v.bytes == Array(P9.version.utf8) {
                 negotiated = true
@@ -238,34 +343,46 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
         }
     }
 
-    private func dispatch(_ context: ChannelHandlerContext, tag: UInt16, message: P9Message) {
-        let ticket = FlushTicket()
-        inflight[tag] = Inflight(ticket: ticket)
-        let session = self.session
-        let hook = server.beforeHandle
-        let generation = session.currentGeneration
-        // Walks, getattrs and clunks are most of a metadata workload (the guest's cache=mmap
-        // client drops dentries at once, so every path is walked again) and each is a few
-        // microseconds of statx/openat2/close: answered here, they skip the two thread hops of
-        // the pool, which cost more than the work itself.
-        if hook == nil, Self.isQuick(message) {
-            _ = ticket.start()
-            complete(context, tag: tag, ticket: ticket, result: .success(session.handle(message, generation: generation)))
-            return
-        }
-        server.threadPool.runIfActive(eventLoop: context.eventLoop) { () -> P9Message? in
-            guard ticket.start() else { return nil }
-            hook?(tag, message)
-            return session.handle(message, generation: generation)
-        }.assumeIsolated().whenComplete { result in
-            self.complete(context, tag: tag, ticket: ticket, result: result)
-        }
+    /// Requests in flight and waiting are dropped (Tversion, end of session).
+    private func dropAll() {
+        for (_, entry) in inflight { _ = entry.ticket.cancel() }
+        inflight.removeAll()
+        waiting.removeAll()
+        replyBytes = 0
     }
 
-    private static func isQuick(_ message: P9Message) -> Bool {
+    private func removeInflight(_ tag: UInt16) {
+        if let entry = inflight.removeValue(forKey: tag) { replyBytes -= entry.replyBytes }
+    }
+
+    private func dispatch(_ context: ChannelHandlerContext, tag: UInt16, message: P9Message) {
+        let ticket = FlushTicket()
+        let reply: Int
         switch message {
-        case .twalk, .tgetattr, .tclunk: return true
-        default: return false
+        case .tread(_, _, let count), .treaddir(_, _, let count): reply = min(Int(count), msize)
+        default: reply = 0
+        }
+        inflight[tag] = Inflight(ticket: ticket, replyBytes: reply)
+        replyBytes += reply
+        waiting.append(Waiting(tag: tag, message: message, ticket: ticket, generation: session.currentGeneration))
+        startWaiting(context)
+    }
+
+    /// Hands waiting requests to the pool, up to the session's share of it.
+    private func startWaiting(_ context: ChannelHandlerContext) {
+        let session = self.session
+        let hook = server.beforeHandle
+        while running < server.limits.running, let next = waiting.popFirst() {
+            running += 1
+            server.threadPool.runIfActive(eventLoop: context.eventLoop) { () -> P9Message? in
+                guard next.ticket.start() else { return nil }
+                hook?(next.tag, next.message)
+                return session.handle(next.message, generation: next.generation)
+            }.assumeIsolated().whenComplete { result in
+                self.running -= 1
+                self.complete(context, tag: next.tag, ticket: next.ticket, result: result)
+                self.startWaiting(context)
+            }
         }
     }
 
@@ -273,7 +390,7 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
                           result: Result<P9Message?, any Error>) {
         // Gone if the session was reset (Tversion) or closed meanwhile, or if Tflush dropped it.
         guard !ended, let entry = inflight[tag], entry.ticket === ticket else { return }
-        inflight[tag] = nil
+        removeInflight(tag)
         switch result {
         case .success(let reply?):
             send(context, tag, reply)
@@ -284,11 +401,15 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
         }
         for f in entry.flushes { send(context, f, .rflush) }
         context.flush()
-        resumeReading(context)
+        resume(context)
     }
 
-    private func resumeReading(_ context: ChannelHandlerContext) {
-        if readHeld && inflight.count < server.maxInflight && context.channel.isWritable {
+    /// Takes in what the limits now allow of the backlog, then reads again once it is empty.
+    private func resume(_ context: ChannelHandlerContext) {
+        while !ended, admits(context), let bytes = backlog.popFirst() {
+            take(context, bytes)
+        }
+        if readHeld && !ended && backlog.isEmpty && admits(context) {
             readHeld = false
             context.read()
         }
@@ -299,7 +420,7 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
     private func flush(_ context: ChannelHandlerContext, tag: UInt16, oldtag: UInt16) {
         if var entry = inflight[oldtag], oldtag != tag {
             if entry.ticket.cancel() {
-                inflight[oldtag] = nil
+                removeInflight(oldtag)
                 for f in entry.flushes { send(context, f, .rflush) }
                 send(context, tag, .rflush)
             } else {
@@ -312,7 +433,6 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
         }
         context.flush()
     }
-
     private func send(_ context: ChannelHandlerContext, _ tag: UInt16, _ message: P9Message) {
         switch message {
         case .rread(let data), .rreaddir(let data):
@@ -351,15 +471,22 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
 
     private func end() {
         ended = true
-        for (_, entry) in inflight { _ = entry.ticket.cancel() }
-        inflight.removeAll()
-        session.close()
+        dropAll()
+        backlog.removeAll()
+        releaseFids()
+    }
+
+    /// Empties the session's fid table; the descriptors close on the pool (closing a file on NFS
+    /// writes it back).
+    private func releaseFids() {
+        let fids = session.takeFids()
+        if !fids.isEmpty { server.threadPool.submit { _ in _ = fids } }
     }
 
     // Back-pressure: a client that floods requests, or does not read its replies, stops being read
     // until some are answered and sent.
     func read(context: ChannelHandlerContext) {
-        if inflight.count >= server.maxInflight || !context.channel.isWritable {
+        if !backlog.isEmpty || !admits(context) {
             readHeld = true
         } else {
             context.read()
@@ -367,7 +494,7 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        resumeReading(context)
+        resume(context)
         context.fireChannelWritabilityChanged()
     }
 

@@ -7,6 +7,8 @@ import NIOCore
 /// only the legacy Trename/Tremove need (they name a file by fid alone).
 final class Node: Sendable {
     let fd: HostFD
+    /// Also what the session's node cache is keyed by: a walk to a name of this directory that
+    /// still finds the same inode shares this node, and its descriptor.
     let parent: HostFD?
     let name: [UInt8]
     let dev: UInt64
@@ -30,10 +32,31 @@ enum OpenState {
     case none
     case file(HostFD, writable: Bool)
     case dir(HostFD)
-    /// Txattrwalk result: the value (or the name list) the client reads with Tread.
-    case xattrRead([UInt8])
-    /// Txattrcreate: the client writes the value with Twrite; it is set on Tclunk.
-    case xattrWrite(name: String, size: Int, flags: Int32, value: [UInt8])
+    /// Txattrwalk result: the value (or the name list) the client reads with Tread. The lease
+    /// holds its size against the session's xattr budget while the fid keeps it.
+    case xattrRead([UInt8], Lease)
+    /// Txattrcreate: the client writes the value with Twrite; it is set on Tclunk. The declared
+    /// size is held against the session's xattr budget from Txattrcreate on.
+    case xattrWrite(name: String, size: Int, flags: Int32, value: [UInt8], Lease)
+}
+
+/// What one session may hold at once. Going over a limit is an error to that session alone; the
+/// byte and request limits make the server stop reading from it instead.
+struct SessionLimits: Sendable {
+    /// Fids (EMFILE): each costs memory, not a descriptor.
+    var fids = 65536
+    /// Host descriptors (EMFILE); all sessions together also stay within Budget.processDescriptors.
+    var descriptors = 4096
+    /// Xattr values held between Txattrcreate and Tclunk, or Txattrwalk and Tclunk (ENOMEM).
+    var xattrBytes = 8 << 20
+    /// Replies being made (Tread/Treaddir counts) or written and not yet sent: above this the
+    /// session is not read from until some are sent.
+    var replyBytes = 16 << 20
+    /// Requests in flight before the session is not read from.
+    var inflight = 1024
+    /// Requests of one session on the thread pool at once; the rest wait their turn, so one
+    /// session's slow or numerous requests leave threads for the others.
+    var running = 8
 }
 
 extension NIOLock {
@@ -113,6 +136,7 @@ final class ExportCore: Sendable {
     }
 
     func isRoot(_ st: HostStat) -> Bool { st.dev == rootStat.dev && st.ino == rootStat.ino }
+    func isRoot(_ node: Node) -> Bool { node.dev == rootStat.dev && node.ino == rootStat.ino }
 
     var rootNode: Node { Node(fd: root, parent: nil, name: [], stat: rootStat) }
 
@@ -149,9 +173,30 @@ final class Plan9Session: @unchecked Sendable {
     /// install fids into the new session.
     private var generation = 0
     private let allocator = ByteBufferAllocator()
+    private let limits: SessionLimits
+    /// The session's own host descriptors (node cache and open files), within the process's.
+    let descriptors: Budget
+    let xattrBytes: Budget
+    /// Nodes walked to, by (parent directory descriptor, name): fids walked to the same file share
+    /// one descriptor instead of pinning one each. Weak: a node lives as long as fids use it.
+    private var nodes: [NodeKey: WeakNode] = [:]
+    private var nodesAtSweep = 0
 
-    init(core: ExportCore) {
+    private struct NodeKey: Hashable {
+        let parent: ObjectIdentifier
+        let name: [UInt8]
+    }
+
+    private struct WeakNode {
+        weak var node: Node?
+    }
+
+    init(core: ExportCore, limits: SessionLimits = SessionLimits()) {
         self.core = core
+        self.limits = limits
+        let process = Budget.processDescriptors
+        descriptors = Budget(limit: min(limits.descriptors, max(16, process.limit / 4)), error: EMFILE, parent: process)
+        xattrBytes = Budget(limit: limits.xattrBytes, error: ENOMEM)
     }
 
     var msize: UInt32 { lock.withLock { _msize } }
@@ -160,13 +205,7 @@ final class Plan9Session: @unchecked Sendable {
 
     /// Tversion: negotiates msize and starts afresh (all fids clunked).
     func version(msize: UInt32, version: P9String) -> P9Message {
-        let dropped: [UInt32: Fid] = lock.withLock {
-            let old = fids
-            fids = [:]
-            generation += 1
-            return old
-        }
-        _ = dropped  // released outside the lock
+        _ = takeFids()  // released outside the lock
         guard version.bytes.starts(with: Array(P9.version.utf8)), msize >= P9.minMsize else {
             return .rversion(msize: min(msize, P9.maxMsize), version: "unknown")
         }
@@ -179,13 +218,17 @@ final class Plan9Session: @unchecked Sendable {
     var currentGeneration: Int { lock.withLock { generation } }
 
     func close() {
-        let dropped: [UInt32: Fid] = lock.withLock {
+        _ = takeFids()
+    }
+
+    /// Empties the fid table, for the caller to release where closing descriptors may block.
+    func takeFids() -> [UInt32: Fid] {
+        lock.withLock {
             let old = fids
             fids = [:]
             generation += 1
             return old
         }
-        _ = dropped
     }
 
     /// `generation`: the session generation the request arrived in (nil: the current one).
@@ -284,13 +327,17 @@ final class Plan9Session: @unchecked Sendable {
     /// itself).
     private func install(_ n: UInt32, _ f: Fid, replacing: Fid? = nil, _ gen: Int) throws(P9Errno) {
         guard n != P9.noFid else { throw P9Errno(EBADF) }
-        let ok: Bool = lock.withLock {
-            guard generation == gen else { return false }
-            if let existing = fids[n], existing !== replacing { return false }
+        let error: Int32? = lock.withLock {
+            guard generation == gen else { return EBADF }
+            if let existing = fids[n] {
+                if existing !== replacing { return EBADF }
+            } else if fids.count >= limits.fids {
+                return EMFILE
+            }
             fids[n] = f
-            return true
+            return nil
         }
-        if !ok { throw P9Errno(EBADF) }
+        if let error { throw P9Errno(error) }
     }
 
     private func removeFid(_ n: UInt32) throws(P9Errno) -> Fid {
@@ -318,46 +365,84 @@ final class Plan9Session: @unchecked Sendable {
         if newfid != fid, lock.withLock({ fids[newfid] != nil }) { throw P9Errno(EBADF) }
         var node = f.snapshot.0
         var qids: [Qid] = []
+        // Where the current run of ".." began: a run is checked once, at its end, to still be
+        // beneath the root (the directories it passed are between its end and its start).
+        var upFrom: Int?
         for (i, name) in names.enumerated() {
             do throws(P9Errno) {
-                let (next, st) = try walkOne(node, name.bytes)
+                let up = name.bytes == Self.dotdot
+                let (next, st) = up ? try walkUp(node) : try walkOne(node, name.bytes)
+                if up && upFrom == nil { upFrom = i }
                 node = next
                 qids.append(core.qids.qid(st))
+                if up && (i == names.count - 1 || names[i + 1].bytes != Self.dotdot) {
+                    guard try isBeneathRoot(node) else { throw P9Errno(ENOENT) }
+                    upFrom = nil
+                }
             } catch {
-                if i == 0 { throw error }
-                return .rwalk(qids: qids)  // partial walk: newfid is not created
+                let failed = upFrom ?? i
+                if failed == 0 { throw error }
+                return .rwalk(qids: Array(qids.prefix(failed)))  // partial walk: newfid is not created
             }
         }
         try install(newfid, Fid(node: node, uid: f.uid), replacing: newfid == fid ? f : nil, gen)
         return .rwalk(qids: qids)
     }
 
+    private static let dotdot: [UInt8] = [UInt8(ascii: "."), UInt8(ascii: ".")]
+
+    /// ".." without the check that it is still beneath the root (the caller makes it).
+    private func walkUp(_ node: Node) throws(P9Errno) -> (Node, HostStat) {
+        if core.isRoot(node) {
+            return (core.rootNode, core.rootStat)  // ".." of the export root is the root
+        }
+        let p = try HostFS.openParent(node.fd, lease: try descriptors.lease())
+        let st = try HostFS.stat(p)
+        // Reached upward: the name in its parent is unknown, so the legacy Trename/Tremove refuse it.
+        return (Node(fd: p, parent: nil, name: [], stat: st), st)
+    }
+
     private func walkOne(_ node: Node, _ name: [UInt8]) throws(P9Errno) -> (Node, HostStat) {
         if name == [UInt8(ascii: ".")] {
             return (node, try HostFS.stat(node.fd))
         }
-        if name == [UInt8(ascii: "."), UInt8(ascii: ".")] {
-            if node.dev == core.rootStat.dev && node.ino == core.rootStat.ino {
-                return (core.rootNode, core.rootStat)  // ".." of the export root is the root
-            }
-            let p = try HostFS.openParent(node.fd)
-            let st = try HostFS.stat(p)
-            guard try isBeneathRoot(p, st) else { throw P9Errno(ENOENT) }
-            // Reached upward: the name in its parent is unknown, so the legacy Trename/Tremove refuse it.
-            return (Node(fd: p, parent: nil, name: [], stat: st), st)
-        }
         guard node.type == .dir else { throw P9Errno(ENOTDIR) }
-        let fd = try HostFS.openBeneath(node.fd, name, flags: cp9_O_PATH)
+        let key = NodeKey(parent: ObjectIdentifier(node.fd), name: name)
+        if let known = lock.withLock({ nodes[key]?.node }), known.parent === node.fd {
+            // The name may have been replaced since: share the node only if it is the same inode.
+            let st = try HostFS.statAt(node.fd, name)
+            if known.isSame(st) { return (known, st) }
+        }
+        let fd = try HostFS.openBeneath(node.fd, name, flags: cp9_O_PATH, lease: try descriptors.lease())
         let st = try HostFS.stat(fd)
-        return (Node(fd: fd, parent: node.fd, name: name, stat: st), st)
+        let next = Node(fd: fd, parent: node.fd, name: name, stat: st)
+        lock.withLock {
+            nodes[key] = WeakNode(node: next)
+            // Drop the entries of nodes gone, once the table has doubled since the last sweep.
+            if nodes.count > 2 * nodesAtSweep + 64 {
+                nodes = nodes.filter { $0.value.node != nil }
+                nodesAtSweep = nodes.count
+            }
+        }
+        return (next, st)
     }
 
-    /// Whether a directory reached by ".." is still the export root or below it. Only a host
-    /// process moving a directory out of the share could make it otherwise; ".." is rare (the Linux
-    /// client resolves it itself), so the walk up to the root is affordable.
-    private func isBeneathRoot(_ fd: HostFD, _ st: HostStat) throws(P9Errno) -> Bool {
-        var cur = fd
-        var curSt = st
+    /// Whether a directory is still the export root or below it: a host process may have moved it
+    /// out of the share since a fid reached it. First the kernel's current name for it, resolved
+    /// again beneath the root (a few syscalls); when that does not confirm it (moved out, a name
+    /// over PATH_MAX, no openat2, a race), the walk up through ".." to the root decides.
+    private func isBeneathRoot(_ node: Node) throws(P9Errno) -> Bool {
+        if core.isRoot(node) { return true }
+        if let path = HostFS.currentPath(node.fd), let root = HostFS.currentPath(core.root) {
+            let prefix = root == [UInt8(ascii: "/")] ? root : root + [UInt8(ascii: "/")]
+            if path.count > prefix.count, path.starts(with: prefix),
+               let again = try? HostFS.openBeneath(core.root, path: Array(path[prefix.count...]), flags: cp9_O_PATH),
+               let ast = try? HostFS.stat(again), node.isSame(ast) {
+                return true
+            }
+        }
+        var cur = node.fd
+        var curSt = try HostFS.stat(node.fd)
         for _ in 0..<4096 {
             if core.isRoot(curSt) { return true }
             let p = try HostFS.openParent(cur)
@@ -379,6 +464,32 @@ final class Plan9Session: @unchecked Sendable {
 
     private func storeMetadata(_ fd: HostFD, _ meta: GuestMetadata) throws(P9Errno) {
         try HostFS.setxattr(fd, GuestMetadata.xattrName, meta.bytes, flags: 0)
+    }
+
+    /// The guest's owner and mode for a file just created. If they cannot be kept (no user xattrs
+    /// on that file system, quota) the file is removed again and the guest gets the error: left,
+    /// it would show the host user as its owner.
+    private func storeNewMetadata(_ fd: HostFD, _ meta: GuestMetadata, in dir: Node, _ name: [UInt8]) throws(P9Errno) {
+        do throws(P9Errno) {
+            try storeMetadata(fd, meta)
+        } catch {
+            let isDir = meta.mode & 0o170000 == FileType.dir.rawValue
+            _ = Glibc.unlinkat(dir.fd.raw, HostFS.cName(name), isDir ? cp9_AT_REMOVEDIR : 0)
+            throw error
+        }
+    }
+
+    /// Linux clears setuid, and setgid with group execute, when a file is written by a process
+    /// without CAP_FSETID (killpriv). In metadata mode those bits exist only in the xattr, so the
+    /// host kernel cannot do it; guest root stands in for CAP_FSETID.
+    private func killPriv(_ node: Node, writer: UInt32) throws(P9Errno) {
+        guard writer != 0, var meta = loadMetadata(node) else { return }
+        var kill = meta.mode & UInt32(S_ISUID)
+        let sgid = UInt32(S_ISGID) | UInt32(S_IXGRP)
+        if meta.mode & sgid == sgid { kill |= UInt32(S_ISGID) }
+        guard kill != 0 else { return }
+        meta.mode &= ~kill
+        try storeMetadata(node.fd, meta)
     }
 
     private func getattr(fid: UInt32, mask: UInt64) throws(P9Errno) -> P9Attr {
@@ -565,7 +676,7 @@ final class Plan9Session: @unchecked Sendable {
             if flags & P9.OpenFlags.directory != 0 { throw P9Errno(ENOTDIR) }
         }
         let hostFlags = try hostOpenFlags(flags)
-        let io = try HostFS.reopen(node.fd, flags: hostFlags, expect: st)
+        let io = try HostFS.reopen(node.fd, flags: hostFlags, expect: st, lease: try descriptors.lease())
         let newState: OpenState = type == .dir ? .dir(io) : .file(io, writable: hostFlags & O_ACCMODE != O_RDONLY)
         let ok: Bool = f.lock.withLock {
             guard case .none = f.state else { return false }
@@ -592,32 +703,38 @@ final class Plan9Session: @unchecked Sendable {
         guard case .none = state else { throw P9Errno(EINVAL) }
         guard dir.type == .dir else { throw P9Errno(ENOTDIR) }
         try HostFS.validateName(name)
+        try ensureInShare(dir)
         var hostFlags = try hostOpenFlags(flags)
         hostFlags &= ~cp9_O_DIRECTORY
         let hmode = hostMode(mode, isDir: false)
         let io: HostFD
         var created = true
+        // Both descriptors the fid keeps (open file and node) before anything is created.
+        let ioLease = try descriptors.lease()
+        let pathLease = try descriptors.lease()
         do throws(P9Errno) {
             // Always O_EXCL on the host: an existing name is opened only after checking it is a
             // regular file, so a FIFO or device planted under that name is never opened.
-            io = try HostFS.openBeneath(dir.fd, name, flags: hostFlags | O_CREAT | O_EXCL | O_NONBLOCK, mode: hmode)
+            io = try HostFS.openBeneath(dir.fd, name, flags: hostFlags | O_CREAT | O_EXCL | O_NONBLOCK, mode: hmode,
+                                        lease: ioLease)
         } catch let e where e.code == EEXIST && flags & P9.OpenFlags.excl == 0 {
             created = false
             let p = try HostFS.openBeneath(dir.fd, name, flags: cp9_O_PATH)
             let st = try HostFS.stat(p)
             guard st.fileType == .reg else { throw P9Errno(st.fileType == .dir ? EISDIR : EEXIST) }
-            io = try HostFS.reopen(p, flags: hostFlags, expect: st)
+            io = try HostFS.reopen(p, flags: hostFlags, expect: st, lease: ioLease)
         }
         let fl = fcntl(io.raw, F_GETFL)
         if fl >= 0, hostFlags & O_NONBLOCK == 0 { _ = fcntl(io.raw, F_SETFL, fl & ~O_NONBLOCK) }
         let st = try HostFS.stat(io)
         guard st.fileType == .reg else { throw P9Errno(EPERM) }
-        let pathFD = try HostFS.pathFD(of: io)
+        let pathFD = try HostFS.pathFD(of: io, lease: pathLease)
         if created {
             applyUmaskedMode(pathFD, hmode)
             if export.metadata {
                 let (u, g) = metadataOwner(f, gid: gid)
-                try? storeMetadata(pathFD, GuestMetadata(uid: u, gid: g, mode: FileType.reg.rawValue | (mode & 0o7777), rdev: 0))
+                try storeNewMetadata(pathFD, GuestMetadata(uid: u, gid: g, mode: FileType.reg.rawValue | (mode & 0o7777), rdev: 0),
+                                     in: dir, name)
             }
         }
         let node = Node(fd: pathFD, parent: dir.fd, name: name, stat: st)
@@ -653,7 +770,7 @@ final class Plan9Session: @unchecked Sendable {
             }
             if done == 0 && err != 0 { throw P9Errno(err) }
             return buf
-        case .xattrRead(let bytes):
+        case .xattrRead(let bytes, _):
             guard offset < UInt64(bytes.count) else { return allocator.buffer(capacity: 0) }
             let start = Int(offset)
             let end = min(bytes.count, start + n)
@@ -668,11 +785,12 @@ final class Plan9Session: @unchecked Sendable {
     private func write(fid: UInt32, offset: UInt64, data: ByteBuffer) throws(P9Errno) -> UInt32 {
         try checkWritable()
         let f = try lookup(fid)
-        let (_, state) = f.snapshot
+        let (node, state) = f.snapshot
         switch state {
         case .file(let fd, let writable):
             guard writable else { throw P9Errno(EBADF) }
             guard offset <= UInt64(Int64.max) else { throw P9Errno(EINVAL) }
+            if export.metadata { try killPriv(node, writer: f.uid) }
             var done = 0
             var err: Int32 = 0
             data.withUnsafeReadableBytes { ptr in
@@ -688,7 +806,7 @@ final class Plan9Session: @unchecked Sendable {
             return UInt32(done)
         case .xattrWrite:
             return try f.lock.withLockTyped { () throws(P9Errno) -> UInt32 in
-                guard case .xattrWrite(let name, let size, let flags, var value) = f.state else { throw P9Errno(EBADF) }
+                guard case .xattrWrite(let name, let size, let flags, var value, let lease) = f.state else { throw P9Errno(EBADF) }
                 guard offset <= UInt64(size), UInt64(data.readableBytes) <= UInt64(size) - offset else {
                     throw P9Errno(ENOSPC)
                 }
@@ -699,7 +817,7 @@ final class Plan9Session: @unchecked Sendable {
                 data.withUnsafeReadableBytes { src in
                     for i in 0..<src.count { value[start + i] = src[i] }
                 }
-                f.state = .xattrWrite(name: name, size: size, flags: flags, value: value)
+                f.state = .xattrWrite(name: name, size: size, flags: flags, value: value, lease)
                 return UInt32(data.readableBytes)
             }
         case .dir:
@@ -719,7 +837,7 @@ final class Plan9Session: @unchecked Sendable {
         // Rreaddir is header[7] count[4] data; the whole reply must stay below msize.
         let limit = min(Int(count), Int(msize) - P9.headerSize - 4 - 1)
         var out = allocator.buffer(capacity: min(limit, 64 * 1024))
-        let dirIsRoot = dirNode.dev == core.rootStat.dev && dirNode.ino == core.rootStat.ino
+        let dirIsRoot = core.isRoot(dirNode)
         let dirQid = core.qids.path(dev: dirNode.dev, ino: dirNode.ino)
         var scratch = [UInt8](repeating: 0, count: 32 * 1024)
         var full = false
@@ -783,10 +901,18 @@ final class Plan9Session: @unchecked Sendable {
 
     // MARK: directory entries
 
+    /// The directory a fid names, for a change in it (create, link, rename, unlink).
     private func dirNode(_ n: UInt32) throws(P9Errno) -> Node {
         let node = try lookup(n).snapshot.0
         guard node.type == .dir else { throw P9Errno(ENOTDIR) }
+        try ensureInShare(node)
         return node
+    }
+
+    /// A fid keeps its directory when the host moves that directory out of the share; from then on
+    /// nothing may be created, linked, renamed or removed through it (it would happen outside).
+    private func ensureInShare(_ dir: Node) throws(P9Errno) {
+        guard try isBeneathRoot(dir) else { throw P9Errno(ENOENT) }
     }
 
     /// The qid of an entry just created, and an cp9_O_PATH fd to it when it is a directory or regular
@@ -812,7 +938,8 @@ final class Plan9Session: @unchecked Sendable {
             applyUmaskedMode(fd, hmode)
             if export.metadata {
                 let (u, g) = metadataOwner(f, gid: gid)
-                try? storeMetadata(fd, GuestMetadata(uid: u, gid: g, mode: FileType.dir.rawValue | (mode & 0o7777), rdev: 0))
+                try storeNewMetadata(fd, GuestMetadata(uid: u, gid: g, mode: FileType.dir.rawValue | (mode & 0o7777), rdev: 0),
+                                     in: dir, name)
             }
         }
         return qid
@@ -838,7 +965,8 @@ final class Plan9Session: @unchecked Sendable {
             if let fd {
                 let (u, g) = metadataOwner(f, gid: gid)
                 let rdev = type == .chr || type == .blk ? cp9_makedev(major, minor) : 0
-                try? storeMetadata(fd, GuestMetadata(uid: u, gid: g, mode: type.rawValue | (mode & 0o7777), rdev: rdev))
+                try storeNewMetadata(fd, GuestMetadata(uid: u, gid: g, mode: type.rawValue | (mode & 0o7777), rdev: rdev),
+                                     in: dir, name)
             }
             return Qid(type: P9.QidType.file, path: qid.path)
         }
@@ -909,7 +1037,7 @@ final class Plan9Session: @unchecked Sendable {
     /// The (parent, name) a legacy fid-named operation acts on, checked to still be this inode.
     private func entry(of node: Node) throws(P9Errno) -> (HostFD, [UInt8]) {
         guard let parent = node.parent, !node.name.isEmpty else {
-            throw P9Errno(node.dev == core.rootStat.dev && node.ino == core.rootStat.ino ? EBUSY : EINVAL)
+            throw P9Errno(core.isRoot(node) ? EBUSY : EINVAL)
         }
         let st = try HostFS.statAt(parent, node.name)
         guard node.isSame(st) else { throw P9Errno(ENOENT) }
@@ -952,7 +1080,7 @@ final class Plan9Session: @unchecked Sendable {
     private func clunk(fid: UInt32) throws(P9Errno) {
         let f = try removeFid(fid)
         let (node, state) = f.snapshot
-        if case .xattrWrite(let name, let size, let flags, let value) = state {
+        if case .xattrWrite(let name, let size, let flags, let value, _) = state {
             // The value is set only now, in one piece, as the Linux client expects.
             guard value.count == size else { throw P9Errno(EINVAL) }
             if size == 0 {
@@ -1046,7 +1174,7 @@ final class Plan9Session: @unchecked Sendable {
             value = try HostFS.getxattr(node.fd, nameString)
         }
         let nf = Fid(node: node, uid: f.uid)
-        nf.state = .xattrRead(value)
+        nf.state = .xattrRead(value, try xattrBytes.lease(value.count))
         try install(newfid, nf, replacing: newfid == fid ? f : nil, gen)
         return UInt64(value.count)
     }
@@ -1063,8 +1191,11 @@ final class Plan9Session: @unchecked Sendable {
         guard size <= UInt64(Self.xattrSizeMax) else { throw P9Errno(E2BIG) }
         let valid = UInt32(Self.xattrCreate | Self.xattrReplace)
         guard flags & ~valid == 0 else { throw P9Errno(EINVAL) }
-        f.lock.withLock {
-            f.state = .xattrWrite(name: nameString, size: Int(size), flags: Int32(flags), value: [])
+        // The whole declared size up front: the Twrites that fill it cannot then go over.
+        let lease = try xattrBytes.lease(Int(size))
+        try f.lock.withLockTyped { () throws(P9Errno) in
+            guard case .none = f.state else { throw P9Errno(EINVAL) }
+            f.state = .xattrWrite(name: nameString, size: Int(size), flags: Int32(flags), value: [], lease)
         }
     }
 }

@@ -85,16 +85,11 @@ struct Serve: AsyncParsableCommand {
         pool.start()
         let server = try Plan9Server(export: Plan9Export(root: path, readOnly: readOnly, metadata: metadata),
                                      threadPool: pool, logger: logger)
-        // Many fids each hold an fd: take what the hard limit allows.
-        var lim = rlimit()
-        if getrlimit(Int32(RLIMIT_NOFILE.rawValue), &lim) == 0 {
-            lim.rlim_cur = lim.rlim_max
-            _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &lim)
-        }
+        // (The descriptor limit is raised with the first session: Budget.processDescriptors.)
         if let socket {
-            let channel = try await server.listen(unixSocketPath: socket)
+            let listener = try server.listen(unixSocketPath: socket)
             logger.info("serving \(path) on \(socket)")
-            try await channel.closeFuture.get()
+            try await listener.closed()
         } else if let fd {
             var st = stat()
             if fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFSOCK {

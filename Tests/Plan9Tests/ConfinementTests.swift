@@ -66,6 +66,42 @@ struct ConfinementTests {
         #expect(entries.first { $0.name == ".." }?.qid.path == root.path)
     }
 
+    /// A fid keeps the directory it names when the host moves that directory out of the share:
+    /// nothing may be created, linked, renamed or removed through it at its new place.
+    @Test func directoryMovedOutByTheHostTakesNoChanges() async throws {
+        let fx = try Fixture { share, _ in
+            try FileManager.default.createDirectory(atPath: share + "/dir", withIntermediateDirectories: true)
+            try write(share + "/dir/old", "x")
+            try write(share + "/f", "f")
+        }
+        defer { Task { await fx.close() } }
+        let c = try await fx.connect()
+        try await c.walk(0, 1, ["dir"])
+        try await c.walk(0, 2, ["dir"])
+        try await c.walk(0, 3, ["f"])
+        try await c.mkdir(1, "before")
+        let moved = fx.outside + "/dir"
+        #expect(Glibc.rename(fx.share + "/dir", moved) == 0)
+        await #expect(throws: P9Errno.enoent) { try await c.lcreate(2, "new") }
+        await #expect(throws: P9Errno.enoent) { try await c.mkdir(1, "d") }
+        await #expect(throws: P9Errno.enoent) { try await c.call(.tsymlink(dfid: 1, name: "s", target: "x", gid: 0)) }
+        await #expect(throws: P9Errno.enoent) {
+            try await c.call(.tmknod(dfid: 1, name: "p", mode: 0o10644, major: 0, minor: 0, gid: 0))
+        }
+        await #expect(throws: P9Errno.enoent) { try await c.call(.tlink(dfid: 1, fid: 3, name: "l")) }
+        await #expect(throws: P9Errno.enoent) {
+            try await c.call(.trenameat(olddirfid: 0, oldname: "f", newdirfid: 1, newname: "r"))
+        }
+        await #expect(throws: P9Errno.enoent) { try await c.call(.trename(fid: 3, dfid: 1, name: "r")) }
+        await #expect(throws: P9Errno.enoent) { try await c.call(.tunlinkat(dirfid: 1, name: "old", flags: 0)) }
+        #expect(Set(try FileManager.default.contentsOfDirectory(atPath: moved)) == ["old", "before"])
+        #expect(try contents(fx.share + "/f") == "f")
+        // Moved back into the share, it takes changes again.
+        #expect(Glibc.rename(moved, fx.share + "/dir") == 0)
+        try await c.mkdir(1, "after")
+        #expect(FileManager.default.fileExists(atPath: fx.share + "/dir/after"))
+    }
+
     @Test func symlinksPointingOutsideAreNotFollowed() async throws {
         var canary: Canary!
         let fx = try Fixture { share, outside in

@@ -103,6 +103,21 @@ struct FuzzCorpusTests {
             try await c.lopen(2, P9.OpenFlags.directory)
             _ = try await c.readdir(2, offset: 0, count: 1 << 20)
         }),
+        // Hostile floods, within what the fuzz target's small SessionLimits allow: fids walked to
+        // one file, pending xattr values past their budget, ".." runs, pipelined reads.
+        ("budgets", 65536, { c in
+            for i in 1...300 { _ = try? await c.walk(0, UInt32(i), ["file"]) }
+            for i in 1...6 { _ = try? await c.call(.txattrcreate(fid: UInt32(i), name: "user.big", size: 65536, flags: 0)) }
+            _ = try? await c.write(1, offset: 0, Array(repeating: 0x61, count: 1000))
+            for i in 1...70 { _ = try? await c.walk(0, UInt32(1000 + i), ["dir", "sub", "..", "..", "dir", "..", "rel"]) }
+            for i in 1...300 { _ = try? await c.clunk(UInt32(i)) }
+        }),
+        ("read-flood", 65536, { c in
+            try await c.walk(0, 1, ["file"])
+            try await c.lopen(1)
+            let replies = (0..<200).map { i in c.send(.tread(fid: 1, offset: UInt64(i), count: 65536)).reply }
+            for r in replies { _ = try? await r.get() }
+        }),
     ]
 
     @Test(.enabled(if: ProcessInfo.processInfo.environment["UVM_9P_WRITE_CORPUS"] != nil, "regenerates the seed corpus: only with UVM_9P_WRITE_CORPUS set"))

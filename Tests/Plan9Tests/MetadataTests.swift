@@ -73,4 +73,35 @@ struct MetadataTests {
         try await c.walk(0, 2, ["pipe"])
         #expect(try await c.getattr(2).mode == 0o10644)
     }
+
+    /// As Linux does on write (killpriv): setuid goes, and setgid when group execute makes it mean
+    /// setgid rather than mandatory locking, unless the writer is root (CAP_FSETID).
+    @Test func writeByAnotherUserClearsSetuidAndSetgid() async throws {
+        let fx = try Fixture(metadata: true) { share, _ in
+            try write(share + "/tool", "x")
+            try write(share + "/locked", "x")
+        }
+        defer { Task { await fx.close() } }
+        let root = try await fx.connect()
+        for (fid, name, mode) in [(UInt32(1), "tool", UInt32(0o6755)), (2, "locked", 0o2644)] {
+            try await root.walk(0, fid, [name])
+            try await root.setattr(fid, P9SetAttr(valid: P9.SetattrMask.uid | P9.SetattrMask.gid, uid: 1000, gid: 1000))
+            try await root.setattr(fid, P9SetAttr(valid: P9.SetattrMask.mode, mode: mode))
+        }
+        try await root.walk(0, 3, ["tool"])
+        try await root.lopen(3, P9.OpenFlags.wronly)
+        try await root.write(3, Array("root".utf8))
+        #expect(try await root.getattr(1).mode == 0o106755)
+
+        let user = try await fx.connect(attach: false)
+        try await user.attach(fid: 0, uname: "other", nUname: 2000)
+        for (fid, name) in [(UInt32(1), "tool"), (2, "locked")] {
+            try await user.walk(0, fid, [name])
+            try await user.lopen(fid, P9.OpenFlags.wronly)
+            try await user.write(fid, Array("user".utf8))
+        }
+        #expect(try await root.getattr(1).mode == 0o100755)
+        #expect(try await root.getattr(2).mode == 0o102644)
+        #expect(try lstatOf(fx.share + "/tool").st_mode & 0o7000 == 0)
+    }
 }

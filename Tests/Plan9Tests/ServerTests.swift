@@ -332,4 +332,25 @@ struct ServerTests {
         let rootQ = try await c.getattr(0).qid
         #expect(Set([rootQ.path, mroot.last!.path, inner.last!.path]).count == 3)
     }
+
+    @Test func listenerServesSessionsUntilClosed() async throws {
+        let fx = try Fixture { share, _ in try write(share + "/f", "listened") }
+        defer { Task { await fx.close() } }
+        let sock = fx.base + "/9p.sock"
+        let listener = try fx.server.listen(unixSocketPath: sock)
+        let c = try await Plan9Client.connect(unixSocketPath: sock)
+        _ = try await c.version(msize: 8192)
+        try await c.attach(fid: 0)
+        try await c.walk(0, 1, ["f"])
+        try await c.lopen(1)
+        #expect(try await c.read(1) == Array("listened".utf8))
+        // Closing shuts the socket down, which also wakes the thread blocked in accept (awaited
+        // only then: a future's wait is not cancellable); the session already open goes on.
+        listener.close()
+        let refused = (try? await Plan9Client.connect(unixSocketPath: sock)) == nil
+        #expect(refused)
+        if refused { try await listener.closed() }
+        #expect(try await c.getattr(1).size == 8)
+        await c.close()
+    }
 }

@@ -19,6 +19,9 @@ extern const int cp9_AT_REMOVEDIR;
 /// Uses openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLINKS) when the kernel has it,
 /// else openat(O_NOFOLLOW). Refuses (EINVAL) names that are empty, ".", ".." or contain '/'.
 int cp9_open_beneath(int dirfd, const char *name, int flags, unsigned mode);
+int cp9_open_beneath_path(int dirfd, const char *path, int flags);
+/// accept4(fd, NULL, NULL, SOCK_CLOEXEC).
+int cp9_accept(int fd);
 
 /// Whether the running kernel has openat2 (probed once).
 int cp9_have_openat2(void);
