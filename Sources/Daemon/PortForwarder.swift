@@ -19,6 +19,8 @@ actor PortForwarder {
         var listeners: [Channel] = []
         var hostAddresses: [String] = []
         var error: String?
+        /// Beyond `maxPorts`: listed, not listened on, not retried.
+        var overLimit = false
     }
 
     let enabled: Bool
@@ -33,7 +35,12 @@ actor PortForwarder {
     /// How often a port that was taken on the host is tried again.
     static let retryInterval: Duration = .seconds(2)
 
-    init(enabled: Bool, logger: Logger, reaper: Reaper, defaultDistro: String) {
+    /// A guest listening on thousands of ports must not make uvmd open thousands of descriptors
+    /// (two listeners each): the lowest `maxPorts` ports are forwarded, the rest only listed.
+    let maxPorts: Int
+
+    init(enabled: Bool, logger: Logger, reaper: Reaper, defaultDistro: String, maxPorts: Int = 512) {
+        self.maxPorts = maxPorts
         self.enabled = enabled
         self.logger = logger
         self.reaper = reaper
@@ -86,7 +93,19 @@ actor PortForwarder {
             forwards[port] = nil
             logger.info("stopped forwarding", metadata: ["port": "\(port)"])
         }
-        for (port, guest) in wanted.sorted(by: { $0.key < $1.key }) {
+        let sorted = wanted.sorted(by: { $0.key < $1.key })
+        for (port, guest) in sorted.dropFirst(maxPorts) {
+            var f = forwards[port] ?? Forward(guest: guest)
+            if !f.overLimit {
+                if forwards[port] == nil { logger.warning("not forwarding guest port: over the limit", metadata: ["port": "\(port)", "limit": "\(maxPorts)"]) }
+                f.listeners.forEach { $0.close(promise: nil) }
+                f = Forward(guest: guest, error: "not forwarded: the guest listens on more than \(maxPorts) ports (uvm forwards the lowest \(maxPorts))", overLimit: true)
+            }
+            f.guest = guest
+            forwards[port] = f
+        }
+        for (port, guest) in sorted.prefix(maxPorts) {
+            if forwards[port]?.overLimit == true { forwards[port] = nil }
             if var f = forwards[port], f.error == nil {
                 f.guest = guest
                 forwards[port] = f
@@ -119,7 +138,7 @@ actor PortForwarder {
     private func scheduleRetry(_ ports: [ListeningPort], link: HTTP2Sessions.ClientMultiplexer, generation gen: Int) {
         retry?.cancel()
         retry = nil
-        guard forwards.values.contains(where: { $0.error != nil }) else { return }
+        guard forwards.values.contains(where: { $0.error != nil && !$0.overLimit }) else { return }
         retry = Task {
             try? await Task.sleep(for: Self.retryInterval)
             if !Task.isCancelled { await self.apply(ports, link: link, generation: gen) }

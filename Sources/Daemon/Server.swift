@@ -22,7 +22,8 @@ public struct UVMDaemon: Sendable {
         self.logger = logger
         let reaper = Reaper(instanceIdle: settings.instanceIdleTimeout, vmIdle: settings.vmIdleTimeout)
         self.reaper = reaper
-        self.forwarder = PortForwarder(enabled: settings.localhostForwarding, logger: logger, reaper: reaper, defaultDistro: settings.defaultDistro)
+        self.forwarder = PortForwarder(enabled: settings.localhostForwarding, logger: logger, reaper: reaper, defaultDistro: settings.defaultDistro,
+                                       maxPorts: settings.maxForwardedPorts)
         self.controller = VMController(paths: paths, settings: settings, logger: logger, forwarder: forwarder)
     }
 

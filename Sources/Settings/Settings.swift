@@ -32,6 +32,8 @@ public struct Settings: Sendable, Equatable {
     public var ninePOverPorts: Bool = ProcessInfo.processInfo.environment["UVM_9P_TRANSPORT"] == "port"
     /// `UVM_BENCH_VIRTIO_9P=DIR`: QEMU's own virtio-9p export of DIR beside ours (bench_9p.py).
     public var benchVirtio9PDir: String? = ProcessInfo.processInfo.environment["UVM_BENCH_VIRTIO_9P"].flatMap { $0.isEmpty ? nil : $0 }
+    /// `UVM_MAX_FORWARDED_PORTS=N`: at most this many guest ports get host listeners (tests lower it).
+    public var maxForwardedPorts: Int = ProcessInfo.processInfo.environment["UVM_MAX_FORWARDED_PORTS"].flatMap { Int($0) }.map { max(1, $0) } ?? 512
 
     public init() {}
 
