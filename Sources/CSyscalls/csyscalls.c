@@ -151,8 +151,9 @@ static int helper_main(void *arg) {
     _exit(0);
 }
 
-pid_t uvm_spawn(const uvm_spawn_args *a, pid_t *helper_pid, int *err_errno, const char **err_stage) {
+pid_t uvm_spawn(const uvm_spawn_args *a, pid_t *helper_pid, pid_t *failed_pid, int *err_errno, const char **err_stage) {
     *helper_pid = 0;
+    *failed_pid = 0;
     spawn_ctx c = { a, -1, { -1, -1, -1 }, -1, NULL };
     int pipefd[2];
     if (pipe2(pipefd, O_CLOEXEC) < 0) { *err_errno = errno; *err_stage = "pipe"; return -1; }
@@ -203,6 +204,7 @@ pid_t uvm_spawn(const uvm_spawn_args *a, pid_t *helper_pid, int *err_errno, cons
     }
     if (!got_error && pid < 0) { *err_errno = ECHILD; *err_stage = "helper died"; }
     if (!got_error && pid > 0) result = pid;
+    if (got_error && pid > 0) *failed_pid = pid;
 
 out:
     for (int i = 0; i < 3; i++) if (c.nsfd[i] >= 0) close(c.nsfd[i]);

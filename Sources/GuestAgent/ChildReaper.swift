@@ -37,7 +37,7 @@ final class ChildReaper: Sendable {
         _ = Glibc.write(pipe.write, &b, 1)
     }
 
-    /// A child whose status nobody wants (the short-lived spawn helper).
+    /// A child whose status nobody wants (the short-lived spawn helper, a child that failed before exec).
     func ignore(_ pid: pid_t) {
         state.withLock { s in
             if s.unclaimed.removeValue(forKey: pid) == nil { s.ignored.insert(pid) }

@@ -180,6 +180,7 @@ struct ProcessSession {
             cEnv.forEach { free($0) }
         }
         var helper: pid_t = 0
+        var failed: pid_t = 0
         var err: Int32 = 0
         var stage: UnsafePointer<CChar>? = nil
         let pid: pid_t = cArgv.withUnsafeBufferPointer { argvPtr in
@@ -203,14 +204,17 @@ struct ProcessSession {
                             a.stderr_fd = stdio.2
                             a.tty = request.tty ? 1 : 0
                             a.instance_pid = instance.initPID
-                            return uvm_spawn(&a, &helper, &err, &stage)
+                            return uvm_spawn(&a, &helper, &failed, &err, &stage)
                           }
                         }
                     }
                 }
             }
         }
+        // Nobody waits for these two: without `ignore` their statuses would be kept for ever,
+        // and handed to a later process that gets the same pid.
         if helper > 0 { ChildReaper.shared.ignore(helper) }
+        if failed > 0 { ChildReaper.shared.ignore(failed) }
         ChildReaper.shared.childStarted()
         guard pid > 0 else {
             let what = stage.map { String(cString: $0) } ?? "spawn"
