@@ -173,64 +173,72 @@ struct ProcessSession {
         // A working directory mapped from the host's is a convenience: where this user cannot
         // enter it, start at home as if none had been given.
         let fallback: String? = request.cwdIsImplicit == true ? account.home : nil
-        let cArgv = argv.map { strdup($0) } + [nil]
-        let cEnv = env.sorted { $0.key < $1.key }.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer {
-            cArgv.forEach { free($0) }
-            cEnv.forEach { free($0) }
-        }
-        var helper: pid_t = 0
-        var failed: pid_t = 0
-        var err: Int32 = 0
-        var stage: UnsafePointer<CChar>? = nil
-        let pid: pid_t = cArgv.withUnsafeBufferPointer { argvPtr in
-            cEnv.withUnsafeBufferPointer { envPtr in
-                account.groups.withUnsafeBufferPointer { groupsPtr in
-                    (env["PATH"] ?? Self.defaultPath).withCString { pathEnv in
-                        cwd.withCString { cwdPtr in
-                          fallback.withOptionalCString { fallbackPtr in
-                            var a = uvm_spawn_args()
-                            a.argv = argvPtr.baseAddress
-                            a.envp = envPtr.baseAddress
-                            a.path_env = pathEnv
-                            a.cwd = cwdPtr
-                            a.fallback_cwd = fallbackPtr
-                            a.uid = account.uid
-                            a.gid = account.gid
-                            a.groups = groupsPtr.baseAddress
-                            a.ngroups = Int32(groupsPtr.count)
-                            a.stdin_fd = stdio.0
-                            a.stdout_fd = stdio.1
-                            a.stderr_fd = stdio.2
-                            a.tty = request.tty ? 1 : 0
-                            a.instance_pid = instance.initPID
-                            return uvm_spawn(&a, &helper, &failed, &err, &stage)
-                          }
-                        }
+        return try spawnProcess(argv: argv, env: env, cwd: cwd, fallbackCwd: fallback, account: account,
+                                stdio: stdio, tty: request.tty, instancePID: instance.initPID)
+    }
+}
+
+/// Starts `argv` as `account` in the namespaces of `instancePID` (0: ours), with `stdio` as its
+/// fds 0-2; returns its pid, for `ChildReaper.shared.wait(for:)`.
+package func spawnProcess(argv: [String], env: [String: String], cwd: String, fallbackCwd: String?, account: Account,
+                  stdio: (Int32, Int32, Int32), tty: Bool, instancePID: pid_t) throws -> pid_t {
+    let cArgv = argv.map { strdup($0) } + [nil]
+    let cEnv = env.sorted { $0.key < $1.key }.map { strdup("\($0.key)=\($0.value)") } + [nil]
+    defer {
+        cArgv.forEach { free($0) }
+        cEnv.forEach { free($0) }
+    }
+    var helper: pid_t = 0
+    var failed: pid_t = 0
+    var err: Int32 = 0
+    var stage: UnsafePointer<CChar>? = nil
+    let pid: pid_t = cArgv.withUnsafeBufferPointer { argvPtr in
+        cEnv.withUnsafeBufferPointer { envPtr in
+            account.groups.withUnsafeBufferPointer { groupsPtr in
+                (env["PATH"] ?? ProcessSession.defaultPath).withCString { pathEnv in
+                    cwd.withCString { cwdPtr in
+                      fallbackCwd.withOptionalCString { fallbackPtr in
+                        var a = uvm_spawn_args()
+                        a.argv = argvPtr.baseAddress
+                        a.envp = envPtr.baseAddress
+                        a.path_env = pathEnv
+                        a.cwd = cwdPtr
+                        a.fallback_cwd = fallbackPtr
+                        a.uid = account.uid
+                        a.gid = account.gid
+                        a.groups = groupsPtr.baseAddress
+                        a.ngroups = Int32(groupsPtr.count)
+                        a.stdin_fd = stdio.0
+                        a.stdout_fd = stdio.1
+                        a.stderr_fd = stdio.2
+                        a.tty = tty ? 1 : 0
+                        a.instance_pid = instancePID
+                        return uvm_spawn(&a, &helper, &failed, &err, &stage)
+                      }
                     }
                 }
             }
         }
-        // Nobody waits for these two: without `ignore` their statuses would be kept for ever,
-        // and handed to a later process that gets the same pid.
-        if helper > 0 { ChildReaper.shared.ignore(helper) }
-        if failed > 0 { ChildReaper.shared.ignore(failed) }
-        ChildReaper.shared.childStarted()
-        guard pid > 0 else {
-            let what = stage.map { String(cString: $0) } ?? "spawn"
-            let reason = String(cString: strerror(err))
-            switch what {
-            case "exec": throw ExecFailure(errno: err)
-            case "chdir": throw WireError(.spawnFailed, "cannot change to \(cwd): \(reason)")
-            default: throw WireError(.spawnFailed, "cannot start \(argv[0]) (\(what)): \(reason)")
-            }
-        }
-        return pid
     }
+    // Nobody waits for these two: without `ignore` their statuses would be kept for ever,
+    // and handed to a later process that gets the same pid.
+    if helper > 0 { ChildReaper.shared.ignore(helper) }
+    if failed > 0 { ChildReaper.shared.ignore(failed) }
+    ChildReaper.shared.childStarted()
+    guard pid > 0 else {
+        let what = stage.map { String(cString: $0) } ?? "spawn"
+        let reason = String(cString: strerror(err))
+        switch what {
+        case "exec": throw ExecFailure(errno: err)
+        case "chdir": throw WireError(.spawnFailed, "cannot change to \(cwd): \(reason)")
+        default: throw WireError(.spawnFailed, "cannot start \(argv[0]) (\(what)): \(reason)")
+        }
+    }
+    return pid
 }
 
 /// execve itself failed: the command is missing or cannot be run.
-struct ExecFailure: Error { var errno: Int32 }
+package struct ExecFailure: Error { package var errno: Int32 }
 
 private enum ProcessEvent: Sendable {
     case outputClosed, exited(Int32), outputIdle
