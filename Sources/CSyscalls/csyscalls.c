@@ -266,6 +266,15 @@ static _Noreturn void instance_main(const char *device, const char *fstype, cons
     if (mount(mp, "/", NULL, MS_MOVE, NULL) < 0) child_fail(status_fd, "move root");
     if (chroot(".") < 0 || chdir("/") < 0) child_fail(status_fd, "chroot");
 
+    // Blocked outside sigsuspend: a SIGTERM or SIGCHLD that came between the checks below and a
+    // pause() would have been handled there, and pause() would then sleep on regardless.
+    sigset_t woken, waiting;
+    sigemptyset(&woken);
+    sigaddset(&woken, SIGTERM);
+    sigaddset(&woken, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &woken, &waiting);
+    sigdelset(&waiting, SIGTERM);
+    sigdelset(&waiting, SIGCHLD);
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_instance_term;
@@ -280,8 +289,9 @@ static _Noreturn void instance_main(const char *device, const char *fstype, cons
     for (;;) {
         while (waitpid(-1, NULL, WNOHANG) > 0) {}
         if (instance_stop_requested) break;
-        pause();
+        sigsuspend(&waiting);  // unblocks, sleeps and re-blocks atomically
     }
+    sigprocmask(SIG_SETMASK, &waiting, NULL);
     kill(-1, SIGTERM);
     struct timespec step = { 0, 50 * 1000 * 1000 };
     for (int i = 0; i < 60; i++) {
