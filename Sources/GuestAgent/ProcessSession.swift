@@ -150,22 +150,51 @@ struct ProcessSession {
     /// Client -> process: stdin bytes, EOF, signals, window size. When the client goes away
     /// (the stream ends without the process having exited), the process group gets SIGHUP, as
     /// it would from a terminal that hangs up.
+    ///
+    /// Stdin is written by a task of its own, so a process that does not read holds back neither
+    /// signals and resizes nor the end of the stream behind its data. Each write is acknowledged
+    /// (`stdinAck`): the client keeps at most `Frame.stdinWindow` bytes unacknowledged, which
+    /// bounds what waits here.
     private func relayInput(to stdin: NIOAsyncChannelOutboundWriter<ByteBuffer>, channel: Channel, pid: pid_t, master: Int32?) async {
-        for await frame in inbound {
-            switch frame.kind {
-            case .stdin: try? await stdin.write(frame.payload)
-            // Not awaited here: signals and resizes must not wait for a process that does not read.
-            case .stdinEOF: if master == nil { Task { await stdin.finish(after: channel) } }
-            case .signal:
-                if let sig = frame.signalNumber, sig > 0, sig < 65 { signalGroup(pid, sig) }
-            case .resize:
-                if let master, let ws = frame.windowSize {
-                    _ = uvm_set_winsize(master, ws.rows, ws.cols)
+        let (pending, feed) = AsyncStream<Frame>.makeStream()
+        let queued = ByteCount()
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask {
+                for await frame in pending {
+                    if frame.kind == .stdinEOF {
+                        if master == nil { await stdin.finish(after: channel) }
+                        continue
+                    }
+                    let n = frame.payload.readableBytes
+                    try? await stdin.write(frame.payload)
+                    queued.add(-n)
+                    try? await outbound.write(.stdinAck(n))
                 }
-            default: break
             }
+            for await frame in inbound {
+                switch frame.kind {
+                case .stdin:
+                    // A client that ignores the window is held back here, as all were before.
+                    while queued.value > 4 * Frame.stdinWindow, !Task.isCancelled {
+                        try? await Task.sleep(for: .milliseconds(5))
+                    }
+                    queued.add(frame.payload.readableBytes)
+                    feed.yield(frame)
+                case .stdinEOF: feed.yield(frame)
+                case .signal:
+                    if let sig = frame.signalNumber, sig > 0, sig < 65 { signalGroup(pid, sig) }
+                case .resize:
+                    if let master, let ws = frame.windowSize {
+                        _ = uvm_set_winsize(master, ws.rows, ws.cols)
+                    }
+                default: break
+                }
+            }
+            feed.finish()
+            if !Task.isCancelled { signalGroup(pid, SIGHUP) }
+            // Whatever stdin is still queued nobody will acknowledge: the session is over.
+            group.cancelAll()
         }
-        if !Task.isCancelled { signalGroup(pid, SIGHUP) }
     }
 
     private func spawn(argv: [String], env: [String: String], cwd: String, account: Account,
@@ -254,6 +283,13 @@ func makePipe() throws -> (read: Int32, write: Int32) {
     let rc = uvm_pipe_cloexec(&fds)
     guard rc == 0 else { throw WireError(.spawnFailed, "pipe: \(String(cString: strerror(rc)))") }
     return (fds[0], fds[1])
+}
+
+/// Stdin bytes queued for a process and not written yet.
+final class ByteCount: Sendable {
+    private let count = Atomic<Int>(0)
+    func add(_ n: Int) { count.add(n, ordering: .relaxed) }
+    var value: Int { count.load(ordering: .relaxed) }
 }
 
 /// Counts output chunks, so that a drain can tell whether output is still flowing.
