@@ -72,9 +72,16 @@ struct ProcessSession {
         childFDs = []
 
         let group = MultiThreadedEventLoopGroup.singleton
+        // Stdin is a channel of its own, not the output side of stdout's: a process that exits
+        // with stdin unread makes the write fail (EPIPE), and NIO then closes the whole channel,
+        // whose stdout side failed the session ("I/O on closed channel") with output unread.
         let mainChannel: NIOAsyncChannel<ByteBuffer, ByteBuffer>
+        var stdinChannel: NIOAsyncChannel<ByteBuffer, ByteBuffer>? = nil
         if let out = stdoutChannelFD.output {
-            mainChannel = try await NIOPipeBootstrap(group: group).takingOwnershipOfDescriptors(input: stdoutChannelFD.input, output: out) { channel in
+            mainChannel = try await NIOPipeBootstrap(group: group).takingOwnershipOfDescriptor(input: stdoutChannelFD.input) { channel in
+                channel.eventLoop.makeCompletedFuture { try NIOAsyncChannel(wrappingChannelSynchronously: channel) }
+            }
+            stdinChannel = try await NIOPipeBootstrap(group: group).takingOwnershipOfDescriptor(output: out) { channel in
                 channel.eventLoop.makeCompletedFuture { try NIOAsyncChannel(wrappingChannelSynchronously: channel, configuration: .init(isOutboundHalfClosureEnabled: true)) }
             }
         } else {
@@ -88,52 +95,66 @@ struct ProcessSession {
             }
         } else { nil }
 
-        let activity = ActivityCounter()
-        let pumps = errChannel == nil ? 1 : 2
+        let master = request.tty ? stdoutChannelFD.input : nil
         let status: Int32 = try await mainChannel.executeThenClose { mainIn, mainOut in
-            // Input from the client runs until the session ends; it is not part of the group
-            // below because the process may exit while the client still holds its stdin.
-            let input = Task { await relayInput(to: mainOut, channel: mainChannel.channel, pid: pid, master: request.tty ? stdoutChannelFD.input : nil) }
-            defer { input.cancel() }
-            return try await withThrowingTaskGroup(of: ProcessEvent.self) { events in
-                events.addTask { try await pump(mainIn, as: .stdout, activity: activity); return .outputClosed }
-                if let errChannel {
-                    events.addTask {
-                        try await errChannel.executeThenClose { errIn, _ in try await pump(errIn, as: .stderr, activity: activity) }
-                        return .outputClosed
-                    }
-                }
-                events.addTask { .exited(await ChildReaper.shared.wait(for: pid)) }
-                var open = pumps
-                var status: Int32? = nil
-                while let event = try await events.next() {
-                    switch event {
-                    case .outputClosed: open -= 1
-                    case .exited(let st):
-                        status = st
-                        // What the process wrote is in the pipes already. Wait for EOF, but not
-                        // for background processes that inherited the pipes: stop once idle.
-                        events.addTask {
-                            var last = activity.value
-                            while true {
-                                try await Task.sleep(for: .milliseconds(250))
-                                let now = activity.value
-                                if now == last { return .outputIdle }
-                                last = now
-                            }
-                        }
-                    case .outputIdle: open = 0
-                    }
-                    if let status, open == 0 {
-                        events.cancelAll()
-                        return status
-                    }
-                }
-                throw WireError(.internalError, "process \(pid) lost")
+            guard let stdinChannel else {
+                return try await supervise(pid: pid, output: mainIn, errChannel: errChannel,
+                                           stdin: mainOut, stdinChannel: mainChannel.channel, master: master)
+            }
+            return try await stdinChannel.executeThenClose { _, stdinOut in
+                try await supervise(pid: pid, output: mainIn, errChannel: errChannel,
+                                    stdin: stdinOut, stdinChannel: stdinChannel.channel, master: master)
             }
         }
         let decoded = exitStatus(fromWaitStatus: status)
         try await outbound.write(.json(.exit, ExitStatus(code: decoded.code, signal: decoded.signal)))
+    }
+
+    /// Relays the process's stdio until it has exited and its output has ended (or gone idle);
+    /// returns its wait status.
+    private func supervise(pid: pid_t, output: NIOAsyncChannelInboundStream<ByteBuffer>, errChannel: NIOAsyncChannel<ByteBuffer, ByteBuffer>?,
+                           stdin: NIOAsyncChannelOutboundWriter<ByteBuffer>, stdinChannel: Channel, master: Int32?) async throws -> Int32 {
+        let activity = ActivityCounter()
+        // Input from the client runs until the session ends; it is not part of the group
+        // below because the process may exit while the client still holds its stdin.
+        let input = Task { await relayInput(to: stdin, channel: stdinChannel, pid: pid, master: master) }
+        defer { input.cancel() }
+        return try await withThrowingTaskGroup(of: ProcessEvent.self) { events in
+            events.addTask { try await pump(output, as: .stdout, activity: activity); return .outputClosed }
+            if let errChannel {
+                events.addTask {
+                    try await errChannel.executeThenClose { errIn, _ in try await pump(errIn, as: .stderr, activity: activity) }
+                    return .outputClosed
+                }
+            }
+            events.addTask { .exited(await ChildReaper.shared.wait(for: pid)) }
+            var open = errChannel == nil ? 1 : 2
+            var status: Int32? = nil
+            while let event = try await events.next() {
+                switch event {
+                case .outputClosed: open -= 1
+                case .exited(let st):
+                    status = st
+                    // What the process wrote is in the pipes already. Wait for EOF, but not
+                    // for background processes that inherited the pipes: stop once idle.
+                    events.addTask {
+                        var last = activity.value
+                        while true {
+                            try await Task.sleep(for: .milliseconds(250))
+                            let now = activity.value
+                            if now == last { return .outputIdle }
+                            last = now
+                        }
+                    }
+                case .outputIdle: open = 0
+                }
+                if let status, open == 0 {
+                    events.cancelAll()
+                    return status
+                }
+            }
+            throw WireError(.internalError, "process \(pid) lost")
+        }
     }
 
     private func pump(_ input: NIOAsyncChannelInboundStream<ByteBuffer>, as kind: FrameKind, activity: ActivityCounter) async throws {
