@@ -37,7 +37,7 @@ enum SessionRunner {
         // fills with it, so a signal frame (sent by the thread below) never waits behind it.
         let window = StdinWindow(size: Frame.stdinWindow)
         startThread {
-            var buf = [UInt8](repeating: 0, count: 64 << 10)
+            var buf = [UInt8](repeating: 0, count: 128 << 10)
             while true {
                 let n = read(0, &buf, buf.count)
                 if n < 0 && errno == EINTR { continue }

@@ -40,8 +40,9 @@ public struct Frame: Sendable, Equatable {
     /// How many stdin bytes an exec client may have sent that the guest has not acknowledged
     /// (`stdinAck`) yet. Flow control for stdin lives here, not in the socket and HTTP/2 windows,
     /// so that those are never full and a signal or resize behind the data arrives at once.
-    /// Below uvmd's and the guest's per-session buffers (4 MiB), so no hop ever stops reading.
-    public static let stdinWindow = 1 << 20
+    /// Below uvmd's and the guest's per-session buffers and the HTTP/2 stream window (4 MiB each),
+    /// so no hop ever stops reading; large enough to keep a fast reader fed across the round trip.
+    public static let stdinWindow = 2 << 20
 }
 
 public enum WireProtocolError: Error, CustomStringConvertible, Equatable {
