@@ -181,6 +181,9 @@ struct ProcessSession {
         let queued = ByteCount()
         await withTaskGroup(of: Void.self) { group in
             group.addTask {
+                // Acknowledged in batches (fewer frames through a VM exit each), but at once
+                // when nothing else is queued: the client may be waiting for exactly that.
+                var unacked = 0
                 for await frame in pending {
                     if frame.kind == .stdinEOF {
                         if master == nil { await stdin.finish(after: channel) }
@@ -189,7 +192,11 @@ struct ProcessSession {
                     let n = frame.payload.readableBytes
                     try? await stdin.write(frame.payload)
                     queued.add(-n)
-                    try? await outbound.write(.stdinAck(n))
+                    unacked += n
+                    if unacked >= Frame.stdinWindow / 4 || queued.value == 0 {
+                        try? await outbound.write(.stdinAck(unacked))
+                        unacked = 0
+                    }
                 }
             }
             for await frame in inbound {
