@@ -125,5 +125,8 @@ let package = Package(
         .testTarget(name: "ConfigTests", dependencies: ["Config", "Settings"]),
         .testTarget(name: "ReaperTests", dependencies: ["Reaper"]),
         .testTarget(name: "DistrosTests", dependencies: ["Distros", "Settings"]),
+        // uvm-init's spawn path driven on the host, in a process of its own (see SpawnSoakTests).
+        .executableTarget(name: "spawn-soak", dependencies: ["GuestAgent"], path: "Tests/SpawnSoak"),
+        .testTarget(name: "GuestAgentTests", dependencies: ["spawn-soak"]),
     ]
 )

@@ -151,8 +151,9 @@ static int helper_main(void *arg) {
     _exit(0);
 }
 
-pid_t uvm_spawn(const uvm_spawn_args *a, pid_t *helper_pid, int *err_errno, const char **err_stage) {
+pid_t uvm_spawn(const uvm_spawn_args *a, pid_t *helper_pid, pid_t *failed_pid, int *err_errno, const char **err_stage) {
     *helper_pid = 0;
+    *failed_pid = 0;
     spawn_ctx c = { a, -1, { -1, -1, -1 }, -1, NULL };
     int pipefd[2];
     if (pipe2(pipefd, O_CLOEXEC) < 0) { *err_errno = errno; *err_stage = "pipe"; return -1; }
@@ -203,6 +204,7 @@ pid_t uvm_spawn(const uvm_spawn_args *a, pid_t *helper_pid, int *err_errno, cons
     }
     if (!got_error && pid < 0) { *err_errno = ECHILD; *err_stage = "helper died"; }
     if (!got_error && pid > 0) result = pid;
+    if (got_error && pid > 0) *failed_pid = pid;
 
 out:
     for (int i = 0; i < 3; i++) if (c.nsfd[i] >= 0) close(c.nsfd[i]);
@@ -264,6 +266,15 @@ static _Noreturn void instance_main(const char *device, const char *fstype, cons
     if (mount(mp, "/", NULL, MS_MOVE, NULL) < 0) child_fail(status_fd, "move root");
     if (chroot(".") < 0 || chdir("/") < 0) child_fail(status_fd, "chroot");
 
+    // Blocked outside sigsuspend: a SIGTERM or SIGCHLD that came between the checks below and a
+    // pause() would have been handled there, and pause() would then sleep on regardless.
+    sigset_t woken, waiting;
+    sigemptyset(&woken);
+    sigaddset(&woken, SIGTERM);
+    sigaddset(&woken, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &woken, &waiting);
+    sigdelset(&waiting, SIGTERM);
+    sigdelset(&waiting, SIGCHLD);
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_instance_term;
@@ -278,8 +289,9 @@ static _Noreturn void instance_main(const char *device, const char *fstype, cons
     for (;;) {
         while (waitpid(-1, NULL, WNOHANG) > 0) {}
         if (instance_stop_requested) break;
-        pause();
+        sigsuspend(&waiting);  // unblocks, sleeps and re-blocks atomically
     }
+    sigprocmask(SIG_SETMASK, &waiting, NULL);
     kill(-1, SIGTERM);
     struct timespec step = { 0, 50 * 1000 * 1000 };
     for (int i = 0; i < 60; i++) {

@@ -45,29 +45,42 @@ public enum GuestAgent {
     }
 
     /// Serves the control port forever; when uvmd goes away (a restart), waits for it to return.
+    /// Sessions belong to no connection: one whose process ignores SIGHUP lives on after its uvmd
+    /// is gone, and waiting for it kept the next uvmd out until it gave up and destroyed the VM.
     static func serve(port: String, instances: Instances, shares: ShareMounts) async throws {
-        while true {
-            let fd = open(port, O_RDWR | O_CLOEXEC | O_NOCTTY)
-            guard fd >= 0 else {
-                throw WireError(.internalError, "cannot open \(port): \(String(cString: strerror(errno)))")
-            }
-            // Until the host side is connected the port reads EOF and polls HUP, which NIO would
-            // take for the end of the connection.
-            _ = uvm_wait_port_connected(fd, -1)
-            let mux = try await NIOPipeBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-                .takingOwnershipOfDescriptor(inputOutput: fd) { HTTP2Sessions.configureServer($0) }
-            log("host connected on \(port)")
-            await withDiscardingTaskGroup { group in
+        var failure: Error? = nil
+        await withDiscardingTaskGroup { sessions in
+            while true {
+                let fd = open(port, O_RDWR | O_CLOEXEC | O_NOCTTY)
+                guard fd >= 0 else {
+                    failure = WireError(.internalError, "cannot open \(port): \(String(cString: strerror(errno)))")
+                    return
+                }
+                // Until the host side is connected the port reads EOF and polls HUP, which NIO would
+                // take for the end of the connection.
+                _ = uvm_wait_port_connected(fd, -1)
+                let channel: Channel, mux: HTTP2Sessions.ClientMultiplexer
+                do {
+                    (channel, mux) = try await NIOPipeBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                        .takingOwnershipOfDescriptor(inputOutput: fd) { ch in HTTP2Sessions.configureServer(ch).map { (ch, $0) } }
+                } catch {
+                    failure = error
+                    return
+                }
+                log("host connected on \(port)")
                 do {
                     for try await session in mux.inbound {
-                        group.addTask { await handle(session, instances: instances, shares: shares) }
+                        sessions.addTask { await handle(session, instances: instances, shares: shares) }
                     }
                 } catch {
                     log("control connection ended: \(error)")
                 }
+                // The port opens once at a time (EBUSY): our descriptor must be gone before the next open.
+                try? await channel.close()
+                log("host disconnected; waiting for it to return")
             }
-            log("host disconnected; waiting for it to return")
         }
+        if let failure { throw failure }
     }
 
     static func handle(_ session: HTTP2Sessions.Session, instances: Instances, shares: ShareMounts) async {

@@ -11,13 +11,17 @@ struct Instance: Sendable {
 }
 
 /// An account in a distro's /etc/passwd.
-struct Account: Sendable, Equatable {
-    var name: String
-    var uid: uid_t
-    var gid: gid_t
-    var home: String
-    var shell: String
-    var groups: [gid_t]
+package struct Account: Sendable, Equatable {
+    package var name: String
+    package var uid: uid_t
+    package var gid: gid_t
+    package var home: String
+    package var shell: String
+    package var groups: [gid_t]
+
+    package init(name: String, uid: uid_t, gid: gid_t, home: String, shell: String, groups: [gid_t]) {
+        (self.name, self.uid, self.gid, self.home, self.shell, self.groups) = (name, uid, gid, home, shell, groups)
+    }
 }
 
 actor Instances {

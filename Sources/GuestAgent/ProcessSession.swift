@@ -72,9 +72,16 @@ struct ProcessSession {
         childFDs = []
 
         let group = MultiThreadedEventLoopGroup.singleton
+        // Stdin is a channel of its own, not the output side of stdout's: a process that exits
+        // with stdin unread makes the write fail (EPIPE), and NIO then closes the whole channel,
+        // whose stdout side failed the session ("I/O on closed channel") with output unread.
         let mainChannel: NIOAsyncChannel<ByteBuffer, ByteBuffer>
+        var stdinChannel: NIOAsyncChannel<ByteBuffer, ByteBuffer>? = nil
         if let out = stdoutChannelFD.output {
-            mainChannel = try await NIOPipeBootstrap(group: group).takingOwnershipOfDescriptors(input: stdoutChannelFD.input, output: out) { channel in
+            mainChannel = try await NIOPipeBootstrap(group: group).takingOwnershipOfDescriptor(input: stdoutChannelFD.input) { channel in
+                channel.eventLoop.makeCompletedFuture { try NIOAsyncChannel(wrappingChannelSynchronously: channel) }
+            }
+            stdinChannel = try await NIOPipeBootstrap(group: group).takingOwnershipOfDescriptor(output: out) { channel in
                 channel.eventLoop.makeCompletedFuture { try NIOAsyncChannel(wrappingChannelSynchronously: channel, configuration: .init(isOutboundHalfClosureEnabled: true)) }
             }
         } else {
@@ -88,52 +95,66 @@ struct ProcessSession {
             }
         } else { nil }
 
-        let activity = ActivityCounter()
-        let pumps = errChannel == nil ? 1 : 2
+        let master = request.tty ? stdoutChannelFD.input : nil
         let status: Int32 = try await mainChannel.executeThenClose { mainIn, mainOut in
-            // Input from the client runs until the session ends; it is not part of the group
-            // below because the process may exit while the client still holds its stdin.
-            let input = Task { await relayInput(to: mainOut, channel: mainChannel.channel, pid: pid, master: request.tty ? stdoutChannelFD.input : nil) }
-            defer { input.cancel() }
-            return try await withThrowingTaskGroup(of: ProcessEvent.self) { events in
-                events.addTask { try await pump(mainIn, as: .stdout, activity: activity); return .outputClosed }
-                if let errChannel {
-                    events.addTask {
-                        try await errChannel.executeThenClose { errIn, _ in try await pump(errIn, as: .stderr, activity: activity) }
-                        return .outputClosed
-                    }
-                }
-                events.addTask { .exited(await ChildReaper.shared.wait(for: pid)) }
-                var open = pumps
-                var status: Int32? = nil
-                while let event = try await events.next() {
-                    switch event {
-                    case .outputClosed: open -= 1
-                    case .exited(let st):
-                        status = st
-                        // What the process wrote is in the pipes already. Wait for EOF, but not
-                        // for background processes that inherited the pipes: stop once idle.
-                        events.addTask {
-                            var last = activity.value
-                            while true {
-                                try await Task.sleep(for: .milliseconds(250))
-                                let now = activity.value
-                                if now == last { return .outputIdle }
-                                last = now
-                            }
-                        }
-                    case .outputIdle: open = 0
-                    }
-                    if let status, open == 0 {
-                        events.cancelAll()
-                        return status
-                    }
-                }
-                throw WireError(.internalError, "process \(pid) lost")
+            guard let stdinChannel else {
+                return try await supervise(pid: pid, output: mainIn, errChannel: errChannel,
+                                           stdin: mainOut, stdinChannel: mainChannel.channel, master: master)
+            }
+            return try await stdinChannel.executeThenClose { _, stdinOut in
+                try await supervise(pid: pid, output: mainIn, errChannel: errChannel,
+                                    stdin: stdinOut, stdinChannel: stdinChannel.channel, master: master)
             }
         }
         let decoded = exitStatus(fromWaitStatus: status)
         try await outbound.write(.json(.exit, ExitStatus(code: decoded.code, signal: decoded.signal)))
+    }
+
+    /// Relays the process's stdio until it has exited and its output has ended (or gone idle);
+    /// returns its wait status.
+    private func supervise(pid: pid_t, output: NIOAsyncChannelInboundStream<ByteBuffer>, errChannel: NIOAsyncChannel<ByteBuffer, ByteBuffer>?,
+                           stdin: NIOAsyncChannelOutboundWriter<ByteBuffer>, stdinChannel: Channel, master: Int32?) async throws -> Int32 {
+        let activity = ActivityCounter()
+        // Input from the client runs until the session ends; it is not part of the group
+        // below because the process may exit while the client still holds its stdin.
+        let input = Task { await relayInput(to: stdin, channel: stdinChannel, pid: pid, master: master) }
+        defer { input.cancel() }
+        return try await withThrowingTaskGroup(of: ProcessEvent.self) { events in
+            events.addTask { try await pump(output, as: .stdout, activity: activity); return .outputClosed }
+            if let errChannel {
+                events.addTask {
+                    try await errChannel.executeThenClose { errIn, _ in try await pump(errIn, as: .stderr, activity: activity) }
+                    return .outputClosed
+                }
+            }
+            events.addTask { .exited(await ChildReaper.shared.wait(for: pid)) }
+            var open = errChannel == nil ? 1 : 2
+            var status: Int32? = nil
+            while let event = try await events.next() {
+                switch event {
+                case .outputClosed: open -= 1
+                case .exited(let st):
+                    status = st
+                    // What the process wrote is in the pipes already. Wait for EOF, but not
+                    // for background processes that inherited the pipes: stop once idle.
+                    events.addTask {
+                        var last = activity.value
+                        while true {
+                            try await Task.sleep(for: .milliseconds(250))
+                            let now = activity.value
+                            if now == last { return .outputIdle }
+                            last = now
+                        }
+                    }
+                case .outputIdle: open = 0
+                }
+                if let status, open == 0 {
+                    events.cancelAll()
+                    return status
+                }
+            }
+            throw WireError(.internalError, "process \(pid) lost")
+        }
     }
 
     private func pump(_ input: NIOAsyncChannelInboundStream<ByteBuffer>, as kind: FrameKind, activity: ActivityCounter) async throws {
@@ -150,22 +171,58 @@ struct ProcessSession {
     /// Client -> process: stdin bytes, EOF, signals, window size. When the client goes away
     /// (the stream ends without the process having exited), the process group gets SIGHUP, as
     /// it would from a terminal that hangs up.
+    ///
+    /// Stdin is written by a task of its own, so a process that does not read holds back neither
+    /// signals and resizes nor the end of the stream behind its data. Each write is acknowledged
+    /// (`stdinAck`): the client keeps at most `Frame.stdinWindow` bytes unacknowledged, which
+    /// bounds what waits here.
     private func relayInput(to stdin: NIOAsyncChannelOutboundWriter<ByteBuffer>, channel: Channel, pid: pid_t, master: Int32?) async {
-        for await frame in inbound {
-            switch frame.kind {
-            case .stdin: try? await stdin.write(frame.payload)
-            // Not awaited here: signals and resizes must not wait for a process that does not read.
-            case .stdinEOF: if master == nil { Task { await stdin.finish(after: channel) } }
-            case .signal:
-                if let sig = frame.signalNumber, sig > 0, sig < 65 { signalGroup(pid, sig) }
-            case .resize:
-                if let master, let ws = frame.windowSize {
-                    _ = uvm_set_winsize(master, ws.rows, ws.cols)
+        let (pending, feed) = AsyncStream<Frame>.makeStream()
+        let queued = ByteCount()
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask {
+                // Acknowledged in batches (fewer frames through a VM exit each), but at once
+                // when nothing else is queued: the client may be waiting for exactly that.
+                var unacked = 0
+                for await frame in pending {
+                    if frame.kind == .stdinEOF {
+                        if master == nil { await stdin.finish(after: channel) }
+                        continue
+                    }
+                    let n = frame.payload.readableBytes
+                    try? await stdin.write(frame.payload)
+                    queued.add(-n)
+                    unacked += n
+                    if unacked >= Frame.stdinWindow / 4 || queued.value == 0 {
+                        try? await outbound.write(.stdinAck(unacked))
+                        unacked = 0
+                    }
                 }
-            default: break
             }
+            for await frame in inbound {
+                switch frame.kind {
+                case .stdin:
+                    // A client that ignores the window is held back here, as all were before.
+                    while queued.value > 4 * Frame.stdinWindow, !Task.isCancelled {
+                        try? await Task.sleep(for: .milliseconds(5))
+                    }
+                    queued.add(frame.payload.readableBytes)
+                    feed.yield(frame)
+                case .stdinEOF: feed.yield(frame)
+                case .signal:
+                    if let sig = frame.signalNumber, sig > 0, sig < 65 { signalGroup(pid, sig) }
+                case .resize:
+                    if let master, let ws = frame.windowSize {
+                        _ = uvm_set_winsize(master, ws.rows, ws.cols)
+                    }
+                default: break
+                }
+            }
+            feed.finish()
+            if !Task.isCancelled { signalGroup(pid, SIGHUP) }
+            // Whatever stdin is still queued nobody will acknowledge: the session is over.
+            group.cancelAll()
         }
-        if !Task.isCancelled { signalGroup(pid, SIGHUP) }
     }
 
     private func spawn(argv: [String], env: [String: String], cwd: String, account: Account,
@@ -173,60 +230,72 @@ struct ProcessSession {
         // A working directory mapped from the host's is a convenience: where this user cannot
         // enter it, start at home as if none had been given.
         let fallback: String? = request.cwdIsImplicit == true ? account.home : nil
-        let cArgv = argv.map { strdup($0) } + [nil]
-        let cEnv = env.sorted { $0.key < $1.key }.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer {
-            cArgv.forEach { free($0) }
-            cEnv.forEach { free($0) }
-        }
-        var helper: pid_t = 0
-        var err: Int32 = 0
-        var stage: UnsafePointer<CChar>? = nil
-        let pid: pid_t = cArgv.withUnsafeBufferPointer { argvPtr in
-            cEnv.withUnsafeBufferPointer { envPtr in
-                account.groups.withUnsafeBufferPointer { groupsPtr in
-                    (env["PATH"] ?? Self.defaultPath).withCString { pathEnv in
-                        cwd.withCString { cwdPtr in
-                          fallback.withOptionalCString { fallbackPtr in
-                            var a = uvm_spawn_args()
-                            a.argv = argvPtr.baseAddress
-                            a.envp = envPtr.baseAddress
-                            a.path_env = pathEnv
-                            a.cwd = cwdPtr
-                            a.fallback_cwd = fallbackPtr
-                            a.uid = account.uid
-                            a.gid = account.gid
-                            a.groups = groupsPtr.baseAddress
-                            a.ngroups = Int32(groupsPtr.count)
-                            a.stdin_fd = stdio.0
-                            a.stdout_fd = stdio.1
-                            a.stderr_fd = stdio.2
-                            a.tty = request.tty ? 1 : 0
-                            a.instance_pid = instance.initPID
-                            return uvm_spawn(&a, &helper, &err, &stage)
-                          }
-                        }
+        return try spawnProcess(argv: argv, env: env, cwd: cwd, fallbackCwd: fallback, account: account,
+                                stdio: stdio, tty: request.tty, instancePID: instance.initPID)
+    }
+}
+
+/// Starts `argv` as `account` in the namespaces of `instancePID` (0: ours), with `stdio` as its
+/// fds 0-2; returns its pid, for `ChildReaper.shared.wait(for:)`.
+package func spawnProcess(argv: [String], env: [String: String], cwd: String, fallbackCwd: String?, account: Account,
+                  stdio: (Int32, Int32, Int32), tty: Bool, instancePID: pid_t) throws -> pid_t {
+    let cArgv = argv.map { strdup($0) } + [nil]
+    let cEnv = env.sorted { $0.key < $1.key }.map { strdup("\($0.key)=\($0.value)") } + [nil]
+    defer {
+        cArgv.forEach { free($0) }
+        cEnv.forEach { free($0) }
+    }
+    var helper: pid_t = 0
+    var failed: pid_t = 0
+    var err: Int32 = 0
+    var stage: UnsafePointer<CChar>? = nil
+    let pid: pid_t = cArgv.withUnsafeBufferPointer { argvPtr in
+        cEnv.withUnsafeBufferPointer { envPtr in
+            account.groups.withUnsafeBufferPointer { groupsPtr in
+                (env["PATH"] ?? ProcessSession.defaultPath).withCString { pathEnv in
+                    cwd.withCString { cwdPtr in
+                      fallbackCwd.withOptionalCString { fallbackPtr in
+                        var a = uvm_spawn_args()
+                        a.argv = argvPtr.baseAddress
+                        a.envp = envPtr.baseAddress
+                        a.path_env = pathEnv
+                        a.cwd = cwdPtr
+                        a.fallback_cwd = fallbackPtr
+                        a.uid = account.uid
+                        a.gid = account.gid
+                        a.groups = groupsPtr.baseAddress
+                        a.ngroups = Int32(groupsPtr.count)
+                        a.stdin_fd = stdio.0
+                        a.stdout_fd = stdio.1
+                        a.stderr_fd = stdio.2
+                        a.tty = tty ? 1 : 0
+                        a.instance_pid = instancePID
+                        return uvm_spawn(&a, &helper, &failed, &err, &stage)
+                      }
                     }
                 }
             }
         }
-        if helper > 0 { ChildReaper.shared.ignore(helper) }
-        ChildReaper.shared.childStarted()
-        guard pid > 0 else {
-            let what = stage.map { String(cString: $0) } ?? "spawn"
-            let reason = String(cString: strerror(err))
-            switch what {
-            case "exec": throw ExecFailure(errno: err)
-            case "chdir": throw WireError(.spawnFailed, "cannot change to \(cwd): \(reason)")
-            default: throw WireError(.spawnFailed, "cannot start \(argv[0]) (\(what)): \(reason)")
-            }
-        }
-        return pid
     }
+    // Nobody waits for these two: without `ignore` their statuses would be kept for ever,
+    // and handed to a later process that gets the same pid.
+    if helper > 0 { ChildReaper.shared.ignore(helper) }
+    if failed > 0 { ChildReaper.shared.ignore(failed) }
+    ChildReaper.shared.childStarted()
+    guard pid > 0 else {
+        let what = stage.map { String(cString: $0) } ?? "spawn"
+        let reason = String(cString: strerror(err))
+        switch what {
+        case "exec": throw ExecFailure(errno: err)
+        case "chdir": throw WireError(.spawnFailed, "cannot change to \(cwd): \(reason)")
+        default: throw WireError(.spawnFailed, "cannot start \(argv[0]) (\(what)): \(reason)")
+        }
+    }
+    return pid
 }
 
 /// execve itself failed: the command is missing or cannot be run.
-struct ExecFailure: Error { var errno: Int32 }
+package struct ExecFailure: Error { package var errno: Int32 }
 
 private enum ProcessEvent: Sendable {
     case outputClosed, exited(Int32), outputIdle
@@ -242,6 +311,13 @@ func makePipe() throws -> (read: Int32, write: Int32) {
     let rc = uvm_pipe_cloexec(&fds)
     guard rc == 0 else { throw WireError(.spawnFailed, "pipe: \(String(cString: strerror(rc)))") }
     return (fds[0], fds[1])
+}
+
+/// Stdin bytes queued for a process and not written yet.
+final class ByteCount: Sendable {
+    private let count = Atomic<Int>(0)
+    func add(_ n: Int) { count.add(n, ordering: .relaxed) }
+    var value: Int { count.load(ordering: .relaxed) }
 }
 
 /// Counts output chunks, so that a drain can tell whether output is still flowing.

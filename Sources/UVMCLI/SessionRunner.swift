@@ -33,6 +33,9 @@ enum SessionRunner {
         terminal?.enterRawMode()
         defer { terminal?.restore() }
 
+        // Stdin goes only as far ahead of the process as the guest acknowledges: the socket never
+        // fills with it, so a signal frame (sent by the thread below) never waits behind it.
+        let window = StdinWindow(size: Frame.stdinWindow)
         startThread {
             var buf = [UInt8](repeating: 0, count: 128 << 10)
             while true {
@@ -42,6 +45,7 @@ enum SessionRunner {
                     try? conn.send(Frame(.stdinEOF))
                     return
                 }
+                window.acquire(n)
                 do { try conn.send(Frame(.stdin, ByteBuffer(bytes: buf[0..<n]))) } catch { return }
             }
         }
@@ -70,6 +74,8 @@ enum SessionRunner {
                 writeAll(2, frame.payload)
             case .progress:
                 if showProgress { writeAll(2, frame.payload, newline: true) }
+            case .stdinAck:
+                window.release(frame.ackedBytes ?? 0)
             case .exit:
                 return try frame.decode(ExitStatus.self).shellStatus
             case .error:
@@ -84,6 +90,43 @@ enum SessionRunner {
         terminal?.restore()
         printError("uvm: uvmd closed the connection before the command finished (see \(paths.daemonLog))")
         return ownFailure
+    }
+}
+
+/// Stdin bytes sent and not yet acknowledged by the guest, at most `size` (one chunk may exceed
+/// it when nothing is outstanding). A blocking wait: the CLI's stdin has a plain thread of its own.
+final class StdinWindow: @unchecked Sendable {
+    private let lock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let changed = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    private var outstanding = 0  // guarded by lock
+    let size: Int
+
+    init(size: Int) {
+        self.size = size
+        pthread_mutex_init(lock, nil)
+        pthread_cond_init(changed, nil)
+    }
+
+    deinit {
+        pthread_cond_destroy(changed)
+        pthread_mutex_destroy(lock)
+        lock.deallocate()
+        changed.deallocate()
+    }
+
+    /// Waits until `n` more bytes fit, then counts them as sent.
+    func acquire(_ n: Int) {
+        pthread_mutex_lock(lock)
+        while outstanding > 0 && outstanding + n > size { pthread_cond_wait(changed, lock) }
+        outstanding += n
+        pthread_mutex_unlock(lock)
+    }
+
+    func release(_ n: Int) {
+        pthread_mutex_lock(lock)
+        outstanding = max(0, outstanding - n)
+        pthread_cond_signal(changed)
+        pthread_mutex_unlock(lock)
     }
 }
 

@@ -18,6 +18,7 @@ public enum FrameKind: UInt8, Sendable, CaseIterable {
     case response = 21     // JSON, operation-specific; final
     case event = 22        // JSON, operation-specific; one of many (watchPorts snapshots)
     case stdoutEOF = 23    // empty: no more stdout (a relayed connection's half-close)
+    case stdinAck = 24     // UInt32 big-endian: that many more stdin bytes reached the process (exec)
 
     /// A final frame ends the session: nothing follows it in that direction.
     public var isFinal: Bool { self == .exit || self == .error || self == .response }
@@ -36,6 +37,12 @@ public struct Frame: Sendable, Equatable {
     public static let maxPayload = 4 << 20
     /// Header: 4-byte big-endian length of (kind + payload), then the kind byte.
     public static let headerSize = 5
+    /// How many stdin bytes an exec client may have sent that the guest has not acknowledged
+    /// (`stdinAck`) yet. Flow control for stdin lives here, not in the socket and HTTP/2 windows,
+    /// so that those are never full and a signal or resize behind the data arrives at once.
+    /// Below uvmd's and the guest's per-session buffers and the HTTP/2 stream window (4 MiB each),
+    /// so no hop ever stops reading; large enough to keep a fast reader fed across the round trip.
+    public static let stdinWindow = 2 << 20
 }
 
 public enum WireProtocolError: Error, CustomStringConvertible, Equatable {

@@ -206,6 +206,14 @@ extension Frame {
 
     public var signalNumber: Int32? { payload.getInteger(at: payload.readerIndex, as: Int32.self) }
 
+    public static func stdinAck(_ bytes: Int) -> Frame {
+        var b = ByteBuffer()
+        b.writeInteger(UInt32(bytes))
+        return Frame(.stdinAck, b)
+    }
+
+    public var ackedBytes: Int? { payload.getInteger(at: payload.readerIndex, as: UInt32.self).map(Int.init) }
+
     public static func resize(rows: UInt16, cols: UInt16) -> Frame {
         var b = ByteBuffer()
         b.writeInteger(rows)

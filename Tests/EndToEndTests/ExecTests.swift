@@ -106,6 +106,57 @@ extension EndToEnd {
             #expect(gone)
         }
 
+        /// `yes | uvm exec -- sleep N`: stdin backed up all the way (the process never reads it).
+        /// Returns the client, its feeder, once the guest process runs and stdin no longer moves.
+        func startWithBusyStdin(_ marker: String) throws -> (Harness.Spawned, StdinFeeder) {
+            let p = try Harness.spawnUVM(["exec", "--", "sleep", marker], home: Harness.home, env: [:], keepInput: true)
+            let feeder = StdinFeeder(fd: dup(p.input))
+            p.closeInput()
+            let running = try Harness.waitUntil(timeout: 120) { try guestRuns("sleep \(marker)") }
+            #expect(running, "stderr: \(p.stderr)")
+            var last = -1
+            let saturated = Harness.waitUntil(timeout: 60) {
+                defer { last = feeder.written }
+                return feeder.written == last && last > 0
+            }
+            #expect(saturated, "stdin still moving: \(feeder.written) bytes")
+            return (p, feeder)
+        }
+
+        func guestRuns(_ command: String) throws -> Bool {
+            try Harness.spawnRun(["exec", "--", "sh", "-c", "ps | grep -v grep | grep -q '\(command)'"], home: Harness.home, timeout: 120).status == 0
+        }
+
+        /// Ctrl-C used to wait behind stdin: on the host the signal thread waited for the stdin
+        /// thread's lock, in the guest signals were read only after the pending stdin was written.
+        @Test func sigintReachesACommandWhoseStdinIsBusy() throws {
+            let (p, feeder) = try startWithBusyStdin("611")
+            let start = Date()
+            kill(p.pid, SIGINT)
+            // 1 s would do on a quiet machine; this one is shared.
+            while p.isRunning && Date().timeIntervalSince(start) < 10 { usleep(5_000) }
+            let ended = !p.isRunning
+            let took = Date().timeIntervalSince(start)
+            if !ended { kill(p.pid, SIGKILL) }
+            let status = p.wait()
+            print("SIGINT with \(feeder.written) bytes of stdin sent: uvm exited after \(Int(took * 1000)) ms")
+            #expect(ended, "uvm still running 10 s after SIGINT")
+            #expect(status == 130, "stderr: \(p.stderr)")
+            #expect(try Harness.waitUntil(timeout: 60) { try !guestRuns("sleep 611") })
+        }
+
+        /// A client killed outright (its connection just goes) ends its session in the guest too,
+        /// however much of its stdin is still on the way.
+        @Test func killedClientWithBusyStdinEndsTheGuestProcess() throws {
+            let (p, _) = try startWithBusyStdin("612")
+            let start = Date()
+            kill(p.pid, SIGKILL)
+            p.wait()
+            let gone = try Harness.waitUntil(timeout: 60) { try !guestRuns("sleep 612") }
+            print("kill -9 of uvm with busy stdin: guest process gone after \(Int(Date().timeIntervalSince(start) * 1000)) ms")
+            #expect(gone, "sleep 612 still runs in the guest 60 s after its client was killed")
+        }
+
         @Test func statusDescribesTheVM() throws {
             _ = try Harness.run(["exec", "--", "true"])
             let r = try Harness.run(["status", "--format", "json"])
@@ -148,4 +199,25 @@ final class Mutex20: @unchecked Sendable {
     private var slots = [Harness.Result?](repeating: nil, count: 20)
     func set(_ i: Int, _ r: Harness.Result?) { lock.lock(); slots[i] = r; lock.unlock() }
     func get(_ i: Int) -> Harness.Result? { lock.lock(); defer { lock.unlock() }; return slots[i] }
+}
+
+/// Writes "y\n" to `fd` from a thread of its own until the reader is gone, as `yes |` does.
+final class StdinFeeder: @unchecked Sendable {
+    private let lock = NSLock()
+    private var total = 0
+    var written: Int { lock.lock(); defer { lock.unlock() }; return total }
+
+    init(fd: Int32) {
+        signal(SIGPIPE, SIG_IGN)
+        Thread.detachNewThread { [self] in
+            let chunk = [UInt8](repeating: 0, count: 64 << 10).enumerated().map { $0.offset % 2 == 0 ? UInt8(ascii: "y") : UInt8(ascii: "\n") }
+            while true {
+                let n = chunk.withUnsafeBytes { write(fd, $0.baseAddress!, $0.count) }
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 { break }
+                lock.lock(); total += n; lock.unlock()
+            }
+            close(fd)
+        }
+    }
 }

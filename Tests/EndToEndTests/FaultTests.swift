@@ -94,6 +94,34 @@ extension EndToEnd {
             }
         }
 
+        /// A process that ignores SIGHUP outlives the session uvmd's death ends. The agent used to
+        /// wait for every old session before taking the next uvmd, which then gave up on the VM
+        /// and destroyed it, the user's processes with it.
+        @Test func uvmdKilledWhileAProcessIgnoresHangupAdoptsItsVM() throws {
+            try Harness.withConfiguredHome("kill-uvmd-nohup", config: Self.config) { home, env in
+                let stubborn = try Harness.spawnUVM(["exec", "--", "sh", "-c", "trap '' HUP; sleep 1001"], home: home, env: env)
+                defer { if stubborn.isRunning { kill(stubborn.pid, SIGKILL); stubborn.wait() } }
+                // Running in the guest, so past its trap: before that, the hangup would end it.
+                let running = try Harness.waitUntil(timeout: 120) {
+                    try Harness.spawnRun(["exec", "--", "sh", "-c", "ps | grep -v grep | grep -q 'sleep 1001'"], home: home, env: env, timeout: 120).status == 0
+                }
+                #expect(running, "\(Harness.daemonLog(home))")
+                let st = try Harness.status(home: home)
+                let qemu = try #require(st["qemuPID"] as? Int)
+                let uvmd = try #require(st["daemonPID"] as? Int)
+                kill(pid_t(uvmd), SIGKILL)
+                #expect(Harness.waitUntil(timeout: 10) { !Harness.alive(uvmd) })
+                let r = try Harness.spawnRun(["exec", "--", "echo", "adopted"], home: home, env: env, timeout: 240)
+                #expect(r.status == 0 && r.out == "adopted\n", "status \(r.status), stderr: \(r.err)\n\(Harness.daemonLog(home))")
+                let log = (try? String(contentsOfFile: "\(home)/state/uvmd.log", encoding: .utf8)) ?? ""
+                #expect(log.contains("adopted the VM") && !log.contains("destroying it"), "\(Harness.daemonLog(home))")
+                #expect(try Harness.status(home: home)["qemuPID"] as? Int == qemu)
+                // The process that ignored the hangup is still there.
+                let ps = try Harness.spawnRun(["exec", "--", "sh", "-c", "ps | grep -v grep | grep -c 'sleep 1001'"], home: home, env: env, timeout: 120)
+                #expect(ps.out == "1\n", "ps: \(ps.out) \(ps.err)")
+            }
+        }
+
         @Test func uvmdKilledLeavesNoOrphanOnceTheReaperRuns() throws {
             // The adopted VM is idle: the new uvmd's reaper stops it, so no QEMU outlives its use.
             let config = "[vm]\nvmIdleTimeout = 1s\n[general]\ninstanceIdleTimeout = 1s\n"

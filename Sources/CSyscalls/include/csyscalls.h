@@ -22,8 +22,9 @@ typedef struct uvm_spawn_args {
 /// Starts a process; returns its pid (a child of the caller, even when it lives in another pid
 /// namespace) or -1 with *err_errno and *err_stage (a short static string) set.
 /// The caller must reap every child with waitpid(-1): the short-lived helper process is reaped
-/// there too (its pid is returned through *helper_pid so it can be ignored).
-pid_t uvm_spawn(const uvm_spawn_args *args, pid_t *helper_pid, int *err_errno, const char **err_stage);
+/// there too (its pid is returned through *helper_pid so it can be ignored), and so is a final
+/// process that failed before exec (its pid in *failed_pid, 0 if there was none).
+pid_t uvm_spawn(const uvm_spawn_args *args, pid_t *helper_pid, pid_t *failed_pid, int *err_errno, const char **err_stage);
 
 /// Starts a distro instance: a process that is PID 1 of new mount, pid and uts namespaces, whose
 /// root is the ext4 file system on `device` (mounted at `mountpoint` then moved onto /), with
