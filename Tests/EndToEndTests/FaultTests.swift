@@ -76,8 +76,7 @@ extension EndToEnd {
                 let qemu = try #require(st["qemuPID"] as? Int)
                 let uvmd = try #require(st["daemonPID"] as? Int)
                 let domain = try #require(st["domain"] as? String)
-                kill(pid_t(uvmd), SIGKILL)
-                #expect(Harness.waitUntil(timeout: 10) { !Harness.alive(uvmd) })
+                #expect(Harness.killDaemon(uvmd, home: home))
                 // The socket and lock it left behind do not stop a new uvmd, which takes the VM over.
                 let r = try Harness.spawnRun(["exec", "--", "echo", "adopted"], home: home, env: env)
                 #expect(r.out == "adopted\n", "stderr: \(r.err)\n\(Harness.daemonLog(home))")
@@ -109,8 +108,7 @@ extension EndToEnd {
                 let st = try Harness.status(home: home)
                 let qemu = try #require(st["qemuPID"] as? Int)
                 let uvmd = try #require(st["daemonPID"] as? Int)
-                kill(pid_t(uvmd), SIGKILL)
-                #expect(Harness.waitUntil(timeout: 10) { !Harness.alive(uvmd) })
+                #expect(Harness.killDaemon(uvmd, home: home))
                 let r = try Harness.spawnRun(["exec", "--", "echo", "adopted"], home: home, env: env, timeout: 240)
                 #expect(r.status == 0 && r.out == "adopted\n", "status \(r.status), stderr: \(r.err)\n\(Harness.daemonLog(home))")
                 let log = (try? String(contentsOfFile: "\(home)/state/uvmd.log", encoding: .utf8)) ?? ""
@@ -131,7 +129,7 @@ extension EndToEnd {
                 #expect(up, "\(Harness.daemonLog(home))")
                 let st = try Harness.status(home: home)
                 let qemu = try #require(st["qemuPID"] as? Int)
-                kill(pid_t(try #require(st["daemonPID"] as? Int)), SIGKILL)
+                #expect(Harness.killDaemon(try #require(st["daemonPID"] as? Int), home: home))
                 shell.closeInput()
                 shell.wait()
                 // A command starts uvmd again (`status` and `list` would not).

@@ -36,6 +36,34 @@ extension Harness {
         return (json["vm"] as? [String: Any] ?? [:], json["instances"] as? [[String: Any]] ?? [])
     }
 
+    /// SIGKILL to the uvmd serving `home`, then waits until it is really gone: its process has
+    /// exited and its socket refuses connections. (A multi-threaded process shows as a zombie
+    /// before its last thread has let go of its descriptors: until then the kernel still queues
+    /// connections on its socket, and a command sent there is reset.)
+    @discardableResult
+    static func killDaemon(_ pid: Int, home: String) -> Bool {
+        kill(pid_t(pid), SIGKILL)
+        return waitUntil(timeout: 30) { !alive(pid) && !socketAccepts("\(home)/state/uvmd.sock") }
+    }
+
+    /// Whether something accepts connections on the unix socket at `path`.
+    static func socketAccepts(_ path: String) -> Bool {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { return false }
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        return withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        } == 0
+    }
+
     /// Alive and not a zombie.
     static func alive(_ pid: Int) -> Bool {
         guard kill(pid_t(pid), 0) == 0 else { return false }

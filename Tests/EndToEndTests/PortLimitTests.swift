@@ -48,12 +48,12 @@ extension EndToEnd {
                     #expect(!Self.accepts(port), "\(port) is forwarded beyond the limit")
                 }
                 // A port below goes away: the next one in line is forwarded.
-                let stopped = try Harness.spawnRun(["exec", "--", "sh", "-c", "pkill -f 'httpd -p \(ports[0])'"], home: home, env: env)
+                let stopped = try Harness.spawnRun(["exec", "--", "sh", "-c", "kill $(ps | awk '/httpd -p \(ports[0])/ && !/awk/ { print $1 }')"], home: home, env: env)
                 #expect(stopped.status == 0, "\(stopped.err)")
                 let promoted = Harness.waitUntil(timeout: 30) { Self.accepts(ports[3]) }
                 #expect(promoted, "\(ports[3]) was not forwarded once a lower port closed\n\(Harness.daemonLog(home))")
                 #expect(!Self.accepts(ports[4]))
-                _ = try? Harness.spawnRun(["exec", "--", "sh", "-c", "pkill httpd"], home: home, env: env)
+                _ = try? Harness.spawnRun(["exec", "--", "sh", "-c", "killall httpd"], home: home, env: env)
             }
         }
     }
