@@ -58,16 +58,25 @@ final class SocketRelay: @unchecked Sendable {
 }
 
 @Suite struct ConnectionLossTests {
-    static let daemonSocket = "/run/libvirt/libvirt-sock"
+    /// The socket of this account's daemon: the system one for root, else the per-user one
+    /// (which libvirt starts by itself on the first qemu:///session connection).
+    static let daemonSocket: String = {
+        if getuid() == 0 { return "/run/libvirt/libvirt-sock" }
+        let env = ProcessInfo.processInfo.environment
+        if let runtime = env["XDG_RUNTIME_DIR"], !runtime.isEmpty { return "\(runtime)/libvirt/libvirt-sock" }
+        return "\(env["HOME"] ?? NSHomeDirectory())/.cache/libvirt/libvirt-sock"
+    }()
+    static let scheme = getuid() == 0 ? "qemu:///system" : "qemu:///session"
 
-    @Test(.enabled(if: access(daemonSocket, F_OK) == 0, "libvirtd is not running (no \(daemonSocket))"))
+    @Test(.enabled(if: getuid() != 0 || access(daemonSocket, F_OK) == 0, "libvirtd is not running (no \(daemonSocket))"))
     func losingLibvirtdIsAnEventAndEndsTheStream() async throws {
+        if getuid() != 0 { try await LibvirtConnection.open(uri: Self.scheme).close() }  // starts the per-user daemon
         let dir = NSTemporaryDirectory() + "uvm-hc-relay-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let relay = try SocketRelay(path: dir + "/libvirt-sock", upstream: Self.daemonSocket)
 
-        let conn = try await LibvirtConnection.open(uri: "qemu:///system?socket=\(relay.path)")
+        let conn = try await LibvirtConnection.open(uri: "\(Self.scheme)?socket=\(relay.path)")
         defer { conn.close() }
         #expect(try await conn.lookup(name: "uvm-no-such-domain") == nil)
 

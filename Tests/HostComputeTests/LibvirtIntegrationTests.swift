@@ -38,7 +38,9 @@ func ms(_ d: Duration) -> String {
 }
 
 @Suite(.serialized) struct LibvirtIntegrationTests {
-    static let uri = "qemu:///system"
+    /// The daemon this account uses: qemu:///session for an ordinary user (qemu:///system would
+    /// need polkit and a system bus), qemu:///system for root.
+    static let uri = LibvirtConnection.defaultURI
 
     /// Opens the real daemon, or cancels the test when (and only when) libvirtd is not reachable.
     func openOrSkip() async throws -> (LibvirtConnection, Duration) {

@@ -78,7 +78,8 @@ struct DiodComparisonTests {
         let port = Int.random(in: 20000..<60000)
         let p = Process()
         p.executableURL = URL(fileURLWithPath: Self.diod)
-        p.arguments = ["-f", "-n", "-l", "127.0.0.1:\(port)", "-e", dir, "-L", "/dev/null"]
+        // As an ordinary user diod can only serve that user (-u): it cannot switch identities.
+        p.arguments = ["-f", "-n", "-l", "127.0.0.1:\(port)", "-e", dir, "-L", "/dev/null"] + (getuid() == 0 ? [] : ["-u", "\(getuid())"])
         try p.run()
         defer { p.terminate(); p.waitUntilExit() }
         var diodClient: Plan9Client?
@@ -91,7 +92,8 @@ struct DiodComparisonTests {
         }
         let dc = try #require(diodClient)
         _ = try await dc.version(msize: 65536)
-        try await dc.call(.tattach(fid: 0, afid: P9.noFid, uname: "root", aname: P9String(dir), nUname: 0))
+        let me = getpwuid(getuid()).map { String(cString: $0.pointee.pw_name) } ?? "root"
+        try await dc.call(.tattach(fid: 0, afid: P9.noFid, uname: P9String(me), aname: P9String(dir), nUname: getuid()))
         let theirs = try await Self.script(dc)
         await dc.close()
 
