@@ -34,13 +34,17 @@ struct ClientSession {
         do {
             try await FrameSession.serve(channel) { first, rest, outbound in
                 do {
-                    guard first.kind == .request else { throw WireError(.protocolError, "expected a request frame first") }
-                    try await serve(try first.decode(Request.self), rest: rest, outbound: outbound)
-                } catch let e as WireError {
+                    let request = try first.decodeRequest(DaemonRequest.self, who: "uvmd (pid \(getpid()))")
+                    try await serve(request, rest: rest, outbound: outbound)
+                } catch var e as WireError {
+                    // `uvm` and uvmd from different builds: the running uvmd is the one to go.
+                    if e.code == .versionMismatch {
+                        e.message += "; restart uvmd: `kill \(getpid())` (it stops its VM cleanly), then run the command again"
+                    }
                     try? await outbound.write(.error(e))
                 } catch {
                     // Not an answer we meant to give: log it with the request it ended.
-                    daemon.logger.error("request failed", metadata: ["op": "\((try? first.decode(Request.self).op.rawValue) ?? "?")", "error": "\(error)"])
+                    daemon.logger.error("request failed", metadata: ["op": "\(first.requestOperation)", "error": "\(error)"])
                     try? await outbound.write(.error(WireError(.internalError, "\(error)")))
                 }
             }
@@ -59,12 +63,12 @@ struct ClientSession {
         return cred.uid
     }
 
-    private func serve(_ request: Request, rest: AsyncStream<Frame>, outbound: NIOAsyncChannelOutboundWriter<Frame>) async throws {
+    private func serve(_ request: DaemonRequest, rest: AsyncStream<Frame>, outbound: NIOAsyncChannelOutboundWriter<Frame>) async throws {
         let controller = daemon.controller
         let progress: @Sendable (String) async -> Void = { line in try? await outbound.write(.progress(line)) }
-        switch request.op {
-        case .exec:
-            guard var exec = request.exec, !exec.argv.isEmpty || exec.shell == true else { throw WireError(.badRequest, "exec: no command given") }
+        switch request {
+        case .exec(var exec):
+            guard !exec.argv.isEmpty || exec.shell == true else { throw WireError(.badRequest, "exec: no command given") }
             let distro = exec.distro ?? daemon.settings.defaultDistro
             guard validDistroName(distro), await controller.knowsDistro(distro) else {
                 throw WireError(.notFound, "there is no distro '\(distro)' (installed: \(installedDistros().joined(separator: ", "))); `uvm exec --distro NAME` takes one of those")
@@ -79,39 +83,38 @@ struct ClientSession {
             let reaper = daemon.reaper
             let token = await reaper.begin(distro: distro)
             defer { Task { await reaper.end(token) } }
-            let link = try await controller.link(progress: progress)
-            try await relay(Request(op: .exec, exec: exec, distroDisk: diskSerial(distro)), link: link, rest: rest, outbound: outbound)
-        case .start:
-            _ = try await controller.link(progress: progress)
-            try await outbound.write(.json(.response, await daemon.status()))
-        case .stop:
+            let agent = try await controller.agent(progress: progress)
+            try await relay(GuestExecRequest(exec: exec, distroDisk: diskSerial(distro)), agent: agent, rest: rest, outbound: outbound)
+        case .start(let r):
+            _ = try await controller.agent(progress: progress)
+            try await respond(await daemon.status(), to: r, outbound)
+        case .stop(let r):
             await controller.stop(reason: "by `uvm stop`")
-            try await outbound.write(.json(.response, await daemon.status()))
-        case .status:
-            try await outbound.write(.json(.response, await daemon.status()))
-        case .shareAdd:
-            guard let share = request.share else { throw WireError(.badRequest, "share add: no share given") }
-            try await outbound.write(.json(.response, try await controller.shares.add(share)))
-        case .shareList:
-            try await outbound.write(.json(.response, try await controller.shares.list()))
-        case .shareRemove:
-            guard let share = request.share else { throw WireError(.badRequest, "share remove: no name given") }
-            try await controller.shares.remove(share.name)
-            try await outbound.write(.json(.response, try await controller.shares.list()))
-        case .ports:
-            try await outbound.write(.json(.response, await daemon.forwarder.list()))
-        case .info, .shutdown, .stopInstance, .mount, .unmount, .watchPorts, .connect:
-            throw WireError(.badRequest, "'\(request.op.rawValue)' is not a client operation")
+            try await respond(await daemon.status(), to: r, outbound)
+        case .status(let r):
+            try await respond(await daemon.status(), to: r, outbound)
+        case .shareAdd(let r):
+            try await respond(try await controller.shares.add(r.share), to: r, outbound)
+        case .shareList(let r):
+            try await respond(try await controller.shares.list(), to: r, outbound)
+        case .shareRemove(let r):
+            try await controller.shares.remove(r.name)
+            try await respond(try await controller.shares.list(), to: r, outbound)
+        case .ports(let r):
+            try await respond(await daemon.forwarder.list(), to: r, outbound)
         }
     }
 
+    /// The answer to `call`: typed by it, so a response of the wrong type does not compile.
+    private func respond<C: DaemonCall>(_ response: C.Response, to call: C, _ outbound: NIOAsyncChannelOutboundWriter<Frame>) async throws {
+        try await outbound.write(.json(.response, response))
+    }
+
     /// Client <-> guest. Ends when the guest sends its final frame, or either side goes away.
-    private func relay(_ request: Request, link: HTTP2Sessions.ClientMultiplexer, rest: AsyncStream<Frame>,
+    private func relay(_ request: GuestExecRequest, agent: GuestAgentClient, rest: AsyncStream<Frame>,
                        outbound: NIOAsyncChannelOutboundWriter<Frame>) async throws {
-        let guest = try await HTTP2Sessions.openSession(link)
         let controller = daemon.controller
-        try await guest.executeThenClose { guestIn, guestOut in
-            try await guestOut.write(.json(.request, request))
+        try await agent.exec(request) { guestIn, guestOut in
             try await withThrowingTaskGroup(of: Bool.self) { group in
                 group.addTask {
                     for await frame in rest {

@@ -47,14 +47,14 @@ actor PortForwarder {
         self.defaultDistro = defaultDistro
     }
 
-    /// Follows the guest behind `link` until the link ends; then every host port is released.
-    func start(link: HTTP2Sessions.ClientMultiplexer) {
+    /// Follows the guest behind `agent` until its link ends; then every host port is released.
+    func start(agent: GuestAgentClient) {
         guard enabled else { return }
         watcher?.cancel()
         releaseAll()
         generation += 1
         let gen = generation
-        watcher = Task { await self.watch(link: link, generation: gen) }
+        watcher = Task { await self.watch(agent: agent, generation: gen) }
     }
 
     /// What `uvm ports` shows.
@@ -65,28 +65,20 @@ actor PortForwarder {
         }
     }
 
-    private func watch(link: HTTP2Sessions.ClientMultiplexer, generation gen: Int) async {
+    private func watch(agent: GuestAgentClient, generation gen: Int) async {
         do {
-            let session = try await HTTP2Sessions.openSession(link)
-            try await session.executeThenClose { inbound, outbound in
-                try await outbound.write(.json(.request, Request(op: .watchPorts)))
-                for try await frame in inbound {
-                    switch frame.kind {
-                    case .event: await self.apply(try frame.decode([ListeningPort].self), link: link, generation: gen)
-                    case .error: logger.warning("port tracker failed", metadata: ["error": "\((try? frame.decode(WireError.self).message) ?? "?")"])
-                    default: break
-                    }
-                }
-            }
+            try await agent.watchPorts { ports in await self.apply(ports, agent: agent, generation: gen) }
+        } catch let e as WireError {
+            logger.warning("port tracker failed", metadata: ["error": "\(e.message)"])
         } catch {
             logger.debug("port watch ended", metadata: ["error": "\(error)"])
         }
         if gen == generation { releaseAll() }
     }
 
-    private func apply(_ ports: [ListeningPort], link: HTTP2Sessions.ClientMultiplexer, generation gen: Int) async {
+    private func apply(_ ports: [ListeningPort], agent: GuestAgentClient, generation gen: Int) async {
         guard gen == generation else { return }
-        defer { scheduleRetry(ports, link: link, generation: gen) }
+        defer { scheduleRetry(ports, agent: agent, generation: gen) }
         let wanted = Dictionary(ports.map { ($0.port, $0) }, uniquingKeysWith: { a, _ in a })
         for (port, f) in forwards where wanted[port] == nil {
             f.listeners.forEach { $0.close(promise: nil) }
@@ -115,7 +107,7 @@ actor PortForwarder {
             var f = forwards[port] ?? Forward(guest: guest)
             f.guest = guest
             forwards[port] = f
-            let (listeners, addresses, error) = await listen(port: port, skipping: f.hostAddresses, distro: guest.distro ?? defaultDistro, link: link)
+            let (listeners, addresses, error) = await listen(port: port, skipping: f.hostAddresses, distro: guest.distro ?? defaultDistro, agent: agent)
             guard gen == generation, forwards[port] != nil else {
                 listeners.forEach { $0.close(promise: nil) }
                 continue
@@ -135,13 +127,13 @@ actor PortForwarder {
     }
 
     /// A host port taken by another program may be freed later: try again while any is failing.
-    private func scheduleRetry(_ ports: [ListeningPort], link: HTTP2Sessions.ClientMultiplexer, generation gen: Int) {
+    private func scheduleRetry(_ ports: [ListeningPort], agent: GuestAgentClient, generation gen: Int) {
         retry?.cancel()
         retry = nil
         guard forwards.values.contains(where: { $0.error != nil && !$0.overLimit }) else { return }
         retry = Task {
             try? await Task.sleep(for: Self.retryInterval)
-            if !Task.isCancelled { await self.apply(ports, link: link, generation: gen) }
+            if !Task.isCancelled { await self.apply(ports, agent: agent, generation: gen) }
         }
     }
 
@@ -153,7 +145,7 @@ actor PortForwarder {
     }
 
     /// Binds 127.0.0.1:port and [::1]:port. A host without IPv6 on its loopback gets the IPv4 one only.
-    private func listen(port: UInt16, skipping bound: [String], distro: String, link: HTTP2Sessions.ClientMultiplexer) async
+    private func listen(port: UInt16, skipping bound: [String], distro: String, agent: GuestAgentClient) async
         -> (listeners: [Channel], addresses: [String], error: String?) {
         var listeners: [Channel] = [], addresses: [String] = [], errors: [String] = []
         for host in Self.hostAddresses where !bound.contains(host) {
@@ -178,7 +170,7 @@ actor PortForwarder {
                         try await server.executeThenClose { accepted in
                             try await withThrowingDiscardingTaskGroup { group in
                                 for try await connection in accepted {
-                                    group.addTask { await self.relay(connection, port: port, distro: distro, link: link) }
+                                    group.addTask { await self.relay(connection, port: port, distro: distro, agent: agent) }
                                 }
                             }
                         }
@@ -207,12 +199,10 @@ actor PortForwarder {
 
     /// Host connection <-> one guest stream: `stdin`/`stdinEOF` towards the guest, `stdout`/
     /// `stdoutEOF` back; the guest ends with `exit` when both directions are done, or `error`.
-    private nonisolated func relay(_ connection: Connection, port: UInt16, distro: String, link: HTTP2Sessions.ClientMultiplexer) async {
+    private nonisolated func relay(_ connection: Connection, port: UInt16, distro: String, agent: GuestAgentClient) async {
         await counted(distro: distro) {
             do {
-                let guest = try await HTTP2Sessions.openSession(link)
-                try await guest.executeThenClose { fromGuest, toGuest in
-                    try await toGuest.write(.json(.request, Request(op: .connect, port: port)))
+                try await agent.connect(port: port) { fromGuest, toGuest in
                     try await connection.executeThenClose { fromHost, toHost in
                         try await withThrowingTaskGroup(of: Bool.self) { group in
                             group.addTask {

@@ -13,7 +13,7 @@ actor ShareService {
     let store: ShareStore
     let exporter: ShareExporter
     let logger: Logger
-    private var link: HTTP2Sessions.ClientMultiplexer?
+    private var agent: GuestAgentClient?
     /// name -> "mounted" or "failed: why", for the running VM.
     private var states: [String: String] = [:]
     /// The share list as last read from the store: every exec asks for its working directory,
@@ -39,8 +39,8 @@ actor ShareService {
 
     /// The VM is up: mount every share before the first command runs. A share that cannot be
     /// mounted (its folder is gone, say) is reported by `uvm share list`, not fatal.
-    func vmStarted(link: HTTP2Sessions.ClientMultiplexer, transport: ShmTransport?) async {
-        self.link = link
+    func vmStarted(agent: GuestAgentClient, transport: ShmTransport?) async {
+        self.agent = agent
         await exporter.use(transport)
         states = [:]
         let entries: [ShareStore.Entry]
@@ -52,25 +52,24 @@ actor ShareService {
     }
 
     func vmStopped() async {
-        link = nil
+        agent = nil
         states = [:]
         await exporter.stopAll()
         await exporter.use(nil)
     }
 
     private func mount(_ spec: ShareSpec) async {
-        guard let link else { return }
+        guard let agent else { return }
         do {
             var share = spec
             share.path = try ShareStore.canonicalDirectory(spec.path)
             let placed = try await exporter.export(share)
-            let request = Request(op: .mount, mount: MountRequest(name: share.name, port: placed.slot.port, readOnly: share.readOnly,
-                                                                  aname: share.serverCommand == nil ? nil : share.path,
-                                                                  channel: placed.channel))
+            let request = MountRequest(name: share.name, port: placed.slot.port, readOnly: share.readOnly,
+                                       aname: share.serverCommand == nil ? nil : share.path, channel: placed.channel)
             // A server that never answers the guest's attach must not hang the share: when this
             // gives up, stopping the export (below) closes the channel and fails the guest's mount.
             _ = try await withTimeout(seconds: 30, what: "the guest to mount share \(share.name)") {
-                try await VMController.request(request, on: link, as: [String: Bool].self)
+                try await agent.mount(request)
             }
             states[spec.name] = "mounted"
             let via = placed.channel.map { "shared memory channel \($0)" } ?? placed.slot.port
@@ -93,10 +92,9 @@ actor ShareService {
         cachedEntries = nil
         try store.remove(name)
         states[name] = nil
-        guard let link, await exporter.exported.contains(name) else { return }
+        guard let agent, await exporter.exported.contains(name) else { return }
         // The guest unmounts first (and lets go of the port), then the server goes.
-        _ = try? await VMController.request(Request(op: .unmount, mount: MountRequest(name: name, port: "")),
-                                            on: link, as: [String: Bool].self)
+        try? await agent.unmount(share: name)
         await exporter.stop(name)
     }
 
@@ -105,7 +103,7 @@ actor ShareService {
     }
 
     private func state(_ name: String) -> String {
-        link == nil ? "pending (mounted when the VM starts)" : (states[name] ?? "pending")
+        agent == nil ? "pending (mounted when the VM starts)" : (states[name] ?? "pending")
     }
 
     /// Where a command started in host directory `hostCwd` runs in the guest, if that is in a share.

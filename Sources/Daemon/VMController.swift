@@ -17,7 +17,7 @@ public actor VMController {
 
     struct Running {
         var domain: VMDomain
-        var link: HTTP2Sessions.ClientMultiplexer
+        var agent: GuestAgentClient
         var linkChannel: Channel
         var accel: AcceleratorChoice
         var guest: GuestInfo
@@ -61,9 +61,9 @@ public actor VMController {
         self.forwarder = forwarder
     }
 
-    /// The link to a running guest, booting the VM first when needed.
-    func link(progress: @escaping @Sendable (String) async -> Void) async throws -> HTTP2Sessions.ClientMultiplexer {
-        try await ensureRunning(progress: progress).link
+    /// The agent of a running guest, booting the VM first when needed.
+    func agent(progress: @escaping @Sendable (String) async -> Void) async throws -> GuestAgentClient {
+        try await ensureRunning(progress: progress).agent
     }
 
     func ensureRunning(progress: @escaping @Sendable (String) async -> Void) async throws -> Running {
@@ -96,7 +96,7 @@ public actor VMController {
             running = r
             state = .running
             lifecycleSink.yield(.started(instances: r.guest.instances))
-            await forwarder?.start(link: r.link)
+            await forwarder?.start(agent: r.agent)
             return r
         } catch {
             boot = nil
@@ -199,7 +199,12 @@ public actor VMController {
         do {
             let (channel, mux) = try await connectControl(domain: domain)
             let guest = try await withTimeout(seconds: settings.bootTimeoutSeconds, what: "the guest agent to answer") {
-                try await Self.request(.info, on: mux, as: GuestInfo.self)
+                try await GuestAgentClient(link: mux).info()
+            }
+            let agent = GuestAgentClient(link: mux).knowing(guest)
+            // Our own initramfs, built by another uvm version: say what to rebuild.
+            if agent.incompatibility != nil {
+                throw WireError(.versionMismatch, "the guest agent in \(paths.initramfs) speaks uvm protocol \(guest.protocolVersion ?? WireVersion.unversioned), this uvmd \(WireVersion.current): rebuild it with this uvm (`make`)")
             }
             logger.info("guest up", metadata: ["kernel": "\(guest.kernelRelease)", "boot": "\(ContinuousClock.now - started)"])
             channel.closeFuture.whenComplete { _ in
@@ -208,8 +213,8 @@ public actor VMController {
             if let transport, !transport.connected {
                 logger.warning("QEMU did not take the 9P shared memory: shares use virtio-serial")
             }
-            await shares.vmStarted(link: mux, transport: transport)
-            return Running(domain: domain, link: mux, linkChannel: channel, accel: accel, guest: guest,
+            await shares.vmStarted(agent: agent, transport: transport)
+            return Running(domain: domain, agent: agent, linkChannel: channel, accel: accel, guest: guest,
                            bootedAt: started, generation: gen)
         } catch {
             await destroyBounded(domain)
@@ -239,24 +244,6 @@ public actor VMController {
             }
         }
         throw WireError(.vmUnavailable, "cannot connect to the guest control port \(paths.controlSocket): \(lastError.map { "\($0)" } ?? "?")")
-    }
-
-    /// One request/response session with the guest agent.
-    static func request<T: Decodable & Sendable>(_ op: Request.Operation, instance: String? = nil, on mux: HTTP2Sessions.ClientMultiplexer, as: T.Type) async throws -> T {
-        try await request(Request(op: op, instance: instance), on: mux, as: T.self)
-    }
-
-    static func request<T: Decodable & Sendable>(_ request: Request, on mux: HTTP2Sessions.ClientMultiplexer, as: T.Type) async throws -> T {
-        let session = try await HTTP2Sessions.openSession(mux)
-        return try await session.executeThenClose { inbound, outbound in
-            try await outbound.write(.json(.request, request))
-            var answer: Frame? = nil
-            // Until the guest closes the stream (closing it first would reset it).
-            for try await frame in inbound where answer == nil && frame.kind.isFinal { answer = frame }
-            guard let answer else { throw WireError(.vmStopped, "the guest closed the session") }
-            if answer.kind == .error { throw try answer.decode(WireError.self) }
-            return try answer.decode(T.self)
-        }
     }
 
     /// Which distros exist and where their disks are.
@@ -297,8 +284,7 @@ public actor VMController {
         var outcome = "powered off cleanly"
         do {
             try await withTimeout(seconds: 20, what: "the guest to power off") {
-                struct OK: Decodable, Sendable { var ok: Bool }
-                _ = try await Self.request(.shutdown, on: r.link, as: OK.self)
+                try await r.agent.shutdown()
             }
         } catch {
             logger.warning("clean shutdown failed, destroying", metadata: ["error": "\(error)"])
@@ -369,8 +355,7 @@ public actor VMController {
         guard let r = running else { return }
         do {
             try await withTimeout(seconds: 20, what: "instance \(distro) to stop") {
-                struct OK: Decodable, Sendable { var ok: Bool }
-                _ = try await Self.request(.stopInstance, instance: distro, on: r.link, as: OK.self)
+                try await r.agent.stopInstance(distro)
             }
             logger.info("instance stopped (idle)", metadata: ["distro": "\(distro)"])
         } catch {
@@ -402,15 +387,19 @@ public actor VMController {
         do {
             let (channel, mux) = try await connectControl(domain: domain, attempts: 40)
             let guest = try await withTimeout(seconds: 10, what: "the guest agent of the VM left behind") {
-                try await Self.request(.info, on: mux, as: GuestInfo.self)
+                try await GuestAgentClient(link: mux).info()
             }
+            let agent = GuestAgentClient(link: mux).knowing(guest)
+            // Left by another uvm version: kept (the user's processes live in it), but only
+            // stopped; `uvm stop` ends it and the next command boots this version's guest.
+            if let e = agent.incompatibility { logger.warning("adopted VM speaks another protocol", metadata: ["error": "\(e)"]) }
             generation += 1
             let gen = generation
             channel.closeFuture.whenComplete { _ in
                 Task { await self.linkClosed(generation: gen) }
             }
             let accel = loadBootRecord() ?? AcceleratorChoice(accelerator: .tcg, reason: "adopted; accelerator unknown")
-            let r = Running(domain: domain, link: mux, linkChannel: channel, accel: accel, guest: guest,
+            let r = Running(domain: domain, agent: agent, linkChannel: channel, accel: accel, guest: guest,
                             bootedAt: .now - .milliseconds(Int64(guest.uptimeSeconds * 1000)), generation: gen)
             running = r
             state = .running
@@ -418,8 +407,8 @@ public actor VMController {
             // The earlier uvmd's 9P servers went with it: serve the shares again and remount them,
             // through the virtio-serial ports (the shared memory's server went with it too, and
             // QEMU cannot connect to a new one).
-            await shares.vmStarted(link: mux, transport: nil)
-            await forwarder?.start(link: mux)
+            await shares.vmStarted(agent: agent, transport: nil)
+            await forwarder?.start(agent: agent)
             logger.info("adopted the VM", metadata: ["instances": "\(guest.instances)", "qemu": "\(domain.qemuPID().map { "\($0)" } ?? "?")"])
             lifecycleSink.yield(.started(instances: guest.instances))
         } catch {
@@ -483,7 +472,7 @@ public actor VMController {
         s.acceleratorReason = r.accel.reason
         s.qemuPID = r.domain.qemuPID().map { Int32($0) }
         s.memoryMiB = settings.memoryMiB
-        if let g = try? await Self.request(.info, on: r.link, as: GuestInfo.self) {
+        if let g = try? await r.agent.info() {
             s.kernelRelease = g.kernelRelease
             s.uptimeSeconds = g.uptimeSeconds
             s.guestMemTotalKiB = g.memTotalKiB

@@ -87,13 +87,13 @@ public enum GuestAgent {
         do {
             try await FrameSession.serve(session) { first, rest, outbound in
                 do {
-                    guard first.kind == .request else { throw WireError(.protocolError, "session did not start with a request") }
-                    try await perform(try first.decode(Request.self), rest: rest, outbound: outbound, instances: instances, shares: shares)
+                    let request = try first.decodeRequest(GuestRequest.self, who: "the guest agent")
+                    try await perform(request, rest: rest, outbound: outbound, instances: instances, shares: shares)
                 } catch let e as WireError {
                     try await outbound.write(.error(e))
                 } catch {
                     // Not an answer we meant to give: the console log says where it came from.
-                    log("\((try? first.decode(Request.self).op.rawValue) ?? "request") failed: \(error)")
+                    log("\(first.requestOperation) failed: \(error)")
                     try await outbound.write(.error(WireError(.internalError, "\(error)")))
                 }
             }
@@ -102,13 +102,12 @@ public enum GuestAgent {
         }
     }
 
-    static func perform(_ request: Request, rest: AsyncStream<Frame>, outbound: NIOAsyncChannelOutboundWriter<Frame>,
+
+    static func perform(_ request: GuestRequest, rest: AsyncStream<Frame>, outbound: NIOAsyncChannelOutboundWriter<Frame>,
                         instances: Instances, shares: ShareMounts) async throws {
-        switch request.op {
-        case .exec:
-            guard let exec = request.exec else { throw WireError(.badRequest, "exec without a command") }
-            let serial = request.distroDisk ?? "uvm-\(exec.distro ?? "busybox")"
-            try await ProcessSession(request: exec, diskSerial: serial, instances: instances,
+        switch request {
+        case .exec(let r):
+            try await ProcessSession(request: r.exec, diskSerial: r.distroDisk, instances: instances,
                                      inbound: rest, outbound: outbound).run()
         case .info:
             try await outbound.write(.json(.response, await info(instances)))
@@ -117,32 +116,27 @@ public enum GuestAgent {
             await instances.stopAll()
             await shares.unmountAll()
             // uvm_poweroff syncs (bounded) once the answer is on its way.
-            try await outbound.write(.json(.response, ["ok": true]))
+            try await outbound.write(.json(.response, Done()))
             // Let the answer reach the host before the machine goes away.
             try await Task.sleep(for: .milliseconds(50))
             log("powering off")
             _ = uvm_poweroff()
-        case .mount:
-            guard let m = request.mount else { throw WireError(.badRequest, "mount: no share given") }
+        case .mount(let m):
             try await shares.mount(m)
-            try await outbound.write(.json(.response, ["ok": true]))
-        case .unmount:
-            guard let m = request.mount else { throw WireError(.badRequest, "unmount: no share given") }
-            try await shares.unmount(m.name)
-            try await outbound.write(.json(.response, ["ok": true]))
-        case .stopInstance:
-            guard let name = request.instance else { throw WireError(.badRequest, "stopInstance: which instance?") }
-            log("stopping instance \(name) (idle)")
-            await instances.stop(name)
+            try await outbound.write(.json(.response, Done()))
+        case .unmount(let u):
+            try await shares.unmount(u.name)
+            try await outbound.write(.json(.response, Done()))
+        case .stopInstance(let s):
+            log("stopping instance \(s.name) (idle)")
+            await instances.stop(s.name)
             await boundedSync()
-            try await outbound.write(.json(.response, ["ok": true]))
+            try await outbound.write(.json(.response, Done()))
         case .watchPorts:
             try await PortTracker(instances: instances).watch(rest: rest, outbound: outbound)
-        case .connect:
-            guard let port = request.port, port > 0 else { throw WireError(.badRequest, "connect without a port") }
-            try await PortRelay.connect(port: port, rest: rest, outbound: outbound)
-        default:
-            throw WireError(.badRequest, "the guest does not serve '\(request.op.rawValue)'")
+        case .connect(let c):
+            guard c.port > 0 else { throw WireError(.badRequest, "connect without a port") }
+            try await PortRelay.connect(port: c.port, rest: rest, outbound: outbound)
         }
     }
 

@@ -112,7 +112,7 @@ struct Start: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Boot the VM now (any command boots it when needed anyway).")
     @OptionGroup var format: FormatOption
     func run() throws {
-        let status = try DaemonConnection.connectOrLaunch(paths: .current()).call(Request(op: .start), as: VMStatus.self)
+        let status = try DaemonConnection.connectOrLaunch(paths: .current()).call(StartRequest())
         try printStatus(status, format.format)
     }
 }
@@ -122,23 +122,23 @@ struct Stop: ParsableCommand {
         abstract: "Shut the VM down cleanly (running commands end with a message saying so).",
         discussion: "Without it the VM stops by itself once idle: see `uvm list` and `uvm config show`.")
     @OptionGroup var format: FormatOption
-    func run() throws { try askRunningDaemon(.stop, format.format) }
+    func run() throws { try askRunningDaemon(StopRequest(), format.format) }
 }
 
 struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Show the VM's state, accelerator, kernel, uptime, QEMU pid, memory, clients and when an idle stop is due.")
     @OptionGroup var format: FormatOption
-    func run() throws { try askRunningDaemon(.status, format.format) }
+    func run() throws { try askRunningDaemon(StatusRequest(), format.format) }
 }
 
-/// `op` needs no VM: without a uvmd there is nothing to ask (and nothing to start).
-func askRunningDaemon(_ op: Request.Operation, _ format: FormatOption.Format) throws {
+/// `call` needs no VM: without a uvmd there is nothing to ask (and nothing to start).
+func askRunningDaemon<C: DaemonCall>(_ call: C, _ format: FormatOption.Format) throws where C.Response == VMStatus {
     guard let conn = DaemonConnection.connect(path: Paths.current().socket) else {
         print(format == .json ? #"{"daemon":"not running","state":"Stopped"}"# : "state:   Stopped (uvmd is not running)")
         return
     }
-    try printStatus(try conn.call(Request(op: op), as: VMStatus.self), format)
+    try printStatus(try conn.call(call), format)
 }
 
 struct Doctor: ParsableCommand {

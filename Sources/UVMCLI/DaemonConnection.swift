@@ -165,11 +165,11 @@ final class DaemonConnection: @unchecked Sendable {
     }
 
     /// A request whose answer is one `response` frame (progress lines go to stderr).
-    func call<T: Decodable>(_ request: Request, as: T.Type, showProgress: Bool = true) throws -> T {
-        try send(.json(.request, request))
+    func call<C: DaemonCall>(_ call: C, showProgress: Bool = true) throws -> C.Response {
+        try send(.json(.request, call.request))
         while let frame = try receive() {
             switch frame.kind {
-            case .response: return try frame.decode(T.self)
+            case .response: return try frame.decode(C.Response.self)
             case .error: throw CLIError(try frame.decode(WireError.self).message)
             case .progress: if showProgress { writeAll(2, frame.payload, newline: true) }
             default: continue

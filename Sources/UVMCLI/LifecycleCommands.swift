@@ -19,7 +19,7 @@ struct List: ParsableCommand {
         let paths = Paths.current()
         let status: VMStatus
         if let conn = DaemonConnection.connect(path: paths.socket) {
-            status = try conn.call(Request(op: .status), as: VMStatus.self)
+            status = try conn.call(StatusRequest())
         } else {
             // No uvmd: nothing runs; the distros are what is installed.
             status = VMStatus(state: "Stopped", daemonPID: 0, sessions: 0)

@@ -20,7 +20,7 @@ struct Ports: ParsableCommand {
     func run() throws {
         var ports: [ForwardedPort] = []
         if let conn = DaemonConnection.connect(path: Paths.current().socket) {
-            ports = try conn.call(Request(op: .ports), as: [ForwardedPort].self)
+            ports = try conn.call(PortsRequest())
         }
         if format.format == .json {
             let e = JSONEncoder()

@@ -29,7 +29,7 @@ enum SessionRunner {
         if let size = terminal?.windowSize { (request.rows, request.cols) = (size.rows, size.cols) }
         // getcwd is the physical path, as share roots are kept: uvmd maps it into a share.
         if request.cwd == nil { request.hostCwd = FileManager.default.currentDirectoryPath }
-        try conn.send(.json(.request, Request(op: .exec, exec: request)))
+        try conn.send(.json(.request, DaemonRequest.exec(request)))
         terminal?.enterRawMode()
         defer { terminal?.restore() }
 

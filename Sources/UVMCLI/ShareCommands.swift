@@ -32,7 +32,7 @@ struct Share: ParsableCommand {
             let absolute = path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
             let spec = ShareSpec(name: name, path: absolute, readOnly: readOnly, metadata: metadata, serverCommand: serverCommand,
                                  viaPort: viaPort ? true : nil)
-            let status = try DaemonConnection.connectOrLaunch(paths: .current()).call(Request(op: .shareAdd, share: spec), as: ShareStatus.self)
+            let status = try DaemonConnection.connectOrLaunch(paths: .current()).call(ShareAddRequest(share: spec))
             try printShares([status], format.format)
             // Recorded, but the running VM could not mount it: say so, and fail.
             if status.state.hasPrefix("failed") {
@@ -45,7 +45,7 @@ struct Share: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "List the shares, where they appear, and whether they are mounted.")
         @OptionGroup var format: FormatOption
         func run() throws {
-            let shares = try DaemonConnection.connectOrLaunch(paths: .current()).call(Request(op: .shareList), as: [ShareStatus].self)
+            let shares = try DaemonConnection.connectOrLaunch(paths: .current()).call(ShareListRequest())
             try printShares(shares, format.format)
         }
     }
@@ -55,7 +55,7 @@ struct Share: ParsableCommand {
         @Argument(help: "The share's name.") var name: String
         func run() throws {
             _ = try DaemonConnection.connectOrLaunch(paths: .current())
-                .call(Request(op: .shareRemove, share: ShareSpec(name: name, path: "")), as: [ShareStatus].self)
+                .call(ShareRemoveRequest(name: name))
         }
     }
 }

@@ -5,50 +5,6 @@ import FoundationEssentials
 import Foundation
 #endif
 
-/// The first frame of every session says what the session is for.
-public struct Request: Codable, Sendable, Equatable {
-    public enum Operation: String, Codable, Sendable {
-        case exec        // run a process (CLI -> uvmd -> guest)
-        case status      // describe the VM (CLI -> uvmd)
-        case start       // boot the VM if needed (CLI -> uvmd)
-        case stop        // clean shutdown (CLI -> uvmd)
-        case info        // describe the guest (uvmd -> guest)
-        case shutdown    // stop instances, sync, power off (uvmd -> guest)
-        case shareAdd    // export a host folder (CLI -> uvmd)
-        case shareList   // the shares (CLI -> uvmd)
-        case shareRemove // stop exporting a folder (CLI -> uvmd)
-        case mount       // mount a share from its 9P port (uvmd -> guest)
-        case unmount     // unmount a share and free its port (uvmd -> guest)
-        case stopInstance  // stop one distro instance: signal, sync, unmount (uvmd -> guest)
-        case ports       // what is forwarded to host localhost (CLI -> uvmd)
-        case watchPorts  // stream of listening-port snapshots, `event` frames (uvmd -> guest)
-        case connect     // relay one TCP connection to `port` on the guest's loopback (uvmd -> guest)
-    }
-    public var op: Operation
-    public var exec: ExecRequest?
-    /// Disk of each distro the guest may start, by name (uvmd -> guest, with exec).
-    public var distroDisk: String?
-    /// shareAdd, shareRemove (only the name)
-    public var share: ShareSpec?
-    /// mount, unmount (only the name)
-    public var mount: MountRequest?
-    /// The distro instance an operation is about (stopInstance).
-    public var instance: String?
-    /// Guest TCP port (connect).
-    public var port: UInt16?
-
-    public init(op: Operation, exec: ExecRequest? = nil, distroDisk: String? = nil, instance: String? = nil,
-                share: ShareSpec? = nil, mount: MountRequest? = nil, port: UInt16? = nil) {
-        self.op = op
-        self.exec = exec
-        self.distroDisk = distroDisk
-        self.instance = instance
-        self.share = share
-        self.mount = mount
-        self.port = port
-    }
-}
-
 public struct ExecRequest: Codable, Sendable, Equatable {
     public var argv: [String]
     /// KEY=VALUE entries added to (or replacing) the guest's defaults.
@@ -101,6 +57,8 @@ public struct ExitStatus: Codable, Sendable, Equatable {
 public struct WireError: Codable, Sendable, Equatable, Error, CustomStringConvertible {
     public enum Code: String, Codable, Sendable {
         case badRequest, notFound, vmUnavailable, vmStopped, spawnFailed, internalError, protocolError, permissionDenied
+        /// The peers come from different uvm builds (`WireVersion`).
+        case versionMismatch
     }
     public var code: Code
     public var message: String
@@ -118,7 +76,11 @@ public struct GuestInfo: Codable, Sendable, Equatable {
     public var memTotalKiB: UInt64
     public var memAvailableKiB: UInt64
     public var instances: [String]
-    public init(kernelRelease: String, uptimeSeconds: Double, memTotalKiB: UInt64, memAvailableKiB: UInt64, instances: [String]) {
+    /// `WireVersion.current` of the agent; nil from an agent that predates versioning.
+    public var protocolVersion: Int?
+    public init(kernelRelease: String, uptimeSeconds: Double, memTotalKiB: UInt64, memAvailableKiB: UInt64, instances: [String],
+                protocolVersion: Int? = WireVersion.current) {
+        self.protocolVersion = protocolVersion
         self.kernelRelease = kernelRelease
         self.uptimeSeconds = uptimeSeconds
         self.memTotalKiB = memTotalKiB

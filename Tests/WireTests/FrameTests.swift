@@ -48,9 +48,9 @@ import Wire
         #expect(Frame.signal(15).signalNumber == 15)
         let ws = try #require(Frame.resize(rows: 40, cols: 132).windowSize)
         #expect(ws.rows == 40 && ws.cols == 132)
-        let req = Request(op: .exec, exec: ExecRequest(argv: ["sh", "-c", "exit 7"], env: ["A=b"], tty: true))
-        #expect(try Frame.json(.request, req).decode(Request.self) == req)
-        #expect(throws: WireProtocolError.self) { try Frame(.request, ByteBuffer(string: "{nope")).decode(Request.self) }
+        let req = DaemonRequest.exec(ExecRequest(argv: ["sh", "-c", "exit 7"], env: ["A=b"], tty: true))
+        #expect(try Frame.json(.request, req).decode(DaemonRequest.self) == req)
+        #expect(throws: WireProtocolError.self) { try Frame(.request, ByteBuffer(string: "{nope")).decode(DaemonRequest.self) }
     }
 
     @Test func exitStatusFollowsTheShell() {

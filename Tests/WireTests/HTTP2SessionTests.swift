@@ -26,8 +26,8 @@ import Wire
             for try await session in server.inbound {
                 group.addTask {
                     try await FrameSession.serve(session) { first, rest, outbound in
-                        let r = try first.decode(Request.self)
-                        if r.op == .info { try await outbound.write(.json(.response, ["ok": true])); return }
+                        let r = try first.decodeRequest(GuestRequest.self, who: "test agent")
+                        if case .info = r { try await outbound.write(.json(.response, Done())); return }
                         var total = 0
                         for await frame in rest {
                             switch frame.kind {
@@ -56,7 +56,7 @@ import Wire
                 group.addTask {
                     let s = try await HTTP2Sessions.openSession(client)
                     try await s.executeThenClose { inbound, outbound in
-                        try await outbound.write(.json(.request, Request(op: .exec, exec: ExecRequest(argv: ["cat"]))))
+                        try await outbound.write(.json(.request, GuestRequest.exec(GuestExecRequest(exec: ExecRequest(argv: ["cat"]), distroDisk: "uvm-test"))))
                         // Session i sends i*10_000+1 bytes of the byte i: more than one window for some.
                         let size = i * 10_000 + 1
                         let payload = ByteBuffer(repeating: UInt8(i), count: size)
@@ -94,7 +94,7 @@ import Wire
         for _ in 0..<400 {
             let s = try await HTTP2Sessions.openSession(client)
             let ok = try await s.executeThenClose { inbound, outbound in
-                try await outbound.write(.json(.request, Request(op: .info)))
+                try await outbound.write(.json(.request, GuestRequest.info(InfoRequest())))
                 var answered = false
                 for try await f in inbound where f.kind == .response { answered = true }
                 return answered

@@ -1,0 +1,330 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// The version of the messages below. Both links check it on every request, so that a `uvm`,
+/// uvmd and guest agent from different builds say so instead of misreading each other (a new
+/// uvmd adopting a VM whose agent predates stdin acknowledgements would stall every exec after
+/// 2 MiB of input). Bump it on any change an older peer would get wrong.
+public enum WireVersion {
+    public static let current = 2
+    /// Requests without a version come from before versioning (protocol 1).
+    public static let unversioned = 1
+}
+
+/// A request whose answer is one `response` frame holding `Response` (or one `error` frame).
+public protocol WireCall: Codable, Sendable, Equatable {
+    associatedtype Response: Codable & Sendable
+}
+
+/// An empty acknowledgement: the operation was done. (An older agent's `{"ok": true}` reads as one.)
+public struct Done: Codable, Sendable, Equatable {
+    public init() {}
+}
+
+// MARK: CLI -> uvmd
+
+/// Everything `uvm` asks of uvmd: the first frame (`request`) of a session on uvmd's socket.
+public enum DaemonRequest: Sendable, Equatable {
+    /// A process in a distro; then stdin/signal/resize frames in, stdout/stderr out, `exit` last.
+    case exec(ExecRequest)
+    case start(StartRequest)
+    case stop(StopRequest)
+    case status(StatusRequest)
+    case shareAdd(ShareAddRequest)
+    case shareList(ShareListRequest)
+    case shareRemove(ShareRemoveRequest)
+    case ports(PortsRequest)
+}
+
+/// A call `uvm` makes to uvmd.
+public protocol DaemonCall: WireCall {
+    var request: DaemonRequest { get }
+}
+
+/// Boot the VM if it is not running; answers the status once it is up.
+public struct StartRequest: DaemonCall {
+    public typealias Response = VMStatus
+    public init() {}
+    public var request: DaemonRequest { .start(self) }
+}
+
+/// Stop the VM cleanly (destroying it if that does not finish in time).
+public struct StopRequest: DaemonCall {
+    public typealias Response = VMStatus
+    public init() {}
+    public var request: DaemonRequest { .stop(self) }
+}
+
+/// Describe the VM, its instances and the reaper's view. Starts nothing.
+public struct StatusRequest: DaemonCall {
+    public typealias Response = VMStatus
+    public init() {}
+    public var request: DaemonRequest { .status(self) }
+}
+
+/// Export a host folder at /mnt/host/NAME (mounted at once when the VM runs).
+public struct ShareAddRequest: DaemonCall {
+    public typealias Response = ShareStatus
+    public var share: ShareSpec
+    public init(share: ShareSpec) { self.share = share }
+    public var request: DaemonRequest { .shareAdd(self) }
+}
+
+public struct ShareListRequest: DaemonCall {
+    public typealias Response = [ShareStatus]
+    public init() {}
+    public var request: DaemonRequest { .shareList(self) }
+}
+
+/// Stop exporting a folder; answers the shares that remain.
+public struct ShareRemoveRequest: DaemonCall {
+    public typealias Response = [ShareStatus]
+    public var name: String
+    public init(name: String) { self.name = name }
+    public var request: DaemonRequest { .shareRemove(self) }
+}
+
+/// What is forwarded to host localhost.
+public struct PortsRequest: DaemonCall {
+    public typealias Response = [ForwardedPort]
+    public init() {}
+    public var request: DaemonRequest { .ports(self) }
+}
+
+// MARK: uvmd -> guest agent
+
+/// Everything uvmd asks of the guest agent: the first frame of an HTTP/2 stream to uvm-init.
+public enum GuestRequest: Sendable, Equatable {
+    /// As `DaemonRequest.exec`, with the distro's disk resolved.
+    case exec(GuestExecRequest)
+    case info(InfoRequest)
+    case shutdown(ShutdownRequest)
+    case mount(MountRequest)
+    case unmount(UnmountRequest)
+    case stopInstance(StopInstanceRequest)
+    /// `event` frames, each a `[ListeningPort]` snapshot, until either side ends the stream.
+    case watchPorts(WatchPortsRequest)
+    /// One TCP connection to the guest's loopback: `stdin`/`stdout` frames carry its bytes,
+    /// `stdinEOF`/`stdoutEOF` its half-closes; a refused connect is an `error` frame.
+    case connect(ConnectRequest)
+}
+
+/// A call uvmd makes to the guest agent.
+public protocol GuestCall: WireCall {
+    var request: GuestRequest { get }
+}
+
+public struct GuestExecRequest: Codable, Sendable, Equatable {
+    public var exec: ExecRequest
+    /// Serial of the distro's disk (`uvm-NAME`), as uvmd attached it.
+    public var distroDisk: String
+    public init(exec: ExecRequest, distroDisk: String) {
+        self.exec = exec
+        self.distroDisk = distroDisk
+    }
+}
+
+public struct InfoRequest: GuestCall {
+    public typealias Response = GuestInfo
+    public init() {}
+    public var request: GuestRequest { .info(self) }
+}
+
+/// Stop every instance, unmount the shares, sync, then power off once the answer is sent.
+public struct ShutdownRequest: GuestCall {
+    public typealias Response = Done
+    public init() {}
+    public var request: GuestRequest { .shutdown(self) }
+}
+
+extension MountRequest: GuestCall {
+    public typealias Response = Done
+    public var request: GuestRequest { .mount(self) }
+}
+
+public struct UnmountRequest: GuestCall {
+    public typealias Response = Done
+    public var name: String
+    public init(name: String) { self.name = name }
+    public var request: GuestRequest { .unmount(self) }
+}
+
+/// Stop one distro instance: signal its processes, sync, unmount its disk.
+public struct StopInstanceRequest: GuestCall {
+    public typealias Response = Done
+    public var name: String
+    public init(name: String) { self.name = name }
+    public var request: GuestRequest { .stopInstance(self) }
+}
+
+public struct WatchPortsRequest: Codable, Sendable, Equatable {
+    public init() {}
+}
+
+public struct ConnectRequest: Codable, Sendable, Equatable {
+    public var port: UInt16
+    public init(port: UInt16) { self.port = port }
+}
+
+// MARK: the envelope
+
+/// On the wire a request is `{"version": 2, "op": "<case>", "args": {...}}`. "op" keeps the
+/// operation names of protocol 1, whose peers read it too: an older agent still answers `info`
+/// (which tells its version) and `shutdown`, so a new uvmd can see what it adopted and stop it.
+private enum EnvelopeKeys: String, CodingKey { case version, op, args }
+
+/// The parts of a request every version can read.
+public struct RequestHeader: Decodable, Sendable {
+    public var version: Int
+    public var op: String
+    private enum Keys: String, CodingKey { case version, op }
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: Keys.self)
+        version = try c.decodeIfPresent(Int.self, forKey: .version) ?? WireVersion.unversioned
+        op = try c.decode(String.self, forKey: .op)
+    }
+}
+
+private func encodeEnvelope(_ op: String, _ encoder: Encoder, args: (inout KeyedEncodingContainer<EnvelopeKeys>) throws -> Void) throws {
+    var c = encoder.container(keyedBy: EnvelopeKeys.self)
+    try c.encode(WireVersion.current, forKey: .version)
+    try c.encode(op, forKey: .op)
+    try args(&c)
+}
+
+private func unknownOperation(_ op: String, _ c: KeyedDecodingContainer<EnvelopeKeys>) -> Error {
+    DecodingError.dataCorruptedError(forKey: .op, in: c, debugDescription: "unknown operation '\(op)'")
+}
+
+extension DaemonRequest: Codable {
+    public func encode(to encoder: Encoder) throws {
+        try encodeEnvelope(op, encoder) { try encodeArgs(to: &$0) }
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: EnvelopeKeys.self)
+        try self.init(op: try c.decode(String.self, forKey: .op), args: c)
+    }
+
+    public var op: String {
+        switch self {
+        case .exec: "exec"
+        case .start: "start"
+        case .stop: "stop"
+        case .status: "status"
+        case .shareAdd: "shareAdd"
+        case .shareList: "shareList"
+        case .shareRemove: "shareRemove"
+        case .ports: "ports"
+        }
+    }
+
+    private func encodeArgs(to c: inout KeyedEncodingContainer<EnvelopeKeys>) throws {
+        switch self {
+        case .exec(let r): try c.encode(r, forKey: .args)
+        case .start(let r): try c.encode(r, forKey: .args)
+        case .stop(let r): try c.encode(r, forKey: .args)
+        case .status(let r): try c.encode(r, forKey: .args)
+        case .shareAdd(let r): try c.encode(r, forKey: .args)
+        case .shareList(let r): try c.encode(r, forKey: .args)
+        case .shareRemove(let r): try c.encode(r, forKey: .args)
+        case .ports(let r): try c.encode(r, forKey: .args)
+        }
+    }
+
+    private init(op: String, args c: KeyedDecodingContainer<EnvelopeKeys>) throws {
+        switch op {
+        case "exec": self = .exec(try c.decode(ExecRequest.self, forKey: .args))
+        case "start": self = .start(try c.decode(StartRequest.self, forKey: .args))
+        case "stop": self = .stop(try c.decode(StopRequest.self, forKey: .args))
+        case "status": self = .status(try c.decode(StatusRequest.self, forKey: .args))
+        case "shareAdd": self = .shareAdd(try c.decode(ShareAddRequest.self, forKey: .args))
+        case "shareList": self = .shareList(try c.decode(ShareListRequest.self, forKey: .args))
+        case "shareRemove": self = .shareRemove(try c.decode(ShareRemoveRequest.self, forKey: .args))
+        case "ports": self = .ports(try c.decode(PortsRequest.self, forKey: .args))
+        default: throw unknownOperation(op, c)
+        }
+    }
+}
+
+extension GuestRequest: Codable {
+    public func encode(to encoder: Encoder) throws {
+        try encodeEnvelope(op, encoder) { try encodeArgs(to: &$0) }
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: EnvelopeKeys.self)
+        try self.init(op: try c.decode(String.self, forKey: .op), args: c)
+    }
+
+    public var op: String {
+        switch self {
+        case .exec: "exec"
+        case .info: "info"
+        case .shutdown: "shutdown"
+        case .mount: "mount"
+        case .unmount: "unmount"
+        case .stopInstance: "stopInstance"
+        case .watchPorts: "watchPorts"
+        case .connect: "connect"
+        }
+    }
+
+    private func encodeArgs(to c: inout KeyedEncodingContainer<EnvelopeKeys>) throws {
+        switch self {
+        case .exec(let r): try c.encode(r, forKey: .args)
+        case .info(let r): try c.encode(r, forKey: .args)
+        case .shutdown(let r): try c.encode(r, forKey: .args)
+        case .mount(let r): try c.encode(r, forKey: .args)
+        case .unmount(let r): try c.encode(r, forKey: .args)
+        case .stopInstance(let r): try c.encode(r, forKey: .args)
+        case .watchPorts(let r): try c.encode(r, forKey: .args)
+        case .connect(let r): try c.encode(r, forKey: .args)
+        }
+    }
+
+    private init(op: String, args c: KeyedDecodingContainer<EnvelopeKeys>) throws {
+        switch op {
+        case "exec": self = .exec(try c.decode(GuestExecRequest.self, forKey: .args))
+        case "info": self = .info(try c.decode(InfoRequest.self, forKey: .args))
+        case "shutdown": self = .shutdown(try c.decode(ShutdownRequest.self, forKey: .args))
+        case "mount": self = .mount(try c.decode(MountRequest.self, forKey: .args))
+        case "unmount": self = .unmount(try c.decode(UnmountRequest.self, forKey: .args))
+        case "stopInstance": self = .stopInstance(try c.decode(StopInstanceRequest.self, forKey: .args))
+        case "watchPorts": self = .watchPorts(try c.decode(WatchPortsRequest.self, forKey: .args))
+        case "connect": self = .connect(try c.decode(ConnectRequest.self, forKey: .args))
+        default: throw unknownOperation(op, c)
+        }
+    }
+}
+
+extension Frame {
+    /// The request this session starts with. A peer speaking another protocol version gets a
+    /// `versionMismatch` error naming both versions (`who` is the side answering, e.g. "uvmd
+    /// (pid 42)"); a malformed one gets `badRequest`.
+    public func decodeRequest<R: Decodable>(_ type: R.Type, who: String) throws -> R {
+        guard kind == .request else { throw WireError(.protocolError, "the session did not start with a request") }
+        let header: RequestHeader
+        do {
+            header = try JSONDecoder().decode(RequestHeader.self, from: Data(payload.readableBytesView))
+        } catch {
+            throw WireError(.badRequest, "malformed request: \(error)")
+        }
+        guard header.version == WireVersion.current else {
+            throw WireError(.versionMismatch, "\(who) speaks uvm protocol \(WireVersion.current), the request protocol \(header.version): they come from different uvm versions")
+        }
+        do {
+            return try JSONDecoder().decode(R.self, from: Data(payload.readableBytesView))
+        } catch {
+            throw WireError(.badRequest, "malformed '\(header.op)' request: \(error)")
+        }
+    }
+
+    /// The operation named by a request frame, for logs; "?" when unreadable.
+    public var requestOperation: String {
+        (try? JSONDecoder().decode(RequestHeader.self, from: Data(payload.readableBytesView)).op) ?? "?"
+    }
+}
