@@ -125,6 +125,13 @@ let package = Package(
         .testTarget(name: "ConfigTests", dependencies: ["Config", "Settings"]),
         .testTarget(name: "ReaperTests", dependencies: ["Reaper"]),
         .testTarget(name: "DistrosTests", dependencies: ["Distros", "Settings"]),
+        // Daemon logic against a fake guest agent: no VM.
+        .testTarget(name: "DaemonTests", dependencies: [
+            "Daemon", "Wire", "Settings", "Shares", "Reaper", "Plan9",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         // uvm-init's spawn path driven on the host, in a process of its own (see SpawnSoakTests).
         .executableTarget(name: "spawn-soak", dependencies: ["GuestAgent"], path: "Tests/SpawnSoak"),
         .testTarget(name: "GuestAgentTests", dependencies: ["spawn-soak"]),

@@ -199,11 +199,13 @@ actor PortForwarder {
 
     /// Host connection <-> one guest stream: `stdin`/`stdinEOF` towards the guest, `stdout`/
     /// `stdoutEOF` back; the guest ends with `exit` when both directions are done, or `error`.
+    /// The host connection is the outer scope: whatever happens to the guest stream (the link
+    /// is gone, the agent refuses), it is closed, never dropped unfinished.
     private nonisolated func relay(_ connection: Connection, port: UInt16, distro: String, agent: GuestAgentClient) async {
         await counted(distro: distro) {
             do {
-                try await agent.connect(port: port) { fromGuest, toGuest in
-                    try await connection.executeThenClose { fromHost, toHost in
+                try await connection.executeThenClose { fromHost, toHost in
+                    try await agent.connect(port: port) { fromGuest, toGuest in
                         try await withThrowingTaskGroup(of: Bool.self) { group in
                             group.addTask {
                                 for try await chunk in fromHost { try await toGuest.write(Frame(.stdin, chunk)) }
