@@ -81,6 +81,9 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP2", package: "swift-nio-http2"),
         ]),
+        // Root file system tarballs for `uvm import`/`uvm export`: a streaming pax writer and a
+        // push-based extractor confined to its destination. No Foundation: it goes into uvm-init.
+        .target(name: "Archive", dependencies: ["CSyscalls"]),
         // The `uvm` command's subcommands and its connection to uvmd (auto-launch included).
         .target(name: "UVMCLI", dependencies: [
             "Wire", "Settings", "Distros", "CSyscalls",
@@ -124,6 +127,7 @@ let package = Package(
         .testTarget(name: "EndToEndTests", dependencies: ["Wire", "Settings"], exclude: ["Fixtures"]),
         .testTarget(name: "ConfigTests", dependencies: ["Config", "Settings"]),
         .testTarget(name: "ReaperTests", dependencies: ["Reaper"]),
+        .testTarget(name: "ArchiveTests", dependencies: ["Archive", "CSyscalls"]),
         .testTarget(name: "DistrosTests", dependencies: ["Distros", "Settings"]),
         // Daemon logic against a fake guest agent: no VM.
         .testTarget(name: "DaemonTests", dependencies: [
