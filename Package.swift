@@ -76,7 +76,7 @@ let package = Package(
         ]),
         // uvm-init: PID 1 in the guest.
         .target(name: "GuestAgent", dependencies: [
-            "Wire", "CSyscalls",
+            "Wire", "CSyscalls", "Archive",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP2", package: "swift-nio-http2"),

@@ -57,6 +57,7 @@ public enum Config {
                 throw ConfigError(file: "environment", line: nil, key: key.env, message: error.message)
             }
         }
+        settings.defaultDistroIsExplicit = sources["general.defaultDistro"] != nil
         return LoadedSettings(settings: settings, sources: sources, file: file, fileExists: exists)
     }
 

@@ -69,7 +69,7 @@ struct ClientSession {
         switch request {
         case .exec(var exec):
             guard !exec.argv.isEmpty || exec.shell == true else { throw WireError(.badRequest, "exec: no command given") }
-            let distro = exec.distro ?? daemon.settings.defaultDistro
+            let distro = exec.distro ?? controller.distros.defaultDistro
             guard validDistroName(distro), await controller.knowsDistro(distro) else {
                 throw WireError(.notFound, "there is no distro '\(distro)' (installed: \(installedDistros().joined(separator: ", "))); `uvm exec --distro NAME` takes one of those")
             }
@@ -84,7 +84,9 @@ struct ClientSession {
             let token = await reaper.begin(distro: distro)
             defer { Task { await reaper.end(token) } }
             let agent = try await controller.agent(progress: progress)
-            try await relay(GuestExecRequest(exec: exec, distroDisk: diskSerial(distro)), agent: agent, rest: rest, outbound: outbound)
+            // A distro installed or first used after the VM booted: its disk is hot-plugged now.
+            try await controller.prepareDisk(distro, progress: progress)
+            try await relay(.exec(GuestExecRequest(exec: exec, distroDisk: diskSerial(distro))), agent: agent, rest: rest, outbound: outbound)
         case .start(let r):
             _ = try await controller.agent(progress: progress)
             try await respond(await daemon.status(), to: r, outbound)
@@ -102,19 +104,35 @@ struct ClientSession {
             try await respond(try await controller.shares.list(), to: r, outbound)
         case .ports(let r):
             try await respond(await daemon.forwarder.list(), to: r, outbound)
+        case .importDistro(let r):
+            try await DistroCommands(session: self).importDistro(r, rest: rest, outbound: outbound, progress: progress)
+        case .export(let r):
+            try await DistroCommands(session: self).export(r, rest: rest, outbound: outbound, progress: progress)
+        case .unregister(let r):
+            try await DistroCommands(session: self).unregister(r.name)
+            try await respond(Done(), to: r, outbound)
+        case .setDefault(let r):
+            try await DistroCommands(session: self).setDefault(r.name)
+            try await respond(Done(), to: r, outbound)
+        case .terminate(let r):
+            try await DistroCommands(session: self).terminate(r.name)
+            try await respond(Done(), to: r, outbound)
         }
     }
 
     /// The answer to `call`: typed by it, so a response of the wrong type does not compile.
-    private func respond<C: DaemonCall>(_ response: C.Response, to call: C, _ outbound: NIOAsyncChannelOutboundWriter<Frame>) async throws {
+    func respond<C: DaemonCall>(_ response: C.Response, to call: C, _ outbound: NIOAsyncChannelOutboundWriter<Frame>) async throws {
         try await outbound.write(.json(.response, response))
     }
 
     /// Client <-> guest. Ends when the guest sends its final frame, or either side goes away.
-    private func relay(_ request: GuestExecRequest, agent: GuestAgentClient, rest: AsyncStream<Frame>,
-                       outbound: NIOAsyncChannelOutboundWriter<Frame>) async throws {
+    /// `answer` turns the guest's final frame into the client's (an import's result into the
+    /// distro's description); a WireError it throws goes to the client instead.
+    func relay(_ request: GuestRequest, agent: GuestAgentClient, rest: AsyncStream<Frame>,
+               outbound: NIOAsyncChannelOutboundWriter<Frame>,
+               answer: @escaping @Sendable (Frame) async throws -> Frame = { $0 }) async throws {
         let controller = daemon.controller
-        try await agent.exec(request) { guestIn, guestOut in
+        try await agent.session(request) { guestIn, guestOut in
             try await withThrowingTaskGroup(of: Bool.self) { group in
                 group.addTask {
                     for await frame in rest {
@@ -137,7 +155,13 @@ struct ClientSession {
                             try await outbound.write(.error(WireError(.vmStopped, "uvm: \(reason)")))
                             continue
                         }
-                        try await outbound.write(frame)
+                        if answered {
+                            let reply: Frame
+                            do { reply = try await answer(frame) } catch let e as WireError { reply = .error(e) }
+                            try await outbound.write(reply)
+                        } else {
+                            try await outbound.write(frame)
+                        }
                     }
                     if answered { return true }
                     // The stream ended without an answer: the VM (or the link) went away.
@@ -151,7 +175,7 @@ struct ClientSession {
         }
     }
 
-    private func installedDistros() -> [String] {
-        DistroStore(paths: daemon.paths, defaultDistro: daemon.settings.defaultDistro).listed()
+    func installedDistros() -> [String] {
+        DistroStore(paths: daemon.paths, settings: daemon.settings).listed()
     }
 }

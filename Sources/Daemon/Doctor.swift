@@ -62,12 +62,15 @@ public struct Doctor {
         checks.append(fm.fileExists(atPath: paths.initramfs)
             ? Check(name: "initramfs", ok: true, detail: paths.initramfs)
             : Check(name: "initramfs", ok: false, detail: "not built (expected \(paths.initramfs))", fix: "make images"))
-        let distro = settings.defaultDistro
-        switch DistroStore(paths: paths, defaultDistro: distro).availability(distro) {
+        let store = DistroStore(paths: paths, settings: settings)
+        let distro = store.defaultDistro
+        switch store.availability(distro) {
         case .installed(let disk):
             checks.append(Check(name: "distro", ok: true, detail: "\(distro) installed at \(disk)"))
         case .template:
             checks.append(Check(name: "distro", ok: true, detail: "\(distro) built; installed on first use"))
+        case .importing:
+            checks.append(Check(name: "distro", ok: false, detail: "\(distro) is being imported, or its import was interrupted", fix: "uvm unregister \(distro)"))
         case .absent:
             checks.append(Check(name: "distro", ok: false, detail: "\(distro) is not built (expected \(paths.distroTemplate(distro)))", fix: "make images"))
         }

@@ -45,11 +45,6 @@ struct GuestAgentClient: Sendable {
     func unmount(share name: String) async throws { _ = try await call(UnmountRequest(name: name)) }
     func stopInstance(_ name: String) async throws { _ = try await call(StopInstanceRequest(name: name)) }
 
-    /// A process in the guest: `body` relays the session's frames (stdio, signals, exit).
-    func exec<T: Sendable>(_ request: GuestExecRequest, _ body: Body<T>) async throws -> T {
-        try await session(.exec(request), body)
-    }
-
     /// One TCP connection to `port` on the guest's loopback, relayed by `body`.
     func connect<T: Sendable>(port: UInt16, _ body: Body<T>) async throws -> T {
         try await session(.connect(ConnectRequest(port: port)), body)

@@ -21,11 +21,12 @@ extension UVMDaemon {
         s.instanceIdleTimeout = formatTimeout(settings.instanceIdleTimeout)
         let vmUp = s.state == "Running"
         var instances: [InstanceStatus] = []
-        for name in DistroStore(paths: paths, defaultDistro: settings.defaultDistro).listed() {
+        let store = DistroStore(paths: paths, settings: settings)
+        for name in store.listed() {
             let i = vmUp ? snap.instances.first { $0.name == name } : nil
             instances.append(InstanceStatus(
                 name: name, state: i?.state.rawValue ?? "Stopped", clients: i?.clients ?? 0,
-                idleStopInSeconds: seconds(i?.stopDue), isDefault: name == settings.defaultDistro))
+                idleStopInSeconds: seconds(i?.stopDue), isDefault: name == store.defaultDistro))
         }
         s.instances = instances
         return s

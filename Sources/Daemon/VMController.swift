@@ -23,6 +23,8 @@ public actor VMController {
         var guest: GuestInfo
         var bootedAt: ContinuousClock.Instant
         var generation: Int
+        /// Serials of the distro disks attached to this VM (at boot, or hot-plugged since).
+        var disks: Set<String> = []
     }
 
     let paths: Paths
@@ -60,6 +62,9 @@ public actor VMController {
         (lifecycle, lifecycleSink) = AsyncStream.makeStream(of: Lifecycle.self)
         self.forwarder = forwarder
     }
+
+    /// The agent of the running guest, if the VM runs (boots nothing).
+    var runningAgent: GuestAgentClient? { state == .running ? running?.agent : nil }
 
     /// The agent of a running guest, booting the VM first when needed.
     func agent(progress: @escaping @Sendable (String) async -> Void) async throws -> GuestAgentClient {
@@ -142,7 +147,14 @@ public actor VMController {
         let preference = AcceleratorPreference(rawValue: settings.accel) ?? .auto
         let accel: AcceleratorChoice
         do {
-            accel = try chooseAccelerator(preference, probe: .live(uri: settings.libvirtURI))
+            // The probe opens a libvirt connection (blocking, and a stuck libvirtd never
+            // answers): on the thread pool, bounded, not on this actor's executor.
+            let uri = settings.libvirtURI
+            accel = try await withTimeout(seconds: 30, what: "libvirt at \(uri) to say whether KVM domains work (is libvirtd stuck?)") {
+                try await NIOThreadPool.singleton.runIfActive { try chooseAccelerator(preference, probe: .live(uri: uri)) }
+            }
+        } catch let e as WireError {
+            throw e
         } catch {
             throw WireError(.vmUnavailable, "\(error)")
         }
@@ -169,6 +181,7 @@ public actor VMController {
                 + ShareService.slots(paths).map { VMSpec.Channel(name: $0.port, socketPath: $0.socketPath) },
             consoleLog: paths.consoleLog, userNetwork: true,
             processIdentity: .forConnection(uri: settings.libvirtURI))
+        spec.hotplugSlots = Self.hotplugSlots
         // The 9P rings' shared memory: QEMU connects to its server when the domain starts. Without
         // it (or with UVM_9P_TRANSPORT=port) shares go through the virtio-serial ports.
         var transport: ShmTransport?
@@ -215,7 +228,7 @@ public actor VMController {
             }
             await shares.vmStarted(agent: agent, transport: transport)
             return Running(domain: domain, agent: agent, linkChannel: channel, accel: accel, guest: guest,
-                           bootedAt: started, generation: gen)
+                           bootedAt: started, generation: gen, disks: Set(spec.disks.map(\.serial)))
         } catch {
             await destroyBounded(domain)
             let tail = consoleTail()
@@ -247,7 +260,7 @@ public actor VMController {
     }
 
     /// Which distros exist and where their disks are.
-    var distros: DistroStore { DistroStore(paths: paths, defaultDistro: settings.defaultDistro) }
+    nonisolated var distros: DistroStore { DistroStore(paths: paths, settings: settings) }
 
     /// Every installed distro's disk is attached; a distro built by `make images` but not yet
     /// installed for this user is installed (copied) first, as WSL imports a distro. The copy
@@ -363,6 +376,91 @@ public actor VMController {
         }
     }
 
+    // MARK: distro disks while the VM runs
+
+    /// Empty PCIe slots for disks added while the VM runs (distros imported or first used after boot).
+    static let hotplugSlots = 4
+    /// Disk hot-plugs one at a time: each picks a free target name from what libvirt reports.
+    private var diskOperation: Task<Void, Never>?
+
+    /// Makes `distro` runnable in the running VM: installed from its template if it has only that
+    /// (busybox, once another distro is the default), and its disk attached.
+    func prepareDisk(_ distro: String, progress: @escaping @Sendable (String) async -> Void) async throws {
+        if running?.disks.contains(diskSerial(distro)) == true { return }
+        let store = distros
+        if case .template(let template) = store.availability(distro) {
+            await progress("uvm: installing \(distro)")
+            do {
+                try await NIOThreadPool.singleton.runIfActive { try store.install(distro, from: template) }
+            } catch {
+                throw WireError(.vmUnavailable, "\(error)")
+            }
+        }
+        try await ensureDiskAttached(distro)
+    }
+
+    /// Attaches `distro`'s disk to the running VM unless it is attached already (hot-plug), so that
+    /// a distro imported or first used after boot runs without restarting the VM.
+    func ensureDiskAttached(_ distro: String) async throws {
+        let serial = diskSerial(distro)
+        if running?.disks.contains(serial) == true { return }
+        let previous = diskOperation
+        let task = Task<Result<Void, Error>, Never> {
+            await previous?.value
+            do {
+                try await self.attach(distro, serial: serial)
+                return .success(())
+            } catch {
+                return .failure(error)
+            }
+        }
+        diskOperation = Task { _ = await task.value }
+        try await task.value.get()
+    }
+
+    private func attach(_ distro: String, serial: String) async throws {
+        guard let r = running else { throw WireError(.vmStopped, "the VM stopped") }
+        if r.disks.contains(serial) { return }
+        let described = try await withTimeout(seconds: 10, what: "libvirt to describe the VM") { try await r.domain.disks() }
+        if !described.contains(where: { $0.serial == serial }) {
+            let used = Set(described.map(\.dev))
+            guard let index = (0..<702).first(where: { !used.contains(virtioDiskName($0)) }) else {
+                throw WireError(.vmUnavailable, "no free disk name for \(distro)")
+            }
+            let xml = diskXML(VMSpec.Disk(path: paths.distroDisk(distro), serial: serial), index: index)
+            do {
+                try await withTimeout(seconds: 30, what: "libvirt to attach the disk of \(distro)") { try await r.domain.attachDevice(xml: xml) }
+            } catch {
+                throw WireError(.vmUnavailable, "cannot attach the disk of \(distro) to the running VM (at most \(Self.hotplugSlots) distros can be added while it runs; `uvm stop` makes room): \(error)")
+            }
+            logger.info("disk attached", metadata: ["distro": "\(distro)", "dev": "\(virtioDiskName(index))"])
+        }
+        if running?.generation == r.generation { running?.disks.insert(serial) }
+    }
+
+    /// Detaches `distro`'s disk from the running VM (after the guest let go of it), bounded: the
+    /// guest's side of an unplug can be slow, and the disk goes with the VM's stop anyway.
+    func detachDisk(_ distro: String) async {
+        let serial = diskSerial(distro)
+        guard let r = running else { return }
+        let previous = diskOperation
+        let task = Task<Void, Never> {
+            await previous?.value
+            guard let described = try? await withTimeout(seconds: 10, what: "libvirt to describe the VM", { try await r.domain.disks() }),
+                  let dev = described.first(where: { $0.serial == serial })?.dev,
+                  let index = (0..<702).first(where: { virtioDiskName($0) == dev }) else { return }
+            let xml = diskXML(VMSpec.Disk(path: self.paths.distroDisk(distro), serial: serial), index: index)
+            do {
+                try await withTimeout(seconds: 20, what: "libvirt to detach the disk of \(distro)") { try await r.domain.detachDevice(xml: xml) }
+            } catch {
+                self.logger.warning("could not detach a disk; it goes with the VM", metadata: ["distro": "\(distro)", "error": "\(error)"])
+            }
+        }
+        diskOperation = task
+        await task.value
+        if running?.generation == r.generation { running?.disks.remove(serial) }
+    }
+
     // MARK: a VM left behind
 
     /// At uvmd's start: a VM of ours still running (uvmd was killed, crashed) is adopted when its
@@ -399,8 +497,10 @@ public actor VMController {
                 Task { await self.linkClosed(generation: gen) }
             }
             let accel = loadBootRecord() ?? AcceleratorChoice(accelerator: .tcg, reason: "adopted; accelerator unknown")
+            let attached = (try? await withTimeout(seconds: 10, what: "libvirt to describe the VM") { try await domain.disks() }) ?? []
             let r = Running(domain: domain, agent: agent, linkChannel: channel, accel: accel, guest: guest,
-                            bootedAt: .now - .milliseconds(Int64(guest.uptimeSeconds * 1000)), generation: gen)
+                            bootedAt: .now - .milliseconds(Int64(guest.uptimeSeconds * 1000)), generation: gen,
+                            disks: Set(attached.compactMap(\.serial)))
             running = r
             state = .running
             stopRequested = false

@@ -137,6 +137,15 @@ public enum GuestAgent {
         case .connect(let c):
             guard c.port > 0 else { throw WireError(.badRequest, "connect without a port") }
             try await PortRelay.connect(port: c.port, rest: rest, outbound: outbound)
+        case .importDistro(let r):
+            let imported = try await DistroDisks.importDistro(r, inbound: rest, outbound: outbound)
+            try await outbound.write(.json(.response, imported))
+        case .exportDistro(let r):
+            let result = try await DistroDisks.exportDistro(r, instances: instances, outbound: outbound)
+            try await outbound.write(.json(.response, result))
+        case .releaseDisk(let r):
+            await DistroDisks.releaseDisk(r, instances: instances)
+            try await outbound.write(.json(.response, Done()))
         }
     }
 

@@ -31,6 +31,9 @@ actor Instances {
     private var exits: [pid_t: Task<Void, Never>] = [:]
 
     var names: [String] { running.keys.sorted() }
+
+    /// The instance of `distro` if it runs.
+    func running(_ distro: String) -> Instance? { running[distro] }
     var all: [Instance] { Array(running.values) }
 
     /// The running instance of `distro`, started from the disk whose serial is `diskSerial`.
@@ -119,11 +122,13 @@ actor Instances {
 }
 
 extension Instance {
-    /// Looks `user` (a name or a numeric uid; nil: root) up in the instance's /etc/passwd.
+    /// Looks `user` (a name or a numeric uid; nil: the distro's default user, `[user] default`
+    /// in its /etc/uvm.conf as in WSL's wsl.conf, else root) up in the instance's /etc/passwd.
     func account(_ user: String?) throws -> Account {
         let passwd = readSmallFile("\(rootPath)/etc/passwd") ?? ""
         let groupFile = readSmallFile("\(rootPath)/etc/group") ?? ""
-        let wanted = user ?? "root"
+        let configured = user == nil ? DistroConfig.parse(readSmallFile("\(rootPath)/etc/uvm.conf") ?? "").values["user.default"] : nil
+        let wanted = user ?? configured ?? "root"
         for line in passwd.split(separator: "\n") {
             let f = line.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
             guard f.count >= 7, let uid = uid_t(f[2]), let gid = gid_t(f[3]) else { continue }
@@ -136,7 +141,8 @@ extension Instance {
             }
             return Account(name: f[0], uid: uid, gid: gid, home: f[5].isEmpty ? "/" : f[5], shell: f[6].isEmpty ? "/bin/sh" : f[6], groups: groups)
         }
-        if user == nil { return Account(name: "root", uid: 0, gid: 0, home: "/root", shell: "/bin/sh", groups: [0]) }
+        if user == nil && configured == nil { return Account(name: "root", uid: 0, gid: 0, home: "/root", shell: "/bin/sh", groups: [0]) }
+        if let configured { throw WireError(.notFound, "the default user '\(configured)' of distro \(name) (its /etc/uvm.conf, [user] default) is not in its /etc/passwd") }
         if let uid = uid_t(wanted) { return Account(name: wanted, uid: uid, gid: gid_t(uid), home: "/", shell: "/bin/sh", groups: [gid_t(uid)]) }
         throw WireError(.notFound, "no user '\(wanted)' in distro \(name) (see its /etc/passwd)")
     }

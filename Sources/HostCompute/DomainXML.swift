@@ -100,6 +100,9 @@ public struct VMSpec: Sendable, Equatable {
     public var processIdentity: ProcessIdentity
     public var filesystems: [Filesystem] = []
     public var sharedMemory: [SharedMemory] = []
+    /// Empty PCIe root ports for disks hot-plugged later (`diskXML`): one per distro that may be
+    /// added while the VM runs.
+    public var hotplugSlots: Int = 0
 
     public init(
         name: String,
@@ -167,14 +170,11 @@ public func domainXML(for spec: VMSpec) -> String {
     x.leaf("on_crash", "destroy")
 
     x.open("devices")
-    for (index, disk) in spec.disks.enumerated() {
-        x.open("disk", ["type": "file", "device": "disk"])
-        x.empty("driver", ["name": "qemu", "type": "raw", "discard": "unmap"])
-        x.empty("source", ["file": disk.path])
-        x.empty("target", ["dev": virtioDiskName(index), "bus": "virtio"])
-        x.leaf("serial", disk.serial)
-        if disk.readOnly { x.empty("readonly") }
-        x.close("disk")
+    for (index, disk) in spec.disks.enumerated() { diskXML(&x, disk, index: index) }
+    // Empty PCIe slots, so that distro disks can be hot-plugged while the VM runs (q35 has no
+    // hot-plug on its root bus; libvirt only adds the root ports boot-time devices need).
+    for _ in 0..<spec.hotplugSlots {
+        x.empty("controller", ["type": "pci", "model": "pcie-root-port"])
     }
     // q35 otherwise gets a qemu-xhci controller.
     x.empty("controller", ["type": "usb", "model": "none"])
@@ -229,6 +229,25 @@ public func domainXML(for spec: VMSpec) -> String {
     return x.text
 }
 
+/// One disk element: at boot (in the domain) and for hot-plug (`VMDomain.attachDevice`), where
+/// `index` must not be used by another disk of the running VM.
+public func diskXML(_ disk: VMSpec.Disk, index: Int) -> String {
+    var x = XMLLines()
+    diskXML(&x, disk, index: index)
+    return x.text
+}
+
+private func diskXML(_ x: inout XMLLines, _ disk: VMSpec.Disk, index: Int) {
+    x.open("disk", ["type": "file", "device": "disk"])
+    // discard=unmap: blocks the guest frees (fstrim, `discard` mounts) go back to the host's sparse file.
+    x.empty("driver", ["name": "qemu", "type": "raw", "discard": "unmap"])
+    x.empty("source", ["file": disk.path])
+    x.empty("target", ["dev": virtioDiskName(index), "bus": "virtio"])
+    x.leaf("serial", disk.serial)
+    if disk.readOnly { x.empty("readonly") }
+    x.close("disk")
+}
+
 /// Whether `uri` names a per-user libvirt daemon (`qemu:///session`, `qemu+unix:///session?...`).
 public func isSessionURI(_ uri: String) -> Bool {
     guard let scheme = uri.range(of: "://") else { return false }
@@ -240,7 +259,7 @@ public func isSessionURI(_ uri: String) -> Bool {
 }
 
 /// vda..vdz, vdaa.. as libvirt counts (virIndexToDiskName).
-func virtioDiskName(_ index: Int) -> String {
+public func virtioDiskName(_ index: Int) -> String {
     var suffix = ""
     var i = index
     repeat {

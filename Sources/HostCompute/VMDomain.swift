@@ -55,6 +55,49 @@ public final class VMDomain: Sendable {
         try await call("destroy") { virDomainDestroy($0) }
     }
 
+    /// The disks of the running domain as libvirt describes them: (target dev, serial) pairs.
+    public func disks() async throws -> [(dev: String, serial: String?)] {
+        let handle = self.handle, op = "describe \(name)", uri = connectionURI
+        let xml: String = try await LibvirtRuntime.blocking {
+            guard let p = virDomainGetXMLDesc(handle.pointer, 0) else { throw LibvirtError.last(operation: op, uri: uri) }
+            defer { free(p) }
+            return String(cString: p)
+        }
+        return Self.disks(inXML: xml)
+    }
+
+    /// Reads `<disk>...<target dev='X'/>...<serial>S</serial>...</disk>` without an XML parser:
+    /// libvirt writes these elements one per line, attributes in single quotes.
+    static func disks(inXML xml: String) -> [(dev: String, serial: String?)] {
+        var out: [(String, String?)] = []
+        var dev: String? = nil, serial: String? = nil, inDisk = false
+        for raw in xml.split(separator: "\n") {
+            let line = raw.trimmingCharacters(in: .whitespaces)
+            if line.hasPrefix("<disk ") { inDisk = true; dev = nil; serial = nil; continue }
+            guard inDisk else { continue }
+            if line.hasPrefix("<target "), let r = line.range(of: "dev='") {
+                dev = String(line[r.upperBound...].prefix(while: { $0 != "'" }))
+            } else if line.hasPrefix("<serial>"), line.hasSuffix("</serial>") {
+                serial = String(line.dropFirst(8).dropLast(9))
+            } else if line == "</disk>" {
+                if let dev { out.append((dev, serial)) }
+                inDisk = false
+            }
+        }
+        return out
+    }
+
+    /// Hot-plugs a device (e.g. a distro's disk) into the running VM: `xml` is one device element.
+    public func attachDevice(xml: String) async throws {
+        try await call("attach a device to") { virDomainAttachDeviceFlags($0, xml, UInt32(VIR_DOMAIN_AFFECT_LIVE.rawValue)) }
+    }
+
+    /// Asks the guest to let go of a device and removes it; the guest's side may take a moment
+    /// (libvirt waits a few seconds, then returns while the removal goes on).
+    public func detachDevice(xml: String) async throws {
+        try await call("detach a device from") { virDomainDetachDeviceFlags($0, xml, UInt32(VIR_DOMAIN_AFFECT_LIVE.rawValue)) }
+    }
+
     /// Presses the ACPI power button; the guest decides whether and when to power off.
     public func shutdown() async throws {
         try await call("shutdown") {

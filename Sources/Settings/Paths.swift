@@ -71,6 +71,8 @@ public struct Paths: Sendable, Equatable {
     /// The user's own disk of a distro (WSL's ext4.vhdx).
     public func distroDisk(_ name: String) -> String { "\(dataDir)/distros/\(name)/disk.ext4" }
     public var distrosDir: String { "\(dataDir)/distros" }
+    /// The distro chosen with `uvm default` (WSL's --set-default).
+    public var defaultDistroFile: String { "\(dataDir)/default-distro" }
 
     /// The libvirt domain name: one VM per user and per UVM_HOME.
     public var domainName: String {

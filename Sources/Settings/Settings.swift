@@ -15,6 +15,8 @@ public struct Settings: Sendable, Equatable {
     public var kernelCommandLine: String = ""  // appended to ours
     public var libvirtURI: String = getuid() == 0 ? "qemu:///system" : "qemu:///session"
     public var defaultDistro: String = "busybox"
+    /// uvm.conf or UVM_DEFAULT_DISTRO named the default: it wins over `uvm default`'s choice.
+    public var defaultDistroIsExplicit = false
     public var bootTimeoutSeconds: Double = 180
     /// The host folder every distro sees at /mnt/host/home (WSL shows C: at /mnt/c); nil: none.
     public var homeShare: String? = ProcessInfo.processInfo.environment["HOME"] ?? homeDirectory()
@@ -42,6 +44,7 @@ public struct Settings: Sendable, Equatable {
         var s = Settings()
         var sources: [String: SettingSource] = [:]
         for key in schema { try? key.applyEnvironment(env, to: &s, sources: &sources) }
+        s.defaultDistroIsExplicit = sources["general.defaultDistro"] != nil
         return s
     }
 }

@@ -37,6 +37,13 @@ public enum DaemonRequest: Sendable, Equatable {
     case shareList(ShareListRequest)
     case shareRemove(ShareRemoveRequest)
     case ports(PortsRequest)
+    /// Then the tar stream as `stdin` frames.
+    case importDistro(ImportRequest)
+    /// `stdout` frames carry the tar stream.
+    case export(ExportRequest)
+    case unregister(UnregisterRequest)
+    case setDefault(SetDefaultRequest)
+    case terminate(TerminateRequest)
 }
 
 /// A call `uvm` makes to uvmd.
@@ -110,6 +117,9 @@ public enum GuestRequest: Sendable, Equatable {
     /// One TCP connection to the guest's loopback: `stdin`/`stdout` frames carry its bytes,
     /// `stdinEOF`/`stdoutEOF` its half-closes; a refused connect is an `error` frame.
     case connect(ConnectRequest)
+    case importDistro(ImportDistroRequest)
+    case exportDistro(ExportDistroRequest)
+    case releaseDisk(ReleaseDiskRequest)
 }
 
 /// A call uvmd makes to the guest agent.
@@ -219,6 +229,11 @@ extension DaemonRequest: Codable {
         case .shareList: "shareList"
         case .shareRemove: "shareRemove"
         case .ports: "ports"
+        case .importDistro: "import"
+        case .export: "export"
+        case .unregister: "unregister"
+        case .setDefault: "setDefault"
+        case .terminate: "terminate"
         }
     }
 
@@ -232,6 +247,11 @@ extension DaemonRequest: Codable {
         case .shareList(let r): try c.encode(r, forKey: .args)
         case .shareRemove(let r): try c.encode(r, forKey: .args)
         case .ports(let r): try c.encode(r, forKey: .args)
+        case .importDistro(let r): try c.encode(r, forKey: .args)
+        case .export(let r): try c.encode(r, forKey: .args)
+        case .unregister(let r): try c.encode(r, forKey: .args)
+        case .setDefault(let r): try c.encode(r, forKey: .args)
+        case .terminate(let r): try c.encode(r, forKey: .args)
         }
     }
 
@@ -245,6 +265,11 @@ extension DaemonRequest: Codable {
         case "shareList": self = .shareList(try c.decode(ShareListRequest.self, forKey: .args))
         case "shareRemove": self = .shareRemove(try c.decode(ShareRemoveRequest.self, forKey: .args))
         case "ports": self = .ports(try c.decode(PortsRequest.self, forKey: .args))
+        case "import": self = .importDistro(try c.decode(ImportRequest.self, forKey: .args))
+        case "export": self = .export(try c.decode(ExportRequest.self, forKey: .args))
+        case "unregister": self = .unregister(try c.decode(UnregisterRequest.self, forKey: .args))
+        case "setDefault": self = .setDefault(try c.decode(SetDefaultRequest.self, forKey: .args))
+        case "terminate": self = .terminate(try c.decode(TerminateRequest.self, forKey: .args))
         default: throw unknownOperation(op, c)
         }
     }
@@ -270,6 +295,9 @@ extension GuestRequest: Codable {
         case .stopInstance: "stopInstance"
         case .watchPorts: "watchPorts"
         case .connect: "connect"
+        case .importDistro: "importDistro"
+        case .exportDistro: "exportDistro"
+        case .releaseDisk: "releaseDisk"
         }
     }
 
@@ -283,6 +311,9 @@ extension GuestRequest: Codable {
         case .stopInstance(let r): try c.encode(r, forKey: .args)
         case .watchPorts(let r): try c.encode(r, forKey: .args)
         case .connect(let r): try c.encode(r, forKey: .args)
+        case .importDistro(let r): try c.encode(r, forKey: .args)
+        case .exportDistro(let r): try c.encode(r, forKey: .args)
+        case .releaseDisk(let r): try c.encode(r, forKey: .args)
         }
     }
 
@@ -296,6 +327,9 @@ extension GuestRequest: Codable {
         case "stopInstance": self = .stopInstance(try c.decode(StopInstanceRequest.self, forKey: .args))
         case "watchPorts": self = .watchPorts(try c.decode(WatchPortsRequest.self, forKey: .args))
         case "connect": self = .connect(try c.decode(ConnectRequest.self, forKey: .args))
+        case "importDistro": self = .importDistro(try c.decode(ImportDistroRequest.self, forKey: .args))
+        case "exportDistro": self = .exportDistro(try c.decode(ExportDistroRequest.self, forKey: .args))
+        case "releaseDisk": self = .releaseDisk(try c.decode(ReleaseDiskRequest.self, forKey: .args))
         default: throw unknownOperation(op, c)
         }
     }

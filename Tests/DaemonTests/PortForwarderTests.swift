@@ -10,7 +10,8 @@ import Wire
 /// Localhost forwarding against a fake agent: the ports it reports are listened on at host
 /// loopback, each connection is relayed over its own `connect` stream, and everything is
 /// released when the guest's report stream ends.
-@Suite struct PortForwarderTests {
+/// One test at a time: each picks free ports, and two tests running at once could pick the same.
+@Suite(.serialized) struct PortForwarderTests {
     /// A port nothing listens on right now (bound, then released).
     static func freePort() throws -> UInt16 {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)

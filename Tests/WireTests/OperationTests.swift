@@ -10,6 +10,8 @@ import Wire
         StartRequest().request, StopRequest().request, StatusRequest().request,
         ShareAddRequest(share: ShareSpec(name: "src", path: "/home/me/src", readOnly: true, metadata: true)).request,
         ShareListRequest().request, ShareRemoveRequest(name: "src").request, PortsRequest().request,
+        ImportRequest(name: "alpine", sizeBytes: 1 << 30, setDefault: true).request, ExportRequest(name: "debian").request,
+        UnregisterRequest(name: "x").request, SetDefaultRequest(name: "debian").request, TerminateRequest(name: "debian").request,
     ]
 
     static let guestRequests: [GuestRequest] = [
@@ -18,6 +20,8 @@ import Wire
         MountRequest(name: "home", port: "uvm.9p.0", readOnly: true, msize: 65536, aname: "/x", channel: 3).request,
         UnmountRequest(name: "home").request, StopInstanceRequest(name: "debian").request,
         .watchPorts(WatchPortsRequest()), .connect(ConnectRequest(port: 8080)),
+        ImportDistroRequest(name: "debian", diskSerial: "uvm-debian", defaultUser: DefaultUser(name: "me", uid: 1000, gid: 1000)).request,
+        ExportDistroRequest(name: "debian", diskSerial: "uvm-debian").request, ReleaseDiskRequest(name: "x", diskSerial: "uvm-x").request,
     ]
 
     @Test(arguments: daemonRequests) func daemonRequestsRoundTrip(_ r: DaemonRequest) throws {

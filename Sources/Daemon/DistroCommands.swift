@@ -1,0 +1,156 @@
+import Distros
+import Foundation
+import NIOCore
+import NIOPosix
+import Settings
+import Wire
+
+/// `uvm import`, `export`, `unregister`, `default` and `terminate` as uvmd runs them. A new
+/// distro's disk is made on the host (a sparse file with an empty ext4), hot-plugged into the VM,
+/// and filled by the guest agent from the tar stream, so that owners, devices and capabilities
+/// arrive exactly without root on the host. Nothing is registered until the guest says the
+/// import is complete; a failed import leaves nothing behind.
+struct DistroCommands {
+    let session: ClientSession
+    var daemon: UVMDaemon { session.daemon }
+    var controller: VMController { daemon.controller }
+
+    typealias Outbound = NIOAsyncChannelOutboundWriter<Frame>
+    typealias Progress = @Sendable (String) async -> Void
+
+    func importDistro(_ r: ImportRequest, rest: AsyncStream<Frame>, outbound: Outbound, progress: @escaping Progress) async throws {
+        let name = r.name
+        guard validDistroName(name) else {
+            throw WireError(.badRequest, "bad distro name '\(name)': letters, digits, '-', '_' or '.', at most 16 bytes, not starting with '.'")
+        }
+        let store = controller.distros
+        switch store.availability(name) {
+        case .absent: break
+        case .importing:
+            throw WireError(.badRequest, "distro \(name) is being imported already (an interrupted import is cleared by `uvm unregister \(name)`)")
+        case .installed, .template:
+            throw WireError(.badRequest, "there is already a distro named \(name): choose another name (--name), or `uvm unregister \(name)` first")
+        }
+        let size = r.sizeBytes ?? DistroStore.defaultDiskSize
+        guard size >= 64 << 20 else { throw WireError(.badRequest, "--size \(size): a distro disk needs at least 64M") }
+        let reaper = daemon.reaper
+        let token = await reaper.begin(distro: name)
+        defer { Task { await reaper.end(token) } }
+        do {
+            try await Self.blocking { try store.createEmptyDisk(name, sizeBytes: size) }
+        } catch let e as DistroStore.InstallError {
+            try? await Self.blocking { try store.delete(name) }
+            throw WireError(.internalError, e.description)
+        }
+        let becomesDefault = r.setDefault || !store.hasChosenDefault && !daemon.settings.defaultDistroIsExplicit
+        do {
+            await progress("uvm: importing \(name) (its disk: \(controller.paths.distroDisk(name)), sparse, at most \(formatSize(size)))")
+            let agent = try await controller.agent(progress: progress)
+            try await controller.ensureDiskAttached(name)
+            let request = ImportDistroRequest(name: name, diskSerial: diskSerial(name), defaultUser: Self.hostUser())
+            try await session.relay(.importDistro(request), agent: agent, rest: rest, outbound: outbound) { final in
+                guard final.kind == .response else { return final }
+                let imported = try final.decode(ImportedDistro.self)
+                store.finishImport(name)
+                if becomesDefault { try? store.setDefault(name) }
+                let usage = store.diskUsage(name)
+                return .json(.response, DistroInfo(name: name, prettyName: imported.prettyName, disk: controller.paths.distroDisk(name),
+                                                   sizeBytes: usage.size, allocatedBytes: usage.allocated, isDefault: becomesDefault))
+            }
+        } catch {
+            await abandon(name, store: store)
+            throw error
+        }
+        // The guest refused the stream (not a root file system, corrupt) or the client went away:
+        // the error went to the client; the half-filled disk goes.
+        if case .importing = store.availability(name) { await abandon(name, store: store) }
+    }
+
+    /// A failed import: the guest lets go of the disk, it is detached and deleted.
+    private func abandon(_ name: String, store: DistroStore) async {
+        await release(name)
+        try? await Self.blocking { try store.delete(name) }
+        daemon.logger.info("import abandoned", metadata: ["distro": "\(name)"])
+    }
+
+    /// The instance stopped, the disk unmounted in the guest and detached from the VM.
+    private func release(_ name: String) async {
+        if let agent = await controller.runningAgent {
+            _ = try? await withTimeout(seconds: 30, what: "the guest to let go of \(name)'s disk") {
+                try await agent.call(ReleaseDiskRequest(name: name, diskSerial: diskSerial(name)))
+            }
+            await controller.detachDisk(name)
+        }
+    }
+
+    func export(_ r: ExportRequest, rest: AsyncStream<Frame>, outbound: Outbound, progress: @escaping Progress) async throws {
+        let store = controller.distros
+        guard case .installed = store.availability(r.name) else {
+            throw WireError(.notFound, "there is no installed distro '\(r.name)' (installed: \(store.installed().map(\.name).joined(separator: ", ")))")
+        }
+        let reaper = daemon.reaper
+        let token = await reaper.begin(distro: r.name)
+        defer { Task { await reaper.end(token) } }
+        let agent = try await controller.agent(progress: progress)
+        try await controller.prepareDisk(r.name, progress: progress)
+        try await session.relay(.exportDistro(ExportDistroRequest(name: r.name, diskSerial: diskSerial(r.name))),
+                                agent: agent, rest: rest, outbound: outbound)
+    }
+
+    func unregister(_ name: String) async throws {
+        let store = controller.distros
+        switch store.availability(name) {
+        case .absent, .template:
+            throw WireError(.notFound, "there is no installed distro '\(name)' (installed: \(store.installed().map(\.name).joined(separator: ", ")))")
+        case .installed, .importing: break
+        }
+        if daemon.settings.defaultDistroIsExplicit && daemon.settings.defaultDistro == name {
+            throw WireError(.badRequest, "\(name) is the default distro set in uvm.conf or UVM_DEFAULT_DISTRO: change defaultDistro there first")
+        }
+        await release(name)
+        do {
+            try await Self.blocking {
+                try store.delete(name)
+                if store.hasChosenDefault && store.defaultDistro == name { store.forgetDefault() }
+            }
+        } catch {
+            throw WireError(.internalError, "cannot delete \(name)'s disk: \(error)")
+        }
+        daemon.logger.info("distro unregistered", metadata: ["distro": "\(name)"])
+    }
+
+    func setDefault(_ name: String) async throws {
+        let store = controller.distros
+        guard store.knows(name) else {
+            throw WireError(.notFound, "there is no distro '\(name)' (installed: \(session.installedDistros().joined(separator: ", ")))")
+        }
+        if daemon.settings.defaultDistroIsExplicit && daemon.settings.defaultDistro != name {
+            throw WireError(.badRequest, "uvm.conf or UVM_DEFAULT_DISTRO sets defaultDistro = \(daemon.settings.defaultDistro), which wins over `uvm default`: change it there")
+        }
+        do { try store.setDefault(name) } catch { throw WireError(.internalError, "\(error)") }
+    }
+
+    func terminate(_ name: String) async throws {
+        guard controller.distros.knows(name) else {
+            throw WireError(.notFound, "there is no distro '\(name)' (installed: \(session.installedDistros().joined(separator: ", ")))")
+        }
+        await controller.stopInstance(name)
+    }
+
+    /// The host user becomes the new distro's default user (root stays root).
+    static func hostUser() -> DefaultUser? {
+        let uid = getuid()
+        guard uid != 0, let pw = getpwuid(uid), let n = pw.pointee.pw_name else { return nil }
+        return DefaultUser(name: String(cString: n), uid: uid, gid: getgid())
+    }
+
+    static func blocking<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+        try await NIOThreadPool.singleton.runIfActive(body)
+    }
+}
+
+func formatSize(_ bytes: UInt64) -> String {
+    if bytes >= 1 << 30 && bytes % (1 << 30) == 0 { return "\(bytes >> 30) GiB" }
+    if bytes >= 1 << 20 { return "\(bytes >> 20) MiB" }
+    return "\(bytes) bytes"
+}

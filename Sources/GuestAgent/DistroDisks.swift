@@ -1,0 +1,290 @@
+import Archive
+import CSyscalls
+import Glibc
+import NIOCore
+import NIOPosix
+import Wire
+
+/// A distribution's disk outside its instance: filled from a tar stream (`uvm import`, `uvm
+/// install`), read into one (`uvm export`), let go of before uvmd detaches it (`uvm unregister`).
+/// The guest is root in its VM, so owners, devices and capabilities arrive exactly without root
+/// on the host.
+enum DistroDisks {
+    static let workDir = "/run/uvm/disks"
+
+    /// Waits for a hot-plugged disk to show up (PCIe hot-plug and the virtio probe take a moment).
+    static func device(serial: String, within seconds: Double = 20) async throws -> String {
+        let deadline = ContinuousClock.now + .seconds(seconds)
+        while true {
+            if let d = Instances.findDisk(serial: serial) { return d }
+            guard ContinuousClock.now < deadline else {
+                throw WireError(.notFound, "the disk with serial \(serial) did not appear in the VM within \(Int(seconds)) s")
+            }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+    }
+
+    /// Extracts the tar stream in `inbound` onto the empty disk, checks it is a root file system,
+    /// adds the default user, and unmounts it.
+    static func importDistro(_ r: ImportDistroRequest, inbound: AsyncStream<Frame>,
+                             outbound: NIOAsyncChannelOutboundWriter<Frame>) async throws -> ImportedDistro {
+        let device = try await device(serial: r.diskSerial)
+        let dir = "\(workDir)/\(r.name)"
+        try mountDisk(device, at: dir, readOnly: false)
+        var mounted = true
+        defer { if mounted { unmountDisk(dir) } }
+        let extractor: Extraction
+        do { extractor = Extraction(try TarExtractor(destination: dir)) } catch { throw WireError(.internalError, "\(error)") }
+        var sawEOF = false
+        for await frame in inbound {
+            switch frame.kind {
+            case .stdin:
+                let bytes = frame.payload
+                do { try await blocking { try extractor.feed(bytes) } } catch let e as ArchiveError {
+                    throw WireError(.badRequest, "the tarball cannot be imported: \(e)")
+                }
+                // Flow control: the client sends more only as we take it.
+                try await outbound.write(.stdinAck(bytes.readableBytes))
+            case .stdinEOF:
+                sawEOF = true
+            case .signal:
+                throw WireError(.badRequest, "import cancelled")
+            default:
+                throw WireError(.protocolError, "unexpected \(frame.kind) frame during an import")
+            }
+            if sawEOF { break }
+        }
+        guard sawEOF else { throw WireError(.badRequest, "the tar stream ended early (the client went away)") }
+        let entries: Int
+        let release: OSRelease
+        do {
+            entries = try await blocking { try extractor.finish() }
+            release = try inspectRootFS(at: dir)
+        } catch let e as ArchiveError {
+            throw WireError(.badRequest, "the tarball cannot be imported: \(e)")
+        }
+        if let user = r.defaultUser { try DefaultAccount.create(user, root: dir) }
+        await blocking { sync() }
+        unmountDisk(dir)
+        mounted = false
+        log("imported distro \(r.name): \(entries) entries, \(release.prettyName ?? "?")")
+        return ImportedDistro(prettyName: release.prettyName, entries: entries)
+    }
+
+    /// The distribution's root as a tar stream on `stdout` frames: from the running instance's
+    /// root (not crossing into /proc, /dev, shares or other mounts), or from the disk mounted
+    /// read-only when the instance is stopped.
+    static func exportDistro(_ r: ExportDistroRequest, instances: Instances,
+                             outbound: NIOAsyncChannelOutboundWriter<Frame>) async throws -> ExportResult {
+        var root: String
+        var mountedDir: String? = nil
+        if let i = await instances.running(r.name) {
+            root = i.rootPath
+        } else {
+            let device = try await device(serial: r.diskSerial, within: 2)
+            let dir = "\(workDir)/\(r.name)-export"
+            try mountDisk(device, at: dir, readOnly: true)
+            mountedDir = dir
+            root = dir
+        }
+        defer { if let mountedDir { unmountDisk(mountedDir) } }
+        // The writer runs on its own thread into a pipe; we relay the pipe as frames, so a slow
+        // host holds the writer back instead of filling memory.
+        var fds: [Int32] = [-1, -1]
+        guard uvm_pipe_cloexec(&fds) == 0 else { throw WireError(.internalError, "pipe: \(String(cString: strerror(errno)))") }
+        let writeEnd = fds[1]
+        let exportRoot = root
+        let writer = Task.detached { () -> Result<Int, Error> in
+            await blocking {
+                defer { close(writeEnd) }
+                do {
+                    let tar = TarWriter { chunk in try writeAll(writeEnd, chunk) }
+                    try tar.addTree(exportRoot, oneFileSystem: true)
+                    try tar.finish()
+                    return .success(tar.stats.skippedSockets)
+                } catch {
+                    return .failure(error)
+                }
+            }
+        }
+        var total: UInt64 = 0
+        let channel = try await NIOPipeBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .takingOwnershipOfDescriptor(input: fds[0]) { ch in
+                ch.eventLoop.makeCompletedFuture { try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: ch) }
+            }
+        try await channel.executeThenClose { inbound, _ in
+            for try await chunk in inbound {
+                total += UInt64(chunk.readableBytes)
+                try await outbound.write(Frame(.stdout, chunk))
+            }
+        }
+        switch await writer.value {
+        case .success(let skipped): return ExportResult(bytes: total, skipped: skipped)
+        case .failure(let e): throw WireError(.internalError, "export of \(r.name) failed: \(e)")
+        }
+    }
+
+    /// Before uvmd detaches the disk: the instance is stopped, nothing of ours has it mounted.
+    static func releaseDisk(_ r: ReleaseDiskRequest, instances: Instances) async {
+        await instances.stop(r.name)
+        for dir in ["\(workDir)/\(r.name)", "\(workDir)/\(r.name)-export"] { unmountDisk(dir) }
+        await blocking { sync() }
+    }
+
+    private static func mountDisk(_ device: String, at dir: String, readOnly: Bool) throws {
+        mkdir(workDir, 0o700)
+        mkdir(dir, 0o755)
+        let rc = uvm_mount(device, dir, "ext4", readOnly ? UInt(MS_RDONLY) : 0, nil)
+        guard rc == 0 else {
+            rmdir(dir)
+            throw WireError(.internalError, "cannot mount \(device) at \(dir): \(String(cString: strerror(rc)))")
+        }
+    }
+
+    private static func unmountDisk(_ dir: String) {
+        if umount2(dir, 0) != 0 && errno == EBUSY { _ = umount2(dir, Int32(MNT_DETACH)) }
+        rmdir(dir)
+    }
+
+    static func blocking<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+        try await NIOThreadPool.singleton.runIfActive(body)
+    }
+
+    static func blocking<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
+        (try? await NIOThreadPool.singleton.runIfActive(body)) ?? body()
+    }
+
+    private static func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) throws {
+        var off = 0
+        while off < bytes.count {
+            let n = write(fd, bytes.baseAddress! + off, bytes.count - off)
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw WireError(.internalError, "the export stream closed: \(String(cString: strerror(errno)))")
+            }
+            off += n
+        }
+    }
+}
+
+/// The extractor, used by one task at a time (each feed awaits the previous one).
+private final class Extraction: @unchecked Sendable {
+    private let extractor: TarExtractor
+    init(_ e: TarExtractor) { extractor = e }
+    func feed(_ bytes: ByteBuffer) throws {
+        try bytes.withUnsafeReadableBytes { try extractor.feed($0) }
+    }
+    func finish() throws -> Int { try extractor.finish().entries }
+}
+
+/// The account `uvm` and `uvm shell` land in: the host user's name, uid and gid, bash when the
+/// distribution has it, password-less sudo, and `[user] default` in /etc/uvm.conf (WSL's key).
+enum DefaultAccount {
+    static func create(_ user: DefaultUser, root: String) throws {
+        // Root on the host stays root inside: no second account for uid 0.
+        guard user.uid != 0 else { return }
+        guard isPlainName(user.name) else { throw WireError(.badRequest, "cannot create user '\(user.name)': not a valid user name") }
+        let passwd = readSmallFile("\(root)/etc/passwd") ?? ""
+        let existing = passwd.split(separator: "\n").map { $0.split(separator: ":", omittingEmptySubsequences: false) }
+        if let same = existing.first(where: { $0.count >= 3 && ($0[0] == user.name || $0[2] == "\(user.uid)") }) {
+            // The root file system has the user already: make it the default, create nothing.
+            try setDefault(String(same[0]), root: root)
+            return
+        }
+        let shell = access("\(root)/bin/bash", X_OK) == 0 || faccessat(AT_FDCWD, "\(root)/usr/bin/bash", X_OK, AT_SYMLINK_NOFOLLOW) == 0 ? "/bin/bash" : "/bin/sh"
+        let home = "/home/\(user.name)"
+        let groupText = readSmallFile("\(root)/etc/group") ?? ""
+        var groupLines = groupText.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        if groupLines.last == "" { groupLines.removeLast() }
+        if !groupLines.contains(where: { $0.split(separator: ":", omittingEmptySubsequences: false).dropFirst(2).first == Substring("\(user.gid)") }) {
+            groupLines.append("\(user.name):x:\(user.gid):")
+        }
+        // Administrators: `sudo` on Debian and Ubuntu, `wheel` elsewhere.
+        for admin in ["sudo", "wheel"] {
+            if let i = groupLines.firstIndex(where: { $0.hasPrefix("\(admin):") }) {
+                groupLines[i] += groupLines[i].hasSuffix(":") ? user.name : ",\(user.name)"
+                break
+            }
+        }
+        try append("\(root)/etc/passwd", "\(user.name):x:\(user.uid):\(user.gid)::\(home):\(shell)\n")
+        try replace("\(root)/etc/group", groupLines.joined(separator: "\n") + "\n")
+        if access("\(root)/etc/shadow", F_OK) == 0 {
+            // No password (`*`): sudo is password-less, and logins come through uvm.
+            try append("\(root)/etc/shadow", "\(user.name):*:19000:0:99999:7:::\n")
+        }
+        if access("\(root)/etc/gshadow", F_OK) == 0 {
+            try append("\(root)/etc/gshadow", "\(user.name):!::\n")
+        }
+        mkdir("\(root)/home", 0o755)
+        mkdir("\(root)\(home)", 0o750)
+        // A home set up as the distribution's skeleton would.
+        copySkeleton(from: "\(root)/etc/skel", to: "\(root)\(home)", uid: user.uid, gid: user.gid)
+        _ = lchown("\(root)\(home)", user.uid, user.gid)
+        if access("\(root)/etc/sudoers.d", F_OK) == 0 {
+            let path = "\(root)/etc/sudoers.d/uvm-\(user.name)"
+            try replace(path, "\(user.name) ALL=(ALL:ALL) NOPASSWD: ALL\n", mode: 0o440)
+        }
+        try setDefault(user.name, root: root)
+    }
+
+    static func setDefault(_ name: String, root: String) throws {
+        let path = "\(root)/etc/uvm.conf"
+        let current = readSmallFile(path) ?? ""
+        if DistroConfig.parse(current).values["user.default"] != nil { return }  // the image decided
+        try append(path, (current.isEmpty || current.hasSuffix("\n") ? "" : "\n") + "[user]\ndefault = \(name)\n")
+    }
+
+    private static func isPlainName(_ s: String) -> Bool {
+        !s.isEmpty && s.count <= 32 && s.first != "-" && s.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0)) }
+    }
+
+    private static func copySkeleton(from skel: String, to home: String, uid: uid_t, gid: gid_t) {
+        guard let dir = opendir(skel) else { return }
+        defer { closedir(dir) }
+        while let e = readdir(dir) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            guard name != ".", name != "..", e.pointee.d_type == UInt8(DT_REG) else { continue }
+            guard let text = readSmallFile("\(skel)/\(name)") else { continue }
+            try? replace("\(home)/\(name)", text, mode: 0o644)
+            _ = lchown("\(home)/\(name)", uid, gid)
+        }
+    }
+
+    private static func append(_ path: String, _ text: String) throws {
+        let fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o644)
+        guard fd >= 0 else { throw WireError(.internalError, "cannot write \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        try writeText(fd, text, path)
+    }
+
+    private static func replace(_ path: String, _ text: String, mode: mode_t = 0o644) throws {
+        var st = stat()
+        let keep = lstat(path, &st) == 0 ? st.st_mode & 0o7777 : mode
+        let tmp = path + ".uvm-new"
+        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, keep)
+        guard fd >= 0 else { throw WireError(.internalError, "cannot write \(tmp): \(String(cString: strerror(errno)))") }
+        do {
+            try writeText(fd, text, path)
+            fchmod(fd, keep)
+            close(fd)
+        } catch {
+            close(fd)
+            unlink(tmp)
+            throw error
+        }
+        guard rename(tmp, path) == 0 else { throw WireError(.internalError, "cannot replace \(path): \(String(cString: strerror(errno)))") }
+    }
+
+    private static func writeText(_ fd: Int32, _ text: String, _ path: String) throws {
+        let bytes = Array(text.utf8)
+        var off = 0
+        while off < bytes.count {
+            let n = bytes[off...].withUnsafeBytes { write(fd, $0.baseAddress!, $0.count) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw WireError(.internalError, "cannot write \(path): \(String(cString: strerror(errno)))")
+            }
+            off += n
+        }
+    }
+}

@@ -1,0 +1,142 @@
+/// Distributions: import, export, unregister, default, terminate (WSL's `--import`, `--export`,
+/// `--unregister`, `--set-default`, `--terminate`). `uvm install` builds a root file system on the
+/// host (as the user, with the recipe in images/) and imports it like any other tarball.
+
+/// A distribution as `uvm list`, install and import describe it.
+public struct DistroInfo: Codable, Sendable, Equatable {
+    public var name: String
+    /// os-release's PRETTY_NAME, when known.
+    public var prettyName: String?
+    public var disk: String
+    /// The disk's maximum size and what it takes on the host (it is sparse).
+    public var sizeBytes: UInt64
+    public var allocatedBytes: UInt64
+    public var isDefault: Bool
+    public init(name: String, prettyName: String? = nil, disk: String, sizeBytes: UInt64, allocatedBytes: UInt64, isDefault: Bool) {
+        self.name = name
+        self.prettyName = prettyName
+        self.disk = disk
+        self.sizeBytes = sizeBytes
+        self.allocatedBytes = allocatedBytes
+        self.isDefault = isDefault
+    }
+}
+
+/// A new distribution from a root file system tarball: after the request the client sends the
+/// tar stream (uncompressed) as `stdin` frames, then `stdinEOF`; the guest acknowledges what it
+/// has extracted (`stdinAck`), as for an exec's stdin.
+public struct ImportRequest: DaemonCall {
+    public typealias Response = DistroInfo
+    public var name: String
+    public var sizeBytes: UInt64?
+    public var setDefault: Bool
+    public init(name: String, sizeBytes: UInt64? = nil, setDefault: Bool = false) {
+        self.name = name
+        self.sizeBytes = sizeBytes
+        self.setDefault = setDefault
+    }
+    public var request: DaemonRequest { .importDistro(self) }
+}
+
+/// A distribution's root as an uncompressed tar stream: `stdout` frames, then the response.
+public struct ExportRequest: DaemonCall {
+    public typealias Response = ExportResult
+    public var name: String
+    public init(name: String) { self.name = name }
+    public var request: DaemonRequest { .export(self) }
+}
+
+public struct ExportResult: Codable, Sendable, Equatable {
+    public var bytes: UInt64
+    /// Sockets and the like, which a tarball cannot hold.
+    public var skipped: Int
+    public init(bytes: UInt64, skipped: Int) {
+        self.bytes = bytes
+        self.skipped = skipped
+    }
+}
+
+/// Stop the instance and delete the distribution's disk.
+public struct UnregisterRequest: DaemonCall {
+    public typealias Response = Done
+    public var name: String
+    public init(name: String) { self.name = name }
+    public var request: DaemonRequest { .unregister(self) }
+}
+
+public struct SetDefaultRequest: DaemonCall {
+    public typealias Response = Done
+    public var name: String
+    public init(name: String) { self.name = name }
+    public var request: DaemonRequest { .setDefault(self) }
+}
+
+/// Stop one instance now (its processes get SIGTERM, then SIGKILL).
+public struct TerminateRequest: DaemonCall {
+    public typealias Response = Done
+    public var name: String
+    public init(name: String) { self.name = name }
+    public var request: DaemonRequest { .terminate(self) }
+}
+
+// MARK: uvmd -> guest
+
+/// The user a new distribution gets as its default (the host user's name, uid and gid).
+public struct DefaultUser: Codable, Sendable, Equatable {
+    public var name: String
+    public var uid: UInt32
+    public var gid: UInt32
+    public init(name: String, uid: UInt32, gid: UInt32) {
+        self.name = name
+        self.uid = uid
+        self.gid = gid
+    }
+}
+
+/// Extract the tar stream that follows (`stdin` frames) onto the empty ext4 disk `diskSerial`.
+public struct ImportDistroRequest: GuestCall {
+    public typealias Response = ImportedDistro
+    public var name: String
+    public var diskSerial: String
+    /// Created (with password-less sudo) unless nil or it exists.
+    public var defaultUser: DefaultUser?
+    public init(name: String, diskSerial: String, defaultUser: DefaultUser?) {
+        self.name = name
+        self.diskSerial = diskSerial
+        self.defaultUser = defaultUser
+    }
+    public var request: GuestRequest { .importDistro(self) }
+}
+
+public struct ImportedDistro: Codable, Sendable, Equatable {
+    public var prettyName: String?
+    public var entries: Int
+    public init(prettyName: String?, entries: Int) {
+        self.prettyName = prettyName
+        self.entries = entries
+    }
+}
+
+/// The distribution's root as a tar stream (`stdout` frames), then `ExportResult`.
+public struct ExportDistroRequest: GuestCall {
+    public typealias Response = ExportResult
+    public var name: String
+    public var diskSerial: String
+    public init(name: String, diskSerial: String) {
+        self.name = name
+        self.diskSerial = diskSerial
+    }
+    public var request: GuestRequest { .exportDistro(self) }
+}
+
+/// Stop the instance if it runs and let go of the disk (before it is detached).
+public struct ReleaseDiskRequest: GuestCall {
+    public typealias Response = Done
+    public var name: String
+    public var diskSerial: String
+    public init(name: String, diskSerial: String) {
+        self.name = name
+        self.diskSerial = diskSerial
+    }
+    public var request: GuestRequest { .releaseDisk(self) }
+}

@@ -1,0 +1,1 @@
+// placeholder until the archive branch's tests land

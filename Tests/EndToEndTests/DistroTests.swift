@@ -1,0 +1,173 @@
+import Foundation
+import Testing
+
+extension EndToEnd {
+    /// `uvm import`, `export`, `unregister`, `default` and `terminate` on the real VM, with
+    /// tarballs written and read by Python's tarfile (Fixtures/tartool.py), not by uvm's own code.
+    @Suite struct DistroTests {
+        static let work = "/tmp/uvm-e2e-distros-\(getuid())"
+
+        static func prepare() throws -> String {
+            try? FileManager.default.removeItem(atPath: work)
+            try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+            return work
+        }
+
+        static func tool(_ args: [String]) throws -> Harness.Result {
+            try Harness.runProcess("/usr/bin/python3", [Harness.fixture("tartool.py")] + args, stdin: nil,
+                                   env: ProcessInfo.processInfo.environment, timeout: 600)
+        }
+
+        static func listing(_ tar: String) throws -> [String: [String: Any]] {
+            let r = try tool(["listing", tar])
+            try #require(r.status == 0, "listing \(tar): \(r.err)")
+            var out: [String: [String: Any]] = [:]
+            for line in r.out.split(separator: "\n") {
+                let e = try #require(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])
+                out[e["path"] as! String] = e
+            }
+            return out
+        }
+
+        static func distros() throws -> [String] {
+            let r = try Harness.run(["list", "--format", "json"])
+            let json = try #require(try JSONSerialization.jsonObject(with: r.stdout) as? [String: Any])
+            return (json["instances"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
+        }
+
+        static var hostUser: String { String(cString: getpwuid(getuid())!.pointee.pw_name) }
+
+        /// What uvm itself changes in an imported distro: the default user it adds, the resolver
+        /// configuration an instance writes at start, and mkfs's lost+found.
+        static func changedByUVM(_ path: String) -> Bool {
+            let user = hostUser
+            return ["etc/passwd", "etc/group", "etc/shadow", "etc/gshadow", "etc/uvm.conf", "etc/resolv.conf", "etc/hosts",
+                    "etc/hostname", "lost+found", "home"].contains(path)
+                || path.hasPrefix("home/\(user)") || path.hasPrefix("etc/sudoers.d/")
+        }
+
+        @Test func exportImportRoundTripKeepsEveryKindOfFileExactly() throws {
+            let dir = try Self.prepare()
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            _ = try? Harness.run(["unregister", "rt"])
+            // A real root file system (busybox's), plus every kind of entry.
+            let base = try Harness.run(["export", "busybox", "\(dir)/base.tar"], timeout: 600)
+            try #require(base.status == 0, "export busybox: \(base.err)")
+            let augmented = try Self.tool(["augment", "\(dir)/base.tar", "\(dir)/rt.tar"])
+            try #require(augmented.status == 0, "\(augmented.err)")
+            let zst = try Harness.runProcess("/usr/bin/zstd", ["-q", "-f", "\(dir)/rt.tar", "-o", "\(dir)/rt.tar.zst"], stdin: nil,
+                                             env: ProcessInfo.processInfo.environment)
+            try #require(zst.status == 0, "\(zst.err)")
+
+            let imported = try Harness.run(["import", "rt", "\(dir)/rt.tar.zst", "--size", "4G"], timeout: 900)
+            #expect(imported.status == 0, "import: \(imported.err)")
+            #expect(imported.out.contains("imported rt"), "\(imported.out)")
+            defer { _ = try? Harness.run(["unregister", "rt"]) }
+            #expect(try Self.distros().contains("rt"))
+
+            // Inside: the default user is the host user; the special files are what the tar says.
+            let who = try Harness.run(["exec", "--distro", "rt", "--", "id", "-un"])
+            #expect(who.status == 0 && who.out == "\(Self.hostUser)\n", "\(who.out) \(who.err)")
+            let look = try Harness.run(["exec", "--distro", "rt", "--user", "root", "--", "sh", "-c",
+                                        "cd /rt && stat -c '%n %A %u %g %t:%T %h' setuid null loop9 fifo linked-a && stat -c '%s %b' sparse"])
+            #expect(look.status == 0, "\(look.err)")
+            let lines = look.out.split(separator: "\n").map(String.init)
+            #expect(lines.contains("setuid -rwsr-xr-x 1234 1234 0:0 1"), "\(look.out)")
+            #expect(lines.contains("null crw-rw-rw- 0 0 1:3 1"), "\(look.out)")
+            #expect(lines.contains("loop9 brw-rw---- 0 6 7:9 1"), "\(look.out)")
+            #expect(lines.contains("fifo prw------- 4321 0 0:0 1"), "\(look.out)")
+            #expect(lines.contains("linked-a -rw-r--r-- 0 0 0:0 2"), "\(look.out)")
+            // 1 GiB apparent, a few hundred KiB allocated: the holes stayed holes.
+            let sparse = lines.last?.split(separator: " ").compactMap { Int($0) } ?? []
+            #expect(sparse.count == 2 && sparse[0] == 1 << 30 && sparse[1] < 4096, "\(look.out)")
+
+            // Out again: the same entries, owners, modes, links, devices, xattrs and bytes.
+            let exported = try Harness.run(["export", "rt", "\(dir)/back.tar"], timeout: 900)
+            #expect(exported.status == 0, "export: \(exported.err)")
+            let before = try Self.listing("\(dir)/rt.tar"), after = try Self.listing("\(dir)/back.tar")
+            for (path, b) in before where !Self.changedByUVM(path) {
+                guard let a = after[path] else { Issue.record("\(path) is missing after the round trip"); continue }
+                for key in ["type", "mode", "uid", "gid", "size", "link", "xattrs", "sha256"] {
+                    #expect("\(a[key] ?? "nil")" == "\(b[key] ?? "nil")", "\(path): \(key) \(b[key] ?? "nil") became \(a[key] ?? "nil")")
+                }
+                if b["type"] as? String != "5" {
+                    #expect(a["mtime"] as? Int == b["mtime"] as? Int, "\(path): mtime")
+                }
+            }
+            let extra = Set(after.keys).subtracting(before.keys).filter { !Self.changedByUVM($0) }
+            #expect(extra.isEmpty, "the export has entries the import did not: \(extra.sorted())")
+        }
+
+        @Test func badImportsSayWhyAndLeaveNothing() throws {
+            let dir = try Self.prepare()
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            let before = try Self.distros()
+            // Not a tarball at all.
+            try "just text\n".write(toFile: "\(dir)/notes.txt", atomically: true, encoding: .utf8)
+            let text = try Harness.run(["import", "bad1", "\(dir)/notes.txt"])
+            #expect(text.status != 0 && text.err.contains("not a tarball"), "\(text.err)")
+            // A tarball, but not of a root file system.
+            #expect(try Self.tool(["rootless", "\(dir)/rootless.tar"]).status == 0)
+            let rootless = try Harness.run(["import", "bad2", "\(dir)/rootless.tar"])
+            #expect(rootless.status != 0 && rootless.err.contains("not a root file system"), "\(rootless.err)")
+            // Truncated compressed data.
+            let full = try Harness.run(["export", "busybox", "\(dir)/bb.tar.gz"], timeout: 600)
+            try #require(full.status == 0, "\(full.err)")
+            let data = try Data(contentsOf: URL(fileURLWithPath: "\(dir)/bb.tar.gz"))
+            try data.prefix(data.count / 2).write(to: URL(fileURLWithPath: "\(dir)/cut.tar.gz"))
+            let cut = try Harness.run(["import", "bad3", "\(dir)/cut.tar.gz"])
+            #expect(cut.status != 0 && cut.err.contains("corrupt or truncated"), "\(cut.err)")
+            // A name that is taken, a bad name, a missing file, an unknown distro.
+            let taken = try Harness.run(["import", "busybox", "\(dir)/bb.tar.gz"])
+            #expect(taken.status != 0 && taken.err.contains("already a distro named busybox"), "\(taken.err)")
+            let badName = try Harness.run(["import", "../x", "\(dir)/bb.tar.gz"])
+            #expect(badName.status != 0 && badName.err.contains("bad distro name"), "\(badName.err)")
+            let missing = try Harness.run(["import", "bad4", "\(dir)/nope.tar"])
+            #expect(missing.status != 0 && missing.err.contains("No such file"), "\(missing.err)")
+            let unknown = try Harness.run(["unregister", "nope"])
+            #expect(unknown.status != 0 && unknown.err.contains("no installed distro 'nope'"), "\(unknown.err)")
+            // Nothing half-registered.
+            #expect(try Self.distros() == before)
+            for name in ["bad1", "bad2", "bad3", "bad4"] {
+                #expect(!FileManager.default.fileExists(atPath: "\(Harness.home)/data/distros/\(name)"), "\(name) left a folder")
+            }
+        }
+
+        @Test func importFromStdinDefaultTerminateAndUnregister() throws {
+            let dir = try Self.prepare()
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            _ = try? Harness.run(["unregister", "second"])
+            let base = try Harness.run(["export", "busybox", "-"], timeout: 600)
+            try #require(base.status == 0 && base.stdout.count > 1 << 20, "\(base.err)")
+            let imported = try Harness.run(["import", "second", "-"], stdin: base.stdout, timeout: 600)
+            #expect(imported.status == 0, "\(imported.err)")
+            defer { _ = try? Harness.run(["unregister", "second"]) }
+
+            // Two distros at once, each with its own files.
+            #expect(try Harness.run(["exec", "--distro", "second", "--user", "root", "--", "sh", "-c", "echo mine > /second-file"]).status == 0)
+            let both = try Harness.run(["exec", "--distro", "busybox", "--", "sh", "-c", "test -e /second-file && echo shared || echo separate"])
+            #expect(both.out == "separate\n", "\(both.out) \(both.err)")
+
+            // The default follows `uvm default`, and back.
+            #expect(try Harness.run(["default", "second"]).status == 0)
+            #expect(try Harness.run(["default"]).out == "second\n")
+            #expect(try Harness.run(["exec", "--", "cat", "/second-file"]).out == "mine\n")
+            #expect(try Harness.run(["default", "busybox"]).status == 0)
+
+            // Terminate stops its instance only.
+            #expect(try Harness.run(["terminate", "second"]).status == 0)
+            let list = try Harness.run(["list", "--format", "json"])
+            let json = try #require(try JSONSerialization.jsonObject(with: list.stdout) as? [String: Any])
+            let second = (json["instances"] as? [[String: Any]] ?? []).first { $0["name"] as? String == "second" }
+            #expect(second?["state"] as? String == "Stopped", "\(list.out)")
+
+            // Unregister: gone, with its disk; its name is free again.
+            let un = try Harness.run(["unregister", "second"])
+            #expect(un.status == 0, "\(un.err)")
+            #expect(try !Self.distros().contains("second"))
+            #expect(!FileManager.default.fileExists(atPath: "\(Harness.home)/data/distros/second"))
+            let again = try Harness.run(["exec", "--distro", "second", "--", "true"])
+            #expect(again.status != 0 && again.err.contains("no distro 'second'"), "\(again.err)")
+        }
+    }
+}
