@@ -85,8 +85,8 @@ struct DistroCommands {
 
     func export(_ r: ExportRequest, rest: AsyncStream<Frame>, outbound: Outbound, progress: @escaping Progress) async throws {
         let store = controller.distros
-        guard case .installed = store.availability(r.name) else {
-            throw WireError(.notFound, "there is no installed distro '\(r.name)' (installed: \(store.installed().map(\.name).joined(separator: ", ")))")
+        guard store.knows(r.name) else {
+            throw WireError(.notFound, "there is no distro '\(r.name)' (installed: \(session.installedDistros().joined(separator: ", ")))")
         }
         let reaper = daemon.reaper
         let token = await reaper.begin(distro: r.name)

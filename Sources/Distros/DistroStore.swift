@@ -169,7 +169,8 @@ public struct DistroStore: Sendable {
         public var description: String
     }
 
-    /// The default distro installed from its template if needed, then every installed disk.
+    /// The default distro installed from its template if needed, then every installed disk and
+    /// every disk being imported.
     /// Blocking (it copies a disk image): call it off the cooperative pool and event loops.
     public func prepareForBoot() throws -> [Distro] {
         try FileManager.default.createDirectory(atPath: paths.distrosDir, withIntermediateDirectories: true)
@@ -181,7 +182,11 @@ public struct DistroStore: Sendable {
         case .absent:
             throw InstallError(description: "distro \(defaultDistro) is not built (expected \(paths.distroTemplate(defaultDistro))): run `make images`")
         }
-        return installed()
+        // Disks being imported too: an import that boots the VM needs no hot-plug.
+        let importing = ((try? FileManager.default.contentsOfDirectory(atPath: paths.distrosDir)) ?? [])
+            .filter { validDistroName($0) && isImporting($0) && FileManager.default.fileExists(atPath: paths.distroDisk($0)) }
+            .map { Distro(name: $0, disk: paths.distroDisk($0)) }
+        return (installed() + importing).sorted { $0.name < $1.name }
     }
 
     /// Copies `template` to the distro's disk (sparse; reflinked where the file system can), through

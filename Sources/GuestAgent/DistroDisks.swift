@@ -76,18 +76,14 @@ enum DistroDisks {
     /// read-only when the instance is stopped.
     static func exportDistro(_ r: ExportDistroRequest, instances: Instances,
                              outbound: NIOAsyncChannelOutboundWriter<Frame>) async throws -> ExportResult {
-        var root: String
-        var mountedDir: String? = nil
-        if let i = await instances.running(r.name) {
-            root = i.rootPath
-        } else {
-            let device = try await device(serial: r.diskSerial, within: 2)
-            let dir = "\(workDir)/\(r.name)-export"
-            try mountDisk(device, at: dir, readOnly: true)
-            mountedDir = dir
-            root = dir
-        }
-        defer { if let mountedDir { unmountDisk(mountedDir) } }
+        let root = "\(workDir)/\(r.name)-export"
+        // The disk's file system alone, with the directories that /proc, /sys, /dev and shares
+        // cover in the instance as they are on the disk. A running instance has it mounted
+        // read-write: a second mount of the same device shares that superblock and must match it
+        // (the instance's mounts live in its own namespace, where we cannot bind from).
+        let live = await instances.running(r.name) != nil
+        try mountDisk(try await device(serial: r.diskSerial, within: 2), at: root, readOnly: !live)
+        defer { unmountDisk(root) }
         // The writer runs on its own thread into a pipe; we relay the pipe as frames, so a slow
         // host holds the writer back instead of filling memory.
         var fds: [Int32] = [-1, -1]

@@ -173,8 +173,12 @@ public func domainXML(for spec: VMSpec) -> String {
     for (index, disk) in spec.disks.enumerated() { diskXML(&x, disk, index: index) }
     // Empty PCIe slots, so that distro disks can be hot-plugged while the VM runs (q35 has no
     // hot-plug on its root bus; libvirt only adds the root ports boot-time devices need).
-    for _ in 0..<spec.hotplugSlots {
-        x.empty("controller", ["type": "pci", "model": "pcie-root-port"])
+    if spec.hotplugSlots > 0 {
+        // Named first, so that libvirt numbers the root ports after it.
+        x.empty("controller", ["type": "pci", "index": "0", "model": "pcie-root"])
+        for _ in 0..<spec.hotplugSlots {
+            x.empty("controller", ["type": "pci", "model": "pcie-root-port"])
+        }
     }
     // q35 otherwise gets a qemu-xhci controller.
     x.empty("controller", ["type": "usb", "model": "none"])
