@@ -140,8 +140,8 @@ struct Install: ParsableCommand {
     }
 }
 
-/// The recipes in images/ that build a distribution's root file system (`images/NAME/rootfs.sh`:
-/// progress on stderr, the tarball's path on stdout).
+/// The recipes in images/ that build a distribution's root file system (`images/NAME/build.sh`
+/// with a `# uvm-install: SUMMARY` line: progress on stderr, the tarball's path on stdout).
 struct Recipes {
     struct Recipe {
         var name: String
@@ -192,13 +192,12 @@ struct Recipes {
     static func available() throws -> [Recipe] {
         guard let dir = directory() else { throw CLIError("uvm's recipes (images/) are not found: set UVM_RECIPES to a uvm checkout's images folder") }
         let names = ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).sorted()
-        return names.compactMap { n in
-            let script = "\(dir)/\(n)/rootfs.sh"
-            guard access(script, R_OK) == 0 else { return nil }
-            // The recipe's first comment line says what it builds.
-            let text = (try? String(contentsOfFile: script, encoding: .utf8)) ?? ""
-            let summary = text.split(separator: "\n").first { $0.hasPrefix("# ") && !$0.hasPrefix("#!") }.map { String($0.dropFirst(2)) } ?? ""
-            return Recipe(name: n, script: script, summary: summary)
+        return names.compactMap { n -> Recipe? in
+            // A recipe `uvm install` offers says so, and what it builds, in a `# uvm-install:` line.
+            let script = "\(dir)/\(n)/build.sh"
+            guard let text = try? String(contentsOfFile: script, encoding: .utf8),
+                  let line = text.split(separator: "\n").first(where: { $0.hasPrefix("# uvm-install:") }) else { return nil }
+            return Recipe(name: n, script: script, summary: String(line.dropFirst("# uvm-install:".count).drop(while: { $0 == " " })))
         }
     }
 }

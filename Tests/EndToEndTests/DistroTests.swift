@@ -171,3 +171,50 @@ extension EndToEnd {
         }
     }
 }
+
+extension EndToEnd {
+    /// `uvm install debian`: Debian 12 built by the recipe in images/debian (mmdebstrap, from the
+    /// mirror the host's apt uses; cached after the first build), imported, and usable as a
+    /// person expects: bash, the host user as default user with password-less sudo.
+    @Suite struct DebianTests {
+        /// The host's apt mirror answers (the recipe and apt-get inside need it).
+        static let mirrorReachable: Bool = {
+            let r = try? Harness.runProcess("/usr/bin/python3", ["-c", """
+                import glob, re, socket, sys
+                text = "".join(open(f).read() for f in glob.glob("/etc/apt/sources.list") + glob.glob("/etc/apt/sources.list.d/*"))
+                m = re.search(r"(?:URIs:|deb)\\s+\\S*?https?://([^/\\s:]+)", text)
+                sys.exit(0 if m and socket.create_connection((m.group(1), 80), timeout=5) else 1)
+                """], stdin: nil, env: ProcessInfo.processInfo.environment, timeout: 30)
+            return r?.status == 0
+        }()
+
+        @Test(.enabled(if: mirrorReachable, "the host's Debian mirror is not reachable from here"))
+        func installDebianGivesAWorkingDistro() throws {
+            _ = try? Harness.run(["unregister", "debian"])
+            let installed = try Harness.run(["install", "debian"], timeout: 1800)
+            #expect(installed.status == 0, "install: \(installed.err)")
+            #expect(installed.out.contains("installed debian (Debian GNU/Linux 12 (bookworm))"), "\(installed.out)")
+            defer {
+                _ = try? Harness.run(["unregister", "debian"])
+                _ = try? Harness.run(["default", "busybox"])
+            }
+            let release = try Harness.run(["exec", "--distro", "debian", "--", "cat", "/etc/os-release"])
+            #expect(release.status == 0 && release.out.contains("VERSION_ID=\"12\""), "\(release.out) \(release.err)")
+            let user = try Harness.run(["exec", "--distro", "debian", "--", "id", "-un"])
+            #expect(user.out == "\(DistroTests.hostUser)\n", "\(user.out) \(user.err)")
+            let sudo = try Harness.run(["exec", "--distro", "debian", "--", "sudo", "-n", "true"])
+            #expect(sudo.status == 0, "sudo -n true: \(sudo.err)")
+            let bash = try Harness.run(["exec", "--distro", "debian", "--", "bash", "--version"])
+            #expect(bash.status == 0 && bash.out.hasPrefix("GNU bash"), "\(bash.out) \(bash.err)")
+            let locale = try Harness.run(["exec", "--distro", "debian", "--", "sh", "-c", "cat /etc/default/locale"])
+            #expect(locale.out.contains("LANG=C.UTF-8"), "\(locale.out)")
+            // Its name is taken now; a second install under another name comes from the cache.
+            let again = try Harness.run(["install", "debian"], timeout: 600)
+            #expect(again.status != 0 && again.err.contains("already a distro named debian"), "\(again.err)")
+            // Inside, apt works against the same mirror.
+            let apt = try Harness.run(["exec", "--distro", "debian", "--user", "root", "--", "sh", "-c",
+                                       "apt-get update -qq && apt-get install -y -qq hello >/dev/null && hello"], timeout: 1200)
+            #expect(apt.status == 0 && apt.out.contains("Hello, world!"), "apt: \(apt.out) \(apt.err)")
+        }
+    }
+}
