@@ -78,6 +78,9 @@ public enum GuestAgent {
                 // The port opens once at a time (EBUSY): our descriptor must be gone before the next open.
                 try? await channel.close()
                 log("host disconnected; waiting for it to return")
+                // The shares' 9P servers were that uvmd's: before the next one comes, nothing may be
+                // left waiting on them (a stuck unmount holds its superblock, and sync() waits on it).
+                await shares.serverGone()
             }
         }
         if let failure { throw failure }

@@ -132,22 +132,55 @@ actor ShareMounts {
     }
 
     /// Detaches the mount (files still open in the guest fail with EIO once the relay is gone)
-    /// and frees the port for another share.
-    func unmount(_ name: String) async throws {
+    /// and frees the port for another share. `serverGone`: its 9P server went with uvmd, so the
+    /// relay is ended first (the kernel sees EOF and fails what waits for an answer) rather than
+    /// given a second to pass the last requests on.
+    func unmount(_ name: String, serverGone: Bool = false) async throws {
         guard let m = mounted.removeValue(forKey: name) else {
             throw WireError(.notFound, "share \(name) is not mounted")
         }
         let target = "\(UVM_SHARES_DIR)/\(name)"
+        var relay = m.relay
+        if serverGone, let r = relay {
+            _ = await Self.blocking { uvm_relay_finish(r.pointer, 0) }
+            relay = nil
+        }
         // The mount leaves the tree at once; when nothing else holds it, the same call then tears
         // the 9P client down, which clunks its fids: bounded, for a server that is gone.
         if await onOwnThread(within: .seconds(2), "unmounting \(target)", { _ = umount2(target, Int32(MNT_DETACH)) }) {
             rmdir(target)
         }
         // The kernel closes its end once nothing in the guest uses the mount any more.
-        if let relay = m.relay {
+        if let relay {
             _ = await Self.blocking { uvm_relay_finish(relay.pointer, 1000) }
         }
         log("share \(name) unmounted")
+    }
+
+    /// The control connection ended: uvmd is gone (killed, crashed, restarted), and every share's
+    /// 9P server with it. Nothing may wait on those servers: the shared-memory channels' requests
+    /// would wait for replies for ever (only uvmd closes a channel, and the next uvmd cannot reach
+    /// that memory), and with them the mounts' teardown and every sync() behind it. So the kernel
+    /// fails the channels, the relays end, and every mount is detached: the next uvmd mounts its
+    /// shares afresh.
+    func serverGone() async {
+        Self.closeSharedMemoryChannels()
+        for name in names { try? await unmount(name, serverGone: true) }
+    }
+
+    /// The uvmshm transport's switch (kernel-patches/): fails every request on its channels, now and
+    /// later. Absent on a kernel without the transport (shares then use only relays).
+    static let closeChannelsPath = "/sys/bus/pci/drivers/uvm-9p/close_channels"
+
+    private static func closeSharedMemoryChannels() {
+        let fd = open(closeChannelsPath, O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else { return }
+        defer { close(fd) }
+        if write(fd, "1\n", 2) != 2 {
+            log("cannot close the 9P shared-memory channels: \(String(cString: strerror(errno)))")
+        } else {
+            log("9P shared-memory channels closed: their server is gone")
+        }
     }
 
     /// Before power-off: nothing is left writing to the host.

@@ -15,6 +15,9 @@ public final class ShmTransport: @unchecked Sendable {
     private let handle: OpaquePointer
     public let socketPath: String
     public let channels: Int
+    /// The socket file this transport bound (device, inode): the next VM's transport binds the same
+    /// path, possibly before this one is released, and its socket must not be removed then.
+    private let socketFile: (dev: UInt, ino: UInt)?
 
     /// 2 MiB rings: each holds two messages of the largest msize the guest transport allows, so
     /// a reply never waits for the guest to empty the ring to be completed.
@@ -26,11 +29,20 @@ public final class ShmTransport: @unchecked Sendable {
         handle = h
         self.socketPath = socketPath
         self.channels = channels
+        socketFile = Self.identity(socketPath)
     }
 
     deinit {
         uvm_shm_destroy(handle)
-        unlink(socketPath)
+        if let mine = socketFile, let now = Self.identity(socketPath), now == mine {
+            unlink(socketPath)
+        }
+    }
+
+    private static func identity(_ path: String) -> (dev: UInt, ino: UInt)? {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return nil }
+        return (UInt(st.st_dev), UInt(st.st_ino))
     }
 
     /// QEMU has connected and holds the region: the guest has the device.

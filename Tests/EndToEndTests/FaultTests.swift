@@ -93,6 +93,39 @@ extension EndToEnd {
             }
         }
 
+        /// Issue 10: the home share went through the shared-memory rings, whose server died with
+        /// the first uvmd (SIGKILL: it could not close them). The guest's teardown of that mount
+        /// waited for ever for the rings' answers, and `sync` behind it (apt, dpkg and editors call
+        /// it all the time): the command never returned, and the clean stop failed on it too.
+        /// Bounds here are hang bounds, not speed: a stuck sync never ends.
+        @Test func syncAndACleanStopAfterUvmdWasKilled() throws {
+            try Harness.withConfiguredHome("kill-uvmd-sync", config: Self.config) { home, env in
+                let userHome = "\(home)/user"
+                try FileManager.default.createDirectory(atPath: userHome, withIntermediateDirectories: true)
+                var env = env
+                env["UVM_HOME_SHARE"] = userHome
+                let first = try Harness.spawnRun(["exec", "--", "sh", "-c", "echo before > /mnt/host/home/f && sync"],
+                                                 home: home, env: env, timeout: 300)
+                try #require(first.status == 0, "stderr: \(first.err)\n\(Harness.daemonLog(home))")
+                let log = (try? String(contentsOfFile: "\(home)/state/uvmd.log", encoding: .utf8)) ?? ""
+                // What the issue is about: the first mount used the rings (a kernel without them
+                // would not show the bug).
+                #expect(log.contains("shared memory channel"), "\(Harness.daemonLog(home))")
+                let uvmd = try #require(try Harness.status(home: home)["daemonPID"] as? Int)
+                #expect(Harness.killDaemon(uvmd, home: home))
+                let synced = try Harness.spawnRun(["exec", "--", "sync"], home: home, env: env, timeout: 120)
+                #expect(synced.status == 0, "status \(synced.status), stderr: \(synced.err)\n\(Harness.daemonLog(home))")
+                // The share is served again by the new uvmd, and only its mount is there.
+                let shared = try Harness.spawnRun(["exec", "--", "sh", "-c", "cat /mnt/host/home/f && grep -c ' /mnt/host/home ' /proc/mounts"],
+                                                  home: home, env: env, timeout: 120)
+                #expect(shared.status == 0 && shared.out == "before\n1\n", "status \(shared.status), out: \(shared.out), stderr: \(shared.err)")
+                let stop = try Harness.spawnRun(["stop"], home: home, env: env, timeout: 120)
+                #expect(stop.status == 0, "stderr: \(stop.err)")
+                let status = try Harness.status(home: home)
+                #expect(status["lastStop"] as? String == "powered off cleanly", "\(status)\n\(Harness.daemonLog(home))")
+            }
+        }
+
         /// A process that ignores SIGHUP outlives the session uvmd's death ends. The agent used to
         /// wait for every old session before taking the next uvmd, which then gave up on the VM
         /// and destroyed it, the user's processes with it.

@@ -88,6 +88,32 @@ import Testing
         #expect(try Self.until { guest.hostClosed })
     }
 
+    /// Issue 10: the next VM's transport binds the same path while the previous one may still be
+    /// on its way out; releasing the previous one removed the new socket, and QEMU then could not
+    /// reach its shared memory.
+    @Test func releasingATransportLeavesTheNextOnesSocketAlone() throws {
+        let path = dir + "/shm.sock"
+        var old: ShmTransport? = try ShmTransport(socketPath: path, channels: 1, ringSize: 4096)
+        let next = try ShmTransport(socketPath: path, channels: 1, ringSize: 4096)
+        var before = stat()
+        #expect(lstat(path, &before) == 0)
+        old = nil
+        var after = stat()
+        #expect(lstat(path, &after) == 0, "the next transport's socket was removed")
+        #expect(after.st_ino == before.st_ino)
+        withExtendedLifetime(next) {}
+        _ = old
+    }
+
+    @Test func releasingATransportRemovesItsOwnSocket() throws {
+        let path = dir + "/shm.sock"
+        var t: ShmTransport? = try ShmTransport(socketPath: path, channels: 1, ringSize: 4096)
+        #expect(access(path, F_OK) == 0)
+        t = nil
+        _ = t
+        #expect(access(path, F_OK) != 0)
+    }
+
     @Test func aGuestThatBreaksTheRingIndicesLosesTheChannelOnly() throws {
         let t = try ShmTransport(socketPath: dir + "/shm.sock", channels: 2, ringSize: 4096)
         let bad = try t.attach(channel: 0), good = try t.attach(channel: 1)
