@@ -15,7 +15,8 @@
 #   as root: mmdebstrap's root mode;
 #   as an ordinary user: its unshare mode (a user namespace mapping root to the user's
 #     /etc/subuid range; newuidmap from the uidmap package). scripts/setup.sh sets that up.
-# Environment: MMDEBSTRAP_MODE (root, unshare, fakechroot: instead of the above), DEBIAN_MIRROR
+# Environment: MMDEBSTRAP_MODE (root, unshare, or fakechroot, which gets the owners of
+# /var/cache/man and /var/log/journal wrong: instead of the above), DEBIAN_MIRROR
 # (a URI instead of the host's sources), TMPDIR (where mmdebstrap unpacks: ~300 MB).
 set -euo pipefail
 name=debian
