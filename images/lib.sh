@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Helpers shared by the image recipes under images/ (sourced, not run).
 # A recipe sets `name` (its message prefix) before sourcing this file.
 # Outputs are cached outside the clone, under ${XDG_CACHE_HOME:-$HOME/.cache}/uvm:
@@ -8,7 +9,6 @@
 # cache hit. An output is built in a scratch folder next to the cache and moved into place only
 # when complete: an interrupted or failed build leaves nothing that looks cached.
 
-images_lib_dir=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 uvm_cache=${XDG_CACHE_HOME:-$HOME/.cache}/uvm
 
 log() { echo "${name:-images}: $*" >&2; }
