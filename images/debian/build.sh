@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# uvm-install: Debian 12 (bookworm) from the Debian mirror your apt uses: bash, apt, sudo, systemd (mmdebstrap)
 # The Debian 12 (bookworm) root file system, as a tarball (for `uvm install debian`), built with
 # mmdebstrap --variant=minbase plus images/debian/packages, from the Debian mirror the host's apt
 # uses (images/debian/sources.py picks the sources; the root gets the same ones, and the host's
@@ -10,7 +11,8 @@
 # and proxy settings). The tarball is not rebuilt when the mirror gets newer packages: the root
 # updates itself with apt. Prints a line per phase on stderr and the tarball's path on stdout.
 #
-# Usage: images/debian/build.sh       (make debian-rootfs)
+# Usage: images/debian/build.sh       (make debian-rootfs; `uvm install debian` runs it, as the
+#                                     `# uvm-install:` line above offers)
 # Owners: the tarball holds root:root system files, setuid sudo etc. whoever builds it:
 #   as root: mmdebstrap's root mode;
 #   as an ordinary user: its unshare mode (a user namespace mapping root to the user's
