@@ -20,6 +20,7 @@ help:
 	@echo "make run [ARGS='exec -- uname -a']   set up, build, then run uvm (a shell without ARGS)"
 	@echo "make test                           set up, build, then run all tests (boots the VM)"
 	@echo "make bench                          benchmarks; results in bench-results/"
+	@echo "make debian-rootfs                  the Debian 12 root file system tarball (make debian-rootfs-test checks it)"
 	@echo "make setup | build | kernel | images | doctor | clean"
 
 all: build kernel images

@@ -5,6 +5,10 @@
 #   (b) without systemd, starts virtlogd and libvirtd (as root)
 #   (c) makes /dev/kvm group kvm, mode 660 (as root; else prints the command)
 #   (d) as an ordinary user: checks group kvm and that libvirt's per-user daemon starts
+#   (e) subordinate uid/gid ranges (/etc/subuid, /etc/subgid) for the user who builds the Debian
+#       root file system without root (images/debian/build.sh: mmdebstrap's unshare mode): as
+#       root, adds them for the user who ran sudo; as that user, prints the command. A note,
+#       not an error: only `make debian-rootfs` needs them.
 set -euo pipefail
 
 log() { echo "setup: $*" >&2; }
@@ -16,6 +20,7 @@ packages=(
     e2fsprogs busybox-static cpio
     make gcc libc6-dev bc bison flex patch libelf-dev libssl-dev xz-utils linux-source-6.1
     diod libglib2.0-dev socat tmux expect curl pkg-config
+    mmdebstrap uidmap zstd
 )
 is_root=0
 [[ $(id -u) == 0 ]] && is_root=1
@@ -128,6 +133,36 @@ if [[ $(cat /proc/1/comm 2>/dev/null) != systemd ]] && ((is_root)); then
             sleep 0.2
         done
         log "libvirtd answers on qemu:///system"
+    fi
+fi
+
+# --- (e) subordinate ids for mmdebstrap's unshare mode -------------------------
+# mmdebstrap --mode=unshare maps root and the system accounts of the root file system it builds
+# to the user's /etc/subuid and /etc/subgid range (65536 ids), through the setuid newuidmap and
+# newgidmap (package uidmap), so the tarball gets real owners without root. adduser gives every
+# account it creates such a range; accounts made otherwise may lack one.
+has_range() { grep -qE "^($1|$(id -u "$1")):" "$2" 2>/dev/null; }
+free_range_start() {  # the first multiple of 65536 above every range in /etc/subuid and /etc/subgid
+    cat /etc/subuid /etc/subgid 2>/dev/null | awk -F: '
+        { end = $2 + $3; if (end > max) max = end }
+        END { s = 100000; if (max > s) s = int((max + 65535) / 65536) * 65536; print s }'
+}
+subid_user=
+if ((is_root)); then
+    [[ -n ${SUDO_USER:-} && $SUDO_USER != root ]] && subid_user=$SUDO_USER
+else
+    subid_user=$(id -un)
+fi
+if [[ -n $subid_user ]] && ! { has_range "$subid_user" /etc/subuid && has_range "$subid_user" /etc/subgid; }; then
+    start=$(free_range_start)
+    range="$start-$((start + 65535))"
+    if ((is_root)); then
+        log "usermod --add-subuids $range --add-subgids $range $subid_user (for mmdebstrap's unshare mode)"
+        usermod --add-subuids "$range" --add-subgids "$range" "$subid_user" \
+            || log "usermod failed; \`make debian-rootfs\` as $subid_user needs a range in /etc/subuid and /etc/subgid"
+    else
+        log "note: $subid_user has no range in /etc/subuid and /etc/subgid, which \`make debian-rootfs\` needs (mmdebstrap's unshare mode); run:"
+        echo "sudo usermod --add-subuids $range --add-subgids $range $subid_user"
     fi
 fi
 

@@ -59,6 +59,9 @@ cp --sparse=always "$UVM_IMAGES"/* "$stage/images/"
 cp "$bundle" "$stage/tests/"
 cp Tests/EndToEndTests/Fixtures/* "$stage/fixtures/"
 cp scripts/setup.sh "$stage/"
+# `uvm install` looks for its recipes in images/ next to its binary, which here is $stage/images,
+# the built images: the recipes go to $stage/recipes, named by UVM_RECIPES.
+cp -r images "$stage/recipes"
 chmod -R a+rX "$stage"
 install -d -o "$user" -g "$user" -m 700 "$user_test_home"
 
@@ -85,7 +88,7 @@ echo "test: phase 2 of 2: the end-to-end suite as $user (qemu:///session)" | tee
 (cd "$stage" && timeout "$BOUND" "${as_user[@]}" env -i \
     HOME="$user_home" USER="$user" LOGNAME="$user" SHELL=/bin/bash LANG=C.UTF-8 TERM="${TERM:-dumb}" \
     PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin \
-    UVM_BIN="$stage/bin" UVM_KERNEL="$stage/kernel/bzImage" UVM_IMAGES="$stage/images" \
+    UVM_BIN="$stage/bin" UVM_KERNEL="$stage/kernel/bzImage" UVM_IMAGES="$stage/images" UVM_RECIPES="$stage/recipes" \
     UVM_TEST_HOME="$user_test_home" UVM_TEST_FIXTURES="$stage/fixtures" \
     "$stage/tests/uvmPackageTests.xctest" --testing-library swift-testing --filter "$E2E${TEST_ONLY:+.*($TEST_ONLY)}") 2>&1 | tee -a "$TEST_LOG"
 rc2=${PIPESTATUS[0]}
