@@ -1,1 +1,0 @@
-// placeholder until the archive branch's tests land
