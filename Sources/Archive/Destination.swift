@@ -172,7 +172,13 @@ final class Destination {
 
     /// A hard link to an earlier entry; the target is reached the same confined way.
     func makeHardLink(_ comps: [[UInt8]], target: [[UInt8]]) throws {
-        let tdir = try openDirectory(target.dropLast(), create: false)
+        let tdir: Int32
+        do {
+            tdir = try openDirectory(target.dropLast(), create: false)
+        } catch var e as ArchiveError {
+            e.message = "hard link target '\(display(target.joined(separator: [0x2F])))': " + e.message
+            throw e
+        }
         defer { close(tdir) }
         _ = try withCString(target.last!) { t in
             try create(comps, "link to \(display(target.joined(separator: [0x2F])))") { linkat(tdir, t, $0, $1, 0) }
