@@ -172,6 +172,7 @@ final class Destination {
 
     /// A hard link to an earlier entry; the target is reached the same confined way.
     func makeHardLink(_ comps: [[UInt8]], target: [[UInt8]]) throws {
+        if comps == target { return }  // a link to itself: removing the name first would lose the file
         let tdir: Int32
         do {
             tdir = try openDirectory(target.dropLast(), create: false)

@@ -32,7 +32,8 @@ func residentKiB() -> Int {
         try x.feed(Forge.end)
         try x.finish()
         let after = residentKiB()
-        #expect(before > 0 && after - before < 8 << 10, "RSS grew from \(before) to \(after) KiB")
+        // Generous: other tests run in this process at the same time; keeping the gigabyte would show.
+        #expect(before > 0 && after - before < 64 << 10, "RSS grew from \(before) to \(after) KiB")
 
         var st = stat()
         #expect(lstat(dst + "/big", &st) == 0)

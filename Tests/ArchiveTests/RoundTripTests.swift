@@ -56,6 +56,21 @@ import Testing
         #expect(lstat(dst + "/keep", &st) == 0)
     }
 
+    @Test(.enabled(if: isRoot, "needs root: mount"))
+    func otherFileSystemsAreNotEntered() throws {
+        let tmp = TempDir("mnt")
+        let src = tmp.sub("src"), dst = tmp.sub("dst")
+        _ = tmp.sub("src/mnt")
+        try run(["mount", "-t", "tmpfs", "-o", "size=1m", "uvm-archive-test", src + "/mnt"])
+        defer { _ = try? run(["umount", src + "/mnt"]) }
+        try ok(mkdir(src + "/mnt/inside", 0o755), "mkdir")
+        let (bytes, _) = try archive(src)
+        try extract(bytes, to: dst)
+        var st = stat()
+        #expect(lstat(dst + "/mnt", &st) == 0, "the mount point itself is kept")
+        #expect(lstat(dst + "/mnt/inside", &st) != 0, "its contents are not")
+    }
+
     @Test func rootFileSystemIsRecognized() throws {
         let tmp = TempDir("rootfs")
         let r = tmp.path

@@ -65,6 +65,8 @@ func buildTree(_ root: String, privileged: Bool, sparseSize: Int64 = 1 << 30) th
     try sparse("sparse.img", size: sparseSize,
                extents: [(0, 4096), (sparseSize / 10, 65536), (sparseSize / 10 * 7, 4096), (sparseSize - 4096, 4096)])
     try sparse("tailhole.img", size: 8 << 20, extents: [(1 << 20, 8192)])
+    // More extents than an old GNU sparse header holds (4), and than one extension block (21).
+    try sparse("many.img", size: 64 << 20, extents: (0..<30).map { (Int64($0) << 21 + 4096, 4096) })
 
     // A unix socket: the writer skips it.
     let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
