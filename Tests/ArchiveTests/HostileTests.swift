@@ -191,7 +191,7 @@ enum Forge {
             let dst = tmp.sub("dst\(chunk)")
             try extract(bytes, to: dst, chunk: chunk)
             let got = try listing(dst)
-            #expect(got == expected, "chunk \(chunk):\n\(diff(expected, got).joined(separator: "\n"))")
+            #expect(diff(expected, got) == [], "chunk \(chunk)")
         }
     }
 }

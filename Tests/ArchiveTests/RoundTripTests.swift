@@ -22,7 +22,7 @@ import Testing
         let a = try listingWithoutSockets(src), b = try listing(dst)
         if getenv("ARCHIVE_TEST_VERBOSE") != nil { print(b.joined(separator: "\n")) }
         #expect(a.count > 25)
-        #expect(a == b, "differences:\n\(diff(a, b).joined(separator: "\n"))")
+        #expect(diff(a, b) == [])
 
         var st = stat()
         #expect(lstat(dst + "/sparse.img", &st) == 0)
