@@ -92,3 +92,24 @@ import Testing
         #expect(throws: ArchiveError.self) { try inspectRootFS(at: r) }
     }
 }
+
+/// Opt-in: ARCHIVE_SMOKE_DIR=/some/real/tree round-trips an existing tree (read only), e.g. a
+/// debootstrap'ed root, to catch what hand-made trees miss.
+@Suite struct RealTreeTests {
+    static let dir = getenv("ARCHIVE_SMOKE_DIR").map { String(cString: $0) }
+
+    @Test(.enabled(if: dir != nil, "set ARCHIVE_SMOKE_DIR to a tree to round-trip"))
+    func realTreeRoundTrips() throws {
+        let src = Self.dir!
+        let tmp = TempDir("smoke")
+        let dst = tmp.sub("dst")
+        let x = try TarExtractor(destination: dst)
+        let w = TarWriter { try x.feed($0) }  // streamed straight through, as import/export will be
+        try w.addTree(src)
+        try w.finish()
+        let stats = try x.finish()
+        print("smoke: \(w.stats) \(stats)")
+        let a = try listingWithoutSockets(src), b = try listing(dst)
+        #expect(diff(a, b) == [])
+    }
+}
