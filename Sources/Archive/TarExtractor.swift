@@ -27,6 +27,8 @@ public struct ExtractStats: Sendable, Equatable {
     /// Volume labels and other entries that have nothing to create.
     public var skipped = 0
     public var ignoredXattrs = 0
+    /// ACLs in text form that name users or groups only by name (they need numeric ids).
+    public var ignoredACLs = 0
 }
 
 /// Extracts a tar archive pushed at it in pieces of any size: `feed` as bytes arrive, then
@@ -293,6 +295,15 @@ public final class TarExtractor {
         for x in pax.xattrs {
             xattrs.removeAll { $0.name == x.name }
             xattrs.append(x)
+        }
+        // ACLs in text form become their xattrs, unless the archive also had those as xattrs.
+        for (text, name) in [(pax.aclAccess, "system.posix_acl_access"), (pax.aclDefault, "system.posix_acl_default")] {
+            guard let text, !xattrs.contains(where: { $0.name == Array(name.utf8) }) else { continue }
+            if let value = PosixACL.xattr(fromText: text) {
+                xattrs.append((Array(name.utf8), value))
+            } else {
+                stats.ignoredACLs += 1
+            }
         }
         var e = Pending(name: name, linkName: linkName, type: type,
                         meta: Metadata(mode: UInt32(mode & 0o7777), uid: UInt32(uid), gid: UInt32(gid), mtime: mtime, xattrs: xattrs),

@@ -39,6 +39,20 @@ func buildTree(_ root: String, privileged: Bool, sparseSize: Int64 = 1 << 30) th
     try write(p("x/file"), Array("with an xattr\n".utf8), mode: 0o600)
     let userValue: [UInt8] = [0, 1, 0xff, 0x80, 0x3D, 0x0A, 0x20]
     try ok(uvm_ar_lsetxattr(p("x/file"), "user.test", userValue, userValue.count), "setxattr user.test")
+    // POSIX ACLs are xattrs too (system.posix_acl_*): an access ACL naming uid 1234, and a
+    // default ACL on a directory, which must not leak into the extracted files inside it.
+    func acl(_ entries: [(tag: UInt16, perm: UInt16, id: UInt32)]) -> [UInt8] {
+        var b: [UInt8] = [2, 0, 0, 0]
+        for e in entries { b += withUnsafeBytes(of: e.tag.littleEndian, Array.init) + withUnsafeBytes(of: e.perm.littleEndian, Array.init) + withUnsafeBytes(of: e.id.littleEndian, Array.init) }
+        return b
+    }
+    let access = acl([(1, 6, .max), (2, 6, 1234), (4, 4, .max), (0x10, 6, .max), (0x20, 4, .max)])
+    try write(p("x/acl"), Array("acl\n".utf8), mode: 0o664)
+    try ok(uvm_ar_lsetxattr(p("x/acl"), "system.posix_acl_access", access, access.count), "set access ACL")
+    try ok(mkdir(p("acldir"), 0o755), "mkdir")
+    try write(p("acldir/plain"), Array("plain\n".utf8), mode: 0o600)  // made before the default ACL: it has none
+    let dflt = acl([(1, 7, .max), (2, 5, 1234), (4, 5, .max), (0x10, 5, .max), (0x20, 5, .max)])
+    try ok(uvm_ar_lsetxattr(p("acldir"), "system.posix_acl_default", dflt, dflt.count), "set default ACL")
     try ok(mkfifo(p("run/fifo"), 0o620), "mkfifo")
     try write(p("héllo-日本.txt"), Array("unicode\n".utf8))
     try write(pb(invalidUTF8Name), Array("invalid utf-8 name\n".utf8))
