@@ -282,7 +282,8 @@ public final class TarExtractor {
         let uid = try pax.uid ?? global.uid ?? num(Tar.uid, "uid")
         let gid = try pax.gid ?? global.gid ?? num(Tar.gid, "gid")
         let size = try pax.size ?? num(Tar.size, "size")
-        let mtime = try pax.mtime ?? global.mtime ?? (Int64(clamping: num(Tar.mtime, "mtime")), 0)
+        guard let headerMtime = Tar.signedNumber(h, Tar.mtime) else { throw bad("mtime field does not parse") }
+        let mtime = pax.mtime ?? global.mtime ?? (headerMtime, 0)
         guard uid <= UInt64(UInt32.max), gid <= UInt64(UInt32.max) else { throw bad("uid or gid out of range") }
         guard size <= options.maxFileSize else { throw bad("size \(size) is absurd") }
         var devmajor: UInt64 = 0, devminor: UInt64 = 0
@@ -328,7 +329,7 @@ public final class TarExtractor {
             currentName = e.name
             e.realSize = real
             e.extents = map
-            try validate(&e)
+            try validate(e)
         } else if type == Tar.TypeFlag.gnuSparse {
             var extents: [(offset: UInt64, length: UInt64)] = []
             try readOldSparse(h, at: Tar.gnuSparse, count: 4, into: &extents)
@@ -340,7 +341,7 @@ public final class TarExtractor {
                 state = .sparseExtension
                 return
             }
-            try validate(&e)
+            try validate(e)
         }
         try start(e)
     }
@@ -370,12 +371,12 @@ public final class TarExtractor {
         }
         pending = nil
         state = .header
-        try validate(&e)
+        try validate(e)
         try start(e)
     }
 
     /// A sparse map must describe exactly the stored bytes, in order, within the real size.
-    private func validate(_ e: inout Pending, stored: UInt64? = nil) throws {
+    private func validate(_ e: Pending, stored: UInt64? = nil) throws {
         guard let extents = e.extents else { return }
         var end: UInt64 = 0
         var total: UInt64 = 0
@@ -431,7 +432,7 @@ public final class TarExtractor {
         e.extents = stride(from: 0, to: mapParser.numbers.count, by: 2).map { (mapParser.numbers[$0], mapParser.numbers[$0 + 1]) }
         mapParser = SparseMapParser()
         let dataSize = remaining - pad
-        try validate(&e, stored: dataSize)
+        try validate(e, stored: dataSize)
         let stored = e.size
         e.size = dataSize
         try start(e, mapPadding: pad, storedSize: stored)

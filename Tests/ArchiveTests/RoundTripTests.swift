@@ -30,6 +30,10 @@ import Testing
         #expect(st.st_blocks * 512 < 1 << 20, "holes stay holes: \(st.st_blocks) blocks")
         #expect(lstat(dst + "/zeros.bin", &st) == 0)
         #expect(st.st_blocks * 512 < 64 << 10, "a run of written zeros becomes a hole")
+        // Again over the result: existing files are replaced, directories kept, nothing changes.
+        try extract(bytes, to: dst, chunk: 8192)
+        let again = try listing(dst)
+        #expect(diff(a, again) == [])
         if privileged {
             #expect(lstat(dst + "/bin/su", &st) == 0)
             #expect(st.st_mode & 0o7777 == 0o4755 && st.st_uid == 1234 && st.st_gid == 5678)
@@ -69,6 +73,15 @@ import Testing
         var st = stat()
         #expect(lstat(dst + "/mnt", &st) == 0, "the mount point itself is kept")
         #expect(lstat(dst + "/mnt/inside", &st) != 0, "its contents are not")
+    }
+
+    @Test func paxTimesRoundTrip() {
+        for (sec, nsec, text) in [(Int64(0), Int64(0), "0"), (1_700_000_000, 5, "1700000000.000000005"), (-2, 500_000_000, "-1.5"), (-1, 0, "-1")] {
+            #expect(Tar.formatTime(sec: sec, nsec: nsec) == text)
+            #expect(Tar.paxTime(Array(text.utf8)).map { [$0.sec, $0.nsec] } == [sec, nsec])
+        }
+        #expect(Tar.paxTime(Array("1.".utf8)).map { [$0.sec, $0.nsec] } == [1, 0])
+        #expect(Tar.paxTime(Array("x".utf8)) == nil)
     }
 
     @Test func rootFileSystemIsRecognized() throws {
