@@ -106,6 +106,7 @@ public final class TarExtractor {
         guard complete else {
             throw fail(ArchiveError("truncated archive: it ends at byte \(offset) " + (state == .header && blockFill == 0 ? "without the end-of-archive blocks" : "inside an entry")))
         }
+        currentName = nil  // errors from here name the directory in their message
         do {
             try dest.finishDirectories()
         } catch let e as ArchiveError {
