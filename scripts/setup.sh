@@ -21,6 +21,7 @@ packages=(
     make gcc libc6-dev bc bison flex patch libelf-dev libssl-dev xz-utils linux-source-6.1
     diod libglib2.0-dev socat tmux expect curl pkg-config
     mmdebstrap uidmap zstd
+    libarchive-tools  # bsdtar: ArchiveTests check rootfs tarballs against libarchive both ways
 )
 is_root=0
 [[ $(id -u) == 0 ]] && is_root=1

@@ -172,7 +172,14 @@ final class Destination {
 
     /// A hard link to an earlier entry; the target is reached the same confined way.
     func makeHardLink(_ comps: [[UInt8]], target: [[UInt8]]) throws {
-        let tdir = try openDirectory(target.dropLast(), create: false)
+        if comps == target { return }  // a link to itself: removing the name first would lose the file
+        let tdir: Int32
+        do {
+            tdir = try openDirectory(target.dropLast(), create: false)
+        } catch var e as ArchiveError {
+            e.message = "hard link target '\(display(target.joined(separator: [0x2F])))': " + e.message
+            throw e
+        }
         defer { close(tdir) }
         _ = try withCString(target.last!) { t in
             try create(comps, "link to \(display(target.joined(separator: [0x2F])))") { linkat(tdir, t, $0, $1, 0) }
@@ -181,11 +188,18 @@ final class Destination {
 
     // MARK: metadata
 
+    /// A new inode in a directory with a default ACL inherits an ACL the archive may not have
+    /// (when extracting over an existing tree): it goes first, before the mode is set.
+    private static let acls = [Array("system.posix_acl_access".utf8), Array("system.posix_acl_default".utf8)]
+
     /// Owner, then mode (chown clears setuid/setgid), then xattrs (chown clears
     /// security.capability), then times (the others change ctime only, but xattr writes would
     /// not touch mtime either; times last is simply the safe order).
     func applyMetadata(fd: Int32, _ meta: Metadata, path: [[UInt8]]) throws {
         let name = display(path.joined(separator: [0x2F]))
+        for acl in Self.acls where !meta.xattrs.contains(where: { $0.name == acl }) {
+            _ = withCString(acl) { uvm_ar_fremovexattr(fd, $0) }  // inherited, not archived (ENODATA is the usual answer)
+        }
         if preserveOwnership { try check("chown \(name)") { fchown(fd, meta.uid, meta.gid) } }
         try check("chmod \(name)") { fchmod(fd, mode_t(meta.mode & 0o7777)) }
         for x in meta.xattrs {
@@ -209,8 +223,13 @@ final class Destination {
                 // The node was just made by us in a directory we hold open: the name is not a symlink.
                 try check("chmod \(shown)") { fchmodat(dirfd, cname, mode_t(meta.mode & 0o7777), 0) }
             }
+            let proc = Array("/proc/self/fd/\(dirfd)/".utf8) + name
+            if !isSymlink {
+                for acl in Self.acls where !meta.xattrs.contains(where: { $0.name == acl }) {
+                    _ = withCString(proc) { p in withCString(acl) { uvm_ar_lremovexattr(p, $0) } }
+                }
+            }
             if !meta.xattrs.isEmpty {
-                let proc = Array("/proc/self/fd/\(dirfd)/".utf8) + name
                 for x in meta.xattrs {
                     let r = withCString(proc) { p in withCString(x.name) { n in
                         x.value.withUnsafeBytes { uvm_ar_lsetxattr(p, n, $0.baseAddress, $0.count) }

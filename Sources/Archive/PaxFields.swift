@@ -11,6 +11,9 @@ struct PaxFields {
     var devmajor: UInt64?
     var devminor: UInt64?
     var xattrs: [(name: [UInt8], value: [UInt8])] = []
+    /// POSIX ACLs in text form (SCHILY.acl.access / .default).
+    var aclAccess: [UInt8]?
+    var aclDefault: [UInt8]?
     // GNU sparse: 1.0 (major/minor, name, realsize, map in the data), 0.1 (size, map), 0.0 (offset/numbytes pairs).
     var sparseMajor: UInt64?
     var sparseName: [UInt8]?
@@ -57,6 +60,8 @@ struct PaxFields {
                 if v.isEmpty { mtime = nil } else if let t = Tar.paxTime(v) { mtime = t } else {
                     err = ArchiveError("pax mtime=\(display(v.prefix(40))) does not parse")
                 }
+            case "SCHILY.acl.access": aclAccess = v.isEmpty ? nil : v
+            case "SCHILY.acl.default": aclDefault = v.isEmpty ? nil : v
             case "GNU.sparse.major": err = set(&sparseMajor)
             case "GNU.sparse.name": sparseName = v
             case "GNU.sparse.realsize": err = set(&sparseRealSize)

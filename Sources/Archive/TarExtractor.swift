@@ -27,6 +27,8 @@ public struct ExtractStats: Sendable, Equatable {
     /// Volume labels and other entries that have nothing to create.
     public var skipped = 0
     public var ignoredXattrs = 0
+    /// ACLs in text form that name users or groups only by name (they need numeric ids).
+    public var ignoredACLs = 0
 }
 
 /// Extracts a tar archive pushed at it in pieces of any size: `feed` as bytes arrive, then
@@ -104,6 +106,7 @@ public final class TarExtractor {
         guard complete else {
             throw fail(ArchiveError("truncated archive: it ends at byte \(offset) " + (state == .header && blockFill == 0 ? "without the end-of-archive blocks" : "inside an entry")))
         }
+        currentName = nil  // errors from here name the directory in their message
         do {
             try dest.finishDirectories()
         } catch let e as ArchiveError {
@@ -280,7 +283,8 @@ public final class TarExtractor {
         let uid = try pax.uid ?? global.uid ?? num(Tar.uid, "uid")
         let gid = try pax.gid ?? global.gid ?? num(Tar.gid, "gid")
         let size = try pax.size ?? num(Tar.size, "size")
-        let mtime = try pax.mtime ?? global.mtime ?? (Int64(clamping: num(Tar.mtime, "mtime")), 0)
+        guard let headerMtime = Tar.signedNumber(h, Tar.mtime) else { throw bad("mtime field does not parse") }
+        let mtime = pax.mtime ?? global.mtime ?? (headerMtime, 0)
         guard uid <= UInt64(UInt32.max), gid <= UInt64(UInt32.max) else { throw bad("uid or gid out of range") }
         guard size <= options.maxFileSize else { throw bad("size \(size) is absurd") }
         var devmajor: UInt64 = 0, devminor: UInt64 = 0
@@ -293,6 +297,15 @@ public final class TarExtractor {
         for x in pax.xattrs {
             xattrs.removeAll { $0.name == x.name }
             xattrs.append(x)
+        }
+        // ACLs in text form become their xattrs, unless the archive also had those as xattrs.
+        for (text, name) in [(pax.aclAccess, "system.posix_acl_access"), (pax.aclDefault, "system.posix_acl_default")] {
+            guard let text, !xattrs.contains(where: { $0.name == Array(name.utf8) }) else { continue }
+            if let value = PosixACL.xattr(fromText: text) {
+                xattrs.append((Array(name.utf8), value))
+            } else {
+                stats.ignoredACLs += 1
+            }
         }
         var e = Pending(name: name, linkName: linkName, type: type,
                         meta: Metadata(mode: UInt32(mode & 0o7777), uid: UInt32(uid), gid: UInt32(gid), mtime: mtime, xattrs: xattrs),
@@ -317,7 +330,7 @@ public final class TarExtractor {
             currentName = e.name
             e.realSize = real
             e.extents = map
-            try validate(&e)
+            try validate(e)
         } else if type == Tar.TypeFlag.gnuSparse {
             var extents: [(offset: UInt64, length: UInt64)] = []
             try readOldSparse(h, at: Tar.gnuSparse, count: 4, into: &extents)
@@ -329,7 +342,7 @@ public final class TarExtractor {
                 state = .sparseExtension
                 return
             }
-            try validate(&e)
+            try validate(e)
         }
         try start(e)
     }
@@ -359,12 +372,12 @@ public final class TarExtractor {
         }
         pending = nil
         state = .header
-        try validate(&e)
+        try validate(e)
         try start(e)
     }
 
     /// A sparse map must describe exactly the stored bytes, in order, within the real size.
-    private func validate(_ e: inout Pending, stored: UInt64? = nil) throws {
+    private func validate(_ e: Pending, stored: UInt64? = nil) throws {
         guard let extents = e.extents else { return }
         var end: UInt64 = 0
         var total: UInt64 = 0
@@ -420,7 +433,7 @@ public final class TarExtractor {
         e.extents = stride(from: 0, to: mapParser.numbers.count, by: 2).map { (mapParser.numbers[$0], mapParser.numbers[$0 + 1]) }
         mapParser = SparseMapParser()
         let dataSize = remaining - pad
-        try validate(&e, stored: dataSize)
+        try validate(e, stored: dataSize)
         let stored = e.size
         e.size = dataSize
         try start(e, mapPadding: pad, storedSize: stored)

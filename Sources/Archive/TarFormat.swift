@@ -76,6 +76,19 @@ enum Tar {
         return v
     }
 
+    /// A field that may be negative (mtime before 1970): GNU tar writes those in base-256 with a
+    /// 0xff lead (two's complement). nil when it does not parse or does not fit in Int64.
+    static func signedNumber(_ h: UnsafeRawBufferPointer, _ field: (Int, Int)) -> Int64? {
+        let (off, width) = field
+        guard h[off] == 0xff else { return number(h, field).flatMap { $0 <= UInt64(Int64.max) ? Int64($0) : nil } }
+        var v: Int64 = -1
+        for i in 0..<width {
+            if i < width - 8 { guard h[off + i] == 0xff else { return nil } }
+            v = (v << 8) | Int64(h[off + i])
+        }
+        return v < 0 ? v : nil
+    }
+
     /// A NUL-terminated (or full-width) string field.
     static func string(_ h: UnsafeRawBufferPointer, _ field: (Int, Int)) -> [UInt8] {
         let (off, width) = field

@@ -28,6 +28,7 @@ public final class TarWriter {
     private var used = 0
     private var links: [LinkKey: [UInt8]] = [:]
     private var finished = false
+    private var viaProc = true
     public private(set) var stats = TarWriterStats()
 
     private struct LinkKey: Hashable { var dev: UInt64, ino: UInt64 }
@@ -56,6 +57,9 @@ public final class TarWriter {
         defer { close(fd) }
         var st = stat()
         try check("stat \(root)") { fstat(fd, &st) }
+        // Xattrs are read through /proc/self/fd/DIR/NAME, so a directory swapped for a symlink
+        // while we walk cannot send us elsewhere; without /proc, through the full path.
+        viaProc = access("/proc/self/fd", F_OK) == 0
         try emit(dirfd: fd, name: nil, path: [], full: rootPath, st: st)
         try walk(dirfd: fd, rel: [], rootPath: rootPath, rootDev: UInt64(st.st_dev), oneFileSystem: oneFileSystem, excluded: excluded)
     }
@@ -86,8 +90,13 @@ public final class TarWriter {
                 if errno == ENOENT { continue }  // removed since the listing
                 throw ArchiveError.sys("stat \(display(path))")
             }
-            let full = rootPath + [0x2F] + path
-            try emit(dirfd: dirfd, name: name, path: path, full: full, st: st)
+            let full = viaProc ? Array("/proc/self/fd/\(dirfd)/".utf8) + name : rootPath + [0x2F] + path
+            do {
+                try emit(dirfd: dirfd, name: name, path: path, full: full, st: st)
+            } catch var e as ArchiveError where e.entry == nil {
+                e.entry = display(path)
+                throw e
+            }
             guard st.st_mode & S_IFMT == S_IFDIR, !oneFileSystem || UInt64(st.st_dev) == rootDev else { continue }
             let child = try withCString(name) { cname in
                 try check("open \(display(path))") {
@@ -141,7 +150,7 @@ public final class TarWriter {
             }
             links[key] = path
         }
-        e.xattrs = try readXattrs(fd: nil, path: full).sorted { $0.name.lexicographicallyPrecedes($1.name) }
+        e.xattrs = try (name == nil ? readXattrs(fd: dirfd, path: nil) : readXattrs(fd: nil, path: full)).sorted { $0.name.lexicographicallyPrecedes($1.name) }
         switch fmt {
         case S_IFDIR:
             e.type = Tar.TypeFlag.directory

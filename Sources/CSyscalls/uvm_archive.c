@@ -40,6 +40,8 @@ int uvm_ar_lsetxattr(const char *path, const char *name, const void *value, size
 ssize_t uvm_ar_flistxattr(int fd, char *list, size_t size) { return flistxattr(fd, list, size); }
 ssize_t uvm_ar_fgetxattr(int fd, const char *name, void *value, size_t size) { return fgetxattr(fd, name, value, size); }
 int uvm_ar_fsetxattr(int fd, const char *name, const void *value, size_t size) { return fsetxattr(fd, name, value, size, 0); }
+int uvm_ar_fremovexattr(int fd, const char *name) { return fremovexattr(fd, name); }
+int uvm_ar_lremovexattr(const char *path, const char *name) { return lremovexattr(path, name); }
 
 int uvm_ar_utimens(int dirfd, const char *name, int64_t asec, long ansec, int64_t msec, long mnsec, int flags) {
     struct timespec ts[2] = { { (time_t)asec, ansec }, { (time_t)msec, mnsec } };

@@ -33,6 +33,8 @@ int uvm_ar_lsetxattr(const char *path, const char *name, const void *value, size
 ssize_t uvm_ar_flistxattr(int fd, char *list, size_t size);
 ssize_t uvm_ar_fgetxattr(int fd, const char *name, void *value, size_t size);
 int uvm_ar_fsetxattr(int fd, const char *name, const void *value, size_t size);
+int uvm_ar_fremovexattr(int fd, const char *name);
+int uvm_ar_lremovexattr(const char *path, const char *name);
 
 /// utimensat/futimens with plain integers (tv_nsec may be uvm_ar_UTIME_NOW/OMIT).
 /// fd mode when name is NULL: futimens(dirfd).
