@@ -174,9 +174,11 @@ public func domainXML(for spec: VMSpec) -> String {
     // Empty PCIe slots, so that distro disks can be hot-plugged while the VM runs (q35 has no
     // hot-plug on its root bus; libvirt only adds the root ports boot-time devices need).
     if spec.hotplugSlots > 0 {
-        // Named first, so that libvirt numbers the root ports after it.
+        // Named first, so that libvirt numbers the root ports after it. libvirt puts the boot-time
+        // devices on the root ports it finds before adding its own, so there is one for each of
+        // those too, and `hotplugSlots` stay empty.
         x.empty("controller", ["type": "pci", "index": "0", "model": "pcie-root"])
-        for _ in 0..<spec.hotplugSlots {
+        for _ in 0..<(spec.hotplugSlots + pcieEndpoints(spec)) {
             x.empty("controller", ["type": "pci", "model": "pcie-root-port"])
         }
     }
@@ -231,6 +233,13 @@ public func domainXML(for spec: VMSpec) -> String {
     }
     x.close("domain")
     return x.text
+}
+
+/// The PCI Express devices `domainXML` creates: disks, the virtio-serial controller, 9P exports,
+/// ivshmem, the NIC, rng and balloon.
+func pcieEndpoints(_ spec: VMSpec) -> Int {
+    spec.disks.count + (spec.channels.isEmpty ? 0 : 1) + spec.filesystems.count + spec.sharedMemory.count
+        + (spec.userNetwork ? 1 : 0) + 2
 }
 
 /// One disk element: at boot (in the domain) and for hot-plug (`VMDomain.attachDevice`), where
