@@ -83,9 +83,9 @@ struct ClientSession {
             let reaper = daemon.reaper
             let token = await reaper.begin(distro: distro)
             defer { Task { await reaper.end(token) } }
-            let agent = try await controller.agent(progress: progress)
             // A distro installed or first used after the VM booted: its disk is hot-plugged now.
             try await controller.prepareDisk(distro, progress: progress)
+            let agent = try await controller.agent(progress: progress)
             try await relay(.exec(GuestExecRequest(exec: exec, distroDisk: diskSerial(distro))), agent: agent, rest: rest, outbound: outbound)
         case .start(let r):
             _ = try await controller.agent(progress: progress)
@@ -165,6 +165,7 @@ struct ClientSession {
                     }
                     if answered { return true }
                     // The stream ended without an answer: the VM (or the link) went away.
+                    daemon.logger.warning("the guest ended a session without answering", metadata: ["op": "\(request.op)"])
                     let reason = await controller.lastStopReason ?? "session ended: the VM stopped unexpectedly (QEMU exited)"
                     try await outbound.write(.error(WireError(.vmStopped, "uvm: \(reason)")))
                     return true

@@ -33,9 +33,11 @@ struct DistroCommands {
         }
         let size = r.sizeBytes ?? DistroStore.defaultDiskSize
         guard size >= 64 << 20 else { throw WireError(.badRequest, "--size \(size): a distro disk needs at least 64M") }
+        // A client of the VM while it lasts (the reaper must not stop the VM under it); no
+        // instance of the new distro runs, so none is left for the reaper to stop after.
         let reaper = daemon.reaper
         let token = await reaper.begin(distro: name)
-        defer { Task { await reaper.end(token) } }
+        defer { Task { await reaper.end(token); await reaper.instanceStopped(name) } }
         do {
             try await Self.blocking { try store.createEmptyDisk(name, sizeBytes: size) }
         } catch let e as DistroStore.InstallError {
@@ -108,6 +110,7 @@ struct DistroCommands {
             throw WireError(.badRequest, "\(name) is the default distro set in uvm.conf or UVM_DEFAULT_DISTRO: change defaultDistro there first")
         }
         await release(name)
+        await daemon.reaper.instanceStopped(name)
         do {
             try await Self.blocking {
                 try store.delete(name)
@@ -135,6 +138,7 @@ struct DistroCommands {
             throw WireError(.notFound, "there is no distro '\(name)' (installed: \(session.installedDistros().joined(separator: ", ")))")
         }
         await controller.stopInstance(name)
+        await daemon.reaper.instanceStopped(name)
     }
 
     /// The host user becomes the new distro's default user (root stays root).

@@ -383,10 +383,13 @@ public actor VMController {
     /// Disk hot-plugs one at a time: each picks a free target name from what libvirt reports.
     private var diskOperation: Task<Void, Never>?
 
-    /// Makes `distro` runnable in the running VM: installed from its template if it has only that
-    /// (busybox, once another distro is the default), and its disk attached.
+    /// Makes `distro` runnable in the running VM (booting it if needed): installed from its
+    /// template if it has only that (busybox, once another distro is the default), and its disk
+    /// attached. Works on the VM `ensureRunning` returns, which a concurrent boot may not have
+    /// made `running` yet.
     func prepareDisk(_ distro: String, progress: @escaping @Sendable (String) async -> Void) async throws {
-        if running?.disks.contains(diskSerial(distro)) == true { return }
+        let r = try await ensureRunning(progress: progress)
+        if isAttached(diskSerial(distro), r) { return }
         let store = distros
         if case .template(let template) = store.availability(distro) {
             await progress("uvm: installing \(distro)")
@@ -396,19 +399,24 @@ public actor VMController {
                 throw WireError(.vmUnavailable, "\(error)")
             }
         }
-        try await ensureDiskAttached(distro)
+        try await ensureDiskAttached(distro, in: r)
+    }
+
+    private func isAttached(_ serial: String, _ r: Running) -> Bool {
+        (running?.generation == r.generation ? running?.disks : r.disks)?.contains(serial) == true
     }
 
     /// Attaches `distro`'s disk to the running VM unless it is attached already (hot-plug), so that
     /// a distro imported or first used after boot runs without restarting the VM.
-    func ensureDiskAttached(_ distro: String) async throws {
+    func ensureDiskAttached(_ distro: String, in given: Running? = nil) async throws {
+        guard let r = given ?? running else { throw WireError(.vmStopped, "the VM is not running") }
         let serial = diskSerial(distro)
-        if running?.disks.contains(serial) == true { return }
+        if isAttached(serial, r) { return }
         let previous = diskOperation
         let task = Task<Result<Void, Error>, Never> {
             await previous?.value
             do {
-                try await self.attach(distro, serial: serial)
+                try await self.attach(distro, serial: serial, in: r)
                 return .success(())
             } catch {
                 return .failure(error)
@@ -418,9 +426,8 @@ public actor VMController {
         try await task.value.get()
     }
 
-    private func attach(_ distro: String, serial: String) async throws {
-        guard let r = running else { throw WireError(.vmStopped, "the VM stopped") }
-        if r.disks.contains(serial) { return }
+    private func attach(_ distro: String, serial: String, in r: Running) async throws {
+        if isAttached(serial, r) { return }
         let described = try await withTimeout(seconds: 10, what: "libvirt to describe the VM") { try await r.domain.disks() }
         if !described.contains(where: { $0.serial == serial }) {
             let used = Set(described.map(\.dev))

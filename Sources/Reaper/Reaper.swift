@@ -81,6 +81,14 @@ public actor Reaper {
         scheduleVMStopIfIdle()
     }
 
+    /// An instance stopped on request (`uvm terminate`, `uvm unregister`), or one that never ran
+    /// (an import's disk): not running any more, no idle stop due.
+    public func instanceStopped(_ distro: String) {
+        cancelInstanceTimer(distro)
+        instances[distro] = nil
+        scheduleVMStopIfIdle()
+    }
+
     public var clientCount: Int { clients.values.reduce(0) { $0 + $1.count } }
 
     // MARK: the VM

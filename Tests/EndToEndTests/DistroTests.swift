@@ -96,6 +96,21 @@ extension EndToEnd {
             }
             let extra = Set(after.keys).subtracting(before.keys).filter { !Self.changedByUVM($0) }
             #expect(extra.isEmpty, "the export has entries the import did not: \(extra.sorted())")
+
+            // Space freed inside goes back to the host: the disk image is sparse and discards reach it.
+            let disk = "\(Harness.home)/data/distros/rt/disk.ext4"
+            func allocatedMiB() -> Int {
+                var st = stat()
+                return stat(disk, &st) == 0 ? Int(st.st_blocks) * 512 >> 20 : -1
+            }
+            let filled = try Harness.run(["exec", "--distro", "rt", "--user", "root", "--", "sh", "-c",
+                                          "dd if=/dev/zero of=/big bs=1M count=1024 2>/dev/null && sync"], timeout: 600)
+            #expect(filled.status == 0, "\(filled.err)")
+            let full = allocatedMiB()
+            let freed = try Harness.run(["exec", "--distro", "rt", "--user", "root", "--", "sh", "-c", "rm /big && sync"], timeout: 600)
+            #expect(freed.status == 0, "\(freed.err)")
+            // The journal commits (and discards) within a few seconds of the sync.
+            #expect(Harness.waitUntil(timeout: 30) { full - allocatedMiB() >= 900 }, "allocated \(full) MiB with the file, \(allocatedMiB()) MiB after deleting it")
         }
 
         @Test func badImportsSayWhyAndLeaveNothing() throws {
@@ -181,7 +196,8 @@ extension EndToEnd {
         static let mirrorReachable: Bool = {
             let r = try? Harness.runProcess("/usr/bin/python3", ["-c", """
                 import glob, re, socket, sys
-                text = "".join(open(f).read() for f in glob.glob("/etc/apt/sources.list") + glob.glob("/etc/apt/sources.list.d/*"))
+                files = glob.glob("/etc/apt/sources.list") + glob.glob("/etc/apt/sources.list.d/*.list") + glob.glob("/etc/apt/sources.list.d/*.sources")
+                text = "".join(open(f).read() for f in files)
                 m = re.search(r"(?:URIs:|deb)\\s+\\S*?https?://([^/\\s:]+)", text)
                 sys.exit(0 if m and socket.create_connection((m.group(1), 80), timeout=5) else 1)
                 """], stdin: nil, env: ProcessInfo.processInfo.environment, timeout: 30)
