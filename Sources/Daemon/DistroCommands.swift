@@ -51,7 +51,12 @@ struct DistroCommands {
             try await controller.ensureDiskAttached(name)
             let request = ImportDistroRequest(name: name, diskSerial: diskSerial(name), defaultUser: Self.hostUser())
             try await session.relay(.importDistro(request), agent: agent, rest: rest, outbound: outbound) { final in
-                guard final.kind == .response else { return final }
+                // Refused (not a root file system, corrupt, cancelled): the disk goes before the
+                // client hears so, so that nothing of it is left when `uvm import` returns.
+                guard final.kind == .response else {
+                    await abandon(name, store: store)
+                    return final
+                }
                 let imported = try final.decode(ImportedDistro.self)
                 store.finishImport(name)
                 if becomesDefault { try? store.setDefault(name) }

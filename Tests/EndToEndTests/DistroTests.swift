@@ -101,7 +101,7 @@ extension EndToEnd {
             let disk = "\(Harness.home)/data/distros/rt/disk.ext4"
             func allocatedMiB() -> Int {
                 var st = stat()
-                return stat(disk, &st) == 0 ? Int(st.st_blocks) * 512 >> 20 : -1
+                return stat(disk, &st) == 0 ? Int(st.st_blocks) * 512 / (1 << 20) : -1
             }
             let filled = try Harness.run(["exec", "--distro", "rt", "--user", "root", "--", "sh", "-c",
                                           "dd if=/dev/zero of=/big bs=1M count=1024 2>/dev/null && sync"], timeout: 600)
