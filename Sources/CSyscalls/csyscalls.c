@@ -229,8 +229,19 @@ static int mount_in(const char *root, const char *rel, const char *src, const ch
     return mount(src, path, fstype, flags, data);
 }
 
+/// mkdir -p of `rel` (absolute, inside the instance) below `root`.
+static void mkdir_below(const char *root, const char *rel) {
+    char path[512];
+    size_t n = (size_t)snprintf(path, sizeof path, "%s%s", root, rel);
+    if (n >= sizeof path) return;
+    for (char *p = path + strlen(root) + 1; *p; p++) {
+        if (*p == '/') { *p = 0; mkdir(path, 0755); *p = '/'; }
+    }
+    mkdir(path, 0755);
+}
+
 static _Noreturn void instance_main(const char *device, const char *fstype, const char *mp,
-                                    const char *hostname, int status_fd) {
+                                    const char *hostname, const char *shares_at, int status_fd) {
     reset_signals();
     // Slave, not private: mounts made here stay here, but shares the agent mounts under
     // UVM_SHARES_DIR later (a shared mount) still reach this instance.
@@ -251,15 +262,14 @@ static _Noreturn void instance_main(const char *device, const char *fstype, cons
     if (mount_in(mp, "/dev/shm", "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0) child_fail(status_fd, "mount /dev/shm");
     if (mount_in(mp, "/run", "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755") < 0) child_fail(status_fd, "mount /run");
     {
-        // A bind of a slave mount is a slave of the same master: /mnt/host follows the agent.
+        // A bind of a slave mount is a slave of the same master: the shares ([automount] root,
+        // /mnt/host by default) follow the agent.
         char host[512];
-        snprintf(host, sizeof host, "%s/mnt", mp);
-        mkdir(host, 0755);
-        snprintf(host, sizeof host, "%s/mnt/host", mp);
-        mkdir(host, 0755);
+        mkdir_below(mp, shares_at);
+        snprintf(host, sizeof host, "%s%s", mp, shares_at);
         struct stat st;
         if (stat(UVM_SHARES_DIR, &st) == 0 && mount(UVM_SHARES_DIR, host, NULL, MS_BIND | MS_REC, NULL) < 0)
-            child_fail(status_fd, "bind /mnt/host");
+            child_fail(status_fd, "bind the shares");
     }
     if (hostname && sethostname(hostname, strlen(hostname)) < 0) child_fail(status_fd, "sethostname");
     // The initramfs root cannot be pivot_root'ed away (it is rootfs), so move the disk onto /
@@ -311,7 +321,7 @@ static _Noreturn void instance_main(const char *device, const char *fstype, cons
 }
 
 pid_t uvm_start_instance(const char *device, const char *fstype, const char *mountpoint,
-                         const char *hostname, int *err_errno, const char **err_stage) {
+                         const char *hostname, const char *shares_at, int *err_errno, const char **err_stage) {
     int pipefd[2];
     if (pipe2(pipefd, O_CLOEXEC) < 0) { *err_errno = errno; *err_stage = "pipe"; return -1; }
     pid_t pid = (pid_t)syscall(SYS_clone, CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | SIGCHLD, 0, 0, 0, 0);
@@ -322,7 +332,7 @@ pid_t uvm_start_instance(const char *device, const char *fstype, const char *mou
     }
     if (pid == 0) {
         close(pipefd[0]);
-        instance_main(device, fstype, mountpoint, hostname, pipefd[1]);
+        instance_main(device, fstype, mountpoint, hostname, shares_at, pipefd[1]);
     }
     close(pipefd[1]);
     spawn_msg m;

@@ -117,6 +117,8 @@ struct ClientSession {
         case .terminate(let r):
             try await DistroCommands(session: self).terminate(r.name)
             try await respond(Done(), to: r, outbound)
+        case .resize(let r):
+            try await respond(try await DistroCommands(session: self).resize(r, progress: progress), to: r, outbound)
         }
     }
 

@@ -146,6 +146,30 @@ struct DistroCommands {
         await daemon.reaper.instanceStopped(name)
     }
 
+    func resize(_ r: ResizeRequest, progress: @escaping Progress) async throws -> DistroInfo {
+        let store = controller.distros
+        guard case .installed = store.availability(r.name) else {
+            throw WireError(.notFound, "there is no installed distro '\(r.name)' (installed: \(store.installed().map(\.name).joined(separator: ", ")))")
+        }
+        guard r.sizeBytes >= 64 << 20 else { throw WireError(.badRequest, "--resize \(r.sizeBytes): a distro disk needs at least 64M") }
+        // Nothing may use the disk while its file system changes size: the instance stops and
+        // the disk leaves the VM (it is attached again when next used).
+        await progress("uvm: stopping \(r.name) and resizing its disk")
+        await release(r.name)
+        await daemon.reaper.instanceStopped(r.name)
+        if await controller.isDiskAttached(r.name) {
+            throw WireError(.vmUnavailable, "\(r.name)'s disk is still attached to the VM: `uvm stop`, then resize again")
+        }
+        do {
+            try await Self.blocking { try store.resize(r.name, sizeBytes: r.sizeBytes) }
+        } catch {
+            throw WireError(.badRequest, "cannot resize \(r.name): \(error)")
+        }
+        let usage = store.diskUsage(r.name)
+        return DistroInfo(name: r.name, disk: controller.paths.distroDisk(r.name), sizeBytes: usage.size,
+                          allocatedBytes: usage.allocated, isDefault: store.defaultDistro == r.name)
+    }
+
     /// The host user becomes the new distro's default user (root stays root).
     static func hostUser() -> DefaultUser? {
         let uid = getuid()

@@ -445,6 +445,13 @@ public actor VMController {
         if running?.generation == r.generation { running?.disks.insert(serial) }
     }
 
+    /// Whether libvirt still lists `distro`'s disk in the running VM.
+    func isDiskAttached(_ distro: String) async -> Bool {
+        guard let r = running else { return false }
+        let described = try? await withTimeout(seconds: 10, what: "libvirt to describe the VM") { try await r.domain.disks() }
+        return described?.contains(where: { $0.serial == diskSerial(distro) }) ?? true
+    }
+
     /// Detaches `distro`'s disk from the running VM (after the guest let go of it), bounded: the
     /// guest's side of an unplug can be slow, and the disk goes with the VM's stop anyway.
     func detachDisk(_ distro: String) async {

@@ -140,6 +140,30 @@ public struct DistroStore: Sendable {
         try FileManager.default.removeItem(atPath: dir)
     }
 
+    /// Grows or shrinks `name`'s disk and its file system to `sizeBytes` (blocking: e2fsck and
+    /// resize2fs on the image; nothing may have it mounted). A shrink below what the files need is
+    /// refused by resize2fs and changes nothing.
+    public func resize(_ name: String, sizeBytes: UInt64) throws {
+        let disk = paths.distroDisk(name)
+        // resize2fs wants a freshly checked file system; -p repairs only what is safe to repair.
+        try run(["e2fsck", "-f", "-p", disk], what: "e2fsck of \(name)'s disk", okStatuses: [0, 1 << 8])
+        let current = diskUsage(name).size
+        if sizeBytes > current { try setLength(disk, sizeBytes) }
+        do {
+            try run(["resize2fs", disk, "\(sizeBytes / 1024)K"], what: "resize2fs of \(name)'s disk to \(sizeBytes) bytes")
+        } catch {
+            if sizeBytes > current { try? setLength(disk, current) }
+            throw InstallError(description: "\(error) (a shrink needs room for the files already there)")
+        }
+        if sizeBytes < current { try setLength(disk, sizeBytes) }
+    }
+
+    private func setLength(_ path: String, _ bytes: UInt64) throws {
+        guard truncate(path, off_t(bytes)) == 0 else {
+            throw InstallError(description: "cannot size \(path) to \(bytes) bytes: \(String(cString: strerror(errno)))")
+        }
+    }
+
     /// The disk's maximum and allocated size.
     public func diskUsage(_ name: String) -> (size: UInt64, allocated: UInt64) {
         var st = stat()
@@ -149,7 +173,7 @@ public struct DistroStore: Sendable {
 
     /// Runs a host tool (from /usr/sbin too, which an ordinary user's PATH lacks), stdout to
     /// /dev/null; a failure says which tool and its exit status.
-    private func run(_ args: [String], what: String) throws {
+    private func run(_ args: [String], what: String, okStatuses: Set<Int32> = [0]) throws {
         let tool = ["/usr/sbin/", "/sbin/", "/usr/bin/", "/bin/"].map { $0 + args[0] }.first { access($0, X_OK) == 0 }
         guard let tool else { throw InstallError(description: "\(args[0]) is not installed (e2fsprogs): run `make setup`") }
         let argv: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
@@ -157,7 +181,7 @@ public struct DistroStore: Sendable {
         let pid = uvm_spawn_with_fds(tool, argv, -1, -1, 2)
         var status: Int32 = -1
         if pid > 0 { while waitpid(pid, &status, 0) < 0 && errno == EINTR {} }
-        guard pid > 0, status == 0 else { throw InstallError(description: "\(what) failed (status \(status))") }
+        guard pid > 0, okStatuses.contains(status) else { throw InstallError(description: "\(what) failed (status \(status >> 8))") }
     }
 
     /// Installed distros and the default (installed or not): what `uvm list` shows.

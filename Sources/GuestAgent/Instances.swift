@@ -26,7 +26,7 @@ package struct Account: Sendable, Equatable {
 
 actor Instances {
     private var running: [String: Instance] = [:]
-    private var starting: [String: Task<Instance, Error>] = [:]
+    private var starting: [String: Task<(Instance, DistroConfig), Error>] = [:]
     private var stopping: [String: Task<Void, Never>] = [:]
     private var exits: [pid_t: Task<Void, Never>] = [:]
 
@@ -37,16 +37,20 @@ actor Instances {
     var all: [Instance] { Array(running.values) }
 
     /// The running instance of `distro`, started from the disk whose serial is `diskSerial`.
-    func instance(_ distro: String, diskSerial: String) async throws -> Instance {
+    /// `ignoreConfig`: start it with the defaults, not its /etc/uvm.conf (to repair that file).
+    func instance(_ distro: String, diskSerial: String, ignoreConfig: Bool = false) async throws -> Instance {
         // A session that arrives while its instance stops gets a fresh one, not the dying one.
         while let s = stopping[distro] { await s.value }
         if let i = running[distro] { return i }
-        if let t = starting[distro] { return try await t.value }
-        let task = Task { try Self.start(distro, diskSerial: diskSerial) }
+        if let t = starting[distro] { return try await t.value.0 }
+        let task = Task { try Self.start(distro, diskSerial: diskSerial, ignoreConfig: ignoreConfig) }
         starting[distro] = task
         defer { starting[distro] = nil }
-        let instance = try await task.value
-        GuestNetwork.writeResolvConf(instance)
+        let (instance, config) = try await task.value
+        let hostname = config.hostname ?? distro
+        GuestNetwork.writeResolvConf(instance, config: config)
+        GuestNetwork.writeHosts(instance, hostname: hostname, config: config)
+        if let command = config.bootCommand { Self.runBootCommand(command, in: instance) }
         running[distro] = instance
         // The only waiter for this pid (ChildReaper keeps one per pid): stopping awaits this task.
         exits[instance.initPID] = Task { [weak self] in
@@ -94,18 +98,61 @@ actor Instances {
         running.removeAll()
     }
 
-    private static func start(_ distro: String, diskSerial: String) throws -> Instance {
+    private static func start(_ distro: String, diskSerial: String, ignoreConfig: Bool) throws -> (Instance, DistroConfig) {
         guard let device = findDisk(serial: diskSerial) else {
             throw WireError(.notFound, "distro \(distro): its disk (serial \(diskSerial)) is not attached to the VM")
         }
+        var config = DistroConfig()
+        if !ignoreConfig {
+            do {
+                config = try DistroConfig.validated(peekConfig(device, distro: distro))
+            } catch {
+                throw WireError(.badRequest, "distro \(distro) does not start: \(error). Repair it with `uvm exec --distro \(distro) --ignore-config --user root -- vi /etc/uvm.conf`")
+            }
+        }
         var err: Int32 = 0
         var stage: UnsafePointer<CChar>? = nil
-        let pid = uvm_start_instance(device, "ext4", "/run/uvm/instances/\(distro)", distro, &err, &stage)
+        let pid = uvm_start_instance(device, "ext4", "/run/uvm/instances/\(distro)", config.hostname ?? distro, config.sharesRoot, &err, &stage)
         ChildReaper.shared.childStarted()
         guard pid > 0 else {
             throw WireError(.spawnFailed, "distro \(distro): cannot start (\(stage.map { String(cString: $0) } ?? "?"): \(String(cString: strerror(err))))")
         }
-        return Instance(name: distro, initPID: pid)
+        return (Instance(name: distro, initPID: pid), config)
+    }
+
+    /// The distro's /etc/uvm.conf, read before its instance starts (its host name and where shares
+    /// go are decided then): the disk mounted read-only for a moment. An image without the file,
+    /// or with one that is not a regular file, has none.
+    private static func peekConfig(_ device: String, distro: String) -> String {
+        let dir = "/run/uvm/peek-\(distro)"
+        mkdir(dir, 0o700)
+        defer { rmdir(dir) }
+        guard uvm_mount(device, dir, "ext4", UInt(MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC), nil) == 0 else { return "" }
+        defer { _ = umount2(dir, 0) }
+        // Not through links: a symlink would resolve against our root, not the distro's.
+        let etc = open("\(dir)/etc", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        guard etc >= 0 else { return "" }
+        defer { close(etc) }
+        let fd = openat(etc, "uvm.conf", O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0 else { return "" }
+        close(fd)
+        return readSmallFile("\(dir)/etc/uvm.conf", limit: 64 << 10) ?? ""
+    }
+
+    /// `[boot] command`: run as root in the instance when it starts, in the background (WSL's).
+    private static func runBootCommand(_ command: String, in instance: Instance) {
+        let null = open("/dev/null", O_RDWR | O_CLOEXEC)
+        defer { close(null) }
+        let root = Account(name: "root", uid: 0, gid: 0, home: "/root", shell: "/bin/sh", groups: [0])
+        do {
+            let pid = try spawnProcess(argv: ["/bin/sh", "-c", command], env: ["PATH": ProcessSession.defaultPath, "HOME": "/root"],
+                                       cwd: "/", fallbackCwd: "/", account: root, stdio: (null, null, null), tty: false,
+                                       instancePID: instance.initPID)
+            Task { _ = await ChildReaper.shared.wait(for: pid) }
+            log("instance \(instance.name): boot command started")
+        } catch {
+            log("instance \(instance.name): boot command failed to start: \(error)")
+        }
     }
 
     /// /dev/vdX whose virtio-blk serial is `serial`.

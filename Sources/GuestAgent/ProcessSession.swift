@@ -18,7 +18,7 @@ struct ProcessSession {
 
     func run() async throws {
         let distro = request.distro ?? "busybox"
-        let instance = try await instances.instance(distro, diskSerial: diskSerial)
+        let instance = try await instances.instance(distro, diskSerial: diskSerial, ignoreConfig: request.ignoreDistroConfig == true)
         let account = try instance.account(request.user)
         let argv = request.shell == true ? [account.shell, "-l"] : request.argv
         guard !argv.isEmpty else { throw WireError(.badRequest, "exec: no command given") }

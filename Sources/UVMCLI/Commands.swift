@@ -21,7 +21,7 @@ public struct UVM: ParsableCommand {
             """,
         version: "0.1.0",
         subcommands: [Shell.self, Exec.self, Start.self, Stop.self, Status.self, List.self, Install.self, Import.self, Export.self,
-                      Unregister.self, Default.self, Terminate.self, Ports.self, Share.self, ConfigCommand.self, Doctor.self],
+                      Unregister.self, Default.self, Terminate.self, Manage.self, Ports.self, Share.self, ConfigCommand.self, Doctor.self],
         defaultSubcommand: Shell.self)
 
     public init() {}
@@ -47,6 +47,9 @@ struct DistroOptions: ParsableArguments {
 
     @Option(name: [.short, .long], help: "User in the distro, by name or uid (default: the distro's default user).")
     var user: String?
+
+    @Flag(help: "If the distro's instance is not running, start it without its /etc/uvm.conf (to repair a file that keeps it from starting).")
+    var ignoreConfig = false
 }
 
 struct Exec: ParsableCommand {
@@ -82,8 +85,9 @@ struct Exec: ParsableCommand {
 
     func run() throws {
         let cmd = command.first == "--" ? Array(command.dropFirst()) : command
-        let request = ExecRequest(argv: cmd, env: env, cwd: cwd, user: distro.user, distro: distro.distro,
+        var request = ExecRequest(argv: cmd, env: env, cwd: cwd, user: distro.user, distro: distro.distro,
                                   tty: tty && isatty(0) == 1)
+        if distro.ignoreConfig { request.ignoreDistroConfig = true }
         throw ExitCode(try SessionRunner.run(request, paths: .current()))
     }
 }
@@ -98,6 +102,7 @@ struct Shell: ParsableCommand {
     func run() throws {
         let interactive = isatty(0) == 1
         var request = ExecRequest(argv: [], user: distro.user, distro: distro.distro, tty: interactive)
+        if distro.ignoreConfig { request.ignoreDistroConfig = true }
         request.shell = true
         throw ExitCode(try SessionRunner.run(request, paths: .current()))
     }

@@ -112,6 +112,23 @@ struct Terminate: ParsableCommand {
     }
 }
 
+struct Manage: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Change a distribution (WSL's --manage).",
+        discussion: "--resize SIZE grows or shrinks its disk and file system (sparse: it takes only what is written); its instance is stopped first. A shrink needs room for the files already there.")
+    @Argument(help: "The distribution.") var name: String
+    @Option(help: "New maximum size of its disk, e.g. 128G.") var resize: SizeArgument?
+
+    func validate() throws {
+        if resize == nil { throw ValidationError("nothing to do: say --resize SIZE") }
+    }
+
+    func run() throws {
+        let info = try DaemonConnection.connectOrLaunch(paths: .current()).call(ResizeRequest(name: name, sizeBytes: resize!.bytes))
+        print("\(info.name): disk of at most \(info.sizeBytes >> 20) MiB, \(info.allocatedBytes >> 20) MiB used on the host")
+    }
+}
+
 struct Install: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Build a distribution from one of uvm's recipes and import it (WSL's --install).",

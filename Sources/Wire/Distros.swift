@@ -79,6 +79,19 @@ public struct TerminateRequest: DaemonCall {
     public var request: DaemonRequest { .terminate(self) }
 }
 
+/// `uvm manage NAME --resize SIZE`: the disk's maximum size, grown or shrunk with its file system.
+/// The instance is stopped first.
+public struct ResizeRequest: DaemonCall {
+    public typealias Response = DistroInfo
+    public var name: String
+    public var sizeBytes: UInt64
+    public init(name: String, sizeBytes: UInt64) {
+        self.name = name
+        self.sizeBytes = sizeBytes
+    }
+    public var request: DaemonRequest { .resize(self) }
+}
+
 // MARK: uvmd -> guest
 
 /// The user a new distribution gets as its default (the host user's name, uid and gid).

@@ -27,6 +27,9 @@ public struct ExecRequest: Codable, Sendable, Equatable {
     /// `cwd` was derived from `hostCwd`, not asked for: where the user may not enter it, the
     /// process starts in the home directory instead of failing.
     public var cwdIsImplicit: Bool?
+    /// Start the distro's instance (if it is not running) with the defaults instead of its
+    /// /etc/uvm.conf: the way to repair a file that keeps it from starting.
+    public var ignoreDistroConfig: Bool?
 
     public init(argv: [String], env: [String] = [], cwd: String? = nil, user: String? = nil,
                 distro: String? = nil, tty: Bool = false, rows: UInt16? = nil, cols: UInt16? = nil) {

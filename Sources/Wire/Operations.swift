@@ -44,6 +44,7 @@ public enum DaemonRequest: Sendable, Equatable {
     case unregister(UnregisterRequest)
     case setDefault(SetDefaultRequest)
     case terminate(TerminateRequest)
+    case resize(ResizeRequest)
 }
 
 /// A call `uvm` makes to uvmd.
@@ -234,6 +235,7 @@ extension DaemonRequest: Codable {
         case .unregister: "unregister"
         case .setDefault: "setDefault"
         case .terminate: "terminate"
+        case .resize: "resize"
         }
     }
 
@@ -252,6 +254,7 @@ extension DaemonRequest: Codable {
         case .unregister(let r): try c.encode(r, forKey: .args)
         case .setDefault(let r): try c.encode(r, forKey: .args)
         case .terminate(let r): try c.encode(r, forKey: .args)
+        case .resize(let r): try c.encode(r, forKey: .args)
         }
     }
 
@@ -270,6 +273,7 @@ extension DaemonRequest: Codable {
         case "unregister": self = .unregister(try c.decode(UnregisterRequest.self, forKey: .args))
         case "setDefault": self = .setDefault(try c.decode(SetDefaultRequest.self, forKey: .args))
         case "terminate": self = .terminate(try c.decode(TerminateRequest.self, forKey: .args))
+        case "resize": self = .resize(try c.decode(ResizeRequest.self, forKey: .args))
         default: throw unknownOperation(op, c)
         }
     }

@@ -148,6 +148,76 @@ extension EndToEnd {
             }
         }
 
+        /// A distro's /etc/uvm.conf (WSL's wsl.conf keys) is read when its instance starts; a bad
+        /// line stops the start, naming the file and the line, and --ignore-config repairs it.
+        @Test func perDistroConfigIsReadAtStartAndABadLineStopsIt() throws {
+            _ = try? Harness.run(["unregister", "cfg"])
+            let base = try Harness.run(["export", "busybox", "-"], timeout: 600)
+            try #require(base.status == 0, "\(base.err)")
+            #expect(try Harness.run(["import", "cfg", "-"], stdin: base.stdout, timeout: 600).status == 0)
+            defer { _ = try? Harness.run(["unregister", "cfg"]) }
+            func root(_ script: String, _ extra: [String] = []) throws -> Harness.Result {
+                try Harness.run(["exec", "--distro", "cfg", "--user", "root"] + extra + ["--", "sh", "-c", script])
+            }
+            let conf = "[network]\nhostname = custom-host\n[boot]\ncommand = echo booted > /boot-ran\n[automount]\nroot = /media/host\n"
+            #expect(try root("printf '\(conf)' > /etc/uvm.conf").status == 0)
+            #expect(try Harness.run(["terminate", "cfg"]).status == 0)
+            let started = try root("hostname; grep custom-host /etc/hosts; ls /media/host; "
+                                   + "for i in $(seq 1 20); do test -e /boot-ran && break; sleep 0.5; done; cat /boot-ran")
+            #expect(started.status == 0, "\(started.err)")
+            #expect(started.out == "custom-host\n127.0.1.1\tcustom-host\nhome\nbooted\n", "\(started.out)")
+
+            // A value of the wrong kind: the instance does not start, and says where.
+            #expect(try root("printf '[network]\\nhostname = not valid!\\n' > /etc/uvm.conf").status == 0)
+            #expect(try Harness.run(["terminate", "cfg"]).status == 0)
+            let refused = try root("true")
+            #expect(refused.status == 125 && refused.err.contains("/etc/uvm.conf line 2") && refused.err.contains("does not start"),
+                    "\(refused.status) \(refused.err)")
+            // Repaired without it; then the defaults (its name as host name) apply.
+            #expect(try root("rm /etc/uvm.conf", ["--ignore-config"]).status == 0)
+            #expect(try Harness.run(["terminate", "cfg"]).status == 0)
+            #expect(try root("hostname").out == "cfg\n")
+        }
+
+        /// `uvm manage NAME --resize`: the disk and its file system grow and shrink, the files
+        /// stay, and a shrink below what the files need is refused and changes nothing.
+        @Test func manageResizeGrowsAndShrinksKeepingFiles() throws {
+            _ = try? Harness.run(["unregister", "rs"])
+            let base = try Harness.run(["export", "busybox", "-"], timeout: 600)
+            try #require(base.status == 0, "\(base.err)")
+            #expect(try Harness.run(["import", "rs", "-", "--size", "512M"], stdin: base.stdout, timeout: 600).status == 0)
+            defer { _ = try? Harness.run(["unregister", "rs"]) }
+            func root(_ script: String) throws -> Harness.Result {
+                try Harness.run(["exec", "--distro", "rs", "--user", "root", "--", "sh", "-c", script], timeout: 600)
+            }
+            /// The root file system's size in KiB, and whether the marker file is intact.
+            func look() throws -> (kib: Int, intact: Bool) {
+                let r = try root("df -k / | awk 'NR==2 {print $2}'; cat /keep")
+                let lines = r.out.split(separator: "\n")
+                return (Int(lines.first ?? "") ?? -1, lines.dropFirst().first == "kept")
+            }
+            #expect(try root("echo kept > /keep").status == 0)
+            let small = try look()
+            #expect(small.intact && small.kib > 400_000 && small.kib < 530_000, "\(small)")
+
+            let grown = try Harness.run(["manage", "rs", "--resize", "1G"], timeout: 600)
+            #expect(grown.status == 0, "\(grown.err)")
+            let big = try look()
+            #expect(big.intact && big.kib > 900_000 && big.kib < 1_060_000, "\(big)")
+
+            let shrunk = try Harness.run(["manage", "rs", "--resize", "300M"], timeout: 600)
+            #expect(shrunk.status == 0, "\(shrunk.err)")
+            let less = try look()
+            #expect(less.intact && less.kib > 200_000 && less.kib < 310_000, "\(less)")
+
+            // 100 MiB of files cannot fit in 64M: refused, and nothing changes.
+            #expect(try root("dd if=/dev/zero of=/fill bs=1M count=100 2>/dev/null && sync").status == 0)
+            let refused = try Harness.run(["manage", "rs", "--resize", "64M"], timeout: 600)
+            #expect(refused.status != 0 && refused.err.contains("cannot resize rs"), "\(refused.err)")
+            let after = try look()
+            #expect(after.intact && after.kib == less.kib, "\(after) vs \(less)")
+        }
+
         @Test func importFromStdinDefaultTerminateAndUnregister() throws {
             let dir = try Self.prepare()
             defer { try? FileManager.default.removeItem(atPath: dir) }

@@ -12,6 +12,7 @@ import Wire
         ShareListRequest().request, ShareRemoveRequest(name: "src").request, PortsRequest().request,
         ImportRequest(name: "alpine", sizeBytes: 1 << 30, setDefault: true).request, ExportRequest(name: "debian").request,
         UnregisterRequest(name: "x").request, SetDefaultRequest(name: "debian").request, TerminateRequest(name: "debian").request,
+        ResizeRequest(name: "debian", sizeBytes: 32 << 30).request,
     ]
 
     static let guestRequests: [GuestRequest] = [

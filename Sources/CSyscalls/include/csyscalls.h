@@ -29,9 +29,10 @@ pid_t uvm_spawn(const uvm_spawn_args *args, pid_t *helper_pid, pid_t *failed_pid
 /// Starts a distro instance: a process that is PID 1 of new mount, pid and uts namespaces, whose
 /// root is the ext4 file system on `device` (mounted at `mountpoint` then moved onto /), with
 /// /proc, /sys, /dev, /dev/pts, /dev/shm and /run mounted. It reaps orphans until SIGTERM, then
-/// terminates everything in the instance. Returns its pid or -1 with *err_errno/*err_stage.
+/// terminates everything in the instance. The shares appear at `shares_at` (absolute, inside the
+/// instance). Returns its pid or -1 with *err_errno/*err_stage.
 pid_t uvm_start_instance(const char *device, const char *fstype, const char *mountpoint,
-                         const char *hostname, int *err_errno, const char **err_stage);
+                         const char *hostname, const char *shares_at, int *err_errno, const char **err_stage);
 
 /// Where the agent mounts shares; instances see this tree at /mnt/host (slave propagation, so a
 /// share mounted or unmounted later appears or goes in every running instance too).
