@@ -109,7 +109,7 @@ struct ClientSession {
         case .export(let r):
             try await DistroCommands(session: self).export(r, rest: rest, outbound: outbound, progress: progress)
         case .unregister(let r):
-            try await DistroCommands(session: self).unregister(r.name)
+            try await DistroCommands(session: self).unregister(r.name, progress: progress)
             try await respond(Done(), to: r, outbound)
         case .setDefault(let r):
             try await DistroCommands(session: self).setDefault(r.name)

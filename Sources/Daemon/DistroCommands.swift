@@ -104,7 +104,7 @@ struct DistroCommands {
                                 agent: agent, rest: rest, outbound: outbound)
     }
 
-    func unregister(_ name: String) async throws {
+    func unregister(_ name: String, progress: @escaping Progress) async throws {
         let store = controller.distros
         switch store.availability(name) {
         case .absent, .template:
@@ -114,16 +114,21 @@ struct DistroCommands {
         if daemon.settings.defaultDistroIsExplicit && daemon.settings.defaultDistro == name {
             throw WireError(.badRequest, "\(name) is the default distro set in uvm.conf or UVM_DEFAULT_DISTRO: change defaultDistro there first")
         }
+        if await daemon.reaper.snapshot().instances.contains(where: { $0.name == name }) {
+            await progress("uvm: stopping \(name)'s instance (its processes get SIGTERM, then SIGKILL)")
+        }
         await release(name)
         await daemon.reaper.instanceStopped(name)
+        let wasDefault = store.hasChosenDefault && store.defaultDistro == name
         do {
             try await Self.blocking {
                 try store.delete(name)
-                if store.hasChosenDefault && store.defaultDistro == name { store.forgetDefault() }
+                if wasDefault { store.forgetDefault() }
             }
         } catch {
             throw WireError(.internalError, "cannot delete \(name)'s disk: \(error)")
         }
+        if wasDefault { await progress("uvm: \(name) was the default distro; the default is now \(controller.distros.defaultDistro)") }
         daemon.logger.info("distro unregistered", metadata: ["distro": "\(name)"])
     }
 

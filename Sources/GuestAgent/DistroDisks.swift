@@ -41,7 +41,7 @@ enum DistroDisks {
             case .stdin:
                 let bytes = frame.payload
                 do { try await blocking { try extractor.feed(bytes) } } catch let e as ArchiveError {
-                    throw WireError(.badRequest, "the tarball cannot be imported: \(e)")
+                    throw importError(e)
                 }
                 // Flow control: the client sends more only as we take it.
                 try await outbound.write(.stdinAck(bytes.readableBytes))
@@ -61,7 +61,7 @@ enum DistroDisks {
             entries = try await blocking { try extractor.finish() }
             release = try inspectRootFS(at: dir)
         } catch let e as ArchiveError {
-            throw WireError(.badRequest, "the tarball cannot be imported: \(e)")
+            throw importError(e)
         }
         if let user = r.defaultUser { try DefaultAccount.create(user, root: dir) }
         await blocking { sync() }
@@ -69,6 +69,10 @@ enum DistroDisks {
         mounted = false
         log("imported distro \(r.name): \(entries) entries, \(release.prettyName ?? "?")")
         return ImportedDistro(prettyName: release.prettyName, entries: entries)
+    }
+
+    private static func importError(_ e: ArchiveError) -> WireError {
+        WireError(.badRequest, "the import failed: \(e)" + (e.errno == ENOSPC ? " (the disk is full: import again with a larger --size)" : ""))
     }
 
     /// The distribution's root as a tar stream on `stdout` frames: from the running instance's

@@ -82,6 +82,7 @@ struct Unregister: ParsableCommand {
         discussion: "If it was the default chosen with `uvm default`, the default returns to the configured one (busybox unless uvm.conf says otherwise).")
     @Argument(help: "The distribution.") var name: String
     func run() throws {
+        // What it did besides (stopped the instance, the default changed) is said on stderr.
         _ = try DaemonConnection.connectOrLaunch(paths: .current()).call(UnregisterRequest(name: name))
         print("unregistered \(name)")
     }

@@ -232,6 +232,9 @@ extension EndToEnd {
             #expect(try Harness.run(["exec", "--distro", "second", "--user", "root", "--", "sh", "-c", "echo mine > /second-file"]).status == 0)
             let both = try Harness.run(["exec", "--distro", "busybox", "--", "sh", "-c", "test -e /second-file && echo shared || echo separate"])
             #expect(both.out == "separate\n", "\(both.out) \(both.err)")
+            // ... and each its own host name.
+            #expect(try Harness.run(["exec", "--distro", "second", "--", "hostname"]).out == "second\n")
+            #expect(try Harness.run(["exec", "--distro", "busybox", "--", "hostname"]).out == "busybox\n")
 
             // The default follows `uvm default`, and back.
             #expect(try Harness.run(["default", "second"]).status == 0)
@@ -246,9 +249,10 @@ extension EndToEnd {
             let second = (json["instances"] as? [[String: Any]] ?? []).first { $0["name"] as? String == "second" }
             #expect(second?["state"] as? String == "Stopped", "\(list.out)")
 
-            // Unregister: gone, with its disk; its name is free again.
+            // Unregister: gone, with its disk; its name is free again. A running one is stopped first.
+            #expect(try Harness.run(["exec", "--distro", "second", "--", "true"]).status == 0)
             let un = try Harness.run(["unregister", "second"])
-            #expect(un.status == 0, "\(un.err)")
+            #expect(un.status == 0 && un.err.contains("stopping second's instance"), "\(un.err)")
             #expect(try !Self.distros().contains("second"))
             #expect(!FileManager.default.fileExists(atPath: "\(Harness.home)/data/distros/second"))
             let again = try Harness.run(["exec", "--distro", "second", "--", "true"])
@@ -297,6 +301,14 @@ extension EndToEnd {
             // Its name is taken now; a second install under another name comes from the cache.
             let again = try Harness.run(["install", "debian"], timeout: 600)
             #expect(again.status != 0 && again.err.contains("already a distro named debian"), "\(again.err)")
+            // A disk too small for it: the import fails on the full disk, says so, leaves nothing.
+            let recipes = ProcessInfo.processInfo.environment["UVM_RECIPES"] ?? URL(fileURLWithPath: #filePath)
+                .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("images").path
+            let tarball = try Harness.runProcess("/bin/bash", ["\(recipes)/debian/build.sh"], stdin: nil, env: ProcessInfo.processInfo.environment, timeout: 1800)
+            let path = String(tarball.out.split(separator: "\n").last ?? "")
+            let tiny = try Harness.run(["import", "tiny", path, "--size", "100M"], timeout: 900)
+            #expect(tiny.status != 0 && tiny.err.contains("No space left on device"), "\(tiny.status) \(tiny.err)")
+            #expect(!FileManager.default.fileExists(atPath: "\(Harness.home)/data/distros/tiny"))
             // Inside, apt works against the same mirror.
             let apt = try Harness.run(["exec", "--distro", "debian", "--user", "root", "--", "sh", "-c",
                                        "apt-get update -qq && apt-get install -y -qq hello >/dev/null && hello"], timeout: 1200)

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Distribution benchmarks (make bench), each next to what it is built from, in one run:
+
+  install  `uvm install debian` with an empty root file system cache, against `mmdebstrap` alone
+           with the same variant, package list and mirror, writing the same zstd tarball.
+  import   `uvm import` of that tarball into the running VM, against `tar -x` of it into a
+           folder of the host's tmpfs (/dev/shm).
+  cold     `uvm exec --distro debian -- true` with the VM stopped, against the same for the
+           busybox distro, alternately.
+
+Ratios are ours / theirs: below 1 means uvm is faster. Results go to bench-results/distros.*.
+"""
+import json, os, shutil, subprocess, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import UVM, uvm, write_results  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def timed_run(args, **kw):
+    t = time.perf_counter()
+    r = subprocess.run(args, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        sys.exit(f"bench: {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
+    return time.perf_counter() - t, r
+
+
+def packages():
+    with open(os.path.join(ROOT, "images/debian/packages")) as f:
+        return [l.split("#")[0].strip() for l in f if l.split("#")[0].strip()]
+
+
+def main(out="bench-results", cold_runs=3):
+    os.makedirs(out, exist_ok=True)
+    home = tempfile.mkdtemp(prefix="uvm-bench-distros-")
+    cache = tempfile.mkdtemp(prefix="uvm-bench-cache-")
+    res = {}
+    try:
+        env = {"XDG_CACHE_HOME": cache}
+        uvm(home, "exec", "--", "true")
+        # install: the recipe with nothing cached (its own cache folder), then mmdebstrap alone.
+        e = dict(os.environ, UVM_HOME=home, UVMD_PATH=os.path.join(os.path.dirname(UVM), "uvmd"),
+                 XDG_CONFIG_HOME=os.path.join(home, "config"), UVM_RECIPES=os.path.join(ROOT, "images"), **env)
+        res["install_s"], _ = timed_run([UVM, "install", "debian", "--name", "bdeb"], env=e)
+        tarball = subprocess.run(["bash", os.path.join(ROOT, "images/debian/build.sh")], env=e, capture_output=True,
+                                 text=True).stdout.strip().splitlines()[-1]
+        alone = os.path.join(cache, "alone.tar.zst")
+        res["mmdebstrap_s"], _ = timed_run(["mmdebstrap", "--variant=minbase", "--include=" + ",".join(packages()),
+                                            "bookworm", alone, "http://deb.debian.org/debian"])
+        # import of the same tarball, against tar -x into tmpfs.
+        res["import_s"], _ = timed_run([UVM, "import", "bimp", tarball], env=e)
+        shm = tempfile.mkdtemp(prefix="uvm-bench-", dir="/dev/shm")
+        try:
+            res["tar_x_tmpfs_s"], _ = timed_run(["tar", "--zstd", "-xf", tarball, "-C", shm]
+                                                + ([] if os.geteuid() == 0 else ["--no-same-owner"]))
+        finally:
+            shutil.rmtree(shm, ignore_errors=True)
+        # cold exec: debian against busybox, alternately.
+        res["cold_debian_s"], res["cold_busybox_s"] = [], []
+        for _ in range(cold_runs):
+            for name in ("debian", "busybox"):
+                uvm(home, "stop")
+                distro = "bdeb" if name == "debian" else "busybox"
+                t, _ = timed_run([UVM, "exec", "--distro", distro, "--", "true"], env=e)
+                res[f"cold_{name}_s"].append(t)
+        med = lambda v: sorted(v)[len(v) // 2]
+        rows = [
+            ("install debian (no cache)", f"{res['install_s']:.1f} s", f"mmdebstrap alone {res['mmdebstrap_s']:.1f} s, ratio {res['install_s'] / res['mmdebstrap_s']:.2f}"),
+            ("import (Debian tarball)", f"{res['import_s']:.1f} s", f"tar -x into tmpfs {res['tar_x_tmpfs_s']:.1f} s, ratio {res['import_s'] / res['tar_x_tmpfs_s']:.2f}"),
+            ("cold exec --distro debian", f"{med(res['cold_debian_s']):.2f} s", f"busybox {med(res['cold_busybox_s']):.2f} s (medians of {cold_runs}), ratio {med(res['cold_debian_s']) / med(res['cold_busybox_s']):.2f}"),
+        ]
+        write_results(out, "distros", res, rows, 10)
+    finally:
+        subprocess.run([UVM, "stop"], env=dict(os.environ, UVM_HOME=home), capture_output=True)
+        lock = os.path.join(home, "state", "uvmd.lock")
+        try:
+            os.kill(int(open(lock).read().strip()), 15)
+        except (OSError, ValueError):
+            pass
+        time.sleep(1)
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
