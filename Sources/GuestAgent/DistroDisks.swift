@@ -13,12 +13,13 @@ enum DistroDisks {
     static let workDir = "/run/uvm/disks"
 
     /// Waits for a hot-plugged disk to show up (PCIe hot-plug and the virtio probe take a moment).
-    static func device(serial: String, within seconds: Double = 20) async throws -> String {
+    static func device(serial: String, distro: String? = nil, within seconds: Double = 20) async throws -> String {
         let deadline = ContinuousClock.now + .seconds(seconds)
         while true {
             if let d = Instances.findDisk(serial: serial) { return d }
             guard ContinuousClock.now < deadline else {
-                throw WireError(.notFound, "the disk with serial \(serial) did not appear in the VM within \(Int(seconds)) s")
+                throw WireError(.notFound, (distro.map { "distro \($0): " } ?? "")
+                    + "its disk (serial \(serial)) did not appear in the VM within \(Int(seconds)) s")
             }
             try await Task.sleep(for: .milliseconds(50))
         }

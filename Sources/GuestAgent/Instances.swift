@@ -43,7 +43,12 @@ actor Instances {
         while let s = stopping[distro] { await s.value }
         if let i = running[distro] { return i }
         if let t = starting[distro] { return try await t.value.0 }
-        let task = Task { try Self.start(distro, diskSerial: diskSerial, ignoreConfig: ignoreConfig) }
+        let task = Task {
+            // A disk hot-plugged a moment ago (a distro added or resized while the VM runs) may
+            // not have reached the guest's PCIe hot-plug and virtio probe yet.
+            let device = try await DistroDisks.device(serial: diskSerial, distro: distro)
+            return try Self.start(distro, device: device, ignoreConfig: ignoreConfig)
+        }
         starting[distro] = task
         defer { starting[distro] = nil }
         let (instance, config) = try await task.value
@@ -98,10 +103,7 @@ actor Instances {
         running.removeAll()
     }
 
-    private static func start(_ distro: String, diskSerial: String, ignoreConfig: Bool) throws -> (Instance, DistroConfig) {
-        guard let device = findDisk(serial: diskSerial) else {
-            throw WireError(.notFound, "distro \(distro): its disk (serial \(diskSerial)) is not attached to the VM")
-        }
+    private static func start(_ distro: String, device: String, ignoreConfig: Bool) throws -> (Instance, DistroConfig) {
         var config = DistroConfig()
         if !ignoreConfig {
             do {
