@@ -135,15 +135,20 @@ struct ClientSession {
                answer: @escaping @Sendable (Frame) async throws -> Frame = { $0 }) async throws {
         let controller = daemon.controller
         try await agent.session(request) { guestIn, guestOut in
+            // Each child says whether the session is over: the guest answered (true), the client
+            // went away (true), or the guest stopped taking input (false: its answer is coming).
             try await withThrowingTaskGroup(of: Bool.self) { group in
                 group.addTask {
                     for await frame in rest {
                         switch frame.kind {
-                        case .stdin, .stdinEOF, .signal, .resize: try await guestOut.write(frame)
+                        case .stdin, .stdinEOF, .signal, .resize:
+                            // A guest that ended the session (an import refused mid-stream) no
+                            // longer reads; its final frame, not this write's error, is the answer.
+                            do { try await guestOut.write(frame) } catch { return false }
                         default: throw WireError(.protocolError, "unexpected \(frame.kind) frame from the client")
                         }
                     }
-                    return false  // the client went away: end the guest session too
+                    return true  // the client went away: end the guest session too
                 }
                 group.addTask {
                     var answered = false
@@ -172,7 +177,7 @@ struct ClientSession {
                     try await outbound.write(.error(WireError(.vmStopped, "uvm: \(reason)")))
                     return true
                 }
-                _ = try await group.next()
+                while let over = try await group.next(), !over {}
                 group.cancelAll()
             }
         }
