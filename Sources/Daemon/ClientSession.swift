@@ -84,8 +84,7 @@ struct ClientSession {
             let token = await reaper.begin(distro: distro)
             defer { Task { await reaper.end(token) } }
             // A distro installed or first used after the VM booted: its disk is hot-plugged now.
-            try await controller.prepareDisk(distro, progress: progress)
-            let agent = try await controller.agent(progress: progress)
+            let agent = try await controller.prepareDisk(distro, progress: progress)
             try await relay(.exec(GuestExecRequest(exec: exec, distroDisk: diskSerial(distro))), agent: agent, rest: rest, outbound: outbound)
         case .start(let r):
             _ = try await controller.agent(progress: progress)

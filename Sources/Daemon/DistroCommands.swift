@@ -98,8 +98,7 @@ struct DistroCommands {
         let reaper = daemon.reaper
         let token = await reaper.begin(distro: r.name)
         defer { Task { await reaper.end(token) } }
-        let agent = try await controller.agent(progress: progress)
-        try await controller.prepareDisk(r.name, progress: progress)
+        let agent = try await controller.prepareDisk(r.name, progress: progress)
         try await session.relay(.exportDistro(ExportDistroRequest(name: r.name, diskSerial: diskSerial(r.name))),
                                 agent: agent, rest: rest, outbound: outbound)
     }

@@ -383,13 +383,14 @@ public actor VMController {
     /// Disk hot-plugs one at a time: each picks a free target name from what libvirt reports.
     private var diskOperation: Task<Void, Never>?
 
-    /// Makes `distro` runnable in the running VM (booting it if needed): installed from its
+    /// Makes `distro` runnable in the running VM (booting it if needed) and returns its agent: installed from its
     /// template if it has only that (busybox, once another distro is the default), and its disk
     /// attached. Works on the VM `ensureRunning` returns, which a concurrent boot may not have
     /// made `running` yet.
-    func prepareDisk(_ distro: String, progress: @escaping @Sendable (String) async -> Void) async throws {
+    @discardableResult
+    func prepareDisk(_ distro: String, progress: @escaping @Sendable (String) async -> Void) async throws -> GuestAgentClient {
         let r = try await ensureRunning(progress: progress)
-        if isAttached(diskSerial(distro), r) { return }
+        if isAttached(diskSerial(distro), r) { return r.agent }
         let store = distros
         if case .template(let template) = store.availability(distro) {
             await progress("uvm: installing \(distro)")
@@ -400,6 +401,7 @@ public actor VMController {
             }
         }
         try await ensureDiskAttached(distro, in: r)
+        return r.agent
     }
 
     private func isAttached(_ serial: String, _ r: Running) -> Bool {

@@ -171,11 +171,11 @@ public struct DistroStore: Sendable {
         return (UInt64(st.st_size), UInt64(st.st_blocks) * 512)
     }
 
-    /// Runs a host tool (from /usr/sbin too, which an ordinary user's PATH lacks), stdout to
-    /// /dev/null; a failure says which tool and its exit status.
+    /// Runs a host tool (from /usr/sbin too, which an ordinary user's PATH lacks): stdin and stdout
+    /// /dev/null, stderr kept, no other descriptor of uvmd's. A failure says which and its status.
     private func run(_ args: [String], what: String, okStatuses: Set<Int32> = [0]) throws {
         let tool = ["/usr/sbin/", "/sbin/", "/usr/bin/", "/bin/"].map { $0 + args[0] }.first { access($0, X_OK) == 0 }
-        guard let tool else { throw InstallError(description: "\(args[0]) is not installed (e2fsprogs): run `make setup`") }
+        guard let tool else { throw InstallError(description: "\(args[0]) is not installed: run `make setup`") }
         let argv: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
         let pid = uvm_spawn_with_fds(tool, argv, -1, -1, 2)
@@ -219,14 +219,9 @@ public struct DistroStore: Sendable {
         let disk = paths.distroDisk(name)
         try FileManager.default.createDirectory(atPath: String(disk[..<(disk.lastIndex(of: "/") ?? disk.endIndex)]), withIntermediateDirectories: true)
         let tmp = disk + ".partial"
-        let args: [String] = ["cp", "--sparse=always", "--reflink=auto", template, tmp]
-        let argv: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        // stdin/stdout to /dev/null, stderr kept, no other descriptor of uvmd's.
-        let pid = uvm_spawn_with_fds("/bin/cp", argv, -1, -1, 2)
-        var status: Int32 = -1
-        if pid > 0 { while waitpid(pid, &status, 0) < 0 && errno == EINTR {} }
-        guard pid > 0, status == 0 else {
+        do {
+            try run(["cp", "--sparse=always", "--reflink=auto", template, tmp], what: "copying \(template) to \(tmp)")
+        } catch {
             unlink(tmp)
             throw InstallError(description: "cannot copy \(template) to \(tmp)")
         }

@@ -99,7 +99,7 @@ enum DistroDisks {
             await blocking {
                 defer { close(writeEnd) }
                 do {
-                    let tar = TarWriter { chunk in try writeAll(writeEnd, chunk) }
+                    let tar = TarWriter { chunk in try writeFully(writeEnd, chunk, "the export stream") }
                     try tar.addTree(exportRoot, oneFileSystem: true)
                     try tar.finish()
                     return .success(tar.stats.skippedSockets)
@@ -147,24 +147,27 @@ enum DistroDisks {
         rmdir(dir)
     }
 
-    static func blocking<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
-        try await NIOThreadPool.singleton.runIfActive(body)
-    }
+}
 
-    static func blocking<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
-        (try? await NIOThreadPool.singleton.runIfActive(body)) ?? body()
-    }
+/// Blocking calls (file systems, mounts) run on NIO's thread pool, off the cooperative pool.
+func blocking<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await NIOThreadPool.singleton.runIfActive(body)
+}
 
-    private static func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) throws {
-        var off = 0
-        while off < bytes.count {
-            let n = write(fd, bytes.baseAddress! + off, bytes.count - off)
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw WireError(.internalError, "the export stream closed: \(String(cString: strerror(errno)))")
-            }
-            off += n
+func blocking<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
+    (try? await NIOThreadPool.singleton.runIfActive(body)) ?? body()
+}
+
+/// Writes all of `bytes` to `fd`; a failure names `what` was being written.
+func writeFully(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, _ what: String) throws {
+    var off = 0
+    while off < bytes.count {
+        let n = write(fd, bytes.baseAddress! + off, bytes.count - off)
+        if n < 0 {
+            if errno == EINTR { continue }
+            throw WireError(.internalError, "cannot write \(what): \(String(cString: strerror(errno)))")
         }
+        off += n
     }
 }
 
@@ -277,15 +280,6 @@ enum DefaultAccount {
     }
 
     private static func writeText(_ fd: Int32, _ text: String, _ path: String) throws {
-        let bytes = Array(text.utf8)
-        var off = 0
-        while off < bytes.count {
-            let n = bytes[off...].withUnsafeBytes { write(fd, $0.baseAddress!, $0.count) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw WireError(.internalError, "cannot write \(path): \(String(cString: strerror(errno)))")
-            }
-            off += n
-        }
+        try Array(text.utf8).withUnsafeBytes { try writeFully(fd, $0, path) }
     }
 }

@@ -73,7 +73,7 @@ actor ShareMounts {
         // socket down makes the kernel see EOF and fail the mount.
         let kernelEnd = sv[0]
         let rc = await withTaskGroup(of: Int32?.self) { group in
-            group.addTask { await Self.blocking { uvm_mount("uvm-\(name)", target, "9p", flags, options) } }
+            group.addTask { await blocking { uvm_mount("uvm-\(name)", target, "9p", flags, options) } }
             group.addTask {
                 guard (try? await Task.sleep(for: .seconds(Self.mountTimeoutSeconds))) != nil else { return nil }
                 shutdown(kernelEnd, Int32(SHUT_RDWR))
@@ -119,7 +119,7 @@ actor ShareMounts {
         var rc: Int32 = 0
         // A mount detached earlier may hold the channel until its last file is closed (EBUSY).
         for _ in 0..<100 {
-            rc = await Self.blocking { uvm_mount(String(channel), target, "9p", flags, options) }
+            rc = await blocking { uvm_mount(String(channel), target, "9p", flags, options) }
             if rc != EBUSY { break }
             try await Task.sleep(for: .milliseconds(20))
         }
@@ -142,7 +142,7 @@ actor ShareMounts {
         let target = "\(UVM_SHARES_DIR)/\(name)"
         var relay = m.relay
         if serverGone, let r = relay {
-            _ = await Self.blocking { uvm_relay_finish(r.pointer, 0) }
+            _ = await blocking { uvm_relay_finish(r.pointer, 0) }
             relay = nil
         }
         // The mount leaves the tree at once; when nothing else holds it, the same call then tears
@@ -152,7 +152,7 @@ actor ShareMounts {
         }
         // The kernel closes its end once nothing in the guest uses the mount any more.
         if let relay {
-            _ = await Self.blocking { uvm_relay_finish(relay.pointer, 1000) }
+            _ = await blocking { uvm_relay_finish(relay.pointer, 1000) }
         }
         log("share \(name) unmounted")
     }
@@ -186,11 +186,6 @@ actor ShareMounts {
     /// Before power-off: nothing is left writing to the host.
     func unmountAll() async {
         for name in names { try? await unmount(name) }
-    }
-
-    /// Blocking calls (mount waits for the host's answers) run off the cooperative pool.
-    private static func blocking<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
-        (try? await NIOThreadPool.singleton.runIfActive(body)) ?? body()
     }
 }
 
