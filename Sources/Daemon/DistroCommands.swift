@@ -19,6 +19,25 @@ struct DistroCommands {
     typealias Progress = @Sendable (String) async -> Void
 
     func importDistro(_ r: ImportRequest, rest: AsyncStream<Frame>, outbound: Outbound, progress: @escaping Progress) async throws {
+        // The spool file is ours to delete from here on, whatever happens; only a file in the
+        // spool folder is taken (uvmd deletes it), never a path the client chose elsewhere.
+        let spool = r.spool
+        let ownsSpool = r.image == nil && controller.paths.isSpoolFile(spool)
+        defer { if ownsSpool { unlink(spool) } }
+        var st = stat()
+        if let image = r.image {
+            guard spool.isEmpty else { throw WireError(.badRequest, "an import reads a tar or copies an image, not both") }
+            guard stat(image, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, access(image, R_OK) == 0 else {
+                throw WireError(.badRequest, "the image \(image) is missing or not a readable file")
+            }
+        } else {
+            guard ownsSpool else {
+                throw WireError(.badRequest, "an import's tar must be in \(controller.paths.spoolDir) (named import-...), not \(spool)")
+            }
+            guard lstat(spool, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, st.st_size > 0, st.st_size % 512 == 0 else {
+                throw WireError(.badRequest, "the import's tar \(spool) is missing or not a non-empty file of whole 512-byte blocks")
+            }
+        }
         let name = r.name
         guard validDistroName(name) else {
             throw WireError(.badRequest, "bad distro name '\(name)': letters, digits, '-', '_' or '.', at most 16 bytes, not starting with '.'")
@@ -39,18 +58,31 @@ struct DistroCommands {
         let token = await reaper.begin(distro: name)
         defer { Task { await reaper.end(token); await reaper.instanceStopped(name) } }
         do {
-            try await Self.blocking { try store.createEmptyDisk(name, sizeBytes: size) }
+            let image = r.image
+            try await Self.blocking { try store.createEmptyDisk(name, sizeBytes: size, from: image) }
         } catch let e as DistroStore.InstallError {
             try? await Self.blocking { try store.delete(name) }
             throw WireError(.internalError, e.description)
         }
         let becomesDefault = r.setDefault || !store.hasChosenDefault && !daemon.settings.defaultDistroIsExplicit
+        var source: String?
         do {
             await progress("uvm: importing \(name) (its disk: \(controller.paths.distroDisk(name)), sparse, at most \(formatSize(size)))")
             let agent = try await controller.agent(progress: progress)
             try await controller.ensureDiskAttached(name)
-            let request = ImportDistroRequest(name: name, diskSerial: diskSerial(name), defaultUser: Self.hostUser())
+            if r.image == nil {
+                source = try await controller.attachReadOnly(spool, what: "the tar of \(name)")
+                await progress("uvm: extracting \(UInt64(st.st_size) >> 20) MiB of tar in the VM")
+            }
+            let request = ImportDistroRequest(name: name, diskSerial: diskSerial(name), sourceSerial: source,
+                                              sourceBytes: UInt64(st.st_size), defaultUser: Self.hostUser())
+            let tar = source
             try await session.relay(.importDistro(request), agent: agent, rest: rest, outbound: outbound) { final in
+                // The guest is done with the tar: it goes before the client hears the outcome.
+                if let tar {
+                    await controller.detachReadOnly(spool, serial: tar)
+                    unlink(spool)
+                }
                 // Refused (not a root file system, corrupt, cancelled): the disk goes before the
                 // client hears so, so that nothing of it is left when `uvm import` returns.
                 guard final.kind == .response else {
@@ -65,10 +97,12 @@ struct DistroCommands {
                                                    sizeBytes: usage.size, allocatedBytes: usage.allocated, isDefault: becomesDefault))
             }
         } catch {
+            if let source { await controller.detachReadOnly(spool, serial: source) }
             await abandon(name, store: store)
             throw error
         }
-        // The guest refused the stream (not a root file system, corrupt) or the client went away:
+        if let source, await controller.isAttached(serial: source) { await controller.detachReadOnly(spool, serial: source) }
+        // The guest refused the tar (not a root file system, corrupt) or the client went away:
         // the error went to the client; the half-filled disk goes.
         if case .importing = store.availability(name) { await abandon(name, store: store) }
     }

@@ -38,6 +38,19 @@ public struct UVMDaemon: Sendable {
         }
     }
 
+    /// Import tars left by a `uvm import` that was killed, or by a uvmd that was: each import
+    /// deletes its own. One written in the last 10 minutes may be a `uvm` that launched us.
+    static func clearStaleSpool(_ paths: Paths) {
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: paths.spoolDir) else { return }
+        let now = time(nil)
+        for n in names {
+            let path = "\(paths.spoolDir)/\(n)"
+            var st = stat()
+            guard paths.isSpoolFile(path), lstat(path, &st) == 0, now - st.st_mtim.tv_sec > 600 else { continue }
+            unlink(path)
+        }
+    }
+
     /// Listens (or takes the systemd-activated socket) and serves until SIGTERM/SIGINT.
     public func run() async throws {
         let fm = FileManager.default
@@ -51,6 +64,7 @@ public struct UVMDaemon: Sendable {
         let pid = "\(getpid())\n"
         _ = pid.withCString { write(lockFD, $0, strlen($0)) }
 
+        Self.clearStaleSpool(paths)
         let server = try await listen()
         logger.info("uvmd listening", metadata: ["socket": "\(paths.socket)", "pid": "\(getpid())"])
 

@@ -379,9 +379,11 @@ public actor VMController {
     // MARK: distro disks while the VM runs
 
     /// Empty PCIe slots for disks added while the VM runs (distros imported or first used after boot).
-    static let hotplugSlots = 4
-    /// Disk hot-plugs one at a time: each picks a free target name from what libvirt reports.
+    /// (An import takes two for a moment: the new disk and the tar it is filled from.)
+    static let hotplugSlots = 5
     private var diskOperation: Task<Void, Never>?
+    /// Serials of read-only source disks, counted.
+    private var sourceDisks = 0
 
     /// Makes `distro` runnable in the running VM (booting it if needed) and returns its agent: installed from its
     /// template if it has only that (busybox, once another distro is the default), and its disk
@@ -412,13 +414,28 @@ public actor VMController {
     /// a distro imported or first used after boot runs without restarting the VM.
     func ensureDiskAttached(_ distro: String, in given: Running? = nil) async throws {
         guard let r = given ?? running else { throw WireError(.vmStopped, "the VM is not running") }
-        let serial = diskSerial(distro)
-        if isAttached(serial, r) { return }
+        let disk = VMSpec.Disk(path: paths.distroDisk(distro), serial: diskSerial(distro))
+        if isAttached(disk.serial, r) { return }
+        try await attach(disk, what: "the disk of \(distro)", in: r)
+    }
+
+    /// Attaches `path` read-only under a serial of its own (an import's tar) and returns that serial.
+    func attachReadOnly(_ path: String, what: String) async throws -> String {
+        guard let r = running else { throw WireError(.vmStopped, "the VM is not running") }
+        sourceDisks += 1
+        // Distro serials are `uvm-NAME`; a name cannot hold this one's dots at its start.
+        let disk = VMSpec.Disk(path: path, serial: "uvm.src.\(sourceDisks)", readOnly: true)
+        try await attach(disk, what: what, in: r)
+        return disk.serial
+    }
+
+    /// Disk hot-plugs one at a time: each picks a free target name from what libvirt reports.
+    private func attach(_ disk: VMSpec.Disk, what: String, in r: Running) async throws {
         let previous = diskOperation
         let task = Task<Result<Void, Error>, Never> {
             await previous?.value
             do {
-                try await self.attach(distro, serial: serial, in: r)
+                try await self.attachNow(disk, what: what, in: r)
                 return .success(())
             } catch {
                 return .failure(error)
@@ -428,23 +445,23 @@ public actor VMController {
         try await task.value.get()
     }
 
-    private func attach(_ distro: String, serial: String, in r: Running) async throws {
-        if isAttached(serial, r) { return }
+    private func attachNow(_ disk: VMSpec.Disk, what: String, in r: Running) async throws {
+        if isAttached(disk.serial, r) { return }
         let described = try await withTimeout(seconds: 10, what: "libvirt to describe the VM") { try await r.domain.disks() }
-        if !described.contains(where: { $0.serial == serial }) {
+        if !described.contains(where: { $0.serial == disk.serial }) {
             let used = Set(described.map(\.dev))
             guard let index = (0..<702).first(where: { !used.contains(virtioDiskName($0)) }) else {
-                throw WireError(.vmUnavailable, "no free disk name for \(distro)")
+                throw WireError(.vmUnavailable, "no free disk name for \(what)")
             }
-            let xml = diskXML(VMSpec.Disk(path: paths.distroDisk(distro), serial: serial), index: index)
+            let xml = diskXML(disk, index: index)
             do {
-                try await withTimeout(seconds: 30, what: "libvirt to attach the disk of \(distro)") { try await r.domain.attachDevice(xml: xml) }
+                try await withTimeout(seconds: 30, what: "libvirt to attach \(what)") { try await r.domain.attachDevice(xml: xml) }
             } catch {
-                throw WireError(.vmUnavailable, "cannot attach the disk of \(distro) to the running VM (at most \(Self.hotplugSlots) distros can be added while it runs; `uvm stop` makes room): \(error)")
+                throw WireError(.vmUnavailable, "cannot attach \(what) to the running VM (at most \(Self.hotplugSlots) disks can be added while it runs; `uvm stop` makes room): \(error)")
             }
-            logger.info("disk attached", metadata: ["distro": "\(distro)", "dev": "\(virtioDiskName(index))"])
+            logger.info("disk attached", metadata: ["serial": "\(disk.serial)", "dev": "\(virtioDiskName(index))"])
         }
-        if running?.generation == r.generation { running?.disks.insert(serial) }
+        if running?.generation == r.generation { running?.disks.insert(disk.serial) }
     }
 
     /// Whether libvirt still lists `distro`'s disk in the running VM.
@@ -454,27 +471,38 @@ public actor VMController {
         return described?.contains(where: { $0.serial == diskSerial(distro) }) ?? true
     }
 
-    /// Detaches `distro`'s disk from the running VM (after the guest let go of it), bounded: the
-    /// guest's side of an unplug can be slow, and the disk goes with the VM's stop anyway.
+    /// Detaches `distro`'s disk from the running VM (after the guest let go of it).
     func detachDisk(_ distro: String) async {
-        let serial = diskSerial(distro)
+        await detach(VMSpec.Disk(path: paths.distroDisk(distro), serial: diskSerial(distro)))
+    }
+
+    /// Whether the running VM has a disk with this serial (as far as uvmd knows).
+    func isAttached(serial: String) -> Bool { running?.disks.contains(serial) == true }
+
+    /// Detaches a disk attached with `attachReadOnly`.
+    func detachReadOnly(_ path: String, serial: String) async {
+        await detach(VMSpec.Disk(path: path, serial: serial, readOnly: true))
+    }
+
+    /// Bounded: the guest's side of an unplug can be slow, and the disk goes with the VM's stop anyway.
+    private func detach(_ disk: VMSpec.Disk) async {
         guard let r = running else { return }
         let previous = diskOperation
         let task = Task<Void, Never> {
             await previous?.value
             guard let described = try? await withTimeout(seconds: 10, what: "libvirt to describe the VM", { try await r.domain.disks() }),
-                  let dev = described.first(where: { $0.serial == serial })?.dev,
+                  let dev = described.first(where: { $0.serial == disk.serial })?.dev,
                   let index = (0..<702).first(where: { virtioDiskName($0) == dev }) else { return }
-            let xml = diskXML(VMSpec.Disk(path: self.paths.distroDisk(distro), serial: serial), index: index)
+            let xml = diskXML(disk, index: index)
             do {
-                try await withTimeout(seconds: 20, what: "libvirt to detach the disk of \(distro)") { try await r.domain.detachDevice(xml: xml) }
+                try await withTimeout(seconds: 20, what: "libvirt to detach disk \(disk.serial)") { try await r.domain.detachDevice(xml: xml) }
             } catch {
-                self.logger.warning("could not detach a disk; it goes with the VM", metadata: ["distro": "\(distro)", "error": "\(error)"])
+                self.logger.warning("could not detach a disk; it goes with the VM", metadata: ["serial": "\(disk.serial)", "error": "\(error)"])
             }
         }
         diskOperation = task
         await task.value
-        if running?.generation == r.generation { running?.disks.remove(serial) }
+        if running?.generation == r.generation { running?.disks.remove(disk.serial) }
     }
 
     // MARK: a VM left behind

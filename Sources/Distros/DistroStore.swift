@@ -101,8 +101,9 @@ public struct DistroStore: Sendable {
     public static let defaultDiskSize: UInt64 = 64 << 30
 
     /// A new, empty ext4 disk for `name`, marked as being imported. Blocking (runs mkfs.ext4).
-    /// Root owns the file system's root; the guest fills it.
-    public func createEmptyDisk(_ name: String, sizeBytes: UInt64) throws {
+    /// Root owns the file system's root; the guest fills it. With `image`, the disk is a copy of
+    /// that ext4 image instead.
+    public func createEmptyDisk(_ name: String, sizeBytes: UInt64, from image: String? = nil) throws {
         let dir = "\(paths.distrosDir)/\(name)"
         try FileManager.default.createDirectory(atPath: paths.distrosDir, withIntermediateDirectories: true)
         // mkdir is the claim: of two imports of one name, one gets EEXIST.
@@ -116,6 +117,13 @@ public struct DistroStore: Sendable {
         }
         let disk = paths.distroDisk(name)
         unlink(disk)
+        if let image {
+            // A recipe's image: copied (sparse), checked, and grown (or shrunk) to the size.
+            try run(["cp", "--sparse=always", "--reflink=auto", image, disk], what: "copying \(image) to \(disk)")
+            chmod(disk, 0o600)
+            try resize(name, sizeBytes: sizeBytes)
+            return
+        }
         let fd = open(disk, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw InstallError(description: "cannot create \(disk): \(String(cString: strerror(errno)))") }
         let sized = ftruncate(fd, off_t(sizeBytes))

@@ -3,6 +3,7 @@ import CSyscalls
 import Glibc
 import NIOCore
 import NIOPosix
+import Synchronization
 import Wire
 
 /// A distribution's disk outside its instance: filled from a tar stream (`uvm import`, `uvm
@@ -25,41 +26,32 @@ enum DistroDisks {
         }
     }
 
-    /// Extracts the tar stream in `inbound` onto the empty disk, checks it is a root file system,
-    /// adds the default user, and unmounts it.
-    static func importDistro(_ r: ImportDistroRequest, inbound: AsyncStream<Frame>,
-                             outbound: NIOAsyncChannelOutboundWriter<Frame>) async throws -> ImportedDistro {
-        let device = try await device(serial: r.diskSerial)
+    /// Extracts the tar on the read-only source disk onto the empty disk (or takes the disk as it
+    /// is, an image), checks it is a root file system, adds the default user, and unmounts it. A `signal` from uvmd, or the session's
+    /// end, cancels.
+    static func importDistro(_ r: ImportDistroRequest, inbound: AsyncStream<Frame>) async throws -> ImportedDistro {
+        let target = try await device(serial: r.diskSerial)
+        var source: String?
+        if let serial = r.sourceSerial { source = try await device(serial: serial) }
         let dir = "\(workDir)/\(r.name)"
-        try mountDisk(device, at: dir, readOnly: false)
+        try mountDisk(target, at: dir, readOnly: false)
         var mounted = true
         defer { if mounted { unmountDisk(dir) } }
-        let extractor: Extraction
-        do { extractor = Extraction(try TarExtractor(destination: dir)) } catch { throw WireError(.internalError, "\(error)") }
-        var sawEOF = false
-        for await frame in inbound {
-            switch frame.kind {
-            case .stdin:
-                let bytes = frame.payload
-                do { try await blocking { try extractor.feed(bytes) } } catch let e as ArchiveError {
-                    throw importError(e)
-                }
-                // Flow control: the client sends more only as we take it.
-                try await outbound.write(.stdinAck(bytes.readableBytes))
-            case .stdinEOF:
-                sawEOF = true
-            case .signal:
-                throw WireError(.badRequest, "import cancelled")
-            default:
-                throw WireError(.protocolError, "unexpected \(frame.kind) frame during an import")
-            }
-            if sawEOF { break }
+        let extraction: Extraction
+        do { extraction = Extraction(try TarExtractor(destination: dir)) } catch { throw WireError(.internalError, "\(error)") }
+        let watcher = Task {
+            for await frame in inbound where frame.kind == .signal { break }
+            extraction.cancel()
         }
-        guard sawEOF else { throw WireError(.badRequest, "the tar stream ended early (the client went away)") }
+        defer { watcher.cancel() }
         let entries: Int
         let release: OSRelease
         do {
-            entries = try await blocking { try extractor.finish() }
+            if let source {
+                entries = try await blocking { try extraction.run(device: source, bytes: r.sourceBytes) }
+            } else {
+                entries = 0
+            }
             release = try inspectRootFS(at: dir)
         } catch let e as ArchiveError {
             throw importError(e)
@@ -171,14 +163,44 @@ func writeFully(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, _ what: String) th
     }
 }
 
-/// The extractor, used by one task at a time (each feed awaits the previous one).
+/// The extraction of a tar read from a disk, on one thread; `cancel` may come from another.
 private final class Extraction: @unchecked Sendable {
     private let extractor: TarExtractor
+    private let cancelled = Atomic<Bool>(false)
     init(_ e: TarExtractor) { extractor = e }
-    func feed(_ bytes: ByteBuffer) throws {
-        try bytes.withUnsafeReadableBytes { try extractor.feed($0) }
+
+    func cancel() { cancelled.store(true, ordering: .relaxed) }
+
+    /// Feeds the first `bytes` bytes of `device` to the extractor. O_DIRECT: the tar is read
+    /// once, and the guest's page cache keeps the files it writes rather than the tar.
+    func run(device: String, bytes: UInt64) throws -> Int {
+        var fd = open(device, O_RDONLY | O_CLOEXEC | uvm_o_direct())
+        if fd < 0 && errno == EINVAL { fd = open(device, O_RDONLY | O_CLOEXEC) }
+        guard fd >= 0 else { throw ArchiveError("cannot open the tar's disk \(device): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        let chunk = 1 << 20
+        guard let buffer = aligned(chunk) else {
+            throw ArchiveError("out of memory for the tar's buffer")
+        }
+        defer { free(buffer) }
+        var left = bytes
+        while left > 0 {
+            if cancelled.load(ordering: .relaxed) { throw ArchiveError("import cancelled") }
+            let want = Int(min(UInt64(chunk), left))
+            let n = read(fd, buffer, want)
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 { throw ArchiveError("reading the tar's disk \(device) at byte \(bytes - left): \(String(cString: strerror(errno)))") }
+            if n == 0 { throw ArchiveError("the tar's disk \(device) ended at byte \(bytes - left) of \(bytes)") }
+            try extractor.feed(UnsafeRawBufferPointer(start: buffer, count: n))
+            left -= UInt64(n)
+        }
+        return try extractor.finish().entries
     }
-    func finish() throws -> Int { try extractor.finish().entries }
+
+    private func aligned(_ size: Int) -> UnsafeMutableRawPointer? {
+        var p: UnsafeMutableRawPointer?
+        return posix_memalign(&p, 4096, size) == 0 ? p : nil
+    }
 }
 
 /// The account `uvm` and `uvm shell` land in: the host user's name, uid and gid, bash when the

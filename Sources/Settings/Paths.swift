@@ -71,6 +71,15 @@ public struct Paths: Sendable, Equatable {
     /// The user's own disk of a distro (WSL's ext4.vhdx).
     public func distroDisk(_ name: String) -> String { "\(dataDir)/distros/\(name)/disk.ext4" }
     public var distrosDir: String { "\(dataDir)/distros" }
+    /// Where `uvm import` writes the plain tar it hands uvmd (next to the disks it becomes: the
+    /// same file system, and not a tmpfs that a 1 GiB root file system would fill).
+    public var spoolDir: String { "\(dataDir)/spool" }
+    /// A spool file a client may name in an import: directly in `spoolDir`, `import-...`.
+    public func isSpoolFile(_ path: String) -> Bool {
+        guard path.hasPrefix(spoolDir + "/") else { return false }
+        let name = path.dropFirst(spoolDir.count + 1)
+        return name.hasPrefix("import-") && !name.contains("/") && !name.contains("..")
+    }
     /// The distro chosen with `uvm default` (WSL's --set-default).
     public var defaultDistroFile: String { "\(dataDir)/default-distro" }
 

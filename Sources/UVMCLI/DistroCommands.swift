@@ -29,7 +29,7 @@ struct Import: ParsableCommand {
         commandName: "import",
         abstract: "Create a distribution from a root file system tarball (WSL's --import).",
         discussion: """
-            FILE is a tar, tar.gz, tar.xz, tar.zst or tar.bz2 of a root file system (it must have /bin/sh and /etc/os-release), or - for stdin. Owners, modes, setuid bits, xattrs, file capabilities, hard links, devices and sparse files arrive exactly: the VM extracts it as root onto the new distribution's own disk, a sparse ext4 image in ~/.local/share/uvm/distros/NAME. A user with your name, uid and gid is created (password-less sudo) and becomes the distribution's default user.
+            FILE is a tar, tar.gz, tar.xz, tar.zst or tar.bz2 of a root file system (it must have /bin/sh and /etc/os-release), or - for stdin. Owners, modes, setuid bits, xattrs, file capabilities, hard links, devices and sparse files arrive exactly: the VM extracts it as root onto the new distribution's own disk, a sparse ext4 image in ~/.local/share/uvm/distros/NAME. A user with your name, uid and gid is created (password-less sudo) and becomes the distribution's default user. While it runs, the uncompressed tar is kept in ~/.local/share/uvm/spool (the VM reads it from there as a disk), so that folder's file system needs room for it.
 
             Example: uvm import work ./rootfs.tar.zst --size 32G
             """)
@@ -40,7 +40,7 @@ struct Import: ParsableCommand {
     @Flag(help: "Make it the default distribution.") var setDefault = false
 
     func run() throws {
-        let info = try DistroTransfer.importTarball(file: file, request: ImportRequest(name: name, sizeBytes: size?.bytes, setDefault: setDefault))
+        let info = try DistroTransfer.importTarball(file: file, request: ImportRequest(name: name, spool: "", sizeBytes: size?.bytes, setDefault: setDefault))
         print("imported \(info.name)\(info.prettyName.map { " (\($0))" } ?? "")\(info.isDefault ? ", the default distribution" : "")")
     }
 }
@@ -153,7 +153,13 @@ struct Install: ParsableCommand {
             throw CLIError("there is no recipe '\(recipe!)' (uvm install --list shows: \(recipes.map(\.name).joined(separator: ", ")))")
         }
         let tarball = try chosen.build()
-        let info = try DistroTransfer.importTarball(file: tarball, request: ImportRequest(name: name ?? chosen.name, sizeBytes: size?.bytes, setDefault: setDefault))
+        let request = ImportRequest(name: name ?? chosen.name, spool: "", sizeBytes: size?.bytes, setDefault: setDefault)
+        // A recipe may leave an ext4 image of the same root next to the tarball: copying it is
+        // faster than extracting the tarball in the VM.
+        let image = tarball.hasSuffix(".tar.zst") ? String(tarball.dropLast(8)) + ".ext4" : ""
+        let info = access(image, R_OK) == 0
+            ? try DistroTransfer.installImage(image, request: request)
+            : try DistroTransfer.importTarball(file: tarball, request: request)
         print("installed \(info.name)\(info.prettyName.map { " (\($0))" } ?? "")\(info.isDefault ? ", the default distribution" : "")")
     }
 }

@@ -76,55 +76,33 @@ enum DistroTransfer {
         }
 
         let paths = Paths.current()
-        let conn = try DaemonConnection.connectOrLaunch(paths: paths)
-        try conn.send(.json(.request, request.request))
-        let window = StdinWindow(size: Frame.stdinWindow)
-        let showProgress = isatty(2) == 1
         let name = file == "-" ? "stdin" : file
-        let pending = head
-        let decompressorPID = decompressor, tarInput = tarFD
-        startThread {
-            var sent: UInt64 = 0
-            var lastReport = ContinuousClock.now
-            func send(_ bytes: ArraySlice<UInt8>) -> Bool {
-                window.acquire(bytes.count)
-                do { try conn.send(Frame(.stdin, ByteBuffer(bytes: bytes))) } catch { return false }
-                sent += UInt64(bytes.count)
-                if showProgress, ContinuousClock.now - lastReport > .seconds(1) {
-                    lastReport = .now
-                    let of = total.map { decompressorPID == 0 ? " of \($0 >> 20) MiB" : " (from \($0 >> 20) MiB compressed)" } ?? ""
-                    printError("uvm: imported \(sent >> 20) MiB\(of)")
-                }
-                return true
-            }
-            if !pending.isEmpty, !send(pending[...]) { return }
-            var buf = [UInt8](repeating: 0, count: 1 << 20)
-            while true {
-                let n = read(tarInput, &buf, buf.count)
-                if n < 0 && errno == EINTR { continue }
-                if n < 0 {
-                    printError("uvm: reading \(name): \(String(cString: strerror(errno)))")
-                    try? conn.send(.signal(SIGTERM))
-                    return
-                }
-                if n == 0 { break }
-                if !send(buf[0..<n]) { return }
-            }
-            // A decompressor that failed (a corrupt or truncated file) must not pass for the end.
-            if decompressorPID > 0 {
-                var status: Int32 = 0
-                while waitpid(decompressorPID, &status, 0) < 0 && errno == EINTR {}
-                if status != 0 {
-                    printError("uvm: \(name) is corrupt or truncated (the decompressor failed; see above)")
-                    try? conn.send(.signal(SIGTERM))
-                    return
-                }
-            }
-            try? conn.send(Frame(.stdinEOF))
-        }
+        let spool = try spoolTar(head: head, from: tarFD, decompressor: decompressor, name: name, total: total, paths: paths)
+        var handedOver = false
+        defer { if !handedOver { unlink(spool) } }
+        let conn = try DaemonConnection.connectOrLaunch(paths: paths)
+        var request = request
+        request.spool = spool
+        try conn.send(.json(.request, request.request))
+        // uvmd deletes the spool file from here on, however the import ends.
+        handedOver = true
+        return try awaitImport(conn, paths: paths)
+    }
+
+    /// `uvm install` of a recipe's ext4 image: uvmd copies it; the VM adds the default user.
+    static func installImage(_ image: String, request: ImportRequest) throws -> DistroInfo {
+        let paths = Paths.current()
+        let conn = try DaemonConnection.connectOrLaunch(paths: paths)
+        var request = request
+        request.image = image
+        try conn.send(.json(.request, request.request))
+        return try awaitImport(conn, paths: paths)
+    }
+
+    private static func awaitImport(_ conn: DaemonConnection, paths: Paths) throws -> DistroInfo {
+        let showProgress = isatty(2) == 1
         while let frame = try conn.receive() {
             switch frame.kind {
-            case .stdinAck: window.release(frame.ackedBytes ?? 0)
             case .progress: if showProgress { writeAll(2, frame.payload, newline: true) }
             case .response: return try frame.decode(DistroInfo.self)
             case .error: throw CLIError(try frame.decode(WireError.self).message)
@@ -132,6 +110,68 @@ enum DistroTransfer {
             }
         }
         throw CLIError("uvmd closed the connection during the import (see \(paths.daemonLog))")
+    }
+
+    /// Writes the plain tar (`head`, then `fd` to its end) to a new file in uvmd's spool folder,
+    /// padded to whole 512-byte sectors (the guest reads it as a disk), and returns its path. A
+    /// failed decompressor (a corrupt or truncated file) or a full disk leaves no file behind.
+    static func spoolTar(head: [UInt8], from fd: Int32, decompressor: pid_t, name: String, total: UInt64?, paths: Paths) throws -> String {
+        mkdir(paths.dataDir, 0o700)
+        mkdir(paths.spoolDir, 0o700)
+        var template = Array("\(paths.spoolDir)/import-\(getpid())-XXXXXX.tar".utf8CString)
+        let out = template.withUnsafeMutableBufferPointer { mkstemps($0.baseAddress!, 4) }
+        guard out >= 0 else { throw CLIError("cannot write to \(paths.spoolDir): \(String(cString: strerror(errno)))") }
+        _ = fcntl(out, F_SETFD, FD_CLOEXEC)
+        let path = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+        var ok = false
+        defer {
+            close(out)
+            if !ok { unlink(path) }
+        }
+        func fail(_ what: String) -> CLIError {
+            if errno == ENOSPC || errno == EDQUOT {
+                return CLIError("the disk holding \(paths.spoolDir) is full: an import needs room there for the whole uncompressed tarball for a moment (free some space and import again)")
+            }
+            return CLIError("\(what): \(String(cString: strerror(errno)))")
+        }
+        let showProgress = isatty(2) == 1
+        var written: UInt64 = 0
+        var lastReport = ContinuousClock.now
+        func put(_ bytes: UnsafeRawBufferPointer) throws {
+            guard writeFully(out, bytes) else { throw fail("cannot write \(path)") }
+            written += UInt64(bytes.count)
+            if showProgress, ContinuousClock.now - lastReport > .seconds(1) {
+                lastReport = .now
+                let of = total.map { decompressor == 0 ? " of \($0 >> 20) MiB" : " (from \($0 >> 20) MiB compressed)" } ?? ""
+                printError("uvm: read \(written >> 20) MiB\(of) from \(name)")
+            }
+        }
+        if !head.isEmpty { try head.withUnsafeBytes { try put($0) } }
+        var buf = [UInt8](repeating: 0, count: 1 << 20)
+        while true {
+            let n = read(fd, &buf, buf.count)
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 {
+                let e = fail("reading \(name)")
+                if decompressor > 0 { kill(decompressor, SIGTERM); var s: Int32 = 0; waitpid(decompressor, &s, 0) }
+                throw e
+            }
+            if n == 0 { break }
+            try buf.withUnsafeBytes { try put(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+        }
+        if fd != 0 { close(fd) }
+        // A decompressor that failed (a corrupt or truncated file) must not pass for the end.
+        if decompressor > 0 {
+            var status: Int32 = 0
+            while waitpid(decompressor, &status, 0) < 0 && errno == EINTR {}
+            guard status == 0 else { throw CLIError("\(name) is corrupt or truncated (the decompressor failed; see above)") }
+        }
+        guard written > 0 else { throw CLIError("\(name) holds no tar data: expected a root file system tarball") }
+        let padded = (written + 511) / 512 * 512
+        // No fsync: QEMU reads it through the same page cache.
+        guard ftruncate(out, off_t(padded)) == 0 else { throw fail("cannot write \(path)") }
+        ok = true
+        return path
     }
 
     static func export(name: String, file: String, compressor: [String]?) throws -> ExportResult {

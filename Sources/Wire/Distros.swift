@@ -22,16 +22,27 @@ public struct DistroInfo: Codable, Sendable, Equatable {
     }
 }
 
-/// A new distribution from a root file system tarball: after the request the client sends the
-/// tar stream (uncompressed) as `stdin` frames, then `stdinEOF`; the guest acknowledges what it
-/// has extracted (`stdinAck`), as for an exec's stdin.
+/// A new distribution from a root file system tarball. The client first writes the plain
+/// (decompressed) tar to a file in uvmd's spool folder (`Paths.spoolDir`, a name starting with
+/// `import-`) and names it in `spool`; uvmd owns that file from then on and deletes it when the
+/// import ends, whatever its outcome. The guest reads the tar from that file attached read-only
+/// as a disk: a virtio-blk disk moves bulk bytes tens of times faster than a virtio-serial stream.
+/// The client may send `signal` to cancel.
+///
+/// `uvm install` names `image` instead: an ext4 image of the root file system that its recipe
+/// built next to the cached tarball, which uvmd copies and grows to the disk's size, so that
+/// nothing is extracted in the VM (the guest only adds the default user).
 public struct ImportRequest: DaemonCall {
     public typealias Response = DistroInfo
     public var name: String
+    public var spool: String
+    public var image: String?
     public var sizeBytes: UInt64?
     public var setDefault: Bool
-    public init(name: String, sizeBytes: UInt64? = nil, setDefault: Bool = false) {
+    public init(name: String, spool: String, image: String? = nil, sizeBytes: UInt64? = nil, setDefault: Bool = false) {
         self.name = name
+        self.spool = spool
+        self.image = image
         self.sizeBytes = sizeBytes
         self.setDefault = setDefault
     }
@@ -106,16 +117,23 @@ public struct DefaultUser: Codable, Sendable, Equatable {
     }
 }
 
-/// Extract the tar stream that follows (`stdin` frames) onto the empty ext4 disk `diskSerial`.
+/// Extract the tar held by the read-only disk `sourceSerial` (its first `sourceBytes` bytes) onto
+/// the empty ext4 disk `diskSerial`; without a source, the disk holds the root file system
+/// already (an image) and is only checked and given its default user. uvmd may send `signal` to
+/// cancel.
 public struct ImportDistroRequest: GuestCall {
     public typealias Response = ImportedDistro
     public var name: String
     public var diskSerial: String
+    public var sourceSerial: String?
+    public var sourceBytes: UInt64
     /// Created (with password-less sudo) unless nil or it exists.
     public var defaultUser: DefaultUser?
-    public init(name: String, diskSerial: String, defaultUser: DefaultUser?) {
+    public init(name: String, diskSerial: String, sourceSerial: String?, sourceBytes: UInt64, defaultUser: DefaultUser?) {
         self.name = name
         self.diskSerial = diskSerial
+        self.sourceSerial = sourceSerial
+        self.sourceBytes = sourceBytes
         self.defaultUser = defaultUser
     }
     public var request: GuestRequest { .importDistro(self) }

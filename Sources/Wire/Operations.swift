@@ -9,7 +9,7 @@ import Foundation
 /// uvmd adopting a VM whose agent predates stdin acknowledgements would stall every exec after
 /// 2 MiB of input). Bump it on any change an older peer would get wrong.
 public enum WireVersion {
-    public static let current = 2
+    public static let current = 3
     /// Requests without a version come from before versioning (protocol 1).
     public static let unversioned = 1
 }
@@ -182,7 +182,7 @@ public struct ConnectRequest: Codable, Sendable, Equatable {
 
 // MARK: the envelope
 
-/// On the wire a request is `{"version": 2, "op": "<case>", "args": {...}}`. "op" keeps the
+/// On the wire a request is `{"version": 3, "op": "<case>", "args": {...}}`. "op" keeps the
 /// operation names of protocol 1, whose peers read it too: an older agent still answers `info`
 /// (which tells its version) and `shutdown`, so a new uvmd can see what it adopted and stop it.
 private enum EnvelopeKeys: String, CodingKey { case version, op, args }

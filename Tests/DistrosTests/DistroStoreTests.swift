@@ -45,6 +45,49 @@ import Settings
         #expect(store.knows("alpha") && !store.knows("no-disk") && !store.knows("../etc"))
     }
 
+    /// uvmd deletes the tar a client names in an import: only a file directly in the spool folder.
+    @Test func onlyImportFilesInTheSpoolFolderAreTaken() throws {
+        let (store, root) = try store()
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let spool = store.paths.spoolDir
+        #expect(store.paths.isSpoolFile("\(spool)/import-12-abc.tar"))
+        for bad in ["\(spool)/other.tar", "\(spool)/import-1/../../x", "\(spool)/sub/import-1.tar", "/etc/passwd",
+                    "\(spool)import-1.tar", "\(root)/data/distros/x/disk.ext4"] {
+            #expect(!store.paths.isSpoolFile(bad), "\(bad)")
+        }
+    }
+
+    /// `uvm install`'s path: a recipe's small ext4 image becomes a disk of the requested size,
+    /// with its files, marked as importing until the guest is done.
+    @Test func aDiskFromAnImageHasItsFilesAndTheRequestedSize() throws {
+        let (store, root) = try store()
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        try FileManager.default.createDirectory(atPath: "\(root)/src/etc", withIntermediateDirectories: true)
+        try Data("ID=test\n".utf8).write(to: URL(fileURLWithPath: "\(root)/src/etc/os-release"))
+        let image = "\(root)/img.ext4"
+        let mke2fs = Process()
+        mke2fs.executableURL = URL(fileURLWithPath: "/usr/sbin/mke2fs")
+        mke2fs.arguments = ["-q", "-F", "-t", "ext4", "-d", "\(root)/src", image, "16M"]
+        try mke2fs.run()
+        mke2fs.waitUntilExit()
+        try #require(mke2fs.terminationStatus == 0)
+        try store.createEmptyDisk("img", sizeBytes: 256 << 20, from: image)
+        #expect(store.availability("img") == .importing)
+        #expect(store.diskUsage("img").size == 256 << 20)
+        let dump = Process()
+        let out = Pipe()
+        dump.executableURL = URL(fileURLWithPath: "/usr/sbin/debugfs")
+        dump.arguments = ["-R", "cat /etc/os-release", store.paths.distroDisk("img")]
+        dump.standardOutput = out
+        dump.standardError = FileHandle.nullDevice
+        try dump.run()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        dump.waitUntilExit()
+        #expect(text == "ID=test\n")
+        // A copy that fails (no such image) leaves the claim for the caller to delete.
+        #expect(throws: DistroStore.InstallError.self) { try store.createEmptyDisk("gone", sizeBytes: 256 << 20, from: "\(root)/nothing.ext4") }
+    }
+
     @Test func aFailedCopyLeavesNothingInstalled() throws {
         let (store, root) = try store()
         defer { try? FileManager.default.removeItem(atPath: root) }

@@ -10,7 +10,7 @@ import Wire
         StartRequest().request, StopRequest().request, StatusRequest().request,
         ShareAddRequest(share: ShareSpec(name: "src", path: "/home/me/src", readOnly: true, metadata: true)).request,
         ShareListRequest().request, ShareRemoveRequest(name: "src").request, PortsRequest().request,
-        ImportRequest(name: "alpine", sizeBytes: 1 << 30, setDefault: true).request, ExportRequest(name: "debian").request,
+        ImportRequest(name: "alpine", spool: "/home/me/.local/share/uvm/spool/import-1-abc.tar", sizeBytes: 1 << 30, setDefault: true).request, ExportRequest(name: "debian").request,
         UnregisterRequest(name: "x").request, SetDefaultRequest(name: "debian").request, TerminateRequest(name: "debian").request,
         ResizeRequest(name: "debian", sizeBytes: 32 << 30).request,
     ]
@@ -21,7 +21,7 @@ import Wire
         MountRequest(name: "home", port: "uvm.9p.0", readOnly: true, msize: 65536, aname: "/x", channel: 3).request,
         UnmountRequest(name: "home").request, StopInstanceRequest(name: "debian").request,
         .watchPorts(WatchPortsRequest()), .connect(ConnectRequest(port: 8080)),
-        ImportDistroRequest(name: "debian", diskSerial: "uvm-debian", defaultUser: DefaultUser(name: "me", uid: 1000, gid: 1000)).request,
+        ImportDistroRequest(name: "debian", diskSerial: "uvm-debian", sourceSerial: "uvm.src.1", sourceBytes: 10240, defaultUser: DefaultUser(name: "me", uid: 1000, gid: 1000)).request,
         ExportDistroRequest(name: "debian", diskSerial: "uvm-debian").request, ReleaseDiskRequest(name: "x", diskSerial: "uvm-x").request,
     ]
 
@@ -61,7 +61,8 @@ import Wire
     }
 
     @Test func malformedRequestsSayWhat() throws {
-        for json in ["{nope", #"{"version":2}"#, #"{"version":2,"op":"exec","args":{"env":[]}}"#, #"{"version":2,"op":"fly","args":{}}"#] {
+        let v = WireVersion.current
+        for json in ["{nope", #"{"version":\#(v)}"#, #"{"version":\#(v),"op":"exec","args":{"env":[]}}"#, #"{"version":\#(v),"op":"fly","args":{}}"#] {
             let e = try #require(throws: WireError.self) { try Frame(.request, ByteBuffer(string: json)).decodeRequest(DaemonRequest.self, who: "uvmd") }
             #expect(e.code == .badRequest, "\(json)")
         }

@@ -27,6 +27,8 @@ source "$here/../lib.sh"
 
 suite=bookworm
 (($# == 0)) || die "usage: $0 (no arguments; see the comment at its top)"
+# mke2fs and debugfs live in /usr/sbin, which an ordinary user's PATH lacks.
+export PATH="$PATH:/usr/sbin:/sbin"
 need_tools sha256sum python3 apt-config
 cache=$uvm_cache/rootfs
 tmp=${TMPDIR:-/tmp}
@@ -54,6 +56,62 @@ key=$({
 out=$cache/$key
 tarball=$out/debian.tar.zst
 
+# debian.ext4: the tarball as an ext4 image (sparse, small: uvm grows it to the distro's size),
+# which `uvm install` copies instead of extracting the tarball in the VM (under TCG that takes
+# longer than building the image here). Built as the tarball's owners need: as root, or in a
+# user namespace mapping root to the builder and 1..65535 to its /etc/subuid range. Device
+# nodes and file capabilities cannot be made there: debugfs adds them to the image afterwards
+# (images/debian/special.py reads them from the tarball).
+free_mib() { df -Pm -- "$1" 2>/dev/null | awk 'NR == 2 { print $4 }'; }
+make_image() {  # TARBALL IMG
+    local tarball=$1 img=$2 root
+    need_tools mke2fs debugfs
+    log "image: $img"
+    # The files are unpacked for a moment: in /dev/shm when it has room (a disk's metadata writes
+    # can take several times as long as mmdebstrap's unpacking), else in TMPDIR.
+    local scratch=$tmp need
+    need=$(($(du -m -- "$tarball" | cut -f1) * 5 + 256))
+    [[ -d /dev/shm && -w /dev/shm ]] && (($(free_mib /dev/shm || echo 0) >= need)) && scratch=/dev/shm
+    root=$(mktemp -d -- "$scratch/uvm-debian-root.XXXXXX")
+    # shellcheck disable=SC2016
+    local build='set -e
+        tar --zstd -xpf "$1" --xattrs --xattrs-include="*" --numeric-owner -C "$2" $4
+        mib=$(du -sm "$2" | cut -f1)
+        mke2fs -q -F -t ext4 -b 4096 -d "$2" -L debian -E lazy_itable_init=1,lazy_journal_init=1 "$3" "$((mib * 3 / 2 + 256))M"
+        rm -rf "$2"'
+    local ok=1
+    if (($(id -u) == 0)); then
+        bash -c "$build" _ "$tarball" "$root" "$img" "" || ok=0
+    else
+        local me subuid subgid
+        me=$(id -un)
+        subuid=$(awk -F: -v u="$me" -v i="$(id -u)" '($1 == u || $1 == i) && $3 >= 65535 { print $2; exit }' /etc/subuid)
+        subgid=$(awk -F: -v u="$me" -v i="$(id -u)" '($1 == u || $1 == i) && $3 >= 65535 { print $2; exit }' /etc/subgid)
+        [[ -n $subuid && -n $subgid ]] || die "no /etc/subuid and /etc/subgid range of 65536 for $me (\`sudo make setup\` adds one)"
+        # The device nodes are left out by name (and made by debugfs below).
+        tar --zstd -tvf "$tarball" | awk '$1 ~ /^[cb]/ { print $NF }' >"$root.devices"
+        unshare --map-root-user --map-users="$subuid,1,65535" --map-groups="$subgid,1,65535" \
+            -- bash -c "$build" _ "$tarball" "$root" "$img" "--no-wildcards --exclude-from=$root.devices --xattrs-exclude=security.*" || ok=0
+        rm -f -- "$root.devices"
+        if ((ok)); then
+            local fix
+            fix=$(mktemp -d -- "$tmp/uvm-debian-fix.XXXXXX")
+            zstd -dcq -- "$tarball" | python3 "$here/special.py" "$fix" >"$fix/cmds" \
+                && debugfs -w -f "$fix/cmds" "$img" >"$fix/log" 2>&1 \
+                && ! grep -qiE 'error|not found|invalid|cannot' "$fix/log" || { cat "$fix/log" >&2; ok=0; }
+            rm -rf -- "$fix"
+        fi
+        unshare --map-root-user --map-users="$subuid,1,65535" --map-groups="$subgid,1,65535" \
+            -- rm -rf -- "$root" 2>/dev/null || true
+    fi
+    rm -rf -- "$root" 2>/dev/null || true
+    ((ok)) || { rm -f -- "$img"; die "cannot make the ext4 image $img from $tarball"; }
+}
+
+if [[ -s $tarball && ! -s $out/debian.ext4 ]]; then
+    # Cached before images were made: add the image.
+    make_image "$tarball" "$out/debian.ext4.partial" && mv -- "$out/debian.ext4.partial" "$out/debian.ext4"
+fi
 if [[ -s $tarball ]]; then
     point "$cache/debian" "$key"
     log "cached ($tarball)"
@@ -88,7 +146,6 @@ if [[ -z $mode ]]; then
 fi
 
 # mmdebstrap unpacks the root in $TMPDIR, then writes the tarball to the cache.
-free_mib() { df -Pm -- "$1" 2>/dev/null | awk 'NR == 2 { print $4 }'; }
 mkdir -p -- "$cache"
 need_free() {  # DIR MIB VARIABLE: dies when DIR's file system has less than MIB free
     local free
@@ -178,6 +235,7 @@ if ((rc != 0)); then
 fi
 rm -f -- "$stage/mmdebstrap.log"
 [[ -s $stage/debian.tar.zst ]] || die "mmdebstrap wrote no tarball"
+make_image "$stage/debian.tar.zst" "$stage/debian.ext4"
 publish "$stage" "$out"
 point "$cache/debian" "$key"
 log "built in $((SECONDS - start)) s, $(du -m "$tarball" | cut -f1) MiB ($tarball)"

@@ -109,3 +109,6 @@ pid_t uvm_spawn_detached(const char *path, char *const argv[], const char *log_p
 /// all close-on-exec (NIO accepts without it), and a child holding them would keep a dead
 /// uvmd's socket accepting connections nobody answers. Returns the pid, or -1 with errno.
 pid_t uvm_spawn_with_fds(const char *path, char *const argv[], int in, int out, int err);
+
+/// O_DIRECT, which Glibc's Swift module leaves out (it needs _GNU_SOURCE).
+static inline int uvm_o_direct(void) { return 040000; }
