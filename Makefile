@@ -21,13 +21,16 @@ help:
 	@echo "make test                           set up, build, then run all tests (boots the VM)"
 	@echo "make bench                          benchmarks; results in bench-results/"
 	@echo "make debian-rootfs                  the Debian 12 root file system tarball (make debian-rootfs-test checks it)"
+	@echo "make install [PREFIX=/usr/local] [DESTDIR=]   uvm, uvmd, kernel, images, completions, man pages, user units"
+	@echo "make uninstall | deb                  remove what install put there | uvm_VERSION_amd64.deb"
 	@echo "make setup | build | kernel | images | doctor | clean"
 
 all: build kernel images
 
 include Makefile.d/host.mk
+include Makefile.d/install.mk
 
-build:
+build: version-file
 	$(SWIFT) build -c $(CONFIG)
 	strip -o $(BIN)/uvm-init-stripped $(BIN)/uvm-init
 
@@ -48,6 +51,7 @@ test: setup build kernel images
 	@SWIFT="$(SWIFT)" TEST_FLAGS="$(TEST_FLAGS)" TEST_HOME=$(TEST_HOME) TEST_LOG=$(TEST_LOG) \
 	  UVM_KERNEL=$$(cat .build/kernel-dir)/bzImage UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) \
 	  scripts/test.sh
+	@re='$(TEST_ONLY)'; if [[ -z $$re || install =~ $$re ]]; then scripts/test-install.sh; fi
 	scripts/fuzz-9p.sh $(FUZZ_SECONDS)
 
 # The 9P decoders and server under libFuzzer + ASan, bounded (make test runs it too).

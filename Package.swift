@@ -100,7 +100,9 @@ let package = Package(
             ]),
         .executableTarget(name: "uvmd", dependencies: [
             "Daemon", "Config", "Settings", .product(name: "ArgumentParser", package: "swift-argument-parser"),
-        ]),
+        ],
+            // Installed (make install, the .deb) where no Swift toolchain is: a static runtime.
+            linkerSettings: [.unsafeFlags(["-static-stdlib"])]),
         .executableTarget(
             name: "uvm-init", dependencies: ["GuestAgent"],
             // PID 1 in a bare initramfs: no shared Swift runtime there.

@@ -62,6 +62,7 @@ public struct Doctor {
         checks.append(fm.fileExists(atPath: paths.initramfs)
             ? Check(name: "initramfs", ok: true, detail: paths.initramfs)
             : Check(name: "initramfs", ok: false, detail: "not built (expected \(paths.initramfs))", fix: "make images"))
+        checks.append(Self.installCheck(paths))
         let store = DistroStore(paths: paths, settings: settings)
         let distro = store.defaultDistro
         switch store.availability(distro) {
@@ -82,6 +83,51 @@ public struct Doctor {
                                 fix: private_ ? nil : "chmod 700 \(paths.stateDir)"))
         }
         return checks
+    }
+
+    /// Where the kernel and images come from, and for an installed uvm (`make install`, the .deb)
+    /// whether they are the ones installed with these binaries: every file in the share folder's
+    /// manifest still has the sha256 it was installed with.
+    static func installCheck(_ paths: Paths) -> Check {
+        let version = Paths.buildVersion()
+        guard let share = paths.installedShare else {
+            return Check(name: "install", ok: true, detail: "uvm \(version), a development build: kernel and images from \(paths.cacheDir) (or UVM_KERNEL, UVM_IMAGES)")
+        }
+        let prefix = String(share.dropLast("/share/uvm".count))
+        guard let manifest = try? String(contentsOfFile: "\(share)/manifest", encoding: .utf8) else {
+            return Check(name: "install", ok: false, detail: "\(share) has no manifest", fix: "make install PREFIX=\(prefix) again")
+        }
+        var changed: [String] = []
+        var checked = 0
+        for line in manifest.split(separator: "\n") {
+            let parts = line.split(separator: " ", maxSplits: 1)
+            guard parts.count == 2 else { continue }
+            let rel = parts[1].drop(while: { $0 == " " || $0 == "*" })
+            // The files uvm runs or boots: binaries, kernel, images.
+            guard rel.hasPrefix("bin/") || rel.hasPrefix("share/uvm/kernel/") || rel.hasPrefix("share/uvm/images/") else { continue }
+            checked += 1
+            if sha256(of: "\(prefix)/\(rel)") != String(parts[0]) { changed.append(String(rel)) }
+        }
+        if !changed.isEmpty {
+            return Check(name: "install", ok: false, detail: "uvm \(version) in \(prefix): \(changed.joined(separator: ", ")) changed since they were installed together",
+                         fix: "make install PREFIX=\(prefix) (or reinstall the package)")
+        }
+        return Check(name: "install", ok: true, detail: "uvm \(version) in \(prefix): kernel \(paths.kernel), images \(paths.imagesDir); \(checked) files as installed")
+    }
+
+    /// sha256sum's answer for one file (nil when it cannot be read).
+    static func sha256(of path: String) -> String? {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/sha256sum")
+        p.arguments = [path]
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = FileHandle.nullDevice
+        guard (try? p.run()) != nil else { return nil }
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        guard p.terminationStatus == 0 else { return nil }
+        return String(decoding: data, as: UTF8.self).split(separator: " ").first.map(String.init)
     }
 
     /// How to get the daemon behind `uri` going. A per-user daemon (qemu:///session) is started

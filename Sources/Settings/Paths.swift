@@ -19,6 +19,9 @@ public struct Paths: Sendable, Equatable {
     public var kernelOverride: String?
     public var imagesOverride: String?
     public var initramfsOverride: String?
+    /// An installed uvm's share folder (`PREFIX/share/uvm`, next to `PREFIX/bin/uvm`): its kernel
+    /// and images come before the build cache's. `UVM_SHARE` names another one.
+    public var installedShare: String?
 
     /// Read from `env` once: a Paths never changes under its user's feet.
     public static func current(_ env: [String: String] = ProcessInfo.processInfo.environment) -> Paths {
@@ -38,7 +41,40 @@ public struct Paths: Sendable, Equatable {
         paths.kernelOverride = env["UVM_KERNEL"]
         paths.imagesOverride = value("UVM_IMAGES")
         paths.initramfsOverride = env["UVM_INITRAMFS"]
+        paths.installedShare = value("UVM_SHARE") ?? installedShareFolder()
         return paths
+    }
+
+    /// `../share/uvm` from the running executable, when it holds a kernel (`make install` put it there).
+    public static func installedShareFolder() -> String? {
+        guard let exe = executablePath(), let slash = exe.lastIndex(of: "/") else { return nil }
+        let bin = exe[..<slash]
+        guard let up = bin.lastIndex(of: "/") else { return nil }
+        let share = String(bin[..<up]) + "/share/uvm"
+        return access(share + "/kernel/bzImage", R_OK) == 0 ? share : nil
+    }
+
+    /// /proc/self/exe, resolved.
+    public static func executablePath() -> String? {
+        var buf = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/self/exe", &buf, buf.count - 1)
+        guard n > 0 else { return nil }
+        return String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    /// What this build calls itself: `VERSION (git COMMIT)`, written by `make build` next to the
+    /// binaries (`uvm-version`) and by `make install` into the share folder (`version`).
+    public static func buildVersion() -> String {
+        guard let exe = executablePath(), let slash = exe.lastIndex(of: "/") else { return "unknown" }
+        let bin = String(exe[..<slash])
+        let up = bin.lastIndex(of: "/").map { String(bin[..<$0]) } ?? bin
+        for f in ["\(bin)/uvm-version", "\(up)/share/uvm/version"] {
+            if let text = try? String(contentsOfFile: f, encoding: .utf8) {
+                let line = text.split(separator: "\n").first.map(String.init) ?? ""
+                if !line.isEmpty { return line }
+            }
+        }
+        return "unknown (built without make: no uvm-version next to \(exe))"
     }
 
     /// The daemon's socket; `UVM_SOCKET` overrides.
@@ -59,12 +95,12 @@ public struct Paths: Sendable, Equatable {
     /// `uvm share add` shares, kept across restarts.
     public var sharesFile: String { "\(dataDir)/shares.json" }
 
-    public var kernel: String { kernelOverride ?? "\(cacheDir)/kernel/current/bzImage" }
+    public var kernel: String { kernelOverride ?? installedShare.map { "\($0)/kernel/bzImage" } ?? "\(cacheDir)/kernel/current/bzImage" }
     /// Next to the bzImage (kernel.sh writes both).
     public var kernelReleaseFile: String { String(kernel[..<(kernel.lastIndex(of: "/") ?? kernel.startIndex)]) + "/release" }
     /// The built images; `UVM_IMAGES` names one build's directory, so that checkouts building
     /// different agents (tests in several worktrees) do not share the `current` pointer.
-    public var imagesDir: String { imagesOverride ?? "\(cacheDir)/images/current" }
+    public var imagesDir: String { imagesOverride ?? installedShare.map { "\($0)/images" } ?? "\(cacheDir)/images/current" }
     public var initramfs: String { initramfsOverride ?? "\(imagesDir)/initramfs.cpio" }
     /// A distro as built by `make images`: the template a user's disk is copied from.
     public func distroTemplate(_ name: String) -> String { "\(imagesDir)/\(name).ext4" }

@@ -19,7 +19,7 @@ public struct UVM: ParsableCommand {
 
             Environment: UVM_HOME (keep state there), UVM_CONFIG, UVM_ACCEL=auto|kvm|tcg, UVM_MEMORY_MB, UVM_CPUS, UVM_LIBVIRT_URI, UVM_VM_IDLE_TIMEOUT, UVM_INSTANCE_IDLE_TIMEOUT, UVM_LOCALHOST_FORWARDING=0|1, UVM_HOME_SHARE, UVM_SOCKET.
             """,
-        version: "0.1.0",
+        version: Paths.buildVersion(),
         subcommands: [Shell.self, Exec.self, Start.self, Stop.self, Status.self, List.self, Install.self, Import.self, Export.self,
                       Unregister.self, Default.self, Terminate.self, Manage.self, Ports.self, Share.self, ConfigCommand.self, Doctor.self],
         defaultSubcommand: Shell.self)

@@ -200,14 +200,14 @@ struct Recipes {
         }
     }
 
-    /// UVM_RECIPES, else images/ next to the build (a checkout), else share/uvm/images (installed).
+    /// UVM_RECIPES, else images/ next to the build (a checkout), else share/uvm/recipes (installed).
     static func directory() -> String? {
         if let d = ProcessInfo.processInfo.environment["UVM_RECIPES"], !d.isEmpty { return d }
         let exe = DaemonConnection.siblingExecutable("uvm")
         var dir = String(exe[..<(exe.lastIndex(of: "/") ?? exe.startIndex)])
         for _ in 0..<4 {
             if access("\(dir)/images", F_OK) == 0 { return "\(dir)/images" }
-            if access("\(dir)/share/uvm/images", F_OK) == 0 { return "\(dir)/share/uvm/images" }
+            if access("\(dir)/share/uvm/recipes", F_OK) == 0 { return "\(dir)/share/uvm/recipes" }
             dir = String(dir[..<(dir.lastIndex(of: "/") ?? dir.startIndex)])
         }
         return nil
