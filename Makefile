@@ -53,11 +53,17 @@ test: setup build kernel images
 	  scripts/test.sh
 	@re='$(TEST_ONLY)'; if [[ -z $$re || install =~ $$re ]]; then scripts/test-install.sh; fi
 	scripts/fuzz-9p.sh $(FUZZ_SECONDS)
+	scripts/lint-workflows.sh
 
 # The 9P decoders and server under libFuzzer + ASan, bounded (make test runs it too).
 FUZZ_SECONDS ?= 60
 fuzz:
 	scripts/fuzz-9p.sh $(FUZZ_SECONDS)
+
+# The GitHub workflows and action.yml: schema, bash -n on run: blocks, zizmor (make test runs it too).
+.PHONY: lint
+lint:
+	scripts/lint-workflows.sh
 
 # Without a VM: protocol, 9P server, libvirt XML.
 unit-test:

@@ -22,6 +22,7 @@ packages=(
     diod libglib2.0-dev socat tmux expect curl pkg-config
     mmdebstrap uidmap zstd
     libarchive-tools  # bsdtar: ArchiveTests check rootfs tarballs against libarchive both ways
+    python3-venv      # scripts/lint-workflows.sh (make test) puts its linters from PyPI in a venv
 )
 is_root=0
 [[ $(id -u) == 0 ]] && is_root=1
