@@ -102,7 +102,12 @@ let package = Package(
             "Daemon", "Config", "Settings", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ],
             // Installed (make install, the .deb) where no Swift toolchain is: a static runtime.
-            linkerSettings: [.unsafeFlags(["-static-stdlib"])]),
+            // Foundation's static archive does not autolink CoreFoundation and its other helpers.
+            linkerSettings: [
+                .unsafeFlags(["-static-stdlib"]),
+                .linkedLibrary("CoreFoundation"), .linkedLibrary("FoundationInternationalization"), .linkedLibrary("_FoundationICU"),
+                .linkedLibrary("_FoundationCollections"), .linkedLibrary("_FoundationCShims"),
+            ]),
         .executableTarget(
             name: "uvm-init", dependencies: ["GuestAgent"],
             // PID 1 in a bare initramfs: no shared Swift runtime there.

@@ -58,12 +58,13 @@ install)
         [[ -x $f ]] && mode=0755
         put "$f" "share/uvm/recipes/debian/${f##*/}" "$mode"
     done
-    "$bin/uvm" --generate-completion-script bash | text share/bash-completion/completions/uvm 0644
-    "$bin/uvm" --generate-completion-script zsh | text share/zsh/site-functions/_uvm 0644
-    "$bin/uvm" --generate-completion-script fish | text share/fish/vendor_completions.d/uvm.fish 0644
+    # (Not piped into `text`: a function in a pipeline runs in a subshell and its list is lost.)
+    text share/bash-completion/completions/uvm 0644 < <("$bin/uvm" --generate-completion-script bash)
+    text share/zsh/site-functions/_uvm 0644 < <("$bin/uvm" --generate-completion-script zsh)
+    text share/fish/vendor_completions.d/uvm.fish 0644 < <("$bin/uvm" --generate-completion-script fish)
     for f in "$manual"/*.1; do put "$f" "share/man/man1/${f##*/}" 0644; done
-    sed -e "s|^ExecStart=.*|ExecStart=$prefix/bin/uvmd serve|" -e '/^# Adjust to where uvmd is installed/d' \
-        packaging/systemd/uvmd.service | text "$units/uvmd.service" 0644
+    text "$units/uvmd.service" 0644 < <(sed -e "s|^ExecStart=.*|ExecStart=$prefix/bin/uvmd serve|" \
+        -e '/^# Adjust to where uvmd is installed/d' packaging/systemd/uvmd.service)
     put packaging/systemd/uvmd.socket "$units/uvmd.socket" 0644
     (cd "$root" && sha256sum -- "${files[@]}") >"$manifest.tmp"
     mv -- "$manifest.tmp" "$manifest"

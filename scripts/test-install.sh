@@ -82,8 +82,9 @@ run_installed stop >/dev/null 2>&1
 cp "$r/share/uvm/kernel/release" "$tmp/release.keep"
 echo tampered >>"$r/share/uvm/kernel/release"
 cp "$r/share/uvm/kernel/bzImage" "$tmp/bz.keep" && printf 'x' >>"$r/share/uvm/kernel/bzImage"
-doctor_says() { run_installed doctor 2>&1 | grep -q "$1"; }
-check "uvm doctor says when the kernel is not the one installed with the binaries" doctor_says 'share/uvm/kernel/bzImage changed since'
+# (Its output first: doctor exits non-zero when a check fails, which pipefail would pass on.)
+doctor_says() { local out; out=$(run_installed doctor 2>&1); grep -q "$1" <<<"$out"; }
+check "uvm doctor says when the kernel is not the one installed with the binaries" doctor_says 'share/uvm/kernel/bzImage.* changed since'
 cp "$tmp/bz.keep" "$r/share/uvm/kernel/bzImage"
 cp "$tmp/release.keep" "$r/share/uvm/kernel/release"
 
