@@ -6,6 +6,7 @@
 # apt proxy settings, so apt-get works inside).
 # Cached outside the clone:
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/uvm/rootfs/<key>/debian.tar.zst
+#   ${XDG_CACHE_HOME:-$HOME/.cache}/uvm/rootfs/<key>/debian.ext4      (the same root, as an image)
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/uvm/rootfs/debian -> <key>
 # key = sha256(this recipe, images/lib.sh, sources.py, the package list, the root's apt sources
 # and proxy settings). The tarball is not rebuilt when the mirror gets newer packages: the root
@@ -154,7 +155,7 @@ need_free() {  # DIR MIB VARIABLE: dies when DIR's file system has less than MIB
         || die "disk full: $1 has $free MiB free, the build needs about $2 MiB there (free some space, or set $3 to another disk)"
 }
 need_free "$tmp" 700 TMPDIR
-need_free "$cache" 150 XDG_CACHE_HOME
+need_free "$cache" 500 XDG_CACHE_HOME  # the tarball (~85 MiB) and the image (~300 MiB)
 
 # Every mirror answers (through the host's apt proxy settings) before mmdebstrap starts.
 mirror_uris=$(cut -d' ' -f1 <<<"$mirrors" | sort -u | paste -sd' ')
