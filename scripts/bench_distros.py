@@ -6,6 +6,8 @@
            sources, writing the same zstd tarball.
   import   `uvm import` of that tarball into the running VM, against `tar -x` of it into a
            folder of the host's tmpfs (/dev/shm).
+  export   `uvm export` of the imported distro to a file in /dev/shm, against `tar -c` of the
+           files just extracted there.
   cold     `uvm exec --distro debian -- true` with the VM stopped, against the same for the
            busybox distro, alternately.
 
@@ -72,8 +74,14 @@ def main(out="bench-results", cold_runs=3):
         try:
             res["tar_x_tmpfs_s"], _ = timed_run(["tar", "--zstd", "-xf", tarball, "-C", shm]
                                                 + ([] if os.geteuid() == 0 else ["--no-same-owner"]))
+            # export of that distro to a tmpfs file, against tar -c of the tree just extracted.
+            res["tar_c_tmpfs_s"], _ = timed_run(["tar", "-cf", shm + ".tar", "-C", shm, "."])
+            res["export_s"], _ = timed_run([UVM, "export", "bimp", shm + ".uvm.tar"], env=e)
         finally:
             shutil.rmtree(shm, ignore_errors=True)
+            for f in (shm + ".tar", shm + ".uvm.tar"):
+                if os.path.exists(f):
+                    os.unlink(f)
         # cold exec: debian against busybox, alternately.
         res["cold_debian_s"], res["cold_busybox_s"] = [], []
         for _ in range(cold_runs):
@@ -86,6 +94,7 @@ def main(out="bench-results", cold_runs=3):
         rows = [
             ("install debian (no cache)", f"{res['install_s']:.1f} s", f"mmdebstrap alone {res['mmdebstrap_s']:.1f} s (mean of {res['mmdebstrap_runs_s'][0]:.1f} before, {res['mmdebstrap_runs_s'][1]:.1f} after), ratio {res['install_s'] / res['mmdebstrap_s']:.2f}"),
             ("import (Debian tarball)", f"{res['import_s']:.1f} s", f"tar -x into tmpfs {res['tar_x_tmpfs_s']:.1f} s, ratio {res['import_s'] / res['tar_x_tmpfs_s']:.2f}"),
+            ("export (that distro)", f"{res['export_s']:.1f} s", f"tar -c of its files in tmpfs {res['tar_c_tmpfs_s']:.1f} s, ratio {res['export_s'] / res['tar_c_tmpfs_s']:.2f}"),
             ("cold exec --distro debian", f"{med(res['cold_debian_s']):.2f} s", f"busybox {med(res['cold_busybox_s']):.2f} s (medians of {cold_runs}), ratio {med(res['cold_debian_s']) / med(res['cold_busybox_s']):.2f}"),
         ]
         write_results(out, "distros", res, rows, 10)

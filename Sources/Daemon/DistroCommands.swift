@@ -71,7 +71,7 @@ struct DistroCommands {
             let agent = try await controller.agent(progress: progress)
             try await controller.ensureDiskAttached(name)
             if r.image == nil {
-                source = try await controller.attachReadOnly(spool, what: "the tar of \(name)")
+                source = try await controller.attachSpool(spool, what: "the tar of \(name)")
                 await progress("uvm: extracting \(UInt64(st.st_size) >> 20) MiB of tar in the VM")
             }
             let request = ImportDistroRequest(name: name, diskSerial: diskSerial(name), sourceSerial: source,
@@ -80,7 +80,7 @@ struct DistroCommands {
             try await session.relay(.importDistro(request), agent: agent, rest: rest, outbound: outbound) { final in
                 // The guest is done with the tar: it goes before the client hears the outcome.
                 if let tar {
-                    await controller.detachReadOnly(spool, serial: tar)
+                    await controller.detachSpool(spool, serial: tar)
                     unlink(spool)
                 }
                 // Refused (not a root file system, corrupt, cancelled): the disk goes before the
@@ -97,11 +97,11 @@ struct DistroCommands {
                                                    sizeBytes: usage.size, allocatedBytes: usage.allocated, isDefault: becomesDefault))
             }
         } catch {
-            if let source { await controller.detachReadOnly(spool, serial: source) }
+            if let source { await controller.detachSpool(spool, serial: source) }
             await abandon(name, store: store)
             throw error
         }
-        if let source, await controller.isAttached(serial: source) { await controller.detachReadOnly(spool, serial: source) }
+        if let source, await controller.isAttached(serial: source) { await controller.detachSpool(spool, serial: source) }
         // The guest refused the tar (not a root file system, corrupt) or the client went away:
         // the error went to the client; the half-filled disk goes.
         if case .importing = store.availability(name) { await abandon(name, store: store) }
@@ -133,8 +133,70 @@ struct DistroCommands {
         let token = await reaper.begin(distro: r.name)
         defer { Task { await reaper.end(token) } }
         let agent = try await controller.prepareDisk(r.name, progress: progress)
-        try await session.relay(.exportDistro(ExportDistroRequest(name: r.name, diskSerial: diskSerial(r.name))),
-                                agent: agent, rest: rest, outbound: outbound)
+        // The guest writes the tar onto a sparse scratch disk (no tar of a file system is much
+        // larger than the file system) that uvmd then streams to the client.
+        let room = store.diskUsage(r.name).size + (1 << 30)
+        let spool = try Self.makeSpoolFile(controller.paths, prefix: "export", size: room)
+        defer { unlink(spool) }
+        let target = try await controller.attachSpool(spool, what: "the tar of \(r.name)", writable: true)
+        do {
+            await progress("uvm: packing \(r.name) in the VM")
+            let request = ExportDistroRequest(name: r.name, diskSerial: diskSerial(r.name), targetSerial: target, targetBytes: room)
+            try await session.relay(.exportDistro(request), agent: agent, rest: rest, outbound: outbound) { final in
+                await controller.detachSpool(spool, serial: target)
+                guard final.kind == .response else { return final }
+                let result = try final.decode(ExportResult.self)
+                guard result.bytes <= room else { throw WireError(.protocolError, "the guest says its tar has \(result.bytes) bytes, more than the \(room) it had") }
+                try await Self.stream(spool, bytes: result.bytes, to: outbound)
+                return final
+            }
+        } catch {
+            if await controller.isAttached(serial: target) { await controller.detachSpool(spool, serial: target) }
+            throw error
+        }
+        if await controller.isAttached(serial: target) { await controller.detachSpool(spool, serial: target) }
+    }
+
+    /// A new sparse file of `size` bytes in the spool folder, `PREFIX-PID-XXXXXX.tar`.
+    static func makeSpoolFile(_ paths: Paths, prefix: String, size: UInt64) throws -> String {
+        try? FileManager.default.createDirectory(atPath: paths.spoolDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        var template = Array("\(paths.spoolDir)/\(prefix)-\(getpid())-XXXXXX.tar".utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { mkstemps($0.baseAddress!, 4) }
+        guard fd >= 0 else { throw WireError(.internalError, "cannot create a file in \(paths.spoolDir): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        let path = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+        guard ftruncate(fd, off_t(size)) == 0 else {
+            let e = errno
+            unlink(path)
+            throw WireError(.internalError, "cannot size \(path): \(String(cString: strerror(e)))")
+        }
+        return path
+    }
+
+    /// The first `bytes` bytes of `path` as `stdout` frames (reads on the thread pool; each write
+    /// waits for the client to take the previous ones).
+    static func stream(_ path: String, bytes: UInt64, to outbound: Outbound) async throws {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw WireError(.internalError, "cannot read \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var offset: UInt64 = 0
+        while offset < bytes {
+            let want = Int(min(UInt64(1 << 20), bytes - offset))
+            let at = offset
+            let chunk: ByteBuffer = try await Self.blocking {
+                var buffer = ByteBufferAllocator().buffer(capacity: want)
+                var failure: Int32 = 0
+                let got = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: want) { p in
+                    let n = pread(fd, p.baseAddress!, want, off_t(at))
+                    if n < 0 { failure = errno }
+                    return max(n, 0)
+                }
+                guard got > 0 else { throw WireError(.internalError, "reading \(path) at byte \(at): \(failure != 0 ? String(cString: strerror(failure)) : "it ended early")") }
+                return buffer
+            }
+            offset += UInt64(chunk.readableBytes)
+            try await outbound.write(Frame(.stdout, chunk))
+        }
     }
 
     func unregister(_ name: String, progress: @escaping Progress) async throws {

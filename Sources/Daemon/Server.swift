@@ -38,15 +38,16 @@ public struct UVMDaemon: Sendable {
         }
     }
 
-    /// Import tars left by a `uvm import` that was killed, or by a uvmd that was: each import
-    /// deletes its own. One written in the last 10 minutes may be a `uvm` that launched us.
+    /// Import and export tars left by a `uvm import` or a uvmd that was killed: each import and
+    /// export deletes its own. One written in the last 10 minutes may be a `uvm` that launched us.
     static func clearStaleSpool(_ paths: Paths) {
         guard let names = try? FileManager.default.contentsOfDirectory(atPath: paths.spoolDir) else { return }
         let now = time(nil)
         for n in names {
             let path = "\(paths.spoolDir)/\(n)"
             var st = stat()
-            guard paths.isSpoolFile(path), lstat(path, &st) == 0, now - st.st_mtim.tv_sec > 600 else { continue }
+            guard paths.isSpoolFile(path) || (n.hasPrefix("export-") && !n.contains("/")), lstat(path, &st) == 0,
+                  now - st.st_mtim.tv_sec > 600 else { continue }
             unlink(path)
         }
     }

@@ -382,8 +382,8 @@ public actor VMController {
     /// (An import takes two for a moment: the new disk and the tar it is filled from.)
     static let hotplugSlots = 5
     private var diskOperation: Task<Void, Never>?
-    /// Serials of read-only source disks, counted.
-    private var sourceDisks = 0
+    /// Serials of spool disks (imports' and exports' tars), counted.
+    private var spoolDisks = 0
 
     /// Makes `distro` runnable in the running VM (booting it if needed) and returns its agent: installed from its
     /// template if it has only that (busybox, once another distro is the default), and its disk
@@ -419,12 +419,13 @@ public actor VMController {
         try await attach(disk, what: "the disk of \(distro)", in: r)
     }
 
-    /// Attaches `path` read-only under a serial of its own (an import's tar) and returns that serial.
-    func attachReadOnly(_ path: String, what: String) async throws -> String {
+    /// Attaches `path` under a serial of its own and returns that serial: read-only for an
+    /// import's tar, writable for an export's.
+    func attachSpool(_ path: String, what: String, writable: Bool = false) async throws -> String {
         guard let r = running else { throw WireError(.vmStopped, "the VM is not running") }
-        sourceDisks += 1
+        spoolDisks += 1
         // Distro serials are `uvm-NAME`; a name cannot hold this one's dots at its start.
-        let disk = VMSpec.Disk(path: path, serial: "uvm.src.\(sourceDisks)", readOnly: true)
+        let disk = VMSpec.Disk(path: path, serial: "uvm.\(writable ? "dst" : "src").\(spoolDisks)", readOnly: !writable)
         try await attach(disk, what: what, in: r)
         return disk.serial
     }
@@ -479,9 +480,9 @@ public actor VMController {
     /// Whether the running VM has a disk with this serial (as far as uvmd knows).
     func isAttached(serial: String) -> Bool { running?.disks.contains(serial) == true }
 
-    /// Detaches a disk attached with `attachReadOnly`.
-    func detachReadOnly(_ path: String, serial: String) async {
-        await detach(VMSpec.Disk(path: path, serial: serial, readOnly: true))
+    /// Detaches a disk attached with `attachSpool`.
+    func detachSpool(_ path: String, serial: String) async {
+        await detach(VMSpec.Disk(path: path, serial: serial, readOnly: serial.hasPrefix("uvm.src.")))
     }
 
     /// Bounded: the guest's side of an unplug can be slow, and the disk goes with the VM's stop anyway.

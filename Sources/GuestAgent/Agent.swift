@@ -144,7 +144,7 @@ public enum GuestAgent {
             let imported = try await DistroDisks.importDistro(r, inbound: rest)
             try await outbound.write(.json(.response, imported))
         case .exportDistro(let r):
-            let result = try await DistroDisks.exportDistro(r, instances: instances, outbound: outbound)
+            let result = try await DistroDisks.exportDistro(r, instances: instances)
             try await outbound.write(.json(.response, result))
         case .releaseDisk(let r):
             await DistroDisks.releaseDisk(r, instances: instances)

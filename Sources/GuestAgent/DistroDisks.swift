@@ -68,12 +68,12 @@ enum DistroDisks {
         WireError(.badRequest, "the import failed: \(e)" + (e.errno == ENOSPC ? " (the disk is full: import again with a larger --size)" : ""))
     }
 
-    /// The distribution's root as a tar stream on `stdout` frames: from the running instance's
-    /// root (not crossing into /proc, /dev, shares or other mounts), or from the disk mounted
-    /// read-only when the instance is stopped.
-    static func exportDistro(_ r: ExportDistroRequest, instances: Instances,
-                             outbound: NIOAsyncChannelOutboundWriter<Frame>) async throws -> ExportResult {
+    /// The distribution's root as a tar written onto uvmd's scratch disk: from the running
+    /// instance's root (not crossing into /proc, /dev, shares or other mounts), or from the disk
+    /// mounted read-only when the instance is stopped.
+    static func exportDistro(_ r: ExportDistroRequest, instances: Instances) async throws -> ExportResult {
         let root = "\(workDir)/\(r.name)-export"
+        let target = try await device(serial: r.targetSerial)
         // The disk's file system alone, with the directories that /proc, /sys, /dev and shares
         // cover in the instance as they are on the disk. A running instance has it mounted
         // read-write: a second mount of the same device shares that superblock and must match it
@@ -81,39 +81,21 @@ enum DistroDisks {
         let live = await instances.running(r.name) != nil
         try mountDisk(try await device(serial: r.diskSerial, within: 2), at: root, readOnly: !live)
         defer { unmountDisk(root) }
-        // The writer runs on its own thread into a pipe; we relay the pipe as frames, so a slow
-        // host holds the writer back instead of filling memory.
-        var fds: [Int32] = [-1, -1]
-        guard uvm_pipe_cloexec(&fds) == 0 else { throw WireError(.internalError, "pipe: \(String(cString: strerror(errno)))") }
-        let writeEnd = fds[1]
-        let exportRoot = root
-        let writer = Task.detached { () -> Result<Int, Error> in
-            await blocking {
-                defer { close(writeEnd) }
-                do {
-                    let tar = TarWriter { chunk in try writeFully(writeEnd, chunk, "the export stream") }
-                    try tar.addTree(exportRoot, oneFileSystem: true)
-                    try tar.finish()
-                    return .success(tar.stats.skippedSockets)
-                } catch {
-                    return .failure(error)
-                }
+        let exportRoot = root, limit = r.targetBytes
+        do {
+            return try await blocking {
+                let sink = try BlockSink(device: target, limit: limit)
+                defer { sink.close() }
+                let tar = TarWriter { chunk in try sink.write(chunk) }
+                try tar.addTree(exportRoot, oneFileSystem: true)
+                try tar.finish()
+                let bytes = try sink.finish()
+                return ExportResult(bytes: bytes, skipped: tar.stats.skippedSockets)
             }
-        }
-        var total: UInt64 = 0
-        let channel = try await NIOPipeBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-            .takingOwnershipOfDescriptor(input: fds[0]) { ch in
-                ch.eventLoop.makeCompletedFuture { try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: ch) }
-            }
-        try await channel.executeThenClose { inbound, _ in
-            for try await chunk in inbound {
-                total += UInt64(chunk.readableBytes)
-                try await outbound.write(Frame(.stdout, chunk))
-            }
-        }
-        switch await writer.value {
-        case .success(let skipped): return ExportResult(bytes: total, skipped: skipped)
-        case .failure(let e): throw WireError(.internalError, "export of \(r.name) failed: \(e)")
+        } catch let e as WireError {
+            throw e
+        } catch {
+            throw WireError(.internalError, "export of \(r.name) failed: \(error)")
         }
     }
 
@@ -160,6 +142,75 @@ func writeFully(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, _ what: String) th
             throw WireError(.internalError, "cannot write \(what): \(String(cString: strerror(errno)))")
         }
         off += n
+    }
+}
+
+/// Sequential writes to a block device in whole aligned 1 MiB blocks (O_DIRECT: the tar goes to
+/// the host without filling the guest's page cache), at most `limit` bytes.
+private final class BlockSink {
+    private let fd: Int32
+    private let device: String
+    private let limit: UInt64
+    private let block = 1 << 20
+    private let buffer: UnsafeMutableRawPointer
+    private var filled = 0
+    private(set) var total: UInt64 = 0
+
+    init(device: String, limit: UInt64) throws {
+        var fd = open(device, O_WRONLY | O_CLOEXEC | uvm_o_direct())
+        if fd < 0 && errno == EINVAL { fd = open(device, O_WRONLY | O_CLOEXEC) }
+        guard fd >= 0 else { throw WireError(.internalError, "cannot open the export's disk \(device): \(String(cString: strerror(errno)))") }
+        var p: UnsafeMutableRawPointer?
+        guard posix_memalign(&p, 4096, block) == 0, let p else {
+            Glibc.close(fd)
+            throw WireError(.internalError, "out of memory for the export's buffer")
+        }
+        self.fd = fd
+        self.device = device
+        self.limit = limit
+        buffer = p
+    }
+
+    func write(_ bytes: UnsafeRawBufferPointer) throws {
+        guard total + UInt64(bytes.count) <= limit else {
+            throw WireError(.internalError, "the tar is larger than the \(limit) bytes the export's disk holds")
+        }
+        var off = 0
+        while off < bytes.count {
+            let n = min(block - filled, bytes.count - off)
+            (buffer + filled).copyMemory(from: bytes.baseAddress! + off, byteCount: n)
+            filled += n
+            off += n
+            if filled == block { try flush(block) }
+        }
+        total += UInt64(bytes.count)
+    }
+
+    /// The last partial block, padded with zeros to whole sectors; returns the tar's length.
+    func finish() throws -> UInt64 {
+        if filled > 0 {
+            let padded = (filled + 511) / 512 * 512
+            (buffer + filled).initializeMemory(as: UInt8.self, repeating: 0, count: padded - filled)
+            try flush(padded)
+        }
+        guard fsync(fd) == 0 else { throw WireError(.internalError, "flushing the export's disk \(device): \(String(cString: strerror(errno)))") }
+        return total
+    }
+
+    private func flush(_ count: Int) throws {
+        var off = 0
+        while off < count {
+            let n = Glibc.write(fd, buffer + off, count - off)
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw WireError(.internalError, "writing the export's disk \(device): \(String(cString: strerror(errno)))") }
+            off += n
+        }
+        filled = 0
+    }
+
+    func close() {
+        Glibc.close(fd)
+        free(buffer)
     }
 }
 

@@ -148,14 +148,21 @@ public struct ImportedDistro: Codable, Sendable, Equatable {
     }
 }
 
-/// The distribution's root as a tar stream (`stdout` frames), then `ExportResult`.
+/// The distribution's root as a tar written from the start of the empty disk `targetSerial` (a
+/// sparse file of uvmd's, `targetBytes` long, which uvmd then streams to the client: a
+/// virtio-blk disk moves bulk bytes far faster than the virtio-serial channel), then
+/// `ExportResult` with the tar's length.
 public struct ExportDistroRequest: GuestCall {
     public typealias Response = ExportResult
     public var name: String
     public var diskSerial: String
-    public init(name: String, diskSerial: String) {
+    public var targetSerial: String
+    public var targetBytes: UInt64
+    public init(name: String, diskSerial: String, targetSerial: String, targetBytes: UInt64) {
         self.name = name
         self.diskSerial = diskSerial
+        self.targetSerial = targetSerial
+        self.targetBytes = targetBytes
     }
     public var request: GuestRequest { .exportDistro(self) }
 }
