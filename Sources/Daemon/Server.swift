@@ -166,8 +166,9 @@ final class SignalWatcher: @unchecked Sendable {
     }
 }
 
-func residentKiB() -> UInt64? {
-    guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8) else { return nil }
+/// VmRSS of a process (this one by default), from /proc.
+func residentKiB(pid: Int32? = nil) -> UInt64? {
+    guard let status = try? String(contentsOfFile: "/proc/\(pid.map { "\($0)" } ?? "self")/status", encoding: .utf8) else { return nil }
     for line in status.split(separator: "\n") where line.hasPrefix("VmRSS:") {
         return UInt64(line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "")
     }

@@ -29,6 +29,10 @@ extension UVMDaemon {
                 idleStopInSeconds: seconds(i?.stopDue), isDefault: name == store.defaultDistro))
         }
         s.instances = instances
+        s.disks = store.installed().map { d in
+            let u = store.diskUsage(d.name)
+            return DiskUsage(name: d.name, allocatedBytes: u.allocated, sizeBytes: u.size)
+        }
         return s
     }
 }

@@ -616,12 +616,16 @@ public actor VMController {
         s.accelerator = r.accel.accelerator.rawValue
         s.acceleratorReason = r.accel.reason
         s.qemuPID = r.domain.qemuPID().map { Int32($0) }
+        s.qemuRSSKiB = s.qemuPID.flatMap { residentKiB(pid: $0) }
         s.memoryMiB = settings.memoryMiB
         if let g = try? await r.agent.info() {
             s.kernelRelease = g.kernelRelease
             s.uptimeSeconds = g.uptimeSeconds
             s.guestMemTotalKiB = g.memTotalKiB
             s.guestMemAvailableKiB = g.memAvailableKiB
+            s.guestMemCachedKiB = g.memCachedKiB
+            s.guestSwapTotalKiB = g.swapTotalKiB
+            if let t = g.swapTotalKiB, let f = g.swapFreeKiB { s.guestSwapUsedKiB = t >= f ? t - f : 0 }
         } else {
             s.kernelRelease = r.guest.kernelRelease
         }

@@ -157,15 +157,18 @@ public enum GuestAgent {
         uname(&u)
         let release = withUnsafeBytes(of: u.release) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
         let uptime = Double((readSmallFile("/proc/uptime") ?? "0").split(separator: " ").first ?? "0") ?? 0
-        var total: UInt64 = 0, available: UInt64 = 0
+        var meminfo: [Substring: UInt64] = [:]
         for line in (readSmallFile("/proc/meminfo") ?? "").split(separator: "\n") {
             let f = line.split(separator: " ", omittingEmptySubsequences: true)
             guard f.count >= 2, let v = UInt64(f[1]) else { continue }
-            if f[0] == "MemTotal:" { total = v }
-            if f[0] == "MemAvailable:" { available = v }
+            meminfo[f[0].dropLast()] = v
         }
-        return GuestInfo(kernelRelease: release, uptimeSeconds: uptime, memTotalKiB: total,
-                         memAvailableKiB: available, instances: await instances.names)
+        var info = GuestInfo(kernelRelease: release, uptimeSeconds: uptime, memTotalKiB: meminfo["MemTotal"] ?? 0,
+                             memAvailableKiB: meminfo["MemAvailable"] ?? 0, instances: await instances.names)
+        info.memCachedKiB = meminfo["Cached"]
+        info.swapTotalKiB = meminfo["SwapTotal"]
+        info.swapFreeKiB = meminfo["SwapFree"]
+        return info
     }
 
     /// /dev/vportNpM whose name (from the host's <target name=...>) is `name`; no udev here.

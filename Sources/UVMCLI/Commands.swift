@@ -176,15 +176,28 @@ func printStatus(_ s: VMStatus, _ format: FormatOption.Format) throws {
     if let p = s.qemuPID { lines.append(("qemu", "pid \(p)")) }
     if let m = s.memoryMiB {
         var mem = "\(m) MiB"
-        if let t = s.guestMemTotalKiB, let a = s.guestMemAvailableKiB { mem += " (guest: \(t / 1024) MiB total, \(a / 1024) MiB available)" }
+        if let t = s.guestMemTotalKiB, let a = s.guestMemAvailableKiB {
+            mem += " (guest: \(t / 1024) MiB total, \((t - min(a, t)) / 1024) MiB used, \(a / 1024) MiB available"
+            if let c = s.guestMemCachedKiB { mem += ", \(c / 1024) MiB page cache" }
+            mem += ")"
+        }
+        if let r = s.qemuRSSKiB { mem += "; QEMU holds \(r / 1024) MiB of the host's" }
         lines.append(("memory", mem))
     }
+    if let t = s.guestSwapTotalKiB { lines.append(("swap", t == 0 ? "none" : "\((s.guestSwapUsedKiB ?? 0) / 1024) MiB used of \(t / 1024) MiB")) }
     if let d = s.domain { lines.append(("domain", d + (s.libvirtURI.map { " on \($0)" } ?? ""))) }
     if s.state == "Stopped", let stop = s.lastStop { lines.append(("stopped", stop)) }
     lines.append(("uvmd", "pid \(s.daemonPID)" + (s.daemonRSSKiB.map { ", \($0 / 1024) MiB resident" } ?? "") + ", \(s.sessions) session(s)"))
     lines += lifecycleLines(s)
+    for d in s.disks ?? [] {
+        lines.append(("disk", "\(d.name): \(formatMiB(d.allocatedBytes)) on the host of at most \(formatMiB(d.sizeBytes)) (sparse)"))
+    }
     for (k, v) in lines {
         let key = (k + ":") + String(repeating: " ", count: max(0, 9 - k.count - 1))
         print("\(key)\(v)")
     }
+}
+
+func formatMiB(_ bytes: UInt64) -> String {
+    bytes >= 10 << 30 ? "\(bytes >> 30) GiB" : "\(bytes >> 20) MiB"
 }

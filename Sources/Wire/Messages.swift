@@ -81,6 +81,10 @@ public struct GuestInfo: Codable, Sendable, Equatable {
     public var instances: [String]
     /// `WireVersion.current` of the agent; nil from an agent that predates versioning.
     public var protocolVersion: Int?
+    /// /proc/meminfo's page cache (Cached) and swap, when the agent reports them.
+    public var memCachedKiB: UInt64?
+    public var swapTotalKiB: UInt64?
+    public var swapFreeKiB: UInt64?
     public init(kernelRelease: String, uptimeSeconds: Double, memTotalKiB: UInt64, memAvailableKiB: UInt64, instances: [String],
                 protocolVersion: Int? = WireVersion.current) {
         self.protocolVersion = protocolVersion
@@ -116,10 +120,29 @@ public struct VMStatus: Codable, Sendable, Equatable {
     public var instances: [InstanceStatus]?
     /// How the last stop ended: a clean power-off, or why the VM had to be destroyed.
     public var lastStop: String?
+    /// What the VM holds: the guest's page cache and swap, QEMU's resident memory on the host.
+    public var guestMemCachedKiB: UInt64?
+    public var guestSwapTotalKiB: UInt64?
+    public var guestSwapUsedKiB: UInt64?
+    public var qemuRSSKiB: UInt64?
+    /// Each installed distribution's disk: what it takes on the host next to its maximum.
+    public var disks: [DiskUsage]?
     public init(state: String, daemonPID: Int32, sessions: Int) {
         self.state = state
         self.daemonPID = daemonPID
         self.sessions = sessions
+    }
+}
+
+/// A distribution's sparse disk in `uvm status`.
+public struct DiskUsage: Codable, Sendable, Equatable {
+    public var name: String
+    public var allocatedBytes: UInt64
+    public var sizeBytes: UInt64
+    public init(name: String, allocatedBytes: UInt64, sizeBytes: UInt64) {
+        self.name = name
+        self.allocatedBytes = allocatedBytes
+        self.sizeBytes = sizeBytes
     }
 }
 

@@ -169,8 +169,25 @@ extension EndToEnd {
             let qemu = try #require(json["qemuPID"] as? Int)
             #expect(kill(pid_t(qemu), 0) == 0)
             #expect((json["memoryMiB"] as? Int ?? 0) > 0)
+            // What the VM holds: QEMU's resident memory as /proc says it, the guest's own view,
+            // and each distro's disk as the host's file system sees it.
+            let rss = try #require(json["qemuRSSKiB"] as? Int, "no qemuRSSKiB in \(r.out)")
+            let proc = (try? String(contentsOfFile: "/proc/\(qemu)/status", encoding: .utf8))?
+                .split(separator: "\n").first { $0.hasPrefix("VmRSS:") }
+                .flatMap { Int($0.split(separator: " ", omittingEmptySubsequences: true)[1]) } ?? -1
+            #expect(rss > 10_000 && abs(rss - proc) < proc / 2, "qemuRSSKiB \(rss), /proc says \(proc)")
+            let total = try #require(json["guestMemTotalKiB"] as? Int)
+            #expect((json["guestMemCachedKiB"] as? Int ?? -1) >= 0 && (json["guestMemCachedKiB"] as? Int ?? 0) < total)
+            #expect(json["guestSwapTotalKiB"] as? Int != nil && json["guestSwapUsedKiB"] as? Int != nil)
+            let disks = try #require(json["disks"] as? [[String: Any]], "no disks in \(r.out)")
+            let busybox = try #require(disks.first { $0["name"] as? String == "busybox" })
+            var st = stat()
+            #expect(stat("\(Harness.home)/data/distros/busybox/disk.ext4", &st) == 0)
+            #expect(busybox["allocatedBytes"] as? Int == Int(st.st_blocks) * 512 || abs((busybox["allocatedBytes"] as? Int ?? 0) - Int(st.st_blocks) * 512) < 16 << 20)
+            #expect(busybox["sizeBytes"] as? Int == Int(st.st_size))
             let text = try Harness.run(["status"])
             #expect(text.out.contains("state:   Running"))
+            #expect(text.out.contains("QEMU holds") && text.out.contains("disk:") && text.out.contains("busybox:"), "\(text.out)")
         }
 
         @Test func daemonSocketIsOnlyForItsUser() throws {
