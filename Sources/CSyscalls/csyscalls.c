@@ -725,3 +725,8 @@ __attribute__((constructor)) static void uvm_pid1_mount_proc_early(void) {
     mkdir("/proc", 0555);
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
 }
+
+#include <sys/swap.h>
+int uvm_swapon(const char *path) {
+    return swapon(path, SWAP_FLAG_DISCARD);
+}

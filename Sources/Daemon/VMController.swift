@@ -182,6 +182,9 @@ public actor VMController {
             consoleLog: paths.consoleLog, userNetwork: true,
             processIdentity: .forConnection(uri: settings.libvirtURI))
         spec.hotplugSlots = Self.hotplugSlots
+        // Swap: a fresh sparse file each boot (nothing in it outlives the VM), on the host's disk.
+        let swap = await prepareSwap()
+        if let swap { spec.disks.append(VMSpec.Disk(path: swap, serial: Self.swapSerial)) }
         // The 9P rings' shared memory: QEMU connects to its server when the domain starts. Without
         // it (or with UVM_9P_TRANSPORT=port) shares go through the virtio-serial ports.
         var transport: ShmTransport?
@@ -225,6 +228,13 @@ public actor VMController {
             }
             if let transport, !transport.connected {
                 logger.warning("QEMU did not take the 9P shared memory: shares use virtio-serial")
+            }
+            if swap != nil {
+                do {
+                    try await withTimeout(seconds: 20, what: "the guest to turn swap on") { try await agent.call(SwapOnRequest(serial: Self.swapSerial)) }
+                } catch {
+                    logger.warning("the VM runs without swap", metadata: ["error": "\(error)"])
+                }
             }
             await shares.vmStarted(agent: agent, transport: transport)
             return Running(domain: domain, agent: agent, linkChannel: channel, accel: accel, guest: guest,
@@ -373,6 +383,37 @@ public actor VMController {
             logger.info("instance stopped (idle)", metadata: ["distro": "\(distro)"])
         } catch {
             logger.warning("could not stop instance", metadata: ["distro": "\(distro)", "error": "\(error)"])
+        }
+    }
+
+    // MARK: swap
+
+    static let swapSerial = "uvm.swap"
+
+    /// The swap file for this boot, made anew (sparse, `mkswap`ed), or nil without swap. A swap
+    /// that cannot be made is logged and skipped: the VM boots without it.
+    private func prepareSwap() async -> String? {
+        let mib = settings.effectiveSwapMiB
+        let path = settings.swapFile ?? "\(paths.dataDir)/swap.img"
+        guard mib > 0 else {
+            unlink(path)  // an earlier boot's
+            return nil
+        }
+        do {
+            try await NIOThreadPool.singleton.runIfActive {
+                try? FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+                unlink(path)
+                let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+                guard fd >= 0 else { throw WireError(.internalError, "cannot create \(path): \(String(cString: strerror(errno)))") }
+                let sized = ftruncate(fd, off_t(mib) << 20)
+                close(fd)
+                guard sized == 0 else { throw WireError(.internalError, "cannot size \(path) to \(mib) MiB") }
+                try runHostTool(["mkswap", "-q", path], what: "mkswap \(path)")
+            }
+            return path
+        } catch {
+            logger.warning("no swap this boot", metadata: ["file": "\(path)", "error": "\(error)"])
+            return nil
         }
     }
 

@@ -179,17 +179,12 @@ public struct DistroStore: Sendable {
         return (UInt64(st.st_size), UInt64(st.st_blocks) * 512)
     }
 
-    /// Runs a host tool (from /usr/sbin too, which an ordinary user's PATH lacks): stdin and stdout
-    /// /dev/null, stderr kept, no other descriptor of uvmd's. A failure says which and its status.
     private func run(_ args: [String], what: String, okStatuses: Set<Int32> = [0]) throws {
-        let tool = ["/usr/sbin/", "/sbin/", "/usr/bin/", "/bin/"].map { $0 + args[0] }.first { access($0, X_OK) == 0 }
-        guard let tool else { throw InstallError(description: "\(args[0]) is not installed: run `make setup`") }
-        let argv: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        let pid = uvm_spawn_with_fds(tool, argv, -1, -1, 2)
-        var status: Int32 = -1
-        if pid > 0 { while waitpid(pid, &status, 0) < 0 && errno == EINTR {} }
-        guard pid > 0, okStatuses.contains(status) else { throw InstallError(description: "\(what) failed (status \(status >> 8))") }
+        do {
+            try runHostTool(args, what: what, okStatuses: okStatuses)
+        } catch let e as HostToolError {
+            throw InstallError(description: e.description)
+        }
     }
 
     /// Installed distros and the default (installed or not): what `uvm list` shows.
@@ -235,4 +230,22 @@ public struct DistroStore: Sendable {
         }
         try FileManager.default.moveItem(atPath: tmp, toPath: disk)
     }
+}
+
+public struct HostToolError: Error, CustomStringConvertible {
+    public var description: String
+}
+
+/// Runs a host tool (from /usr/sbin too, which an ordinary user's PATH lacks): stdin and stdout
+/// /dev/null, stderr kept, no other descriptor of the caller's. A failure says which and its
+/// status. Blocking: call it off the cooperative pool.
+public func runHostTool(_ args: [String], what: String, okStatuses: Set<Int32> = [0]) throws {
+    let tool = ["/usr/sbin/", "/sbin/", "/usr/bin/", "/bin/"].map { $0 + args[0] }.first { access($0, X_OK) == 0 }
+    guard let tool else { throw HostToolError(description: "\(args[0]) is not installed: run `make setup`") }
+    let argv: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
+    defer { argv.forEach { free($0) } }
+    let pid = uvm_spawn_with_fds(tool, argv, -1, -1, 2)
+    var status: Int32 = -1
+    if pid > 0 { while waitpid(pid, &status, 0) < 0 && errno == EINTR {} }
+    guard pid > 0, okStatuses.contains(status) else { throw HostToolError(description: "\(what) failed (status \(status >> 8))") }
 }

@@ -124,6 +124,13 @@ public enum GuestAgent {
             try await Task.sleep(for: .milliseconds(50))
             log("powering off")
             _ = uvm_poweroff()
+        case .swapOn(let r):
+            let device = try await DistroDisks.device(serial: r.serial, within: 10)
+            guard uvm_swapon(device) == 0 else {
+                throw WireError(.internalError, "swapon \(device): \(String(cString: strerror(errno)))")
+            }
+            log("swap on \(device)")
+            try await outbound.write(.json(.response, Done()))
         case .mount(let m):
             try await shares.mount(m)
             try await outbound.write(.json(.response, Done()))

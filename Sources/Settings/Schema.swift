@@ -79,6 +79,17 @@ extension Settings {
                        s.memoryMiB = n
                    },
                    show: { formatMemory($0.memoryMiB) }),
+        SettingKey("vm", "swap", env: "UVM_SWAP", "swap in the VM (1GB, 512MB; 0: none; default: a quarter of memory)",
+                   parse: { v, s throws(SettingValueError) in
+                       s.swapMiB = v.filter { !$0.isWhitespace } == "0" ? 0 : try parseMemory(v)
+                   },
+                   show: { s in s.swapMiB == nil ? "\(formatMemory(s.effectiveSwapMiB)) (a quarter of memory)" : s.effectiveSwapMiB == 0 ? "0" : formatMemory(s.effectiveSwapMiB) }),
+        SettingKey("vm", "swapFile", env: "UVM_SWAP_FILE", "the sparse file on the host that holds the swap",
+                   parse: { v, s throws(SettingValueError) in
+                       guard v.hasPrefix("/") else { throw SettingValueError("expected an absolute path") }
+                       s.swapFile = v
+                   },
+                   show: { $0.swapFile ?? "(swap.img in uvm's data folder)" }),
         SettingKey("vm", "processors", env: "UVM_CPUS", "virtual CPUs",
                    parse: { v, s throws(SettingValueError) in
                        guard let n = Int(v), n >= 1, n <= 256 else { throw SettingValueError("expected a number of processors from 1 to 256") }

@@ -28,6 +28,11 @@ public struct Settings: Sendable, Equatable {
     public var instanceIdleTimeout: Duration? = .seconds(15)
     /// Guest ports listening on localhost appear on the host's localhost.
     public var localhostForwarding: Bool = true
+    /// Swap in the VM, MiB; nil: a quarter of `memoryMiB` (WSL's default); 0: none.
+    public var swapMiB: Int?
+    /// The sparse file that holds it; nil: `swap.img` in uvm's data folder.
+    public var swapFile: String?
+    public var effectiveSwapMiB: Int { swapMiB ?? memoryMiB / 4 }
 
     // Development and benchmark switches: environment only, not uvm.conf settings.
     /// `UVM_9P_TRANSPORT=port`: shares over the virtio-serial ports, not the shared-memory rings.

@@ -121,6 +121,7 @@ public enum GuestRequest: Sendable, Equatable {
     case importDistro(ImportDistroRequest)
     case exportDistro(ExportDistroRequest)
     case releaseDisk(ReleaseDiskRequest)
+    case swapOn(SwapOnRequest)
 }
 
 /// A call uvmd makes to the guest agent.
@@ -142,6 +143,15 @@ public struct InfoRequest: GuestCall {
     public typealias Response = GuestInfo
     public init() {}
     public var request: GuestRequest { .info(self) }
+}
+
+/// Use the disk `serial` (made with mkswap on the host) as swap, with discard, so that swap the
+/// guest frees goes back to the host's sparse file.
+public struct SwapOnRequest: GuestCall {
+    public typealias Response = Done
+    public var serial: String
+    public init(serial: String) { self.serial = serial }
+    public var request: GuestRequest { .swapOn(self) }
 }
 
 /// Stop every instance, unmount the shares, sync, then power off once the answer is sent.
@@ -302,6 +312,7 @@ extension GuestRequest: Codable {
         case .importDistro: "importDistro"
         case .exportDistro: "exportDistro"
         case .releaseDisk: "releaseDisk"
+        case .swapOn: "swapOn"
         }
     }
 
@@ -318,6 +329,7 @@ extension GuestRequest: Codable {
         case .importDistro(let r): try c.encode(r, forKey: .args)
         case .exportDistro(let r): try c.encode(r, forKey: .args)
         case .releaseDisk(let r): try c.encode(r, forKey: .args)
+        case .swapOn(let r): try c.encode(r, forKey: .args)
         }
     }
 
@@ -334,6 +346,7 @@ extension GuestRequest: Codable {
         case "importDistro": self = .importDistro(try c.decode(ImportDistroRequest.self, forKey: .args))
         case "exportDistro": self = .exportDistro(try c.decode(ExportDistroRequest.self, forKey: .args))
         case "releaseDisk": self = .releaseDisk(try c.decode(ReleaseDiskRequest.self, forKey: .args))
+        case "swapOn": self = .swapOn(try c.decode(SwapOnRequest.self, forKey: .args))
         default: throw unknownOperation(op, c)
         }
     }

@@ -22,7 +22,7 @@ import Wire
         UnmountRequest(name: "home").request, StopInstanceRequest(name: "debian").request,
         .watchPorts(WatchPortsRequest()), .connect(ConnectRequest(port: 8080)),
         ImportDistroRequest(name: "debian", diskSerial: "uvm-debian", sourceSerial: "uvm.src.1", sourceBytes: 10240, defaultUser: DefaultUser(name: "me", uid: 1000, gid: 1000)).request,
-        ExportDistroRequest(name: "debian", diskSerial: "uvm-debian", targetSerial: "uvm.dst.1", targetBytes: 1 << 30).request, ReleaseDiskRequest(name: "x", diskSerial: "uvm-x").request,
+        ExportDistroRequest(name: "debian", diskSerial: "uvm-debian", targetSerial: "uvm.dst.1", targetBytes: 1 << 30).request, ReleaseDiskRequest(name: "x", diskSerial: "uvm-x").request, SwapOnRequest(serial: "uvm.swap").request,
     ]
 
     @Test(arguments: daemonRequests) func daemonRequestsRoundTrip(_ r: DaemonRequest) throws {

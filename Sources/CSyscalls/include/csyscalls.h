@@ -112,3 +112,6 @@ pid_t uvm_spawn_with_fds(const char *path, char *const argv[], int in, int out, 
 
 /// O_DIRECT, which Glibc's Swift module leaves out (it needs _GNU_SOURCE).
 static inline int uvm_o_direct(void) { return 040000; }
+
+/// swapon(2) with discard: swap the guest frees goes back to the host's sparse file.
+int uvm_swapon(const char *path);
