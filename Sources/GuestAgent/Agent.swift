@@ -148,7 +148,7 @@ public enum GuestAgent {
             guard c.port > 0 else { throw WireError(.badRequest, "connect without a port") }
             try await PortRelay.connect(port: c.port, rest: rest, outbound: outbound)
         case .importDistro(let r):
-            let imported = try await DistroDisks.importDistro(r, inbound: rest)
+            let imported = try await DistroDisks.importDistro(r, inbound: rest, outbound: outbound)
             try await outbound.write(.json(.response, imported))
         case .exportDistro(let r):
             let result = try await DistroDisks.exportDistro(r, instances: instances)

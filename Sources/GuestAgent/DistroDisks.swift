@@ -29,7 +29,8 @@ enum DistroDisks {
     /// Extracts the tar on the read-only source disk onto the empty disk (or takes the disk as it
     /// is, an image), checks it is a root file system, adds the default user, and unmounts it. A `signal` from uvmd, or the session's
     /// end, cancels.
-    static func importDistro(_ r: ImportDistroRequest, inbound: AsyncStream<Frame>) async throws -> ImportedDistro {
+    static func importDistro(_ r: ImportDistroRequest, inbound: AsyncStream<Frame>,
+                             outbound: NIOAsyncChannelOutboundWriter<Frame>) async throws -> ImportedDistro {
         let target = try await device(serial: r.diskSerial)
         var source: String?
         if let serial = r.sourceSerial { source = try await device(serial: serial) }
@@ -48,7 +49,15 @@ enum DistroDisks {
         let release: OSRelease
         do {
             if let source {
-                entries = try await blocking { try extraction.run(device: source, bytes: r.sourceBytes) }
+                // 16 MiB a step, so that the user sees how far it got about once a second.
+                try await blocking { try extraction.open(device: source, bytes: r.sourceBytes) }
+                var reported = ContinuousClock.now
+                while try await blocking({ try extraction.step(limit: 16 << 20) }) < r.sourceBytes {
+                    guard ContinuousClock.now - reported >= .seconds(1) else { continue }
+                    reported = .now
+                    try? await outbound.write(.progress("uvm: extracted \(extraction.fed >> 20) of \(r.sourceBytes >> 20) MiB"))
+                }
+                entries = try await blocking { try extraction.finish() }
             } else {
                 entries = 0
             }
@@ -214,7 +223,8 @@ private final class BlockSink {
     }
 }
 
-/// The extraction of a tar read from a disk, on one thread; `cancel` may come from another.
+/// The extraction of a tar read from a disk, one step at a time on the thread pool (each step
+/// awaits the previous one); `cancel` may come from another thread.
 private final class Extraction: @unchecked Sendable {
     private let extractor: TarExtractor
     private let cancelled = Atomic<Bool>(false)
@@ -222,30 +232,52 @@ private final class Extraction: @unchecked Sendable {
 
     func cancel() { cancelled.store(true, ordering: .relaxed) }
 
-    /// Feeds the first `bytes` bytes of `device` to the extractor. O_DIRECT: the tar is read
-    /// once, and the guest's page cache keeps the files it writes rather than the tar.
-    func run(device: String, bytes: UInt64) throws -> Int {
-        var fd = open(device, O_RDONLY | O_CLOEXEC | uvm_o_direct())
-        if fd < 0 && errno == EINVAL { fd = open(device, O_RDONLY | O_CLOEXEC) }
+    private var fd: Int32 = -1
+    private var buffer: UnsafeMutableRawPointer?
+    private var device = ""
+    private var bytes: UInt64 = 0
+    /// How much of the tar the extractor has had.
+    private(set) var fed: UInt64 = 0
+    private let chunk = 1 << 20
+
+    /// The tar is the first `bytes` bytes of `device`. O_DIRECT: the tar is read once, and the
+    /// guest's page cache keeps the files it writes rather than the tar.
+    func open(device: String, bytes: UInt64) throws {
+        var fd = Glibc.open(device, O_RDONLY | O_CLOEXEC | uvm_o_direct())
+        if fd < 0 && errno == EINVAL { fd = Glibc.open(device, O_RDONLY | O_CLOEXEC) }
         guard fd >= 0 else { throw ArchiveError("cannot open the tar's disk \(device): \(String(cString: strerror(errno)))") }
-        defer { close(fd) }
-        let chunk = 1 << 20
         guard let buffer = aligned(chunk) else {
+            Glibc.close(fd)
             throw ArchiveError("out of memory for the tar's buffer")
         }
-        defer { free(buffer) }
-        var left = bytes
-        while left > 0 {
+        self.fd = fd
+        self.buffer = buffer
+        self.device = device
+        self.bytes = bytes
+    }
+
+    /// Feeds at most `limit` more bytes to the extractor; returns how many it has had in all.
+    func step(limit: UInt64) throws -> UInt64 {
+        guard let buffer else { throw ArchiveError("the tar's disk is not open") }
+        let stop = min(bytes, fed + limit)
+        while fed < stop {
             if cancelled.load(ordering: .relaxed) { throw ArchiveError("import cancelled") }
-            let want = Int(min(UInt64(chunk), left))
+            let want = Int(min(UInt64(chunk), bytes - fed))
             let n = read(fd, buffer, want)
             if n < 0 && errno == EINTR { continue }
-            if n < 0 { throw ArchiveError("reading the tar's disk \(device) at byte \(bytes - left): \(String(cString: strerror(errno)))") }
-            if n == 0 { throw ArchiveError("the tar's disk \(device) ended at byte \(bytes - left) of \(bytes)") }
+            if n < 0 { throw ArchiveError("reading the tar's disk \(device) at byte \(fed): \(String(cString: strerror(errno)))") }
+            if n == 0 { throw ArchiveError("the tar's disk \(device) ended at byte \(fed) of \(bytes)") }
             try extractor.feed(UnsafeRawBufferPointer(start: buffer, count: n))
-            left -= UInt64(n)
+            fed += UInt64(n)
         }
-        return try extractor.finish().entries
+        return fed
+    }
+
+    func finish() throws -> Int { try extractor.finish().entries }
+
+    deinit {
+        if fd >= 0 { Glibc.close(fd) }
+        free(buffer)
     }
 
     private func aligned(_ size: Int) -> UnsafeMutableRawPointer? {
