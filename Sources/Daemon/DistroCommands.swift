@@ -66,6 +66,7 @@ struct DistroCommands {
         }
         let becomesDefault = r.setDefault || !store.hasChosenDefault && !daemon.settings.defaultDistroIsExplicit
         var source: String?
+        var failure: Error?
         do {
             await progress("uvm: importing \(name) (its disk: \(controller.paths.distroDisk(name)), sparse, at most \(formatSize(size)))")
             let agent = try await controller.agent(progress: progress)
@@ -97,13 +98,16 @@ struct DistroCommands {
                                                    sizeBytes: usage.size, allocatedBytes: usage.allocated, isDefault: becomesDefault))
             }
         } catch {
-            if let source { await controller.detachSpool(spool, serial: source) }
-            await abandon(name, store: store)
-            throw error
+            failure = error
         }
+        // Whatever happened: the tar's disk leaves the VM (if the answer did not take it already).
+        // A failure, or a disk still marked as importing (refused, the client went away), means
+        // the half-filled disk goes.
         if let source, await controller.isAttached(serial: source) { await controller.detachSpool(spool, serial: source) }
-        // The guest refused the tar (not a root file system, corrupt) or the client went away:
-        // the error went to the client; the half-filled disk goes.
+        if let failure {
+            await abandon(name, store: store)
+            throw failure
+        }
         if case .importing = store.availability(name) { await abandon(name, store: store) }
     }
 
@@ -136,9 +140,10 @@ struct DistroCommands {
         // The guest writes the tar onto a sparse scratch disk (no tar of a file system is much
         // larger than the file system) that uvmd then streams to the client.
         let room = store.diskUsage(r.name).size + (1 << 30)
-        let spool = try Self.makeSpoolFile(controller.paths, prefix: "export", size: room)
+        let spool = try Self.makeExportSpool(controller.paths, size: room)
         defer { unlink(spool) }
         let target = try await controller.attachSpool(spool, what: "the tar of \(r.name)", writable: true)
+        var failure: Error?
         do {
             await progress("uvm: packing \(r.name) in the VM")
             let request = ExportDistroRequest(name: r.name, diskSerial: diskSerial(r.name), targetSerial: target, targetBytes: room)
@@ -151,20 +156,19 @@ struct DistroCommands {
                 return final
             }
         } catch {
-            if await controller.isAttached(serial: target) { await controller.detachSpool(spool, serial: target) }
-            throw error
+            failure = error
         }
+        // The answer detached it, unless there was none.
         if await controller.isAttached(serial: target) { await controller.detachSpool(spool, serial: target) }
+        if let failure { throw failure }
     }
 
-    /// A new sparse file of `size` bytes in the spool folder, `PREFIX-PID-XXXXXX.tar`.
-    static func makeSpoolFile(_ paths: Paths, prefix: String, size: UInt64) throws -> String {
-        try? FileManager.default.createDirectory(atPath: paths.spoolDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
-        var template = Array("\(paths.spoolDir)/\(prefix)-\(getpid())-XXXXXX.tar".utf8CString)
-        let fd = template.withUnsafeMutableBufferPointer { mkstemps($0.baseAddress!, 4) }
-        guard fd >= 0 else { throw WireError(.internalError, "cannot create a file in \(paths.spoolDir): \(String(cString: strerror(errno)))") }
+    /// A new sparse export spool file of `size` bytes.
+    static func makeExportSpool(_ paths: Paths, size: UInt64) throws -> String {
+        guard let (fd, path) = paths.createSpoolFile(.export) else {
+            throw WireError(.internalError, "cannot create a file in \(paths.spoolDir): \(String(cString: strerror(errno)))")
+        }
         defer { close(fd) }
-        let path = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
         guard ftruncate(fd, off_t(size)) == 0 else {
             let e = errno
             unlink(path)

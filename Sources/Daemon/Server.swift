@@ -46,7 +46,7 @@ public struct UVMDaemon: Sendable {
         for n in names {
             let path = "\(paths.spoolDir)/\(n)"
             var st = stat()
-            guard paths.isSpoolFile(path) || (n.hasPrefix("export-") && !n.contains("/")), lstat(path, &st) == 0,
+            guard Paths.SpoolKind.allCases.contains(where: { paths.isSpoolFile(path, $0) }), lstat(path, &st) == 0,
                   now - st.st_mtim.tv_sec > 600 else { continue }
             unlink(path)
         }

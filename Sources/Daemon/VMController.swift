@@ -231,7 +231,7 @@ public actor VMController {
             }
             if swap != nil {
                 do {
-                    try await withTimeout(seconds: 20, what: "the guest to turn swap on") { try await agent.call(SwapOnRequest(serial: Self.swapSerial)) }
+                    _ = try await withTimeout(seconds: 20, what: "the guest to turn swap on") { try await agent.call(SwapOnRequest(serial: Self.swapSerial)) }
                 } catch {
                     logger.warning("the VM runs without swap", metadata: ["error": "\(error)"])
                 }

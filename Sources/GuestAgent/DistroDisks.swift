@@ -154,30 +154,45 @@ func writeFully(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, _ what: String) th
     }
 }
 
-/// Sequential writes to a block device in whole aligned 1 MiB blocks (O_DIRECT: the tar goes to
-/// the host without filling the guest's page cache), at most `limit` bytes.
+/// A spool disk (an import's or export's tar) opened for O_DIRECT (where the device allows it)
+/// with a 1 MiB buffer aligned for it: the tar moves once, without filling the guest's page cache.
+/// `whose` names it in the messages ("the tar's": "cannot open the tar's disk ...").
+private func openDirect(_ device: String, _ flags: Int32, whose: String) throws(SpoolDiskError) -> (fd: Int32, buffer: UnsafeMutableRawPointer) {
+    var fd = open(device, flags | O_CLOEXEC | uvm_o_direct())
+    if fd < 0 && errno == EINVAL { fd = open(device, flags | O_CLOEXEC) }
+    guard fd >= 0 else { throw SpoolDiskError(message: "cannot open \(whose) disk \(device): \(String(cString: strerror(errno)))") }
+    var p: UnsafeMutableRawPointer?
+    guard posix_memalign(&p, 4096, spoolBlock) == 0, let p else {
+        close(fd)
+        throw SpoolDiskError(message: "out of memory for \(whose) buffer")
+    }
+    return (fd, p)
+}
+
+private struct SpoolDiskError: Error {
+    let message: String
+}
+
+private let spoolBlock = 1 << 20
+
+/// Sequential writes to a block device in whole aligned 1 MiB blocks, at most `limit` bytes.
 private final class BlockSink {
     private let fd: Int32
     private let device: String
     private let limit: UInt64
-    private let block = 1 << 20
+    private let block = spoolBlock
     private let buffer: UnsafeMutableRawPointer
     private var filled = 0
     private(set) var total: UInt64 = 0
 
     init(device: String, limit: UInt64) throws {
-        var fd = open(device, O_WRONLY | O_CLOEXEC | uvm_o_direct())
-        if fd < 0 && errno == EINVAL { fd = open(device, O_WRONLY | O_CLOEXEC) }
-        guard fd >= 0 else { throw WireError(.internalError, "cannot open the export's disk \(device): \(String(cString: strerror(errno)))") }
-        var p: UnsafeMutableRawPointer?
-        guard posix_memalign(&p, 4096, block) == 0, let p else {
-            Glibc.close(fd)
-            throw WireError(.internalError, "out of memory for the export's buffer")
+        do {
+            (fd, buffer) = try openDirect(device, O_WRONLY, whose: "the export's")
+        } catch {
+            throw WireError(.internalError, error.message)
         }
-        self.fd = fd
         self.device = device
         self.limit = limit
-        buffer = p
     }
 
     func write(_ bytes: UnsafeRawBufferPointer) throws {
@@ -238,20 +253,16 @@ private final class Extraction: @unchecked Sendable {
     private var bytes: UInt64 = 0
     /// How much of the tar the extractor has had.
     private(set) var fed: UInt64 = 0
-    private let chunk = 1 << 20
+    private let chunk = spoolBlock
 
-    /// The tar is the first `bytes` bytes of `device`. O_DIRECT: the tar is read once, and the
-    /// guest's page cache keeps the files it writes rather than the tar.
+    /// The tar is the first `bytes` bytes of `device`; the guest's page cache keeps the files it
+    /// writes rather than the tar.
     func open(device: String, bytes: UInt64) throws {
-        var fd = Glibc.open(device, O_RDONLY | O_CLOEXEC | uvm_o_direct())
-        if fd < 0 && errno == EINVAL { fd = Glibc.open(device, O_RDONLY | O_CLOEXEC) }
-        guard fd >= 0 else { throw ArchiveError("cannot open the tar's disk \(device): \(String(cString: strerror(errno)))") }
-        guard let buffer = aligned(chunk) else {
-            Glibc.close(fd)
-            throw ArchiveError("out of memory for the tar's buffer")
+        do {
+            (fd, buffer) = try openDirect(device, O_RDONLY, whose: "the tar's")
+        } catch {
+            throw ArchiveError(error.message)
         }
-        self.fd = fd
-        self.buffer = buffer
         self.device = device
         self.bytes = bytes
     }
@@ -280,10 +291,6 @@ private final class Extraction: @unchecked Sendable {
         free(buffer)
     }
 
-    private func aligned(_ size: Int) -> UnsafeMutableRawPointer? {
-        var p: UnsafeMutableRawPointer?
-        return posix_memalign(&p, 4096, size) == 0 ? p : nil
-    }
 }
 
 /// The account `uvm` and `uvm shell` land in: the host user's name, uid and gid, bash when the

@@ -47,11 +47,16 @@ public struct Paths: Sendable, Equatable {
 
     /// `../share/uvm` from the running executable, when it holds a kernel (`make install` put it there).
     public static func installedShareFolder() -> String? {
-        guard let exe = executablePath(), let slash = exe.lastIndex(of: "/") else { return nil }
-        let bin = exe[..<slash]
-        guard let up = bin.lastIndex(of: "/") else { return nil }
-        let share = String(bin[..<up]) + "/share/uvm"
+        guard let (_, prefix) = executableFolders() else { return nil }
+        let share = prefix + "/share/uvm"
         return access(share + "/kernel/bzImage", R_OK) == 0 ? share : nil
+    }
+
+    /// The running executable's folder (`PREFIX/bin`) and the one above it (`PREFIX`).
+    static func executableFolders() -> (bin: String, prefix: String)? {
+        guard let exe = executablePath(), let slash = exe.lastIndex(of: "/") else { return nil }
+        let bin = String(exe[..<slash])
+        return (bin, bin.lastIndex(of: "/").map { String(bin[..<$0]) } ?? "")
     }
 
     /// /proc/self/exe, resolved.
@@ -65,16 +70,14 @@ public struct Paths: Sendable, Equatable {
     /// What this build calls itself: `VERSION (git COMMIT)`, written by `make build` next to the
     /// binaries (`uvm-version`) and by `make install` into the share folder (`version`).
     public static func buildVersion() -> String {
-        guard let exe = executablePath(), let slash = exe.lastIndex(of: "/") else { return "unknown" }
-        let bin = String(exe[..<slash])
-        let up = bin.lastIndex(of: "/").map { String(bin[..<$0]) } ?? bin
-        for f in ["\(bin)/uvm-version", "\(up)/share/uvm/version"] {
+        guard let (bin, prefix) = executableFolders() else { return "unknown" }
+        for f in ["\(bin)/uvm-version", "\(prefix)/share/uvm/version"] {
             if let text = try? String(contentsOfFile: f, encoding: .utf8) {
                 let line = text.split(separator: "\n").first.map(String.init) ?? ""
                 if !line.isEmpty { return line }
             }
         }
-        return "unknown (built without make: no uvm-version next to \(exe))"
+        return "unknown (built without make: no uvm-version in \(bin))"
     }
 
     /// The daemon's socket; `UVM_SOCKET` overrides.
@@ -110,11 +113,28 @@ public struct Paths: Sendable, Equatable {
     /// Where `uvm import` writes the plain tar it hands uvmd (next to the disks it becomes: the
     /// same file system, and not a tmpfs that a 1 GiB root file system would fill).
     public var spoolDir: String { "\(dataDir)/spool" }
-    /// A spool file a client may name in an import: directly in `spoolDir`, `import-...`.
-    public func isSpoolFile(_ path: String) -> Bool {
+    /// The spool files: an import's tar (which a client names to uvmd) and an export's scratch disk.
+    public enum SpoolKind: String, Sendable, CaseIterable {
+        case `import`, export
+    }
+
+    /// A spool file of `kind`: directly in `spoolDir`, `KIND-...`.
+    public func isSpoolFile(_ path: String, _ kind: SpoolKind = .import) -> Bool {
         guard path.hasPrefix(spoolDir + "/") else { return false }
         let name = path.dropFirst(spoolDir.count + 1)
-        return name.hasPrefix("import-") && !name.contains("/") && !name.contains("..")
+        return name.hasPrefix(kind.rawValue + "-") && !name.contains("/") && !name.contains("..")
+    }
+
+    /// A new, empty spool file of `kind` (`KIND-PID-XXXXXX.tar`, mode 0600, close-on-exec), its
+    /// folder made if needed; nil with errno set when it cannot be made.
+    public func createSpoolFile(_ kind: SpoolKind) -> (fd: Int32, path: String)? {
+        mkdir(dataDir, 0o700)
+        mkdir(spoolDir, 0o700)
+        var template = Array("\(spoolDir)/\(kind.rawValue)-\(getpid())-XXXXXX.tar".utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { mkstemps($0.baseAddress!, 4) }
+        guard fd >= 0 else { return nil }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        return (fd, template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) })
     }
     /// The distro chosen with `uvm default` (WSL's --set-default).
     public var defaultDistroFile: String { "\(dataDir)/default-distro" }

@@ -122,7 +122,7 @@ final class DaemonConnection: @unchecked Sendable {
     }
 
     static func siblingExecutable(_ name: String) -> String {
-        let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        let me = Paths.executablePath() ?? CommandLine.arguments[0]
         guard let slash = me.lastIndex(of: "/") else { return name }
         return String(me[...slash]) + name
     }

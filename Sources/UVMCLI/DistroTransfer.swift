@@ -116,13 +116,9 @@ enum DistroTransfer {
     /// padded to whole 512-byte sectors (the guest reads it as a disk), and returns its path. A
     /// failed decompressor (a corrupt or truncated file) or a full disk leaves no file behind.
     static func spoolTar(head: [UInt8], from fd: Int32, decompressor: pid_t, name: String, total: UInt64?, paths: Paths) throws -> String {
-        mkdir(paths.dataDir, 0o700)
-        mkdir(paths.spoolDir, 0o700)
-        var template = Array("\(paths.spoolDir)/import-\(getpid())-XXXXXX.tar".utf8CString)
-        let out = template.withUnsafeMutableBufferPointer { mkstemps($0.baseAddress!, 4) }
-        guard out >= 0 else { throw CLIError("cannot write to \(paths.spoolDir): \(String(cString: strerror(errno)))") }
-        _ = fcntl(out, F_SETFD, FD_CLOEXEC)
-        let path = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+        guard let (out, path) = paths.createSpoolFile(.import) else {
+            throw CLIError("cannot write to \(paths.spoolDir): \(String(cString: strerror(errno)))")
+        }
         var ok = false
         defer {
             close(out)

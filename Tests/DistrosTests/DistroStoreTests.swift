@@ -51,6 +51,9 @@ import Settings
         defer { try? FileManager.default.removeItem(atPath: root) }
         let spool = store.paths.spoolDir
         #expect(store.paths.isSpoolFile("\(spool)/import-12-abc.tar"))
+        // An export's scratch file is uvmd's own: no client can name it as an import's tar.
+        #expect(store.paths.isSpoolFile("\(spool)/export-12-abc.tar", .export))
+        #expect(!store.paths.isSpoolFile("\(spool)/export-12-abc.tar"))
         for bad in ["\(spool)/other.tar", "\(spool)/import-1/../../x", "\(spool)/sub/import-1.tar", "/etc/passwd",
                     "\(spool)import-1.tar", "\(root)/data/distros/x/disk.ext4"] {
             #expect(!store.paths.isSpoolFile(bad), "\(bad)")
