@@ -3,7 +3,7 @@
 # unpacked kernel source dir) with kernel-patches/*.patch applied and
 # kernel-config/uvm.config merged onto tinyconfig. The result is cached outside
 # the clone, keyed by content:
-#   ${XDG_CACHE_HOME:-$HOME/.cache}/uvm/kernel/<key>/{bzImage,config,release}
+#   ${XDG_CACHE_HOME:-$HOME/.cache}/uvm/kernel/<key>/{bzImage,vmlinux,config,release}
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/uvm/kernel/current -> <key>
 # key = sha256(fragment + patches + source identity + this script), so a change
 # to any of them rebuilds, and an unchanged second run takes a second or two.
@@ -71,7 +71,7 @@ fi
 
 # --- build dependencies -----------------------------------------------------
 missing=()
-for cmd in make gcc ld bc bison flex perl tar xz sha256sum flock patch; do
+for cmd in make gcc ld strip bc bison flex perl tar xz sha256sum flock patch; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
 done
 [[ -e /usr/include/libelf.h ]] || missing+=("libelf.h (libelf-dev)")
@@ -199,6 +199,8 @@ release=$(kmake -s kernelrelease)
 stage=$work/out
 mkdir -p -- "$stage"
 cp -- "$obj/arch/x86/boot/bzImage" "$stage/bzImage"
+# The ELF kernel too, without its symbol table: QEMU boots it through its PVH entry point.
+strip -o "$stage/vmlinux" -- "$obj/vmlinux" || die "cannot strip vmlinux"
 cp -- "$obj/.config" "$stage/config"
 echo "$release" >"$stage/release"
 rm -rf -- "$out"

@@ -730,3 +730,16 @@ __attribute__((constructor)) static void uvm_pid1_mount_proc_early(void) {
 int uvm_swapon(const char *path) {
     return swapon(path, SWAP_FLAG_DISCARD);
 }
+
+#include <linux/fs.h>
+int uvm_fitrim(const char *mountpoint, uint64_t *trimmed) {
+    int fd = open(mountpoint, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    struct fstrim_range range = { .start = 0, .len = UINT64_MAX, .minlen = 0 };
+    int rc = ioctl(fd, FITRIM, &range);
+    int saved = errno;
+    close(fd);
+    if (rc < 0) { errno = saved; return -1; }
+    *trimmed = range.len;
+    return 0;
+}

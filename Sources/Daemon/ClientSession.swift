@@ -118,6 +118,8 @@ struct ClientSession {
             try await respond(Done(), to: r, outbound)
         case .resize(let r):
             try await respond(try await DistroCommands(session: self).resize(r, progress: progress), to: r, outbound)
+        case .compact(let r):
+            try await respond(try await DistroCommands(session: self).compact(r, progress: progress), to: r, outbound)
         }
     }
 

@@ -274,6 +274,27 @@ struct DistroCommands {
                           allocatedBytes: usage.allocated, isDefault: store.defaultDistro == r.name)
     }
 
+    /// FITRIM in the guest over the distro's file system, with the VM started and the disk
+    /// attached if need be; what the disk takes on the host before and after.
+    func compact(_ r: CompactRequest, progress: @escaping Progress) async throws -> CompactResult {
+        let store = controller.distros
+        guard store.knows(r.name) else {
+            throw WireError(.notFound, "there is no distro '\(r.name)' (installed: \(session.installedDistros().joined(separator: ", ")))")
+        }
+        let reaper = daemon.reaper
+        let token = await reaper.begin(distro: r.name)
+        defer { Task { await reaper.end(token) } }
+        let agent = try await controller.prepareDisk(r.name, progress: progress)
+        let before = store.diskUsage(r.name)
+        await progress("uvm: trimming \(r.name)'s file system")
+        let trimmed = try await withTimeout(seconds: 600, what: "the guest to trim \(r.name)") {
+            try await agent.call(TrimRequest(serial: diskSerial(r.name)))
+        }
+        let after = store.diskUsage(r.name)
+        return CompactResult(name: r.name, allocatedBeforeBytes: before.allocated, allocatedAfterBytes: after.allocated,
+                             sizeBytes: after.size, trimmedBytes: trimmed.trimmedBytes)
+    }
+
     /// The host user becomes the new distro's default user (root stays root).
     static func hostUser() -> DefaultUser? {
         let uid = getuid()

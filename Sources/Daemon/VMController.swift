@@ -236,6 +236,7 @@ public actor VMController {
                     logger.warning("the VM runs without swap", metadata: ["error": "\(error)"])
                 }
             }
+            await applyMemoryPolicy(agent)
             await shares.vmStarted(agent: agent, transport: transport)
             return Running(domain: domain, agent: agent, linkChannel: channel, accel: accel, guest: guest,
                            bootedAt: started, generation: gen, disks: Set(spec.disks.map(\.serial)))
@@ -389,6 +390,27 @@ public actor VMController {
     // MARK: swap
 
     static let swapSerial = "uvm.swap"
+
+    /// `[vm] autoMemoryReclaim`, which the agent applies by itself from the guest's CPU use, and
+    /// free page reporting's pace.
+    nonisolated var memoryPolicy: MemoryPolicyRequest {
+        let d = settings.autoMemoryReclaimDelay.components
+        let pace = settings.pageReporting
+        return MemoryPolicyRequest(mode: MemoryReclaimMode(rawValue: settings.autoMemoryReclaim) ?? .dropCache,
+                                   idleDelayMilliseconds: Int(min(d.seconds, 100_000) * 1000 + d.attoseconds / 1_000_000_000_000_000),
+                                   reportingOrder: pace.order, reportingDelayMilliseconds: pace.delayMilliseconds,
+                                   reportingBudgetDivisor: pace.budgetDivisor)
+    }
+
+    /// A guest that cannot take the policy still runs; the log says why.
+    private func applyMemoryPolicy(_ agent: GuestAgentClient) async {
+        let policy = memoryPolicy
+        do {
+            _ = try await withTimeout(seconds: 20, what: "the guest to take the memory policy") { try await agent.call(policy) }
+        } catch {
+            logger.warning("the guest did not take the memory policy", metadata: ["error": "\(error)"])
+        }
+    }
 
     /// The swap file for this boot, made anew (sparse, `mkswap`ed), or nil without swap. A swap
     /// that cannot be made is logged and skipped: the VM boots without it.
@@ -593,6 +615,7 @@ public actor VMController {
             // The earlier uvmd's 9P servers went with it: serve the shares again and remount them,
             // through the virtio-serial ports (the shared memory's server went with it too, and
             // QEMU cannot connect to a new one).
+            await applyMemoryPolicy(agent)
             await shares.vmStarted(agent: agent, transport: nil)
             await forwarder?.start(agent: agent)
             logger.info("adopted the VM", metadata: ["instances": "\(guest.instances)", "qemu": "\(domain.qemuPID().map { "\($0)" } ?? "?")"])
@@ -667,6 +690,11 @@ public actor VMController {
             s.guestMemCachedKiB = g.memCachedKiB
             s.guestSwapTotalKiB = g.swapTotalKiB
             if let t = g.swapTotalKiB, let f = g.swapFreeKiB { s.guestSwapUsedKiB = t >= f ? t - f : 0 }
+            s.memoryReclaim = g.memoryReclaim.map { m in
+                m == .disabled ? "disabled" : "\(m.rawValue) after \(formatTimeout(settings.autoMemoryReclaimDelay)) idle"
+            }
+            s.lastReclaim = g.lastReclaim
+            s.lastReclaimSecondsAgo = g.lastReclaim.map { max(0, g.uptimeSeconds - $0.atUptimeSeconds) }
         } else {
             s.kernelRelease = r.guest.kernelRelease
         }

@@ -131,6 +131,11 @@ public enum GuestAgent {
             }
             log("swap on \(device)")
             try await outbound.write(.json(.response, Done()))
+        case .memoryPolicy(let r):
+            try MemoryReclaimer.shared.apply(r)
+            try await outbound.write(.json(.response, Done()))
+        case .trim(let r):
+            try await outbound.write(.json(.response, try await DistroDisks.trim(r, instances: instances)))
         case .mount(let m):
             try await shares.mount(m)
             try await outbound.write(.json(.response, Done()))
@@ -175,6 +180,8 @@ public enum GuestAgent {
         info.memCachedKiB = meminfo["Cached"]
         info.swapTotalKiB = meminfo["SwapTotal"]
         info.swapFreeKiB = meminfo["SwapFree"]
+        info.memoryReclaim = MemoryReclaimer.shared.mode
+        info.lastReclaim = MemoryReclaimer.shared.lastReclaim
         return info
     }
 
@@ -205,6 +212,7 @@ public enum GuestAgent {
         _ = uvm_mount("sysfs", "/sys", "sysfs", UInt(MS_NOSUID | MS_NODEV | MS_NOEXEC), nil)
         _ = uvm_mount("tmpfs", "/run", "tmpfs", UInt(MS_NOSUID | MS_NODEV), "mode=0755")
         _ = uvm_mount("tmpfs", "/tmp", "tmpfs", UInt(MS_NOSUID | MS_NODEV), "mode=1777")
+        MemoryReclaimer.mountCgroup()
         mkdir("/run/uvm", 0o755)
         mkdir("/run/uvm/instances", 0o755)
         _ = sethostname("uvm", 3)

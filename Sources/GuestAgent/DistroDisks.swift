@@ -108,6 +108,22 @@ enum DistroDisks {
         }
     }
 
+    /// FITRIM over the distro's file system: a second mount of its disk (sharing the running
+    /// instance's superblock, as export does), trimmed and unmounted.
+    static func trim(_ r: TrimRequest, instances: Instances) async throws -> TrimResult {
+        let name = String(r.serial.dropFirst("uvm-".count))
+        let dir = "\(workDir)/\(name)-trim"
+        try mountDisk(try await device(serial: r.serial, within: 2), at: dir, readOnly: false)
+        defer { unmountDisk(dir) }
+        return try await blocking {
+            var trimmed: UInt64 = 0
+            guard uvm_fitrim(dir, &trimmed) == 0 else {
+                throw WireError(.internalError, "FITRIM on \(name): \(String(cString: strerror(errno)))")
+            }
+            return TrimResult(trimmedBytes: trimmed)
+        }
+    }
+
     /// Before uvmd detaches the disk: the instance is stopped, nothing of ours has it mounted.
     static func releaseDisk(_ r: ReleaseDiskRequest, instances: Instances) async {
         await instances.stop(r.name)

@@ -90,6 +90,22 @@ extension Settings {
                        s.swapFile = v
                    },
                    show: { $0.swapFile ?? "(swap.img in uvm's data folder)" }),
+        SettingKey("vm", "autoMemoryReclaim", env: "UVM_AUTO_MEMORY_RECLAIM",
+                   "what an idle guest gives back: dropCache (its caches at once), gradual (in steps), disabled",
+                   parse: { v, s throws(SettingValueError) in
+                       guard let mode = autoMemoryReclaimModes.first(where: { $0.lowercased() == v.lowercased() }) else {
+                           throw SettingValueError("expected dropCache, gradual or disabled")
+                       }
+                       s.autoMemoryReclaim = mode
+                   },
+                   show: { $0.autoMemoryReclaim }),
+        SettingKey("vm", "autoMemoryReclaimDelay", env: "UVM_AUTO_MEMORY_RECLAIM_DELAY",
+                   "how long the guest stays idle (<= 0.5% CPU) before it reclaims (2s, 1m)",
+                   parse: { v, s throws(SettingValueError) in
+                       guard let d = try parseTimeout(v) else { throw SettingValueError("expected a duration such as 30s or 2m (autoMemoryReclaim = disabled turns reclaim off)") }
+                       s.autoMemoryReclaimDelay = d
+                   },
+                   show: { formatTimeout($0.autoMemoryReclaimDelay) }),
         SettingKey("vm", "processors", env: "UVM_CPUS", "virtual CPUs",
                    parse: { v, s throws(SettingValueError) in
                        guard let n = Int(v), n >= 1, n <= 256 else { throw SettingValueError("expected a number of processors from 1 to 256") }
@@ -142,6 +158,9 @@ extension Settings {
                    show: { $0.homeShare ?? "false" }),
     ]
 }
+
+/// `[vm] autoMemoryReclaim` values, spelled as WSL does.
+public let autoMemoryReclaimModes = ["disabled", "dropCache", "gradual"]
 
 /// WSL's durations: `2s`, `500ms`, `1m`, `1h`, or plain milliseconds. A negative value or `never`
 /// disables the timer (nil).

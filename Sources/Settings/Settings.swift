@@ -33,8 +33,15 @@ public struct Settings: Sendable, Equatable {
     /// The sparse file that holds it; nil: `swap.img` in uvm's data folder.
     public var swapFile: String?
     public var effectiveSwapMiB: Int { swapMiB ?? memoryMiB / 4 }
+    /// WSL's autoMemoryReclaim: disabled, dropCache or gradual.
+    public var autoMemoryReclaim: String = "dropCache"
+    /// How long the guest must be idle (<= 0.5% CPU) before it reclaims.
+    public var autoMemoryReclaimDelay: Duration = .seconds(60)
 
     // Development and benchmark switches: environment only, not uvm.conf settings.
+    /// Free page reporting's pace in the guest (kernel patch 0002): `UVM_PAGE_REPORTING=ORDER,DELAY_MS,BUDGET_DIV`;
+    /// `UVM_PAGE_REPORTING=upstream` keeps the kernel's own (order 9, 2000 ms, 1/16).
+    public var pageReporting = PageReportingPace(environment: ProcessInfo.processInfo.environment["UVM_PAGE_REPORTING"] ?? "")
     /// `UVM_9P_TRANSPORT=port`: shares over the virtio-serial ports, not the shared-memory rings.
     public var ninePOverPorts: Bool = ProcessInfo.processInfo.environment["UVM_9P_TRANSPORT"] == "port"
     /// `UVM_BENCH_VIRTIO_9P=DIR`: QEMU's own virtio-9p export of DIR beside ours (bench_9p.py).
@@ -51,5 +58,31 @@ public struct Settings: Sendable, Equatable {
         for key in schema { try? key.applyEnvironment(env, to: &s, sources: &sources) }
         s.defaultDistroIsExplicit = sources["general.defaultDistro"] != nil
         return s
+    }
+}
+
+/// Free page reporting's pace in the guest; nil leaves the kernel's value.
+public struct PageReportingPace: Sendable, Equatable {
+    public var order: Int?
+    public var delayMilliseconds: Int?
+    public var budgetDivisor: Int?
+
+    /// uvm's pace: a pass 250 ms after memory is freed, covering whole free lists.
+    public static let uvm = PageReportingPace(order: nil, delayMilliseconds: 250, budgetDivisor: 1)
+    /// The kernel's own: 2 s between passes, 1/16 of each free list per pass.
+    public static let upstream = PageReportingPace(order: nil, delayMilliseconds: 2000, budgetDivisor: 16)
+
+    public init(order: Int?, delayMilliseconds: Int?, budgetDivisor: Int?) {
+        self.order = order
+        self.delayMilliseconds = delayMilliseconds
+        self.budgetDivisor = budgetDivisor
+    }
+
+    /// "upstream", "ORDER,DELAY_MS,BUDGET_DIV" (empty fields keep uvm's), or anything else: uvm's.
+    public init(environment v: String) {
+        if v == "upstream" { self = .upstream; return }
+        let f = v.split(separator: ",", omittingEmptySubsequences: false).map { Int($0) }
+        guard f.count == 3 else { self = .uvm; return }
+        self.init(order: f[0], delayMilliseconds: f[1] ?? 250, budgetDivisor: f[2] ?? 1)
     }
 }

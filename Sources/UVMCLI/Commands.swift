@@ -164,10 +164,7 @@ struct Doctor: ParsableCommand {
 
 func printStatus(_ s: VMStatus, _ format: FormatOption.Format) throws {
     if format == .json {
-        let e = JSONEncoder()
-        e.outputFormatting = [.sortedKeys, .prettyPrinted]
-        print(String(decoding: try e.encode(s), as: UTF8.self))
-        return
+        return try printJSON(s)
     }
     var lines = [("state", s.state)]
     if let a = s.accelerator { lines.append(("accel", a + (s.acceleratorReason.map { " (\($0))" } ?? ""))) }
@@ -185,6 +182,14 @@ func printStatus(_ s: VMStatus, _ format: FormatOption.Format) throws {
         lines.append(("memory", mem))
     }
     if let t = s.guestSwapTotalKiB { lines.append(("swap", t == 0 ? "none" : "\((s.guestSwapUsedKiB ?? 0) / 1024) MiB used of \(t / 1024) MiB")) }
+    if let policy = s.memoryReclaim {
+        var text = policy
+        if let r = s.lastReclaim {
+            let ago = s.lastReclaimSecondsAgo.map { "\(Int($0)) s ago" } ?? "earlier"
+            text += "; last \(ago): page cache \(r.cacheBeforeKiB / 1024) -> \(r.cacheAfterKiB / 1024) MiB in \(r.milliseconds) ms"
+        }
+        lines.append(("reclaim", text))
+    }
     if let d = s.domain { lines.append(("domain", d + (s.libvirtURI.map { " on \($0)" } ?? ""))) }
     if s.state == "Stopped", let stop = s.lastStop { lines.append(("stopped", stop)) }
     lines.append(("uvmd", "pid \(s.daemonPID)" + (s.daemonRSSKiB.map { ", \($0 / 1024) MiB resident" } ?? "") + ", \(s.sessions) session(s)"))
@@ -200,4 +205,11 @@ func printStatus(_ s: VMStatus, _ format: FormatOption.Format) throws {
 
 func formatMiB(_ bytes: UInt64) -> String {
     bytes >= 10 << 30 ? "\(bytes >> 30) GiB" : "\(bytes >> 20) MiB"
+}
+
+/// `--format json` output: sorted keys, indented, one document.
+func printJSON<T: Encodable>(_ value: T) throws {
+    let e = JSONEncoder()
+    e.outputFormatting = [.sortedKeys, .prettyPrinted]
+    print(String(decoding: try e.encode(value), as: UTF8.self))
 }

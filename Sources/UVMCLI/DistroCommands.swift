@@ -116,16 +116,30 @@ struct Terminate: ParsableCommand {
 struct Manage: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Change a distribution (WSL's --manage).",
-        discussion: "--resize SIZE grows or shrinks its disk and file system (sparse: it takes only what is written); its instance is stopped first. A shrink needs room for the files already there.")
+        discussion: """
+            --resize SIZE grows or shrinks its disk and file system (sparse: it takes only what is written); its instance is stopped first. A shrink needs room for the files already there.
+            --compact gives the blocks its file system no longer uses back to the host (a trim in the VM, which starts if needed); the instance keeps running. Deleted files are given back as they go anyway (the disk is mounted with discard): this is for what that missed.
+            """)
     @Argument(help: "The distribution.") var name: String
     @Option(help: "New maximum size of its disk, e.g. 128G.") var resize: SizeArgument?
+    @Flag(help: "Give the disk's unused blocks back to the host.") var compact = false
+    @OptionGroup var format: FormatOption
 
     func validate() throws {
-        if resize == nil { throw ValidationError("nothing to do: say --resize SIZE") }
+        if resize == nil && !compact { throw ValidationError("nothing to do: say --resize SIZE or --compact") }
+        if resize != nil && compact { throw ValidationError("--resize and --compact are separate steps: run one, then the other") }
     }
 
     func run() throws {
-        let info = try DaemonConnection.connectOrLaunch(paths: .current()).call(ResizeRequest(name: name, sizeBytes: resize!.bytes))
+        let conn = try DaemonConnection.connectOrLaunch(paths: .current())
+        if compact {
+            let r = try conn.call(CompactRequest(name: name))
+            if format.format == .json { return try printJSON(r) }
+            print("\(r.name): \(formatMiB(r.allocatedBeforeBytes)) -> \(formatMiB(r.allocatedAfterBytes)) on the host (disk of at most \(formatMiB(r.sizeBytes)); the file system trimmed \(formatMiB(r.trimmedBytes)) of free space)")
+            return
+        }
+        let info = try conn.call(ResizeRequest(name: name, sizeBytes: resize!.bytes))
+        if format.format == .json { return try printJSON(info) }
         print("\(info.name): disk of at most \(info.sizeBytes >> 20) MiB, \(info.allocatedBytes >> 20) MiB used on the host")
     }
 }

@@ -31,11 +31,9 @@ struct List: ParsableCommand {
         if format.format == .json {
             struct Listing: Encodable { var vm: VMSummary; var instances: [InstanceStatus] }
             struct VMSummary: Encodable { var state: String; var clients: Int; var idleStopInSeconds: Double?; var vmIdleTimeout: String?; var instanceIdleTimeout: String? }
-            let e = JSONEncoder()
-            e.outputFormatting = [.sortedKeys, .prettyPrinted]
             let vm = VMSummary(state: status.state, clients: status.clients ?? status.sessions, idleStopInSeconds: status.idleStopInSeconds,
                                vmIdleTimeout: status.vmIdleTimeout, instanceIdleTimeout: status.instanceIdleTimeout)
-            print(String(decoding: try e.encode(Listing(vm: vm, instances: instances)), as: UTF8.self))
+            try printJSON(Listing(vm: vm, instances: instances))
             return
         }
         var rows = [["NAME", "STATE", "CLIENTS", "IDLE STOP"]]

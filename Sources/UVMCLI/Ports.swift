@@ -23,10 +23,7 @@ struct Ports: ParsableCommand {
             ports = try conn.call(PortsRequest())
         }
         if format.format == .json {
-            let e = JSONEncoder()
-            e.outputFormatting = [.sortedKeys, .prettyPrinted]
-            print(String(decoding: try e.encode(ports), as: UTF8.self))
-            return
+            return try printJSON(ports)
         }
         guard !ports.isEmpty else {
             print("no forwarded ports")

@@ -62,10 +62,7 @@ struct Share: ParsableCommand {
 
 func printShares(_ shares: [ShareStatus], _ format: FormatOption.Format) throws {
     if format == .json {
-        let e = JSONEncoder()
-        e.outputFormatting = [.sortedKeys, .prettyPrinted]
-        print(String(decoding: try e.encode(shares), as: UTF8.self))
-        return
+        return try printJSON(shares)
     }
     for s in shares {
         var flags = [s.source]

@@ -103,6 +103,33 @@ public struct ResizeRequest: DaemonCall {
     public var request: DaemonRequest { .resize(self) }
 }
 
+/// `uvm manage NAME --compact`: blocks the distro's file system no longer uses go back to the
+/// host (FITRIM in the guest, passed down as discards to the sparse file). The instance keeps
+/// running.
+public struct CompactRequest: DaemonCall {
+    public typealias Response = CompactResult
+    public var name: String
+    public init(name: String) { self.name = name }
+    public var request: DaemonRequest { .compact(self) }
+}
+
+public struct CompactResult: Codable, Sendable, Equatable {
+    public var name: String
+    /// What the disk took on the host before and after.
+    public var allocatedBeforeBytes: UInt64
+    public var allocatedAfterBytes: UInt64
+    public var sizeBytes: UInt64
+    /// What the guest's file system passed down as free.
+    public var trimmedBytes: UInt64
+    public init(name: String, allocatedBeforeBytes: UInt64, allocatedAfterBytes: UInt64, sizeBytes: UInt64, trimmedBytes: UInt64) {
+        self.name = name
+        self.allocatedBeforeBytes = allocatedBeforeBytes
+        self.allocatedAfterBytes = allocatedAfterBytes
+        self.sizeBytes = sizeBytes
+        self.trimmedBytes = trimmedBytes
+    }
+}
+
 // MARK: uvmd -> guest
 
 /// The user a new distribution gets as its default (the host user's name, uid and gid).

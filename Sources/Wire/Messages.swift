@@ -85,6 +85,9 @@ public struct GuestInfo: Codable, Sendable, Equatable {
     public var memCachedKiB: UInt64?
     public var swapTotalKiB: UInt64?
     public var swapFreeKiB: UInt64?
+    /// The memory policy in force and the last reclaim it made.
+    public var memoryReclaim: MemoryReclaimMode?
+    public var lastReclaim: ReclaimRecord?
     public init(kernelRelease: String, uptimeSeconds: Double, memTotalKiB: UInt64, memAvailableKiB: UInt64, instances: [String],
                 protocolVersion: Int? = WireVersion.current) {
         self.protocolVersion = protocolVersion
@@ -93,6 +96,24 @@ public struct GuestInfo: Codable, Sendable, Equatable {
         self.memTotalKiB = memTotalKiB
         self.memAvailableKiB = memAvailableKiB
         self.instances = instances
+    }
+}
+
+/// One reclaim made by the guest's memory policy.
+public struct ReclaimRecord: Codable, Sendable, Equatable {
+    public var mode: MemoryReclaimMode
+    /// Guest uptime when it finished.
+    public var atUptimeSeconds: Double
+    /// Page cache + reclaimable slab before and after.
+    public var cacheBeforeKiB: UInt64
+    public var cacheAfterKiB: UInt64
+    public var milliseconds: Int
+    public init(mode: MemoryReclaimMode, atUptimeSeconds: Double, cacheBeforeKiB: UInt64, cacheAfterKiB: UInt64, milliseconds: Int) {
+        self.mode = mode
+        self.atUptimeSeconds = atUptimeSeconds
+        self.cacheBeforeKiB = cacheBeforeKiB
+        self.cacheAfterKiB = cacheAfterKiB
+        self.milliseconds = milliseconds
     }
 }
 
@@ -125,6 +146,11 @@ public struct VMStatus: Codable, Sendable, Equatable {
     public var guestSwapTotalKiB: UInt64?
     public var guestSwapUsedKiB: UInt64?
     public var qemuRSSKiB: UInt64?
+    /// `[vm] autoMemoryReclaim` as the guest applies it, and its last reclaim ("seconds ago" is
+    /// from the guest's clock at the time of the status call).
+    public var memoryReclaim: String?
+    public var lastReclaim: ReclaimRecord?
+    public var lastReclaimSecondsAgo: Double?
     /// Each installed distribution's disk: what it takes on the host next to its maximum.
     public var disks: [DiskUsage]?
     public init(state: String, daemonPID: Int32, sessions: Int) {

@@ -9,7 +9,7 @@ import Foundation
 /// uvmd adopting a VM whose agent predates stdin acknowledgements would stall every exec after
 /// 2 MiB of input). Bump it on any change an older peer would get wrong.
 public enum WireVersion {
-    public static let current = 3
+    public static let current = 4
     /// Requests without a version come from before versioning (protocol 1).
     public static let unversioned = 1
 }
@@ -45,6 +45,7 @@ public enum DaemonRequest: Sendable, Equatable {
     case setDefault(SetDefaultRequest)
     case terminate(TerminateRequest)
     case resize(ResizeRequest)
+    case compact(CompactRequest)
 }
 
 /// A call `uvm` makes to uvmd.
@@ -122,6 +123,8 @@ public enum GuestRequest: Sendable, Equatable {
     case exportDistro(ExportDistroRequest)
     case releaseDisk(ReleaseDiskRequest)
     case swapOn(SwapOnRequest)
+    case memoryPolicy(MemoryPolicyRequest)
+    case trim(TrimRequest)
 }
 
 /// A call uvmd makes to the guest agent.
@@ -152,6 +155,59 @@ public struct SwapOnRequest: GuestCall {
     public var serial: String
     public init(serial: String) { self.serial = serial }
     public var request: GuestRequest { .swapOn(self) }
+}
+
+/// WSL's `autoMemoryReclaim`: what the guest does with its caches once it has been idle.
+public enum MemoryReclaimMode: String, Codable, Sendable, CaseIterable {
+    /// Nothing: free page reporting alone returns what the guest frees by itself.
+    case disabled
+    /// Drop the page cache and reclaimable slab at once, then compact.
+    case dropCache
+    /// Reclaim through the root memory cgroup in steps, oldest pages first, stopping as soon as the
+    /// guest is busy again; then compact.
+    case gradual
+}
+
+/// How the guest gives memory back: the reclaim policy (applied by the agent on its own, from the
+/// guest's CPU use) and the pace of free page reporting.
+public struct MemoryPolicyRequest: GuestCall {
+    public typealias Response = Done
+    public var mode: MemoryReclaimMode
+    /// How long the guest's CPU use must stay at or below `idlePermille` before a reclaim.
+    public var idleDelayMilliseconds: Int
+    /// Idle threshold in thousandths of all vCPUs' time (WSL: 0.5% = 5).
+    public var idlePermille: Int
+    /// Free page reporting: smallest block reported (a power of two of pages), the wait before a
+    /// pass, and 1/budgetDivisor of each free list per pass (uvm's kernel patch 0002).
+    public var reportingOrder: Int?
+    public var reportingDelayMilliseconds: Int?
+    public var reportingBudgetDivisor: Int?
+    public init(mode: MemoryReclaimMode, idleDelayMilliseconds: Int, idlePermille: Int = 5,
+                reportingOrder: Int? = nil, reportingDelayMilliseconds: Int? = nil, reportingBudgetDivisor: Int? = nil) {
+        self.mode = mode
+        self.idleDelayMilliseconds = idleDelayMilliseconds
+        self.idlePermille = idlePermille
+        self.reportingOrder = reportingOrder
+        self.reportingDelayMilliseconds = reportingDelayMilliseconds
+        self.reportingBudgetDivisor = reportingBudgetDivisor
+    }
+    public var request: GuestRequest { .memoryPolicy(self) }
+}
+
+/// FITRIM on the distro disk `serial` (mounting it for the call if no instance has it), so that
+/// blocks its file system no longer uses go back to the host's sparse file.
+public struct TrimRequest: GuestCall {
+    public typealias Response = TrimResult
+    public var serial: String
+    public init(serial: String) { self.serial = serial }
+    public var request: GuestRequest { .trim(self) }
+}
+
+public struct TrimResult: Codable, Sendable, Equatable {
+    /// What the file system reported as trimmed (free space it passed down, not what the host
+    /// had allocated).
+    public var trimmedBytes: UInt64
+    public init(trimmedBytes: UInt64) { self.trimmedBytes = trimmedBytes }
 }
 
 /// Stop every instance, unmount the shares, sync, then power off once the answer is sent.
@@ -246,6 +302,7 @@ extension DaemonRequest: Codable {
         case .setDefault: "setDefault"
         case .terminate: "terminate"
         case .resize: "resize"
+        case .compact: "compact"
         }
     }
 
@@ -265,6 +322,7 @@ extension DaemonRequest: Codable {
         case .setDefault(let r): try c.encode(r, forKey: .args)
         case .terminate(let r): try c.encode(r, forKey: .args)
         case .resize(let r): try c.encode(r, forKey: .args)
+        case .compact(let r): try c.encode(r, forKey: .args)
         }
     }
 
@@ -284,6 +342,7 @@ extension DaemonRequest: Codable {
         case "setDefault": self = .setDefault(try c.decode(SetDefaultRequest.self, forKey: .args))
         case "terminate": self = .terminate(try c.decode(TerminateRequest.self, forKey: .args))
         case "resize": self = .resize(try c.decode(ResizeRequest.self, forKey: .args))
+        case "compact": self = .compact(try c.decode(CompactRequest.self, forKey: .args))
         default: throw unknownOperation(op, c)
         }
     }
@@ -313,6 +372,8 @@ extension GuestRequest: Codable {
         case .exportDistro: "exportDistro"
         case .releaseDisk: "releaseDisk"
         case .swapOn: "swapOn"
+        case .memoryPolicy: "memoryPolicy"
+        case .trim: "trim"
         }
     }
 
@@ -330,6 +391,8 @@ extension GuestRequest: Codable {
         case .exportDistro(let r): try c.encode(r, forKey: .args)
         case .releaseDisk(let r): try c.encode(r, forKey: .args)
         case .swapOn(let r): try c.encode(r, forKey: .args)
+        case .memoryPolicy(let r): try c.encode(r, forKey: .args)
+        case .trim(let r): try c.encode(r, forKey: .args)
         }
     }
 
@@ -347,6 +410,8 @@ extension GuestRequest: Codable {
         case "exportDistro": self = .exportDistro(try c.decode(ExportDistroRequest.self, forKey: .args))
         case "releaseDisk": self = .releaseDisk(try c.decode(ReleaseDiskRequest.self, forKey: .args))
         case "swapOn": self = .swapOn(try c.decode(SwapOnRequest.self, forKey: .args))
+        case "memoryPolicy": self = .memoryPolicy(try c.decode(MemoryPolicyRequest.self, forKey: .args))
+        case "trim": self = .trim(try c.decode(TrimRequest.self, forKey: .args))
         default: throw unknownOperation(op, c)
         }
     }

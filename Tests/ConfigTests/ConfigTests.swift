@@ -79,6 +79,21 @@ import Testing
         #expect(formatTimeout(nil) == "never")
     }
 
+    /// WSL's autoMemoryReclaim values (case as WSL users write them, or not), and its delay.
+    @Test func memoryReclaimSettings() throws {
+        #expect(Settings().autoMemoryReclaim == "dropCache")
+        let l = try load("[vm]\nautoMemoryReclaim = Gradual\nautoMemoryReclaimDelay = 30s\n")
+        #expect(l.settings.autoMemoryReclaim == "gradual")
+        #expect(l.settings.autoMemoryReclaimDelay == .seconds(30))
+        let bad = try #require(error("[vm]\nautoMemoryReclaim = sometimes\n"))
+        #expect(bad.line == 2 && bad.description.contains("expected dropCache, gradual or disabled"))
+        let never = try #require(error("[vm]\nautoMemoryReclaimDelay = never\n"))
+        #expect(never.description.contains("autoMemoryReclaim = disabled"))
+        #expect(PageReportingPace(environment: "") == .uvm)
+        #expect(PageReportingPace(environment: "upstream") == .upstream)
+        #expect(PageReportingPace(environment: "5,,4") == PageReportingPace(order: 5, delayMilliseconds: 250, budgetDivisor: 4))
+    }
+
     @Test func sizes() throws {
         #expect(try parseMemory("4GB") == 4096)
         #expect(try parseMemory("512MB") == 512)

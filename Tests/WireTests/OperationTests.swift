@@ -12,7 +12,7 @@ import Wire
         ShareListRequest().request, ShareRemoveRequest(name: "src").request, PortsRequest().request,
         ImportRequest(name: "alpine", spool: "/home/me/.local/share/uvm/spool/import-1-abc.tar", sizeBytes: 1 << 30, setDefault: true).request, ExportRequest(name: "debian").request,
         UnregisterRequest(name: "x").request, SetDefaultRequest(name: "debian").request, TerminateRequest(name: "debian").request,
-        ResizeRequest(name: "debian", sizeBytes: 32 << 30).request,
+        ResizeRequest(name: "debian", sizeBytes: 32 << 30).request, CompactRequest(name: "debian").request,
     ]
 
     static let guestRequests: [GuestRequest] = [
@@ -23,6 +23,8 @@ import Wire
         .watchPorts(WatchPortsRequest()), .connect(ConnectRequest(port: 8080)),
         ImportDistroRequest(name: "debian", diskSerial: "uvm-debian", sourceSerial: "uvm.src.1", sourceBytes: 10240, defaultUser: DefaultUser(name: "me", uid: 1000, gid: 1000)).request,
         ExportDistroRequest(name: "debian", diskSerial: "uvm-debian", targetSerial: "uvm.dst.1", targetBytes: 1 << 30).request, ReleaseDiskRequest(name: "x", diskSerial: "uvm-x").request, SwapOnRequest(serial: "uvm.swap").request,
+        MemoryPolicyRequest(mode: .gradual, idleDelayMilliseconds: 3000, reportingOrder: 5, reportingDelayMilliseconds: 250, reportingBudgetDivisor: 1).request,
+        TrimRequest(serial: "uvm-debian").request,
     ]
 
     @Test(arguments: daemonRequests) func daemonRequestsRoundTrip(_ r: DaemonRequest) throws {

@@ -1,6 +1,7 @@
 #pragma once
 // Guest-side process plumbing for uvm-init. Everything here runs between fork and exec of a
 // multi-threaded process, where only async-signal-safe calls are allowed: that is why it is C.
+#include <stdint.h>
 #include <sys/types.h>
 
 /// What uvm_spawn starts. Pointers must stay valid for the duration of the call.
@@ -115,3 +116,7 @@ static inline int uvm_o_direct(void) { return 040000; }
 
 /// swapon(2) with discard: swap the guest frees goes back to the host's sparse file.
 int uvm_swapon(const char *path);
+
+/// FITRIM on the file system mounted at `mountpoint`: its free blocks are discarded; `trimmed`
+/// gets the bytes the file system passed down. -1 with errno on failure.
+int uvm_fitrim(const char *mountpoint, uint64_t *trimmed);
