@@ -6,7 +6,7 @@
 #   bin/uvm, bin/uvmd
 #   share/uvm/kernel/{bzImage,release}, share/uvm/images/{initramfs.cpio,busybox.ext4}: an
 #     installed uvm boots these (Paths.installedShare); ~/.cache/uvm stays for development builds
-#   share/uvm/recipes/: the distribution recipes `uvm install` runs (images/lib.sh, images/debian)
+#   share/uvm/recipes/: the distribution recipes `uvm install` runs (images/lib.sh, images/debian, images/debian-docker)
 #   share/uvm/version, share/uvm/manifest (sha256 of every file above: `uvm doctor` checks them)
 #   share/bash-completion/completions/uvm, share/zsh/site-functions/_uvm,
 #   share/fish/vendor_completions.d/uvm.fish, share/man/man1/uvm*.1,

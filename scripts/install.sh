@@ -53,10 +53,11 @@ install)
     put "$images/busybox.ext4" share/uvm/images/busybox.ext4 0644
     # The recipes `uvm install` runs (the initramfs and busybox recipes build what is above).
     put images/lib.sh share/uvm/recipes/lib.sh 0644
-    for f in images/debian/*; do
+    for f in images/debian/* images/debian-docker/*; do
         mode=0644
         [[ -x $f ]] && mode=0755
-        put "$f" "share/uvm/recipes/debian/${f##*/}" "$mode"
+        d=${f%/*}
+        put "$f" "share/uvm/recipes/${d##*/}/${f##*/}" "$mode"
     done
     # (Not piped into `text`: a function in a pipeline runs in a subshell and its list is lost.)
     text share/bash-completion/completions/uvm 0644 < <("$bin/uvm" --generate-completion-script bash)
@@ -86,7 +87,7 @@ uninstall)
         n=$((n + 1))
     done <"$manifest"
     rm -f -- "$manifest"
-    for d in share/uvm/recipes/debian share/uvm/recipes share/uvm; do rmdir -- "$root/$d" 2>/dev/null || true; done
+    for d in share/uvm/recipes/debian share/uvm/recipes/debian-docker share/uvm/recipes share/uvm; do rmdir -- "$root/$d" 2>/dev/null || true; done
     echo "uninstall: removed $n files under $root"
     ;;
 *) die "unknown action '$action' (install or uninstall)" ;;

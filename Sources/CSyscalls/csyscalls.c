@@ -122,7 +122,7 @@ enum { SPAWN_STACK = 64 * 1024 };
 typedef struct {
     const uvm_spawn_args *a;
     int status_fd;
-    int nsfd[3];
+    int nsfd[4];
     int rootfd;
     char *final_stack;
 } spawn_ctx;
@@ -135,8 +135,11 @@ static int final_main(void *arg) {
 static int helper_main(void *arg) {
     spawn_ctx *c = arg;
     if (c->a->instance_pid > 0) {
-        static const int types[3] = { CLONE_NEWUTS, CLONE_NEWPID, CLONE_NEWNS };
-        for (int i = 0; i < 3; i++)
+        // Into the instance's cgroup first (the final process inherits it), then its cgroup
+        // namespace, where that cgroup's instance is the root.
+        if (c->a->cgroup_procs_fd >= 0 && write(c->a->cgroup_procs_fd, "0", 1) != 1) child_fail(c->status_fd, "join cgroup");
+        static const int types[4] = { CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWPID, CLONE_NEWNS };
+        for (int i = 0; i < 4; i++)
             if (setns(c->nsfd[i], types[i]) < 0) child_fail(c->status_fd, "setns");
         // setns(mnt) puts us at the namespace's bottom mount; the instance's root is the
         // file system moved on top of it, which /proc/PID/root names exactly.
@@ -154,7 +157,7 @@ static int helper_main(void *arg) {
 pid_t uvm_spawn(const uvm_spawn_args *a, pid_t *helper_pid, pid_t *failed_pid, int *err_errno, const char **err_stage) {
     *helper_pid = 0;
     *failed_pid = 0;
-    spawn_ctx c = { a, -1, { -1, -1, -1 }, -1, NULL };
+    spawn_ctx c = { a, -1, { -1, -1, -1, -1 }, -1, NULL };
     int pipefd[2];
     if (pipe2(pipefd, O_CLOEXEC) < 0) { *err_errno = errno; *err_stage = "pipe"; return -1; }
     c.status_fd = pipefd[1];
@@ -165,9 +168,9 @@ pid_t uvm_spawn(const uvm_spawn_args *a, pid_t *helper_pid, pid_t *failed_pid, i
 
     if (a->instance_pid > 0) {
         // Opened before any setns: afterwards /proc is the instance's.
-        static const char *names[3] = { "uts", "pid", "mnt" };
+        static const char *names[4] = { "cgroup", "uts", "pid", "mnt" };
         char path[64];
-        for (int i = 0; i < 3; i++) {
+        for (int i = 0; i < 4; i++) {
             snprintf(path, sizeof path, "/proc/%d/ns/%s", (int)a->instance_pid, names[i]);
             c.nsfd[i] = open(path, O_RDONLY | O_CLOEXEC);
             if (c.nsfd[i] < 0) { *err_errno = errno; *err_stage = "open namespace"; goto out; }
@@ -207,7 +210,7 @@ pid_t uvm_spawn(const uvm_spawn_args *a, pid_t *helper_pid, pid_t *failed_pid, i
     if (got_error && pid > 0) *failed_pid = pid;
 
 out:
-    for (int i = 0; i < 3; i++) if (c.nsfd[i] >= 0) close(c.nsfd[i]);
+    for (int i = 0; i < 4; i++) if (c.nsfd[i] >= 0) close(c.nsfd[i]);
     if (c.rootfd >= 0) close(c.rootfd);
     close(pipefd[0]);
     if (pipefd[1] >= 0) close(pipefd[1]);
@@ -240,9 +243,31 @@ static void mkdir_below(const char *root, const char *rel) {
     mkdir(path, 0755);
 }
 
+/// Writes "0" (the calling process) to DIR/cgroup.procs.
+static int join_cgroup(const char *dir) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/cgroup.procs", dir);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    int ok = write(fd, "0", 1) == 1;
+    close(fd);
+    return ok ? 0 : -1;
+}
+
 static _Noreturn void instance_main(const char *device, const char *fstype, const char *mp,
-                                    const char *hostname, const char *shares_at, int status_fd) {
+                                    const char *hostname, const char *shares_at, const char *cgroup_dir,
+                                    const char *init_path, int status_fd) {
     reset_signals();
+    if (cgroup_dir) {
+        // The instance's own cgroup becomes the root of its cgroup namespace, so that its
+        // systemd (or a container engine) manages a tree of its own; the init itself lives in
+        // the leaf init.scope, where systemd expects to find itself.
+        char scope[512];
+        snprintf(scope, sizeof scope, "%s/init.scope", cgroup_dir);
+        if (join_cgroup(cgroup_dir) < 0) child_fail(status_fd, "join the instance's cgroup");
+        if (unshare(CLONE_NEWCGROUP) < 0) child_fail(status_fd, "cgroup namespace");
+        if (join_cgroup(scope) < 0) child_fail(status_fd, "join init.scope");
+    }
     // Slave, not private: mounts made here stay here, but shares the agent mounts under
     // UVM_SHARES_DIR later (a shared mount) still reach this instance.
     if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) < 0) child_fail(status_fd, "make / slave");
@@ -252,6 +277,8 @@ static _Noreturn void instance_main(const char *device, const char *fstype, cons
     if (mount(device, mp, fstype, MS_NOATIME, "discard") < 0) child_fail(status_fd, "mount distro disk");
     if (mount_in(mp, "/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0) child_fail(status_fd, "mount /proc");
     if (mount_in(mp, "/sys", "sysfs", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0) child_fail(status_fd, "mount /sys");
+    if (cgroup_dir && mount_in(mp, "/sys/fs/cgroup", "cgroup2", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+        child_fail(status_fd, "mount /sys/fs/cgroup");
     if (mount_in(mp, "/dev", "devtmpfs", "devtmpfs", MS_NOSUID, "mode=0755") < 0) child_fail(status_fd, "mount /dev");
     if (mount_in(mp, "/dev/pts", "devpts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5") < 0)
         child_fail(status_fd, "mount /dev/pts");
@@ -277,6 +304,19 @@ static _Noreturn void instance_main(const char *device, const char *fstype, cons
     if (chdir(mp) < 0) child_fail(status_fd, "chdir root");
     if (mount(mp, "/", NULL, MS_MOVE, NULL) < 0) child_fail(status_fd, "move root");
     if (chroot(".") < 0 || chdir("/") < 0) child_fail(status_fd, "chroot");
+
+    if (init_path) {
+        // The distro's own init (systemd) as PID 1 of the instance. `container` tells systemd it
+        // runs in a container: no udev, no hardware units, and halt (SIGRTMIN+3) ends PID 1.
+        int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+        if (null < 0) child_fail(status_fd, "open /dev/null");
+        for (int fd = 0; fd < 3; fd++) if (dup2(null, fd) < 0) child_fail(status_fd, "dup2");
+        for (int fd = 3; fd < 1024; fd++) if (fd != status_fd) close(fd);
+        char *const argv[] = { (char *)init_path, NULL };
+        char *const envp[] = { "container=uvm", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", NULL };
+        execve(init_path, argv, envp);
+        child_fail(status_fd, "exec the distro's init");
+    }
 
     // Blocked outside sigsuspend: a SIGTERM or SIGCHLD that came between the checks below and a
     // pause() would have been handled there, and pause() would then sleep on regardless.
@@ -321,7 +361,8 @@ static _Noreturn void instance_main(const char *device, const char *fstype, cons
 }
 
 pid_t uvm_start_instance(const char *device, const char *fstype, const char *mountpoint,
-                         const char *hostname, const char *shares_at, int *err_errno, const char **err_stage) {
+                         const char *hostname, const char *shares_at, const char *cgroup_dir,
+                         const char *init_path, int *err_errno, const char **err_stage) {
     int pipefd[2];
     if (pipe2(pipefd, O_CLOEXEC) < 0) { *err_errno = errno; *err_stage = "pipe"; return -1; }
     pid_t pid = (pid_t)syscall(SYS_clone, CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | SIGCHLD, 0, 0, 0, 0);
@@ -332,7 +373,7 @@ pid_t uvm_start_instance(const char *device, const char *fstype, const char *mou
     }
     if (pid == 0) {
         close(pipefd[0]);
-        instance_main(device, fstype, mountpoint, hostname, shares_at, pipefd[1]);
+        instance_main(device, fstype, mountpoint, hostname, shares_at, cgroup_dir, init_path, pipefd[1]);
     }
     close(pipefd[1]);
     spawn_msg m;
@@ -743,3 +784,5 @@ int uvm_fitrim(const char *mountpoint, uint64_t *trimmed) {
     *trimmed = range.len;
     return 0;
 }
+
+int uvm_sigrtmin(void) { return SIGRTMIN; }

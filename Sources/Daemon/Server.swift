@@ -76,7 +76,8 @@ public struct UVMDaemon: Sendable {
             stopVM: { reason in
                 logger.info("idle reaper: stopping the VM", metadata: ["reason": "\(reason)"])
                 await controller.stop(reason: reason)
-            }))
+            },
+            keptBy: { await controller.keptBy($0) }))
         // Before serving: a VM an earlier uvmd left running is taken over (or destroyed).
         await controller.adoptLeftover()
         let (exited, exitedSink) = AsyncStream.makeStream(of: Void.self)

@@ -24,9 +24,11 @@ extension UVMDaemon {
         let store = DistroStore(paths: paths, settings: settings)
         for name in store.listed() {
             let i = vmUp ? snap.instances.first { $0.name == name } : nil
-            instances.append(InstanceStatus(
+            var status = InstanceStatus(
                 name: name, state: i?.state.rawValue ?? "Stopped", clients: i?.clients ?? 0,
-                idleStopInSeconds: seconds(i?.stopDue), isDefault: name == store.defaultDistro))
+                idleStopInSeconds: seconds(i?.stopDue), isDefault: name == store.defaultDistro)
+            if let kept = i?.keptBy, !kept.isEmpty { status.keptBy = kept }
+            instances.append(status)
         }
         s.instances = instances
         s.disks = store.installed().map { d in

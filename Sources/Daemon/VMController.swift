@@ -374,11 +374,21 @@ public actor VMController {
     /// Whether a stop was asked for (`uvm stop`, the reaper, uvmd exiting) and is under way.
     var isStopping: Bool { state == .stopping && stopRequested }
 
-    /// Stops one distro instance through the agent (the idle reaper's instance stop).
+    /// What keeps an idle instance running (its `[boot] keepAlive = services`), from the agent;
+    /// nothing when it cannot say.
+    func keptBy(_ distro: String) async -> [String] {
+        guard let r = running else { return [] }
+        return (try? await withTimeout(seconds: 10, what: "the guest to say what \(distro) runs") {
+            try await r.agent.call(InstanceActivityRequest(name: distro))
+        })?.keptBy ?? []
+    }
+
+    /// Stops one distro instance through the agent (the idle reaper's instance stop). A systemd
+    /// instance gets 30 s to stop its units (the agent's bound) before it is killed.
     func stopInstance(_ distro: String) async {
         guard let r = running else { return }
         do {
-            try await withTimeout(seconds: 20, what: "instance \(distro) to stop") {
+            try await withTimeout(seconds: 45, what: "instance \(distro) to stop") {
                 try await r.agent.stopInstance(distro)
             }
             logger.info("instance stopped (idle)", metadata: ["distro": "\(distro)"])

@@ -134,6 +134,8 @@ public enum GuestAgent {
         case .memoryPolicy(let r):
             try MemoryReclaimer.shared.apply(r)
             try await outbound.write(.json(.response, Done()))
+        case .instanceActivity(let r):
+            try await outbound.write(.json(.response, await instances.activity(r.name)))
         case .trim(let r):
             try await outbound.write(.json(.response, try await DistroDisks.trim(r, instances: instances)))
         case .mount(let m):
@@ -204,6 +206,10 @@ public enum GuestAgent {
     /// The initramfs has nothing mounted and maybe no console on fds 0-2.
     static func preparePID1() {
         _ = uvm_mount("devtmpfs", "/dev", "devtmpfs", UInt(MS_NOSUID), "mode=0755")
+        // What udev's default rules do and devtmpfs does not: tun (rootless containers'
+        // slirp4netns, VPN clients) and fuse (user-space file systems) are everyone's.
+        chmod("/dev/net/tun", 0o666)
+        chmod("/dev/fuse", 0o666)
         for fd: Int32 in 0...2 where fcntl(fd, F_GETFD) < 0 {
             let c = open("/dev/console", O_RDWR | O_NOCTTY)
             if c >= 0 && c != fd { dup2(c, fd); close(c) }

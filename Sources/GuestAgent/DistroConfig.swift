@@ -13,14 +13,15 @@ struct DistroConfig {
         var description: String { "/etc/uvm.conf line \(line): \(message)" }
     }
 
-    enum Kind { case bool, text, hostname, absolutePath, userName }
+    enum Kind { case bool, text, hostname, absolutePath, userName, keepAlive }
 
     /// WSL's keys. Those marked "no effect" are accepted so that a wsl.conf carried over works,
     /// but uvm has nothing to do for them (no Windows drives, no Windows interop).
     static let known: [String: Kind] = [
         "user.default": .userName,
         "boot.command": .text,
-        "boot.systemd": .bool,                    // the systemd issue builds on it; no effect yet
+        "boot.systemd": .bool,                    // the distro's systemd as the instance's init
+        "boot.keepalive": .keepAlive,             // uvm's: services keep an idle instance running
         "network.hostname": .hostname,
         "network.generatehosts": .bool,
         "network.generateresolvconf": .bool,
@@ -90,6 +91,8 @@ struct DistroConfig {
             let parts = v.split(separator: "/")
             return v.hasPrefix("/") && v != "/" && !parts.contains("..") && !parts.contains(".") && v.utf8.count < 200
                 ? nil : "expected an absolute path other than / (no . or ..)"
+        case .keepAlive:
+            return ["none", "services"].contains(v.lowercased()) ? nil : "expected none or services"
         case .userName:
             return !v.isEmpty && v.count <= 32 && !v.contains(":") && !v.contains("/") && !v.contains(" ") ? nil : "not a user name"
         }
@@ -106,4 +109,7 @@ struct DistroConfig {
     var hostname: String? { values["network.hostname"] }
     var bootCommand: String? { values["boot.command"].flatMap { $0.isEmpty ? nil : $0 } }
     var sharesRoot: String { values["automount.root"] ?? "/mnt/host" }
+    /// `[boot] keepAlive = services`: the idle reaper leaves the instance running while it runs
+    /// services of its own or listens on a port (WSL stops it regardless: microsoft/WSL #8854).
+    var keepAliveServices: Bool { values["boot.keepalive"]?.lowercased() == "services" }
 }

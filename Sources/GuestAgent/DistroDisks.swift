@@ -331,11 +331,14 @@ enum DefaultAccount {
         if !groupLines.contains(where: { $0.split(separator: ":", omittingEmptySubsequences: false).dropFirst(2).first == Substring("\(user.gid)") }) {
             groupLines.append("\(user.name):x:\(user.gid):")
         }
-        // Administrators: `sudo` on Debian and Ubuntu, `wheel` elsewhere.
-        for admin in ["sudo", "wheel"] {
-            if let i = groupLines.firstIndex(where: { $0.hasPrefix("\(admin):") }) {
-                groupLines[i] += groupLines[i].hasSuffix(":") ? user.name : ",\(user.name)"
-                break
+        // Administrators: `sudo` on Debian and Ubuntu, `wheel` elsewhere; and Docker's socket
+        // group where Docker is installed (as Docker Desktop's WSL integration does).
+        for admins in [["sudo", "wheel"], ["docker"]] {
+            for admin in admins {
+                if let i = groupLines.firstIndex(where: { $0.hasPrefix("\(admin):") }) {
+                    groupLines[i] += groupLines[i].hasSuffix(":") ? user.name : ",\(user.name)"
+                    break
+                }
             }
         }
         try append("\(root)/etc/passwd", "\(user.name):x:\(user.uid):\(user.gid)::\(home):\(shell)\n")
@@ -355,6 +358,21 @@ enum DefaultAccount {
         if access("\(root)/etc/sudoers.d", F_OK) == 0 {
             let path = "\(root)/etc/sudoers.d/uvm-\(user.name)"
             try replace(path, "\(user.name) ALL=(ALL:ALL) NOPASSWD: ALL\n", mode: 0o440)
+        }
+        // Rootless containers (Podman, rootless Docker) map the user's containers to a range of
+        // ids of its own, as useradd gives one.
+        for file in ["subuid", "subgid"] {
+            let path = "\(root)/etc/\(file)"
+            let text = readSmallFile(path) ?? ""
+            if !text.split(separator: "\n").contains(where: { $0.hasPrefix("\(user.name):") }) {
+                try append(path, "\(user.name):100000:65536\n")
+            }
+        }
+        // With systemd, the user's own manager (`systemctl --user`, /run/user/UID, its D-Bus)
+        // runs from the instance's start: lingering, as `loginctl enable-linger` sets it.
+        if faccessat(AT_FDCWD, "\(root)/lib/systemd/systemd", X_OK, 0) == 0 {
+            for dir in ["/var/lib/systemd", "/var/lib/systemd/linger"] { mkdir("\(root)\(dir)", 0o755) }
+            try replace("\(root)/var/lib/systemd/linger/\(user.name)", "")
         }
         try setDefault(user.name, root: root)
     }

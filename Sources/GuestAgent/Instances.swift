@@ -7,7 +7,90 @@ import Wire
 struct Instance: Sendable {
     var name: String
     var initPID: pid_t
+    /// Its init is the distro's systemd (`[boot] systemd = true`), not uvm's.
+    var systemd = false
+    /// `[boot] keepAlive = services`.
+    var keepAliveServices = false
     var rootPath: String { "/proc/\(initPID)/root" }
+    /// The root of its cgroup namespace, in the VM's cgroup tree.
+    var cgroup: String { InstanceCgroups.dir(name) }
+    /// Where `uvm exec` processes go: a leaf below the instance's root (systemd's tree, when
+    /// it runs, is beside it).
+    var sessionCgroup: String { cgroup + "/uvm-sessions" }
+}
+
+/// Each instance has a cgroup of its own, /sys/fs/cgroup/uvm/NAME, with the controllers systemd
+/// and container engines use enabled down to it.
+enum InstanceCgroups {
+    static let base = MemoryReclaimer.cgroupRoot + "/uvm"
+    static let controllers = ["cpuset", "cpu", "io", "memory", "pids", "hugetlb", "misc"]
+
+    static func dir(_ name: String) -> String { "\(base)/\(name)" }
+
+    /// Makes the instance's cgroup, its init.scope and the sessions' leaf; nil (the instance
+    /// then runs in the VM's root cgroup, as before) when cgroup2 is not there.
+    static func prepare(_ name: String) -> String? {
+        let root = MemoryReclaimer.cgroupRoot
+        guard access("\(root)/cgroup.controllers", R_OK) == 0 else { return nil }
+        mkdir(base, 0o755)
+        let available = Set((readSmallFile("\(root)/cgroup.controllers") ?? "").split(whereSeparator: { $0 == " " || $0 == "\n" }).map(String.init))
+        let enable = controllers.filter(available.contains).map { "+\($0)" }.joined(separator: " ")
+        for parent in [root, base] where !enable.isEmpty {
+            let err = writeValue("\(parent)/cgroup.subtree_control", enable)
+            if err != 0 { log("cgroups: cannot enable \(enable) in \(parent): \(String(cString: strerror(err)))") }
+        }
+        let d = dir(name)
+        remove(d)  // a tree left by an instance that ended without us
+        for path in [d, d + "/init.scope", d + "/uvm-sessions"] {
+            guard mkdir(path, 0o755) == 0 || errno == EEXIST else {
+                log("cgroups: cannot make \(path): \(String(cString: strerror(errno)))")
+                return nil
+            }
+        }
+        return d
+    }
+
+    /// Units below a systemd slice that have processes, without systemd's own plumbing (journald,
+    /// logind, udev, dbus, gettys): "docker.service", "docker-1a2b.scope".
+    static func services(_ slice: String) -> [String] {
+        guard let d = opendir(slice) else { return [] }
+        defer { closedir(d) }
+        var found: [String] = []
+        while let e = readdir(d) {
+            let n = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            guard n.hasSuffix(".service") || n.hasSuffix(".scope") else { continue }
+            if n.hasPrefix("systemd-") || n == "dbus.service" || n.hasPrefix("getty@") || n.hasPrefix("serial-getty@")
+                || n == "console-getty.service" || n.hasPrefix("user@") { continue }
+            if hasProcesses("\(slice)/\(n)") { found.append(n) }
+        }
+        return found.sorted()
+    }
+
+    /// Whether a cgroup or any cgroup below it has a process.
+    static func hasProcesses(_ path: String) -> Bool {
+        if let procs = readSmallFile("\(path)/cgroup.procs", limit: 4096), procs.contains(where: \.isNumber) { return true }
+        guard let d = opendir(path) else { return false }
+        defer { closedir(d) }
+        while let e = readdir(d) {
+            let n = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            if e.pointee.d_type == UInt8(DT_DIR), n != ".", n != "..", hasProcesses("\(path)/\(n)") { return true }
+        }
+        return false
+    }
+
+    /// Removes a cgroup tree whose processes are gone, leaves first.
+    static func remove(_ path: String) {
+        if let d = opendir(path) {
+            var children: [String] = []
+            while let e = readdir(d) {
+                let n = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+                if e.pointee.d_type == UInt8(DT_DIR), n != ".", n != ".." { children.append(n) }
+            }
+            closedir(d)
+            for c in children { remove("\(path)/\(c)") }
+        }
+        rmdir(path)
+    }
 }
 
 /// An account in a distro's /etc/passwd.
@@ -47,14 +130,16 @@ actor Instances {
             // A disk hot-plugged a moment ago (a distro added or resized while the VM runs) may
             // not have reached the guest's PCIe hot-plug and virtio probe yet.
             let device = try await DistroDisks.device(serial: diskSerial, distro: distro)
-            return try Self.start(distro, device: device, ignoreConfig: ignoreConfig)
+            let (instance, config) = try Self.start(distro, device: device, ignoreConfig: ignoreConfig)
+            GuestNetwork.writeResolvConf(instance, config: config)
+            GuestNetwork.writeHosts(instance, hostname: config.hostname ?? distro, config: config)
+            // Every session waiting for this start waits for the boot too.
+            if instance.systemd { await Self.waitForSystemd(instance) }
+            return (instance, config)
         }
         starting[distro] = task
         defer { starting[distro] = nil }
         let (instance, config) = try await task.value
-        let hostname = config.hostname ?? distro
-        GuestNetwork.writeResolvConf(instance, config: config)
-        GuestNetwork.writeHosts(instance, hostname: hostname, config: config)
         if let command = config.bootCommand { Self.runBootCommand(command, in: instance) }
         running[distro] = instance
         // The only waiter for this pid (ChildReaper keeps one per pid): stopping awaits this task.
@@ -67,7 +152,10 @@ actor Instances {
 
     private func ended(_ distro: String, pid: pid_t) {
         exits[pid] = nil
-        if running[distro]?.initPID == pid { running[distro] = nil }
+        if running[distro]?.initPID == pid {
+            running[distro] = nil
+            InstanceCgroups.remove(InstanceCgroups.dir(distro))
+        }
     }
 
     /// Ends one instance (the idle reaper): its init signals everything in it, gives 3 s, syncs;
@@ -83,15 +171,35 @@ actor Instances {
         if running[distro]?.initPID == i.initPID { running[distro] = nil }
     }
 
+    /// How long systemd gets to stop its units (its own default per unit is 90 s, which would
+    /// keep a `uvm terminate` waiting; a VM's shutdown should not).
+    static let systemdStopLimit: Duration = .seconds(30)
+
     private static func terminate(_ i: Instance, exit: Task<Void, Never>?) async {
-        kill(i.initPID, SIGTERM)
-        // Backstop: an init that does not end in 5 s takes its namespace down by force.
+        // systemd: SIGRTMIN+3 is halt, and in a container (we tell it it is in one) halt ends
+        // PID 1 after every unit has stopped; SIGTERM would only make it re-execute itself.
+        kill(i.initPID, i.systemd ? uvm_sigrtmin() + 3 : SIGTERM)
+        // Backstop: an init that does not end in time takes its namespace down by force.
+        let limit = i.systemd ? systemdStopLimit : .seconds(5)
         let killer = Task {
-            try await Task.sleep(for: .seconds(5))
+            try await Task.sleep(for: limit)
+            log("instance \(i.name): its init did not end within \(limit): killed")
             kill(i.initPID, SIGKILL)
         }
         await exit?.value
         killer.cancel()
+    }
+
+    /// What keeps `distro` running although idle, under `[boot] keepAlive = services`: services
+    /// of its own with processes (systemd's units in its cgroup tree; the distribution's own
+    /// plumbing does not count) and ports its processes listen on.
+    func activity(_ distro: String) async -> InstanceActivity {
+        guard let i = running[distro], i.keepAliveServices else { return InstanceActivity(keptBy: []) }
+        var kept = InstanceCgroups.services(i.cgroup + "/system.slice")
+        var owners = OwnerCache()
+        let ports = await owners.describe(PortTracker.listeningSockets(), instances: self)
+        kept += ports.filter { $0.distro == distro }.map { "port \($0.port)" }
+        return InstanceActivity(keptBy: kept)
     }
 
     /// Asks every instance to end (its init gives processes 3 s after SIGTERM), waits for them.
@@ -114,13 +222,30 @@ actor Instances {
         }
         var err: Int32 = 0
         var stage: UnsafePointer<CChar>? = nil
-        let pid = uvm_start_instance(device, "ext4", "/run/uvm/instances/\(distro)", config.hostname ?? distro, config.sharesRoot, &err, &stage)
+        let systemd = config.bool("boot", "systemd") == true
+        let cgroup = InstanceCgroups.prepare(distro)
+        if systemd && cgroup == nil {
+            throw WireError(.spawnFailed, "distro \(distro): [boot] systemd = true needs cgroup v2 in the VM, which is not mounted")
+        }
+        let pid = cgroup.withOptionalCString { cg in
+            (systemd ? Self.systemdPath : nil).withOptionalCString { initPath in
+                uvm_start_instance(device, "ext4", "/run/uvm/instances/\(distro)", config.hostname ?? distro, config.sharesRoot,
+                                   cg, initPath, &err, &stage)
+            }
+        }
         ChildReaper.shared.childStarted()
         guard pid > 0 else {
-            throw WireError(.spawnFailed, "distro \(distro): cannot start (\(stage.map { String(cString: $0) } ?? "?"): \(String(cString: strerror(err))))")
+            if let cgroup { InstanceCgroups.remove(cgroup) }
+            let what = stage.map { String(cString: $0) } ?? "?"
+            let hint = systemd && err == ENOENT ? " (is systemd installed in it? `[boot] systemd = false` in its /etc/uvm.conf turns it off)" : ""
+            throw WireError(.spawnFailed, "distro \(distro): cannot start (\(what): \(String(cString: strerror(err))))\(hint)")
         }
-        return (Instance(name: distro, initPID: pid), config)
+        if systemd { log("instance \(distro): systemd is its init (pid \(pid))") }
+        return (Instance(name: distro, initPID: pid, systemd: systemd, keepAliveServices: config.keepAliveServices), config)
     }
+
+    /// Inside the instance (Debian and most distributions since the /usr merge).
+    static let systemdPath = "/lib/systemd/systemd"
 
     /// The distro's /etc/uvm.conf, read before its instance starts (its host name and where shares
     /// go are decided then): the disk mounted read-only for a moment. An image without the file,
@@ -141,6 +266,37 @@ actor Instances {
         return readSmallFile("\(dir)/etc/uvm.conf", limit: 64 << 10) ?? ""
     }
 
+    /// How long a systemd instance may take to boot before sessions go in anyway.
+    static let systemdBootLimit: Duration = .seconds(90)
+
+    /// Sessions of a systemd instance start once its boot is over (as a login waits for it):
+    /// its D-Bus, logind and the default user's manager are there for the first command. The
+    /// manager's private socket first (before it, systemctl cannot reach it), then
+    /// `systemctl is-system-running --wait`, both within `systemdBootLimit`.
+    private static func waitForSystemd(_ instance: Instance) async {
+        let deadline = ContinuousClock.now + systemdBootLimit
+        while access("\(instance.rootPath)/run/systemd/private", F_OK) != 0 {
+            guard ContinuousClock.now < deadline, kill(instance.initPID, 0) == 0 else {
+                log("instance \(instance.name): systemd did not come up within \(systemdBootLimit)")
+                return
+            }
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        let null = open("/dev/null", O_RDWR | O_CLOEXEC)
+        defer { close(null) }
+        let root = Account(name: "root", uid: 0, gid: 0, home: "/root", shell: "/bin/sh", groups: [0])
+        guard let pid = try? spawnProcess(argv: ["systemctl", "is-system-running", "--wait"], env: ["PATH": ProcessSession.defaultPath],
+                                          cwd: "/", fallbackCwd: "/", account: root, stdio: (null, null, null), tty: false,
+                                          instancePID: instance.initPID, cgroup: instance.sessionCgroup) else { return }
+        let bound = Task {
+            try await Task.sleep(until: deadline, clock: .continuous)
+            log("instance \(instance.name): systemd still starting after \(systemdBootLimit): sessions go in")
+            kill(pid, SIGKILL)
+        }
+        _ = await ChildReaper.shared.wait(for: pid)
+        bound.cancel()
+    }
+
     /// `[boot] command`: run as root in the instance when it starts, in the background (WSL's).
     private static func runBootCommand(_ command: String, in instance: Instance) {
         let null = open("/dev/null", O_RDWR | O_CLOEXEC)
@@ -149,7 +305,7 @@ actor Instances {
         do {
             let pid = try spawnProcess(argv: ["/bin/sh", "-c", command], env: ["PATH": ProcessSession.defaultPath, "HOME": "/root"],
                                        cwd: "/", fallbackCwd: "/", account: root, stdio: (null, null, null), tty: false,
-                                       instancePID: instance.initPID)
+                                       instancePID: instance.initPID, cgroup: instance.sessionCgroup)
             Task { _ = await ChildReaper.shared.wait(for: pid) }
             log("instance \(instance.name): boot command started")
         } catch {

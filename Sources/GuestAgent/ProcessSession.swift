@@ -28,6 +28,12 @@ struct ProcessSession {
             "LOGNAME": account.name, "SHELL": account.shell,
         ]
         if request.tty { env["TERM"] = "xterm-256color" }
+        // Under systemd, the user's manager (lingering) has its runtime folder and bus: what
+        // `systemctl --user`, Podman and D-Bus clients look for.
+        if instance.systemd, account.uid != 0, access("\(instance.rootPath)/run/user/\(account.uid)", F_OK) == 0 {
+            env["XDG_RUNTIME_DIR"] = "/run/user/\(account.uid)"
+            env["DBUS_SESSION_BUS_ADDRESS"] = "unix:path=/run/user/\(account.uid)/bus"
+        }
         for kv in request.env {
             guard let eq = kv.firstIndex(of: "=") else { throw WireError(.badRequest, "--env \(kv): expected KEY=VALUE") }
             env[String(kv[..<eq])] = String(kv[kv.index(after: eq)...])
@@ -231,14 +237,18 @@ struct ProcessSession {
         // enter it, start at home as if none had been given.
         let fallback: String? = request.cwdIsImplicit == true ? account.home : nil
         return try spawnProcess(argv: argv, env: env, cwd: cwd, fallbackCwd: fallback, account: account,
-                                stdio: stdio, tty: request.tty, instancePID: instance.initPID)
+                                stdio: stdio, tty: request.tty, instancePID: instance.initPID, cgroup: instance.sessionCgroup)
     }
 }
 
 /// Starts `argv` as `account` in the namespaces of `instancePID` (0: ours), with `stdio` as its
-/// fds 0-2; returns its pid, for `ChildReaper.shared.wait(for:)`.
+/// fds 0-2, in `cgroup` (a cgroup v2 directory) when given and there; returns its pid, for
+/// `ChildReaper.shared.wait(for:)`.
 package func spawnProcess(argv: [String], env: [String: String], cwd: String, fallbackCwd: String?, account: Account,
-                  stdio: (Int32, Int32, Int32), tty: Bool, instancePID: pid_t) throws -> pid_t {
+                  stdio: (Int32, Int32, Int32), tty: Bool, instancePID: pid_t, cgroup: String? = nil) throws -> pid_t {
+    // An instance started without cgroups (none in the VM) has no such directory: stay.
+    let procs = cgroup.map { open($0 + "/cgroup.procs", O_WRONLY | O_CLOEXEC) } ?? -1
+    defer { if procs >= 0 { close(procs) } }
     let cArgv = argv.map { strdup($0) } + [nil]
     let cEnv = env.sorted { $0.key < $1.key }.map { strdup("\($0.key)=\($0.value)") } + [nil]
     defer {
@@ -270,6 +280,7 @@ package func spawnProcess(argv: [String], env: [String: String], cwd: String, fa
                         a.stderr_fd = stdio.2
                         a.tty = tty ? 1 : 0
                         a.instance_pid = instancePID
+                        a.cgroup_procs_fd = procs
                         return uvm_spawn(&a, &helper, &failed, &err, &stage)
                       }
                     }

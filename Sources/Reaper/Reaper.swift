@@ -19,6 +19,8 @@ public actor Reaper {
         public var clients: Int
         /// When the idle stop is due, if one is pending.
         public var stopDue: ContinuousClock.Instant?
+        /// Idle, but kept running (its `[boot] keepAlive`): by what.
+        public var keptBy: [String] = []
     }
 
     public struct Snapshot: Sendable, Equatable {
@@ -33,9 +35,14 @@ public actor Reaper {
         public var stopInstance: @Sendable (_ distro: String) async -> Void
         /// Stops the VM cleanly.
         public var stopVM: @Sendable (_ reason: String) async -> Void
-        public init(stopInstance: @escaping @Sendable (String) async -> Void, stopVM: @escaping @Sendable (String) async -> Void) {
+        /// What keeps an idle instance running (empty: nothing, it may stop); asked when its
+        /// idle stop is due.
+        public var keptBy: @Sendable (_ distro: String) async -> [String]
+        public init(stopInstance: @escaping @Sendable (String) async -> Void, stopVM: @escaping @Sendable (String) async -> Void,
+                    keptBy: @escaping @Sendable (String) async -> [String] = { _ in [] }) {
             self.stopInstance = stopInstance
             self.stopVM = stopVM
+            self.keptBy = keptBy
         }
     }
 
@@ -47,6 +54,8 @@ public actor Reaper {
     /// Instances that run in the guest as far as we know.
     private var instances: [String: InstanceState] = [:]
     private var instanceTimers: [String: Timer] = [:]
+    /// Instances whose idle stop was put off, and why.
+    private var kept: [String: [String]] = [:]
     private var vmTimer: Timer?
     private var vmRunning = false
 
@@ -68,6 +77,7 @@ public actor Reaper {
         nextID += 1
         clients[distro, default: []].insert(nextID)
         cancelInstanceTimer(distro)
+        kept[distro] = nil
         cancelVMTimer()
         // While it stops, the instance stays `stopping`; it runs again once the stop is done.
         if vmRunning && instances[distro] == nil { instances[distro] = .running }
@@ -85,6 +95,7 @@ public actor Reaper {
     /// (an import's disk): not running any more, no idle stop due.
     public func instanceStopped(_ distro: String) {
         cancelInstanceTimer(distro)
+        kept[distro] = nil
         instances[distro] = nil
         scheduleVMStopIfIdle()
     }
@@ -107,6 +118,7 @@ public actor Reaper {
         vmRunning = false
         for d in instanceTimers.keys { cancelInstanceTimer(d) }
         instances.removeAll()
+        kept.removeAll()
         cancelVMTimer()
     }
 
@@ -114,7 +126,8 @@ public actor Reaper {
         Snapshot(
             vmRunning: vmRunning, clients: clientCount, vmStopDue: vmTimer?.due,
             instances: instances.keys.sorted().map {
-                InstanceSnapshot(name: $0, state: instances[$0]!, clients: clients[$0]?.count ?? 0, stopDue: instanceTimers[$0]?.due)
+                InstanceSnapshot(name: $0, state: instances[$0]!, clients: clients[$0]?.count ?? 0, stopDue: instanceTimers[$0]?.due,
+                                 keptBy: kept[$0] ?? [])
             })
     }
 
@@ -135,6 +148,15 @@ public actor Reaper {
         guard instanceTimers[distro]?.due == due else { return }
         instanceTimers[distro] = nil
         guard clients[distro] == nil, instances[distro] == .running else { return }
+        // Its services or ports keep it: ask again after another idle period.
+        let keeping = await actions?.keptBy(distro) ?? []
+        guard clients[distro] == nil, instances[distro] == .running, instanceTimers[distro] == nil else { return }
+        if !keeping.isEmpty {
+            kept[distro] = keeping
+            scheduleInstanceStop(distro)
+            return
+        }
+        kept[distro] = nil
         instances[distro] = .stopping
         await actions?.stopInstance(distro)
         // Clients may have come while it stopped: their sessions start it again.

@@ -39,7 +39,7 @@ struct List: ParsableCommand {
         var rows = [["NAME", "STATE", "CLIENTS", "IDLE STOP"]]
         rows.append(["(vm)", status.state, "\(status.clients ?? status.sessions)", dueText(status.idleStopInSeconds)])
         for i in instances {
-            rows.append([(i.isDefault ? "* " : "  ") + i.name, i.state, "\(i.clients)", dueText(i.idleStopInSeconds)])
+            rows.append([(i.isDefault ? "* " : "  ") + i.name, i.state, "\(i.clients)", idleText(i)])
         }
         rows[1][0] = "  (vm)"
         rows[0][0] = "  NAME"
@@ -49,6 +49,12 @@ struct List: ParsableCommand {
             print(String(line.reversed().drop { $0 == " " }.reversed()))
         }
     }
+}
+
+/// An instance's idle stop, or what keeps it running past one.
+func idleText(_ i: InstanceStatus) -> String {
+    guard let kept = i.keptBy, !kept.isEmpty else { return dueText(i.idleStopInSeconds) }
+    return "kept by " + kept.joined(separator: ", ") + (i.idleStopInSeconds.map { " (asks again \(dueText($0)))" } ?? "")
 }
 
 func dueText(_ seconds: Double?) -> String {
@@ -66,7 +72,8 @@ func lifecycleLines(_ s: VMStatus) -> [(String, String)] {
         lines.append(("idle", idle))
     }
     for i in s.instances ?? [] where i.state != "Stopped" {
-        lines.append(("distro", "\(i.name): \(i.state), \(i.clients) client(s)" + (i.idleStopInSeconds.map { ", idle stop \(dueText($0))" } ?? "")))
+        let idle = i.keptBy?.isEmpty == false ? ", " + idleText(i) : i.idleStopInSeconds.map { ", idle stop \(dueText($0))" } ?? ""
+        lines.append(("distro", "\(i.name): \(i.state), \(i.clients) client(s)" + idle))
     }
     return lines
 }

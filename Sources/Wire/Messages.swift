@@ -181,6 +181,8 @@ public struct InstanceStatus: Codable, Sendable, Equatable {
     /// Seconds until the idle reaper stops it, if a stop is pending.
     public var idleStopInSeconds: Double?
     public var isDefault: Bool
+    /// Idle, but kept running by its `[boot] keepAlive = services`: what it runs.
+    public var keptBy: [String]?
     public init(name: String, state: String, clients: Int, idleStopInSeconds: Double? = nil, isDefault: Bool = false) {
         self.name = name
         self.state = state

@@ -125,6 +125,7 @@ public enum GuestRequest: Sendable, Equatable {
     case swapOn(SwapOnRequest)
     case memoryPolicy(MemoryPolicyRequest)
     case trim(TrimRequest)
+    case instanceActivity(InstanceActivityRequest)
 }
 
 /// A call uvmd makes to the guest agent.
@@ -208,6 +209,21 @@ public struct TrimResult: Codable, Sendable, Equatable {
     /// had allocated).
     public var trimmedBytes: UInt64
     public init(trimmedBytes: UInt64) { self.trimmedBytes = trimmedBytes }
+}
+
+/// What keeps an idle instance running under its `[boot] keepAlive = services` (asked by the
+/// idle reaper before it stops one).
+public struct InstanceActivityRequest: GuestCall {
+    public typealias Response = InstanceActivity
+    public var name: String
+    public init(name: String) { self.name = name }
+    public var request: GuestRequest { .instanceActivity(self) }
+}
+
+public struct InstanceActivity: Codable, Sendable, Equatable {
+    /// Why it must not stop ("docker.service", "port 8080"); empty: it may.
+    public var keptBy: [String]
+    public init(keptBy: [String]) { self.keptBy = keptBy }
 }
 
 /// Stop every instance, unmount the shares, sync, then power off once the answer is sent.
@@ -374,6 +390,7 @@ extension GuestRequest: Codable {
         case .swapOn: "swapOn"
         case .memoryPolicy: "memoryPolicy"
         case .trim: "trim"
+        case .instanceActivity: "instanceActivity"
         }
     }
 
@@ -393,6 +410,7 @@ extension GuestRequest: Codable {
         case .swapOn(let r): try c.encode(r, forKey: .args)
         case .memoryPolicy(let r): try c.encode(r, forKey: .args)
         case .trim(let r): try c.encode(r, forKey: .args)
+        case .instanceActivity(let r): try c.encode(r, forKey: .args)
         }
     }
 
@@ -412,6 +430,7 @@ extension GuestRequest: Codable {
         case "swapOn": self = .swapOn(try c.decode(SwapOnRequest.self, forKey: .args))
         case "memoryPolicy": self = .memoryPolicy(try c.decode(MemoryPolicyRequest.self, forKey: .args))
         case "trim": self = .trim(try c.decode(TrimRequest.self, forKey: .args))
+        case "instanceActivity": self = .instanceActivity(try c.decode(InstanceActivityRequest.self, forKey: .args))
         default: throw unknownOperation(op, c)
         }
     }

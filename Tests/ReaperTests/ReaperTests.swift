@@ -34,6 +34,24 @@ import Testing
         #expect(await eventually { log.all == ["instance busybox", "vm"] })
     }
 
+    /// `[boot] keepAlive = services`: while the instance runs something, its idle stop is put off
+    /// (and the VM's with it), and the snapshot says by what; once nothing is left, it stops.
+    @Test func servicesKeepAnIdleInstance() async throws {
+        let log = Log()
+        let running = Mutex<[String]>(["docker.service"])
+        let r = Reaper(instanceIdle: .milliseconds(20), vmIdle: .milliseconds(20))
+        await r.setActions(.init(stopInstance: { log.add("instance \($0)") }, stopVM: { _ in log.add("vm") },
+                                 keptBy: { _ in running.withLock { $0 } }))
+        await r.vmStarted()
+        await r.end(await r.begin(distro: "debian"))
+        #expect(await eventually { await r.snapshot().instances.first?.keptBy == ["docker.service"] })
+        try await Task.sleep(for: .milliseconds(100))
+        #expect(log.all.isEmpty)
+        #expect(await r.snapshot().vmStopDue == nil)
+        running.withLock { $0 = [] }
+        #expect(await eventually { log.all == ["instance debian", "vm"] })
+    }
+
     @Test func aClientKeepsItsInstanceAndTheVM() async throws {
         let log = Log()
         let r = await reaper(instance: .milliseconds(10), vm: .milliseconds(10), log: log)

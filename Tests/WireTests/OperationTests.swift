@@ -24,7 +24,7 @@ import Wire
         ImportDistroRequest(name: "debian", diskSerial: "uvm-debian", sourceSerial: "uvm.src.1", sourceBytes: 10240, defaultUser: DefaultUser(name: "me", uid: 1000, gid: 1000)).request,
         ExportDistroRequest(name: "debian", diskSerial: "uvm-debian", targetSerial: "uvm.dst.1", targetBytes: 1 << 30).request, ReleaseDiskRequest(name: "x", diskSerial: "uvm-x").request, SwapOnRequest(serial: "uvm.swap").request,
         MemoryPolicyRequest(mode: .gradual, idleDelayMilliseconds: 3000, reportingOrder: 5, reportingDelayMilliseconds: 250, reportingBudgetDivisor: 1).request,
-        TrimRequest(serial: "uvm-debian").request,
+        TrimRequest(serial: "uvm-debian").request, InstanceActivityRequest(name: "debian").request,
     ]
 
     @Test(arguments: daemonRequests) func daemonRequestsRoundTrip(_ r: DaemonRequest) throws {

@@ -21,8 +21,14 @@
 # Environment: MMDEBSTRAP_MODE (root, unshare, or fakechroot, which gets the owners of
 # /var/cache/man and /var/log/journal wrong: instead of the above), DEBIAN_MIRROR
 # (a URI instead of the host's sources), TMPDIR (where mmdebstrap unpacks: ~300 MB).
+# Variants (images/debian-docker/build.sh) set UVM_DEBIAN_VARIANT=NAME: the root then has
+# the packages of images/debian/packages.NAME too, and is cached as rootfs/debian-NAME.
+# systemd is the instances' init ([boot] systemd = true in /etc/uvm.conf, as WSL's current
+# images do).
 set -euo pipefail
-name=debian
+variant=${UVM_DEBIAN_VARIANT:-}
+[[ -z $variant || $variant =~ ^[a-z0-9]+$ ]] || { echo "debian: error: bad UVM_DEBIAN_VARIANT '$variant'" >&2; exit 1; }
+name=debian${variant:+-$variant}
 here=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 source "$here/../lib.sh"
 
@@ -34,8 +40,11 @@ need_tools sha256sum python3 apt-config
 cache=$uvm_cache/rootfs
 tmp=${TMPDIR:-/tmp}
 
-mapfile -t packages < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' "$here/packages")
-((${#packages[@]})) || die "no packages in $here/packages"
+lists=("$here/packages")
+[[ -z $variant ]] || lists+=("$here/packages.$variant")
+for f in "${lists[@]}"; do [[ -r $f ]] || die "no package list $f"; done
+mapfile -t packages < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' "${lists[@]}")
+((${#packages[@]})) || die "no packages in ${lists[*]}"
 
 # The root's apt sources and proxy settings, from the host's apt configuration.
 eval "$(apt-config shell sourcelist Dir::Etc::sourcelist/f sourceparts Dir::Etc::sourceparts/d)"
@@ -49,8 +58,8 @@ mirrors=$(python3 "$here/sources.py" "$suite" "${sourcelist:-/etc/apt/sources.li
 mapfile -t proxies < <(apt-config dump | grep -E '^Acquire::(http|https|ftp)::Proxy(::[^ ]+)? ' | grep -v ' "";$' || true)
 
 key=$({
-    cat -- "$here/../lib.sh" "$here/build.sh" "$here/sources.py" "$here/packages"
-    echo "suite $suite"
+    cat -- "$here/../lib.sh" "$here/build.sh" "$here/sources.py" "${lists[@]}"
+    echo "suite $suite variant $variant"
     (cd "$sources" && find . -type f | LC_ALL=C sort | while IFS= read -r f; do echo "file $f"; cat -- "$f"; done)
     printf 'proxy %s\n' "${proxies[@]}"
 } | key_of)
@@ -114,7 +123,7 @@ if [[ -s $tarball && ! -s $out/debian.ext4 ]]; then
     make_image "$tarball" "$out/debian.ext4.partial" && mv -- "$out/debian.ext4.partial" "$out/debian.ext4"
 fi
 if [[ -s $tarball ]]; then
-    point "$cache/debian" "$key"
+    point "$cache/$name" "$key"
     log "cached ($tarball)"
     echo "$tarball"
     exit 0
@@ -196,6 +205,10 @@ hooks+=(
     --customize-hook='echo debian >"$1/etc/hostname" && chmod 0644 "$1/etc/hostname"'
     --customize-hook='printf "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n" >"$1/etc/hosts"'
     --customize-hook='rm -f "$1/etc/resolv.conf"'
+    # systemd as the instance's init; no getty on the console (in a uvm instance /dev/console is
+    # the VM's serial console, which is uvm's log).
+    --customize-hook='printf "[boot]\nsystemd = true\n" >"$1/etc/uvm.conf" && chmod 0644 "$1/etc/uvm.conf"'
+    --customize-hook='ln -sf /dev/null "$1/etc/systemd/system/console-getty.service"'
 )
 
 # mmdebstrap's status lines become one progress line per phase; warnings and errors pass through;
@@ -238,6 +251,6 @@ rm -f -- "$stage/mmdebstrap.log"
 [[ -s $stage/debian.tar.zst ]] || die "mmdebstrap wrote no tarball"
 make_image "$stage/debian.tar.zst" "$stage/debian.ext4"
 publish "$stage" "$out"
-point "$cache/debian" "$key"
+point "$cache/$name" "$key"
 log "built in $((SECONDS - start)) s, $(du -m "$tarball" | cut -f1) MiB ($tarball)"
 echo "$tarball"

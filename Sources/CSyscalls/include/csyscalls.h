@@ -17,7 +17,8 @@ typedef struct uvm_spawn_args {
     int ngroups;
     int stdin_fd, stdout_fd, stderr_fd;  // child ends, dup2'ed to 0, 1, 2
     int tty;                  // 1: stdin_fd is a pty slave that becomes the controlling terminal
-    pid_t instance_pid;       // join this process's mnt/uts/pid namespaces and root; 0 = stay
+    pid_t instance_pid;       // join this process's cgroup/mnt/uts/pid namespaces and root; 0 = stay
+    int cgroup_procs_fd;      // cgroup.procs of the cgroup to join before that; -1 = stay
 } uvm_spawn_args;
 
 /// Starts a process; returns its pid (a child of the caller, even when it lives in another pid
@@ -31,9 +32,13 @@ pid_t uvm_spawn(const uvm_spawn_args *args, pid_t *helper_pid, pid_t *failed_pid
 /// root is the ext4 file system on `device` (mounted at `mountpoint` then moved onto /), with
 /// /proc, /sys, /dev, /dev/pts, /dev/shm and /run mounted. It reaps orphans until SIGTERM, then
 /// terminates everything in the instance. The shares appear at `shares_at` (absolute, inside the
-/// instance). Returns its pid or -1 with *err_errno/*err_stage.
+/// instance). With `cgroup_dir` (an existing cgroup v2 directory), the instance gets it as the
+/// root of a cgroup namespace of its own, mounted at /sys/fs/cgroup, with its init in
+/// init.scope below it. With `init_path`, that program (the distro's systemd) is exec'd as the
+/// instance's PID 1 instead of the reaper loop. Returns its pid or -1 with *err_errno/*err_stage.
 pid_t uvm_start_instance(const char *device, const char *fstype, const char *mountpoint,
-                         const char *hostname, const char *shares_at, int *err_errno, const char **err_stage);
+                         const char *hostname, const char *shares_at, const char *cgroup_dir,
+                         const char *init_path, int *err_errno, const char **err_stage);
 
 /// Where the agent mounts shares; instances see this tree at /mnt/host (slave propagation, so a
 /// share mounted or unmounted later appears or goes in every running instance too).
@@ -113,6 +118,9 @@ pid_t uvm_spawn_with_fds(const char *path, char *const argv[], int in, int out, 
 
 /// O_DIRECT, which Glibc's Swift module leaves out (it needs _GNU_SOURCE).
 static inline int uvm_o_direct(void) { return 040000; }
+
+/// SIGRTMIN, a function call in glibc that Swift does not import.
+int uvm_sigrtmin(void);
 
 /// swapon(2) with discard: swap the guest frees goes back to the host's sparse file.
 int uvm_swapon(const char *path);
