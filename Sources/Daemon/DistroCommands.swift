@@ -128,15 +128,28 @@ struct DistroCommands {
         }
     }
 
-    func export(_ r: ExportRequest, rest: AsyncStream<Frame>, outbound: Outbound, progress: @escaping Progress) async throws {
-        let store = controller.distros
-        guard store.knows(r.name) else {
-            throw WireError(.notFound, "there is no distro '\(r.name)' (installed: \(session.installedDistros().joined(separator: ", ")))")
+    /// `body` with the distro's disk attached to the VM (started if need be), as a client of the
+    /// idle reaper for as long as it runs.
+    private func withDisk<T: Sendable>(_ name: String, progress: @escaping Progress,
+                                       _ body: (GuestAgentClient) async throws -> T) async throws -> T {
+        guard controller.distros.knows(name) else {
+            throw WireError(.notFound, "there is no distro '\(name)' (installed: \(session.installedDistros().joined(separator: ", ")))")
         }
         let reaper = daemon.reaper
-        let token = await reaper.begin(distro: r.name)
+        let token = await reaper.begin(distro: name)
         defer { Task { await reaper.end(token) } }
-        let agent = try await controller.prepareDisk(r.name, progress: progress)
+        return try await body(try await controller.prepareDisk(name, progress: progress))
+    }
+
+    func export(_ r: ExportRequest, rest: AsyncStream<Frame>, outbound: Outbound, progress: @escaping Progress) async throws {
+        try await withDisk(r.name, progress: progress) { agent in
+            try await export(r, agent: agent, rest: rest, outbound: outbound, progress: progress)
+        }
+    }
+
+    private func export(_ r: ExportRequest, agent: GuestAgentClient, rest: AsyncStream<Frame>, outbound: Outbound,
+                        progress: @escaping Progress) async throws {
+        let store = controller.distros
         // The guest writes the tar onto a sparse scratch disk (no tar of a file system is much
         // larger than the file system) that uvmd then streams to the client.
         let room = store.diskUsage(r.name).size + (1 << 30)
@@ -278,21 +291,16 @@ struct DistroCommands {
     /// attached if need be; what the disk takes on the host before and after.
     func compact(_ r: CompactRequest, progress: @escaping Progress) async throws -> CompactResult {
         let store = controller.distros
-        guard store.knows(r.name) else {
-            throw WireError(.notFound, "there is no distro '\(r.name)' (installed: \(session.installedDistros().joined(separator: ", ")))")
+        return try await withDisk(r.name, progress: progress) { agent in
+            let before = store.diskUsage(r.name)
+            await progress("uvm: trimming \(r.name)'s file system")
+            let trimmed = try await withTimeout(seconds: 600, what: "the guest to trim \(r.name)") {
+                try await agent.call(TrimRequest(serial: diskSerial(r.name)))
+            }
+            let after = store.diskUsage(r.name)
+            return CompactResult(name: r.name, allocatedBeforeBytes: before.allocated, allocatedAfterBytes: after.allocated,
+                                 sizeBytes: after.size, trimmedBytes: trimmed.trimmedBytes)
         }
-        let reaper = daemon.reaper
-        let token = await reaper.begin(distro: r.name)
-        defer { Task { await reaper.end(token) } }
-        let agent = try await controller.prepareDisk(r.name, progress: progress)
-        let before = store.diskUsage(r.name)
-        await progress("uvm: trimming \(r.name)'s file system")
-        let trimmed = try await withTimeout(seconds: 600, what: "the guest to trim \(r.name)") {
-            try await agent.call(TrimRequest(serial: diskSerial(r.name)))
-        }
-        let after = store.diskUsage(r.name)
-        return CompactResult(name: r.name, allocatedBeforeBytes: before.allocated, allocatedAfterBytes: after.allocated,
-                             sizeBytes: after.size, trimmedBytes: trimmed.trimmedBytes)
     }
 
     /// The host user becomes the new distro's default user (root stays root).

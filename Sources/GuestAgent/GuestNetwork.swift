@@ -42,7 +42,9 @@ enum GuestNetwork {
         _ = text.withCString { write(fd, $0, strlen($0)) }
     }
 
-    /// /sys/class/net/X with type 1 (ARPHRD_ETHER), in name order.
+    /// /sys/class/net/X with type 1 (ARPHRD_ETHER) backed by a device (the virtio NIC), in name
+    /// order. Virtual interfaces are Ethernet too: the kernel's dummy0 (CONFIG_DUMMY makes one at
+    /// boot) sorts before eth0, and took the VM's address and route when it was not skipped.
     static func firstEthernetInterface() -> String? {
         guard let dir = opendir("/sys/class/net") else { return nil }
         defer { closedir(dir) }
@@ -50,6 +52,7 @@ enum GuestNetwork {
         while let e = readdir(dir) {
             let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
             guard !name.hasPrefix("."), name != "lo" else { continue }
+            guard access("/sys/class/net/\(name)/device", F_OK) == 0 else { continue }
             if readSmallFile("/sys/class/net/\(name)/type")?.trimmed == "1" { names.append(name) }
         }
         return names.sorted().first

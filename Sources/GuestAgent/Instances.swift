@@ -266,35 +266,43 @@ actor Instances {
         return readSmallFile("\(dir)/etc/uvm.conf", limit: 64 << 10) ?? ""
     }
 
-    /// How long a systemd instance may take to boot before sessions go in anyway.
+    /// How long a systemd instance may take to come up before sessions go in anyway.
     static let systemdBootLimit: Duration = .seconds(90)
 
-    /// Sessions of a systemd instance start once its boot is over (as a login waits for it):
-    /// its D-Bus, logind and the default user's manager are there for the first command. The
-    /// manager's private socket first (before it, systemctl cannot reach it), then
-    /// `systemctl is-system-running --wait`, both within `systemdBootLimit`.
+    /// Sessions of a systemd instance start once what a login needs is up (as a login waits
+    /// for systemd-user-sessions): the manager's private socket, the system D-Bus (after
+    /// sysinit, so early boot's cleaning of /tmp is over too), and each lingering user's own
+    /// manager. Not the whole boot: services such as dockerd take many seconds more under
+    /// emulation, and socket activation makes their clients wait for them anyway.
     private static func waitForSystemd(_ instance: Instance) async {
         let deadline = ContinuousClock.now + systemdBootLimit
-        while access("\(instance.rootPath)/run/systemd/private", F_OK) != 0 {
-            guard ContinuousClock.now < deadline, kill(instance.initPID, 0) == 0 else {
-                log("instance \(instance.name): systemd did not come up within \(systemdBootLimit)")
-                return
+        var wanted = ["/run/systemd/private", "/run/dbus/system_bus_socket"]
+        for uid in lingeringUIDs(instance) { wanted.append("/run/user/\(uid)/systemd/private") }
+        for path in wanted {
+            while access("\(instance.rootPath)\(path)", F_OK) != 0 {
+                guard ContinuousClock.now < deadline, kill(instance.initPID, 0) == 0 else {
+                    log("instance \(instance.name): no \(path) within \(systemdBootLimit): sessions go in")
+                    return
+                }
+                try? await Task.sleep(for: .milliseconds(50))
             }
-            try? await Task.sleep(for: .milliseconds(50))
         }
-        let null = open("/dev/null", O_RDWR | O_CLOEXEC)
-        defer { close(null) }
-        let root = Account(name: "root", uid: 0, gid: 0, home: "/root", shell: "/bin/sh", groups: [0])
-        guard let pid = try? spawnProcess(argv: ["systemctl", "is-system-running", "--wait"], env: ["PATH": ProcessSession.defaultPath],
-                                          cwd: "/", fallbackCwd: "/", account: root, stdio: (null, null, null), tty: false,
-                                          instancePID: instance.initPID, cgroup: instance.sessionCgroup) else { return }
-        let bound = Task {
-            try await Task.sleep(until: deadline, clock: .continuous)
-            log("instance \(instance.name): systemd still starting after \(systemdBootLimit): sessions go in")
-            kill(pid, SIGKILL)
+    }
+
+    /// The uids of the users in the instance's /var/lib/systemd/linger (`loginctl enable-linger`).
+    private static func lingeringUIDs(_ instance: Instance) -> [uid_t] {
+        guard let dir = opendir("\(instance.rootPath)/var/lib/systemd/linger") else { return [] }
+        var names: [String] = []
+        while let e = readdir(dir) {
+            let n = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            if !n.hasPrefix(".") { names.append(n) }
         }
-        _ = await ChildReaper.shared.wait(for: pid)
-        bound.cancel()
+        closedir(dir)
+        guard !names.isEmpty, let passwd = readSmallFile("\(instance.rootPath)/etc/passwd") else { return [] }
+        return passwd.split(separator: "\n").compactMap { line in
+            let f = line.split(separator: ":", omittingEmptySubsequences: false)
+            return f.count > 2 && names.contains(String(f[0])) ? uid_t(f[2]) : nil
+        }
     }
 
     /// `[boot] command`: run as root in the instance when it starts, in the background (WSL's).

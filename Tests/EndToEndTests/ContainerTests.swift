@@ -34,7 +34,7 @@ extension EndToEnd {
             let installed = try Harness.run(["install", Self.name], home: home, env: env, timeout: 1800)
             try #require(installed.status == 0, "install: \(installed.err)")
             // systemd brings the instance up; `running` means no unit failed.
-            let state = try sh("systemctl is-system-running; systemctl --failed --no-legend --plain", home: home, env: env)
+            let state = try sh("timeout 300 systemctl is-system-running --wait; systemctl --failed --no-legend --plain", user: "root", home: home, env: env)
             #expect(state.out.hasPrefix("running\n"), "systemctl is-system-running: \(state.out) \(state.err)")
         }
 
@@ -131,7 +131,7 @@ extension EndToEnd {
             let set = try sh("printf '[boot]\\nkeepAlive = services\\n' >>/etc/uvm.conf", user: "root", home: home, env: env)
             #expect(set.status == 0, "\(set.err)")
             _ = try Harness.run(["terminate", Self.name], home: home, env: env, timeout: 120)
-            let up = try sh("systemctl is-system-running; systemctl is-active docker", home: home, env: env)
+            let up = try sh("timeout 300 systemctl is-system-running --wait; systemctl is-active docker", user: "root", home: home, env: env)
             #expect(up.out.hasSuffix("active\n"), "\(up.out) \(up.err)")
             // Idle now: docker.service keeps it.
             var listing = ""
