@@ -360,10 +360,10 @@ enum DefaultAccount {
             try replace(path, "\(user.name) ALL=(ALL:ALL) NOPASSWD: ALL\n", mode: 0o440)
         }
         // Rootless containers (Podman, rootless Docker) map the user's containers to a range of
-        // ids of its own, as useradd gives one.
+        // ids of its own, as useradd gives one where the distribution has the files.
         for file in ["subuid", "subgid"] {
             let path = "\(root)/etc/\(file)"
-            let text = readSmallFile(path) ?? ""
+            guard let text = readSmallFile(path) else { continue }
             if !text.split(separator: "\n").contains(where: { $0.hasPrefix("\(user.name):") }) {
                 try append(path, "\(user.name):100000:65536\n")
             }
