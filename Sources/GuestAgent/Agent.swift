@@ -170,13 +170,8 @@ public enum GuestAgent {
         var u = utsname()
         uname(&u)
         let release = withUnsafeBytes(of: u.release) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-        let uptime = Double((readSmallFile("/proc/uptime") ?? "0").split(separator: " ").first ?? "0") ?? 0
-        var meminfo: [Substring: UInt64] = [:]
-        for line in (readSmallFile("/proc/meminfo") ?? "").split(separator: "\n") {
-            let f = line.split(separator: " ", omittingEmptySubsequences: true)
-            guard f.count >= 2, let v = UInt64(f[1]) else { continue }
-            meminfo[f[0].dropLast()] = v
-        }
+        let uptime = guestUptime()
+        let meminfo = MemInfo.read()
         var info = GuestInfo(kernelRelease: release, uptimeSeconds: uptime, memTotalKiB: meminfo["MemTotal"] ?? 0,
                              memAvailableKiB: meminfo["MemAvailable"] ?? 0, instances: await instances.names)
         info.memCachedKiB = meminfo["Cached"]
@@ -193,7 +188,7 @@ public enum GuestAgent {
             if let dir = opendir("/sys/class/virtio-ports") {
                 defer { closedir(dir) }
                 while let e = readdir(dir) {
-                    let port = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+                    let port = direntName(e)
                     guard port.hasPrefix("vport") else { continue }
                     if readSmallFile("/sys/class/virtio-ports/\(port)/name")?.trimmed == name { return "/dev/\(port)" }
                 }

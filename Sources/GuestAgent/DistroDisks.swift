@@ -392,7 +392,7 @@ enum DefaultAccount {
         guard let dir = opendir(skel) else { return }
         defer { closedir(dir) }
         while let e = readdir(dir) {
-            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            let name = direntName(e)
             guard name != ".", name != "..", e.pointee.d_type == UInt8(DT_REG) else { continue }
             guard let text = readSmallFile("\(skel)/\(name)") else { continue }
             try? replace("\(home)/\(name)", text, mode: 0o644)

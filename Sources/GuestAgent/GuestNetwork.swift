@@ -50,7 +50,7 @@ enum GuestNetwork {
         defer { closedir(dir) }
         var names: [String] = []
         while let e = readdir(dir) {
-            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            let name = direntName(e)
             guard !name.hasPrefix("."), name != "lo" else { continue }
             guard access("/sys/class/net/\(name)/device", F_OK) == 0 else { continue }
             if readSmallFile("/sys/class/net/\(name)/type")?.trimmed == "1" { names.append(name) }

@@ -57,7 +57,7 @@ enum InstanceCgroups {
         defer { closedir(d) }
         var found: [String] = []
         while let e = readdir(d) {
-            let n = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            let n = direntName(e)
             guard n.hasSuffix(".service") || n.hasSuffix(".scope") else { continue }
             if n.hasPrefix("systemd-") || n == "dbus.service" || n.hasPrefix("getty@") || n.hasPrefix("serial-getty@")
                 || n == "console-getty.service" || n.hasPrefix("user@") { continue }
@@ -72,7 +72,7 @@ enum InstanceCgroups {
         guard let d = opendir(path) else { return false }
         defer { closedir(d) }
         while let e = readdir(d) {
-            let n = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            let n = direntName(e)
             if e.pointee.d_type == UInt8(DT_DIR), n != ".", n != "..", hasProcesses("\(path)/\(n)") { return true }
         }
         return false
@@ -83,7 +83,7 @@ enum InstanceCgroups {
         if let d = opendir(path) {
             var children: [String] = []
             while let e = readdir(d) {
-                let n = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+                let n = direntName(e)
                 if e.pointee.d_type == UInt8(DT_DIR), n != ".", n != ".." { children.append(n) }
             }
             closedir(d)
@@ -294,7 +294,7 @@ actor Instances {
         guard let dir = opendir("\(instance.rootPath)/var/lib/systemd/linger") else { return [] }
         var names: [String] = []
         while let e = readdir(dir) {
-            let n = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            let n = direntName(e)
             if !n.hasPrefix(".") { names.append(n) }
         }
         closedir(dir)
@@ -326,7 +326,7 @@ actor Instances {
         guard let dir = opendir("/sys/block") else { return nil }
         defer { closedir(dir) }
         while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            let name = direntName(entry)
             guard name.hasPrefix("vd") else { continue }
             if readSmallFile("/sys/block/\(name)/serial")?.trimmed == serial { return "/dev/\(name)" }
         }

@@ -109,7 +109,7 @@ final class MemoryReclaimer: Sendable {
         }
         _ = await onOwnThread(within: .seconds(60), "compact_memory") { _ = writeValue("/proc/sys/vm/compact_memory", "1") }
         let after = MemInfo.read().reclaimableKiB
-        let uptime = Double((readSmallFile("/proc/uptime") ?? "0").split(separator: " ").first ?? "0") ?? 0
+        let uptime = guestUptime()
         let took = ContinuousClock.now - started
         let ms = Int(took.components.seconds * 1000 + took.components.attoseconds / 1_000_000_000_000_000)
         return ReclaimRecord(mode: policy.mode, atUptimeSeconds: uptime, cacheBeforeKiB: before, cacheAfterKiB: after, milliseconds: ms)
@@ -219,6 +219,12 @@ struct CPUTimes {
     }
 }
 
+/// Seconds since the guest booted (/proc/uptime).
+func guestUptime() -> Double {
+    Double((readSmallFile("/proc/uptime") ?? "0").split(separator: " ").first ?? "0") ?? 0
+}
+
+/// /proc/meminfo, in KiB by field name.
 struct MemInfo {
     var fields: [Substring: UInt64] = [:]
 
