@@ -20,7 +20,13 @@ extension Harness {
     /// The end of uvmd's log, for failure messages.
     static func daemonLog(_ home: String) -> String {
         let text = (try? String(contentsOfFile: "\(home)/state/uvmd.log", encoding: .utf8)) ?? "(no uvmd log)"
-        return "uvmd log:\n" + text.split(separator: "\n").suffix(15).joined(separator: "\n")
+        var out = "uvmd log:\n" + text.split(separator: "\n").suffix(15).joined(separator: "\n")
+        // The guest's side (the agent logs to the console): what it did before a failure.
+        for name in ["console.log", "console.log.failed"] {
+            guard let console = try? String(contentsOfFile: "\(home)/state/\(name)", encoding: .utf8) else { continue }
+            out += "\n\(name):\n" + console.split(separator: "\n").suffix(10).joined(separator: "\n")
+        }
+        return out
     }
 
     /// `uvm status --format json`.
@@ -114,9 +120,21 @@ extension Harness {
 
         private var exitStatus: Int32?
 
-        /// Waits for the exit; the shell's convention for the status (128+N: signal N).
+        /// Waits for the exit; the shell's convention for the status (128+N: signal N). A process
+        /// still running after `timeout` seconds is killed (137) and the test fails saying so: a
+        /// hang fails one test, not the whole run (as a hung `uvm exec` once did in CI).
         @discardableResult
-        func wait() -> Int32 {
+        func wait(timeout: Double = Harness.hangBound, sourceLocation: SourceLocation = #_sourceLocation) -> Int32 {
+            if let exitStatus { return exitStatus }
+            let deadline = Date().addingTimeInterval(timeout)
+            while isRunning {
+                if Date() >= deadline {
+                    kill(pid, SIGKILL)
+                    Issue.record("process \(pid) still running after \(Int(timeout)) s: killed", sourceLocation: sourceLocation)
+                    break
+                }
+                usleep(20_000)
+            }
             if let exitStatus { return exitStatus }
             var raw: Int32 = 0
             while waitpid(pid, &raw, 0) < 0 && errno == EINTR {}
@@ -176,11 +194,15 @@ extension Harness {
         try spawn(uvm, args, env: environment(home: home, extra: env), keepInput: keepInput)
     }
 
-    /// `uvm ARGS` to the end, through posix_spawn (see `Spawned`). With a `timeout`, a command
-    /// still running then is killed (status 137) so that a hang fails the test instead of the run.
-    static func spawnRun(_ args: [String], home: String, env: [String: String] = [:], timeout: Double? = nil) throws -> Result {
+    /// How long any command a test starts may take before it counts as hung (killed, and the
+    /// test fails): far beyond the slowest (a Debian install under TCG).
+    static let hangBound: Double = 900
+
+    /// `uvm ARGS` to the end, through posix_spawn (see `Spawned`). A command still running after
+    /// `timeout` is killed (status 137) so that a hang fails the test instead of the run.
+    static func spawnRun(_ args: [String], home: String, env: [String: String] = [:], timeout: Double = hangBound) throws -> Result {
         let p = try spawnUVM(args, home: home, env: env)
-        if let timeout, !waitUntil(timeout: timeout, { !p.isRunning }) {
+        if !waitUntil(timeout: timeout, { !p.isRunning }) {
             kill(p.pid, SIGKILL)
             p.wait()
             return Result(status: 137, stdout: p.stdout, stderr: Data("(killed after \(timeout) s) \(p.stderr)".utf8))
