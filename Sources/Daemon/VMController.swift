@@ -47,6 +47,11 @@ public actor VMController {
     let shares: ShareService
     /// A VM left behind by an earlier uvmd, being taken over (see `adoptLeftover`).
     private var adopting: Task<Void, Never>?
+    /// The stopped VM's shares being let go of: the next boot waits for it, so that the old VM's
+    /// teardown cannot stop the new VM's exports or take its shared memory away.
+    private var sharesStopping: Task<Void, Never>?
+    /// Checks that the running guest still answers (see `watchGuest`).
+    private var watchdog: Task<Void, Never>?
 
     /// The VM coming and going, for the idle reaper.
     public enum Lifecycle: Sendable { case started(instances: [String]), stopped }
@@ -100,6 +105,7 @@ public actor VMController {
             boot = nil
             running = r
             state = .running
+            watchGuest(r)
             lifecycleSink.yield(.started(instances: r.guest.instances))
             await forwarder?.start(agent: r.agent)
             return r
@@ -144,6 +150,7 @@ public actor VMController {
             throw WireError(.vmUnavailable, "the uvm initramfs is not built (expected \(paths.initramfs)): run `make images`")
         }
         let distros = try await prepareDistroDisks()
+        await sharesStopping?.value
         let preference = AcceleratorPreference(rawValue: settings.accel) ?? .auto
         let accel: AcceleratorChoice
         do {
@@ -354,13 +361,19 @@ public actor VMController {
         stoppedWaiters.removeValue(forKey: id)?.resume(returning: false)
     }
 
-    private func markStopped(generation gen: Int) {
+    private func markStopped(generation gen: Int, reason: String? = nil) {
         guard let r = running, r.generation == gen else { return }
         running = nil
         state = .stopped
+        watchdog?.cancel()
+        watchdog = nil
+        if !stopRequested { lastStopReason = reason ?? "session ended: the VM stopped unexpectedly (QEMU exited; see \(paths.consoleLog))" }
         r.linkChannel.close(promise: nil)
-        Task { await shares.vmStopped() }
-        if !stopRequested { lastStopReason = "session ended: the VM stopped unexpectedly (QEMU exited; see \(paths.consoleLog))" }
+        let shares = shares, previous = sharesStopping
+        sharesStopping = Task {
+            await previous?.value
+            await shares.vmStopped()
+        }
         logger.info("VM stopped", metadata: ["reason": "\(lastStopReason ?? "?")"])
         let waiters = stoppedWaiters.values
         stoppedWaiters = [:]
@@ -622,6 +635,7 @@ public actor VMController {
             running = r
             state = .running
             stopRequested = false
+            watchGuest(r)
             // The earlier uvmd's 9P servers went with it: serve the shares again and remount them,
             // through the virtio-serial ports (the shared memory's server went with it too, and
             // QEMU cannot connect to a new one).
@@ -668,6 +682,48 @@ public actor VMController {
         if stopRequested && connection != nil { return }
         if !stopRequested { await destroyBounded(r.domain) }
         markStopped(generation: gen)
+    }
+
+    /// A guest that stops answering (its kernel hung, its agent wedged) while QEMU lives on would
+    /// hold every session, and every later command, for ever: nothing else ends them. So the agent
+    /// is asked for its info every few seconds; when it has not answered for
+    /// `settings.guestWatchdogSeconds`, QEMU is killed (a hung guest has nothing left to flush)
+    /// and its sessions end saying why. The next command boots a fresh VM.
+    private func watchGuest(_ r: Running) {
+        watchdog?.cancel()
+        let limit = settings.guestWatchdogSeconds
+        guard limit > 0 else { return }
+        let agent = r.agent, gen = r.generation, interval = max(limit / 6, 1)
+        watchdog = Task { [weak self] in
+            var lastAnswer = ContinuousClock.now
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .seconds(interval))
+                guard let self, await self.isRunning(generation: gen), !Task.isCancelled else { return }
+                let answered = (try? await withTimeout(seconds: interval * 2, what: "the guest agent to answer") { try await agent.info() }) != nil
+                if answered {
+                    lastAnswer = .now
+                } else if ContinuousClock.now - lastAnswer >= .seconds(limit) {
+                    await self.guestStoppedAnswering(generation: gen, after: limit)
+                    return
+                }
+            }
+        }
+    }
+
+    private func isRunning(generation gen: Int) -> Bool {
+        state == .running && running?.generation == gen
+    }
+
+    private func guestStoppedAnswering(generation gen: Int, after seconds: Double) async {
+        guard let r = running, r.generation == gen, state == .running else { return }
+        let why = "the VM stopped responding (its agent did not answer for \(Int(seconds)) s)"
+        logger.error("\(why): killing QEMU", metadata: ["qemu": "\(r.domain.qemuPID().map { "\($0)" } ?? "?")"])
+        // Its console says what the guest was doing; the next boot overwrites the log.
+        try? FileManager.default.removeItem(atPath: paths.consoleLog + ".failed")
+        try? FileManager.default.copyItem(atPath: paths.consoleLog, toPath: paths.consoleLog + ".failed")
+        markStopped(generation: gen, reason: "session ended: \(why); its console is in \(paths.consoleLog).failed")
+        if let pid = r.domain.qemuPID() { kill(pid, SIGKILL) }
+        await destroyBounded(r.domain)
     }
 
     /// libvirtd died, restarted or stopped answering keepalives: the next call reconnects. A VM

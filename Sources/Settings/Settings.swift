@@ -46,6 +46,10 @@ public struct Settings: Sendable, Equatable {
     public var ninePOverPorts: Bool = ProcessInfo.processInfo.environment["UVM_9P_TRANSPORT"] == "port"
     /// `UVM_BENCH_VIRTIO_9P=DIR`: QEMU's own virtio-9p export of DIR beside ours (bench_9p.py).
     public var benchVirtio9PDir: String? = ProcessInfo.processInfo.environment["UVM_BENCH_VIRTIO_9P"].flatMap { $0.isEmpty ? nil : $0 }
+    /// `UVM_GUEST_WATCHDOG=SECONDS`: how long the guest agent may go without answering before the VM
+    /// counts as hung and is killed (0: never). Generous: a guest under TCG that is merely busy
+    /// still answers within seconds, and tests lower it.
+    public var guestWatchdogSeconds: Double = ProcessInfo.processInfo.environment["UVM_GUEST_WATCHDOG"].flatMap { Double($0) }.map { max(0, $0) } ?? 120
     /// `UVM_MAX_FORWARDED_PORTS=N`: at most this many guest ports get host listeners (tests lower it).
     public var maxForwardedPorts: Int = ProcessInfo.processInfo.environment["UVM_MAX_FORWARDED_PORTS"].flatMap { Int($0) }.map { max(1, $0) } ?? 512
 

@@ -35,6 +35,31 @@ extension EndToEnd {
             }
         }
 
+        /// A guest that stops answering while QEMU lives on (here: QEMU stopped with SIGSTOP, as a
+        /// hung guest kernel looks from outside) must not hold its sessions for ever: uvmd's
+        /// watchdog kills it, the sessions end saying why, and the next command boots afresh.
+        @Test func aGuestThatStopsAnsweringEndsItsSessions() throws {
+            try Harness.withConfiguredHome("hung-guest", config: Self.config) { home, baseEnv in
+                var env = baseEnv
+                env["UVM_GUEST_WATCHDOG"] = "6"
+                let sleepers = try startSleepers(2, home: home, env: env)
+                let qemu = try #require(try Harness.status(home: home, env: env)["qemuPID"] as? Int)
+                kill(pid_t(qemu), SIGSTOP)
+                defer { kill(pid_t(qemu), SIGKILL) }
+                let started = Date()
+                for p in sleepers {
+                    let status = p.wait(timeout: 120)
+                    let message = p.stderr
+                    #expect(status == 125 && message.contains("the VM stopped responding (its agent did not answer for 6 s)"),
+                            "status \(status), stderr: \(message)\n\(Harness.daemonLog(home))")
+                }
+                print("hung guest: sessions ended \(String(format: "%.1f", Date().timeIntervalSince(started))) s after QEMU stopped")
+                #expect(Harness.waitUntil(timeout: 30) { !Harness.alive(qemu) }, "the hung QEMU \(qemu) is still there")
+                let r = try Harness.spawnRun(["exec", "--", "echo", "fresh"], home: home, env: env, timeout: 300)
+                #expect(r.status == 0 && r.out == "fresh\n", "stderr: \(r.err)\n\(Harness.daemonLog(home))")
+            }
+        }
+
         /// Several `uvm` started at once each launch a uvmd; all but one find the lock taken. Their
         /// commands wait for the winner instead of failing (as one did in CI, with uvmd's usage text).
         @Test func aCommandThatLosesTheStartRaceWaitsForTheWinner() throws {
