@@ -224,5 +224,14 @@ public enum GuestAgent {
 
 func log(_ message: String) {
     let line = "uvm-init: \(message)\n"
-    _ = line.withCString { write(2, $0, strlen($0)) }
+    _ = line.withCString { write(logDescriptor, $0, strlen($0)) }
 }
+
+/// PID 1 logs to the console through a non-blocking descriptor of its own: a serial line that
+/// stops draining (QEMU's end stuck) drops log lines instead of blocking the thread that logs,
+/// which would stall the agent's actors and every session with them. Elsewhere (tests): stderr.
+private let logDescriptor: Int32 = {
+    guard getpid() == 1 else { return 2 }
+    let fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_NONBLOCK | O_CLOEXEC)
+    return fd >= 0 ? fd : 2
+}()
