@@ -83,6 +83,11 @@ for suite in "${heavy[@]}"; do
     ((rc1 != 0)) || rc1=$rc
 done
 stop_uvmd "$TEST_HOME"
+# The account tests start $user's session libvirtd and virtlogd with an XDG_CONFIG_HOME of their
+# own, deleted when they end; those daemons linger (120 s idle timeout) and phase 2 would reuse them
+# (its first VMs' state under a deleted directory). Phase 2 starts its own.
+for d in libvirtd virtlogd; do pkill -u "$user" -x "$d" || true; done
+for _ in {1..50}; do pgrep -u "$user" -x 'libvirtd|virtlogd' >/dev/null || break; sleep 0.2; done
 
 echo "test: phase 2 of 2: the end-to-end suite as $user (qemu:///session)" | tee -a "$TEST_LOG"
 (cd "$stage" && timeout "$BOUND" "${as_user[@]}" env -i \
