@@ -72,10 +72,16 @@ def write_results(out, name, res, rows, value_width):
     print(table)
 
 
+def boot_image(kernel):
+    """What uvm boots for this kernel (Paths.bootImage): the vmlinux beside a bzImage, if any."""
+    vmlinux = os.path.join(os.path.dirname(kernel), "vmlinux")
+    return vmlinux if os.path.basename(kernel) == "bzImage" and os.path.exists(vmlinux) else kernel
+
+
 def bare_qemu(mem, cpus, accel):
     cmd = ["qemu-system-x86_64", "-M", "q35", "-accel", accel, "-m", str(mem), "-smp", str(cpus),
            "-nodefaults", "-no-user-config", "-nographic", "-serial", "null", "-no-reboot",
-           "-kernel", KERNEL, "-initrd", INITRD,
+           "-kernel", boot_image(KERNEL), "-initrd", INITRD,
            # uvm's VM has a virtio-rng too: without one the guest's CRNG is ready only ~1.1 s
            # after /init under TCG, and the agent's first getrandom() (the Swift runtime's hash
            # seed) waits for it, which made the bare boot look that much slower than it is.

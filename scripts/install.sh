@@ -49,6 +49,9 @@ install)
     put "$bin/uvm-version" share/uvm/version 0644
     put "$kernel/bzImage" share/uvm/kernel/bzImage 0644
     put "$kernel/release" share/uvm/kernel/release 0644
+    # The same kernel uncompressed, booted through its PVH entry (Paths.bootImage); older kernel
+    # builds have none, and the bzImage boots then.
+    [[ -s $kernel/vmlinux ]] && put "$kernel/vmlinux" share/uvm/kernel/vmlinux 0644
     put "$images/initramfs.cpio" share/uvm/images/initramfs.cpio 0644
     put "$images/busybox.ext4" share/uvm/images/busybox.ext4 0644
     # The recipes `uvm install` runs (the initramfs and busybox recipes build what is above).

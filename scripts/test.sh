@@ -54,6 +54,8 @@ rm -rf "$TEST_HOME" "$stage" "$user_test_home"
 mkdir -p "$stage"/{bin,kernel,images,tests,fixtures}
 cp "$UVM_BIN"/{uvm,uvmd} "$stage/bin/"
 cp "$UVM_KERNEL" "$stage/kernel/bzImage"
+vmlinux=$(dirname "$UVM_KERNEL")/vmlinux
+[[ -s $vmlinux ]] && cp "$vmlinux" "$stage/kernel/vmlinux"
 cp "$(dirname "$UVM_KERNEL")/release" "$stage/kernel/release" 2>/dev/null || true
 cp --sparse=always "$UVM_IMAGES"/* "$stage/images/"
 cp "$bundle" "$stage/tests/"

@@ -141,7 +141,7 @@ public actor VMController {
 
     private func bootVM(progress: @escaping @Sendable (String) async -> Void) async throws -> Running {
         let fm = FileManager.default
-        let kernel = settings.kernel ?? paths.kernel
+        let kernel = Paths.bootImage(for: settings.kernel ?? paths.kernel)
         guard fm.fileExists(atPath: kernel) else {
             let fix = settings.kernel == nil ? "run `make kernel`" : "run `make kernel`, or fix the kernel setting (`uvm config show` says where it is set)"
             throw WireError(.vmUnavailable, "the uvm kernel is not built (expected \(kernel)): \(fix)")

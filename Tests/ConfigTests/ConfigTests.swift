@@ -168,4 +168,18 @@ import Testing
         #expect(text.contains("instanceIdleTimeout = 15s"))
         #expect(text.contains("# default"))
     }
+
+    /// uvm's own kernel boots as the vmlinux beside its bzImage (PVH: no decompression in the
+    /// emulated guest); without one, or for a kernel not named bzImage, the image as given.
+    @Test func bootsTheVmlinuxBesideTheBzImage() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("uvm-kernel-\(getpid())-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        #expect(FileManager.default.createFile(atPath: "\(dir)/bzImage", contents: Data("b".utf8)))
+        #expect(Paths.bootImage(for: "\(dir)/bzImage") == "\(dir)/bzImage")
+        #expect(FileManager.default.createFile(atPath: "\(dir)/vmlinux", contents: Data("v".utf8)))
+        #expect(Paths.bootImage(for: "\(dir)/bzImage") == "\(dir)/vmlinux")
+        #expect(FileManager.default.createFile(atPath: "\(dir)/mykernel", contents: Data("k".utf8)))
+        #expect(Paths.bootImage(for: "\(dir)/mykernel") == "\(dir)/mykernel")
+    }
 }

@@ -20,6 +20,14 @@ extension EndToEnd {
             #expect(guest == built)
             #expect(guest != host)
             #expect(guest.hasSuffix("-uvm"))
+            // Booted as the uncompressed vmlinux that kernel.sh keeps beside the bzImage, through
+            // its PVH entry point.
+            let vmlinux = (kernel as NSString).deletingLastPathComponent + "/vmlinux"
+            #expect(FileManager.default.fileExists(atPath: vmlinux), "kernel.sh left no vmlinux beside \(kernel)")
+            let qemu = try #require(try Harness.status(home: Harness.home)["qemuPID"] as? Int)
+            let args = (FileManager.default.contents(atPath: "/proc/\(qemu)/cmdline") ?? Data()).split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+            let image = args.firstIndex(of: "-kernel").map { args[$0 + 1] }
+            #expect(image == vmlinux, "QEMU's command line: \(args)")
         }
 
         @Test func exitStatusIsTheCommands() throws {
