@@ -116,6 +116,8 @@ def main():
     for i in range(a.cold_runs):
         uvm(home, "stop")
         cold.append(timed(lambda: uvm(home, "exec", "--", "true")))
+        # uvm's VM, idle, would still take CPU from the bare boot.
+        uvm(home, "stop")
         bare.append(timed(lambda: bare_qemu(mem, min(cpus, 8), accel)))
         print(f"  cold run {i + 1}/{a.cold_runs}: uvm {cold[-1]:.2f} s, bare qemu {bare[-1]:.2f} s", file=sys.stderr)
 
