@@ -191,7 +191,7 @@ public actor VMController {
         spec.hotplugSlots = Self.hotplugSlots
         // Swap: a fresh sparse file each boot (nothing in it outlives the VM), on the host's disk.
         let swap = await prepareSwap()
-        if let swap { spec.disks.append(VMSpec.Disk(path: swap, serial: Self.swapSerial)) }
+        if let swap { spec.disks.append(VMSpec.Disk(path: swap, serial: Self.swapSerial, fixed: true)) }
         // The 9P rings' shared memory: QEMU connects to its server when the domain starts. Without
         // it (or with UVM_9P_TRANSPORT=port) shares go through the virtio-serial ports.
         var transport: ShmTransport?

@@ -100,6 +100,27 @@ import FoundationXML
         #expect(try value(d, "seclabel/label") == "+0:+0")
     }
 
+    /// Devices the VM keeps for life (swap, virtio-serial, NIC, rng, balloon, ivshmem) sit on the
+    /// root bus at distinct slots; root ports exist only for the hot-unpluggable disks and the
+    /// empty hot-plug slots (each root port costs the guest's boot time).
+    @Test func fixedDevicesAreOnTheRootBusAndRootPortsOnlyWhereHotPlugNeedsThem() throws {
+        var spec = Self.full
+        spec.disks.append(.init(path: "/var/lib/uvm/swap.img", serial: "uvm.swap", fixed: true))
+        spec.sharedMemory = [.init(name: "uvm-9p", serverPath: "/run/uvm/9p-shm.sock", vectors: 8)]
+        spec.hotplugSlots = 5
+        let d = try parse(spec)
+        let onRootBus = try nodes(d, "devices/*/address[@bus='0x00']")
+        let owners = onRootBus.compactMap { $0.parent?.name }.sorted()
+        #expect(owners == ["controller", "disk", "interface", "memballoon", "rng", "shmem"])
+        #expect(try value(d, "devices/controller[@type='virtio-serial']/address/@bus") == "0x00")
+        #expect(try value(d, "devices/disk[serial='uvm.swap']/address/@bus") == "0x00")
+        #expect(try nodes(d, "devices/disk[serial='uvm-debian']/address").isEmpty)
+        let slots = try nodes(d, "devices/*/address[@bus='0x00']/@slot").compactMap(\.stringValue)
+        #expect(Set(slots).count == slots.count && slots.allSatisfy { $0.hasPrefix("0x1") }, "\(slots)")
+        // Two distro disks + five empty slots.
+        #expect(try nodes(d, "devices/controller[@model='pcie-root-port']").count == 7)
+    }
+
     @Test func kvmUsesHostPassthrough() throws {
         var spec = Self.full
         spec.accelerator = .kvm
