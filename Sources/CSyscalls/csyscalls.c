@@ -404,6 +404,11 @@ int uvm_wait_port_connected(int fd, int timeout_ms) {
     }
 }
 
+int uvm_readable_now(int fd) {
+    struct pollfd p = { fd, POLLIN, 0 };
+    return poll(&p, 1, 0) > 0 && (p.revents & (POLLIN | POLLHUP | POLLERR)) ? 1 : 0;
+}
+
 int uvm_mount(const char *source, const char *target, const char *fstype, unsigned long flags, const char *data) {
     mkdir(target, 0755);
     if (mount(source, target, fstype, flags, data) < 0 && errno != EBUSY) return errno;

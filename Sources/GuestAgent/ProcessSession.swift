@@ -77,6 +77,11 @@ struct ProcessSession {
         childFDs.forEach { close($0) }
         childFDs = []
 
+        // Our own descriptors of the output pipes (or the pty master), never read: after the
+        // process exits they say whether output still waits to be read, whatever NIO has got to.
+        let outputWatch = [stdoutChannelFD.input, stderrFD].compactMap { $0 }.map { fcntl($0, F_DUPFD_CLOEXEC, 0) }.filter { $0 >= 0 }
+        defer { outputWatch.forEach { close($0) } }
+
         let group = MultiThreadedEventLoopGroup.singleton
         // Stdin is a channel of its own, not the output side of stdout's: a process that exits
         // with stdin unread makes the write fail (EPIPE), and NIO then closes the whole channel,
@@ -105,11 +110,11 @@ struct ProcessSession {
         let status: Int32 = try await mainChannel.executeThenClose { mainIn, mainOut in
             guard let stdinChannel else {
                 return try await supervise(pid: pid, output: mainIn, errChannel: errChannel,
-                                           stdin: mainOut, stdinChannel: mainChannel.channel, master: master)
+                                           stdin: mainOut, stdinChannel: mainChannel.channel, master: master, watch: outputWatch)
             }
             return try await stdinChannel.executeThenClose { _, stdinOut in
                 try await supervise(pid: pid, output: mainIn, errChannel: errChannel,
-                                    stdin: stdinOut, stdinChannel: stdinChannel.channel, master: master)
+                                    stdin: stdinOut, stdinChannel: stdinChannel.channel, master: master, watch: outputWatch)
             }
         }
         let decoded = exitStatus(fromWaitStatus: status)
@@ -119,7 +124,8 @@ struct ProcessSession {
     /// Relays the process's stdio until it has exited and its output has ended (or gone idle);
     /// returns its wait status.
     private func supervise(pid: pid_t, output: NIOAsyncChannelInboundStream<ByteBuffer>, errChannel: NIOAsyncChannel<ByteBuffer, ByteBuffer>?,
-                           stdin: NIOAsyncChannelOutboundWriter<ByteBuffer>, stdinChannel: Channel, master: Int32?) async throws -> Int32 {
+                           stdin: NIOAsyncChannelOutboundWriter<ByteBuffer>, stdinChannel: Channel, master: Int32?,
+                           watch: [Int32]) async throws -> Int32 {
         let activity = ActivityCounter()
         // Input from the client runs until the session ends; it is not part of the group
         // below because the process may exit while the client still holds its stdin.
@@ -142,14 +148,32 @@ struct ProcessSession {
                 case .exited(let st):
                     status = st
                     // What the process wrote is in the pipes already. Wait for EOF, but not
-                    // for background processes that inherited the pipes: stop once idle.
+                    // for background processes that inherited the pipes: stop once idle. Idle
+                    // is nothing read for 250 ms, no chunk on its way to the client, and nothing
+                    // waiting in the pipes, neither data nor the EOF of writers gone. Output
+                    // that NIO or the client's stream was slow to take (a busy guest, a cold
+                    // boot, a pager not reading yet) was dropped when idleness was only "nothing
+                    // read for 250 ms": an exit status 0 arrived without the output.
+                    // A chunk on its way waits for the client, as long as the client is there
+                    // (if it goes, the write fails and the session ends). Output left in the
+                    // pipes with nothing on its way should be read at once: that wait is bounded.
                     events.addTask {
                         var last = activity.value
+                        var stalled = 0
                         while true {
                             try await Task.sleep(for: .milliseconds(250))
                             let now = activity.value
-                            if now == last { return .outputIdle }
-                            last = now
+                            if now != last || activity.inFlight > 0 {
+                                last = now
+                                stalled = 0
+                                continue
+                            }
+                            if !watch.contains(where: { uvm_readable_now($0) != 0 }) { return .outputIdle }
+                            stalled += 1
+                            if stalled >= 240 {
+                                log("process \(pid): its output waited 60 s in its pipes, unread, after it exited; ending the session")
+                                return .outputIdle
+                            }
                         }
                     }
                 case .outputIdle: open = 0
@@ -166,7 +190,8 @@ struct ProcessSession {
     private func pump(_ input: NIOAsyncChannelInboundStream<ByteBuffer>, as kind: FrameKind, activity: ActivityCounter) async throws {
         do {
             for try await chunk in input {
-                activity.bump()
+                activity.begin()
+                defer { activity.end() }
                 try await outbound.write(Frame(kind, chunk))
             }
         } catch let e as IOError where e.errnoCode == EIO {
@@ -331,11 +356,18 @@ final class ByteCount: Sendable {
     var value: Int { count.load(ordering: .relaxed) }
 }
 
-/// Counts output chunks, so that a drain can tell whether output is still flowing.
+/// Counts output chunks, and those read but not yet handed to the client's stream, so that a
+/// drain can tell whether output is still flowing.
 final class ActivityCounter: Sendable {
     private let count = Atomic<Int>(0)
-    func bump() { count.add(1, ordering: .relaxed) }
+    private let writing = Atomic<Int>(0)
+    func begin() {
+        count.add(1, ordering: .relaxed)
+        writing.add(1, ordering: .relaxed)
+    }
+    func end() { writing.subtract(1, ordering: .relaxed) }
     var value: Int { count.load(ordering: .relaxed) }
+    var inFlight: Int { writing.load(ordering: .relaxed) }
 }
 
 extension Optional where Wrapped == String {

@@ -57,6 +57,9 @@ int uvm_relay_finish(uvm_relay *relay, int timeout_ms);
 /// Waits until the host side of a virtio-serial port is connected (the port reports POLLHUP
 /// until then, and reads would return EOF). Returns 0, or -1 on timeout (timeout_ms < 0: none).
 int uvm_wait_port_connected(int fd, int timeout_ms);
+/// 1 when reading `fd` would not block (data waits in it, or its writers are gone and EOF waits),
+/// else 0. Does not read.
+int uvm_readable_now(int fd);
 
 /// PID 1 plumbing: mount a file system, ignoring EBUSY (already mounted). Returns 0 or errno.
 int uvm_mount(const char *source, const char *target, const char *fstype, unsigned long flags, const char *data);
