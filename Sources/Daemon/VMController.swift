@@ -699,7 +699,12 @@ public actor VMController {
             while !Task.isCancelled {
                 try? await Task.sleep(for: .seconds(interval))
                 guard let self, await self.isRunning(generation: gen), !Task.isCancelled else { return }
-                let answered = (try? await withTimeout(seconds: interval * 2, what: "the guest agent to answer") { try await agent.info() }) != nil
+                // Any reply counts, an error too (an agent of another uvm version may fail to
+                // describe itself): only silence is a hang.
+                let answered = (try? await withTimeout(seconds: interval * 2, what: "the guest agent to answer") {
+                    _ = try? await agent.info()
+                    return true
+                }) ?? false
                 if answered {
                     lastAnswer = .now
                 } else if ContinuousClock.now - lastAnswer >= .seconds(limit) {
