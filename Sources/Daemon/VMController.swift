@@ -250,9 +250,8 @@ public actor VMController {
         } catch {
             await destroyBounded(domain)
             let tail = consoleTail()
-            // The next boot overwrites the console log: keep this one whole, and its end in uvmd's log.
-            try? FileManager.default.removeItem(atPath: paths.consoleLog + ".failed")
-            try? FileManager.default.copyItem(atPath: paths.consoleLog, toPath: paths.consoleLog + ".failed")
+            // Kept whole, and its end in uvmd's log.
+            keepFailedConsole()
             logger.error("the VM did not come up", metadata: ["error": "\(error)", "console": "\(tail)"])
             throw WireError(.vmUnavailable, "the VM did not come up: \(error)" + (tail.isEmpty ? "" : "\nconsole (\(paths.consoleLog)):\n\(tail)"))
         }
@@ -715,18 +714,27 @@ public actor VMController {
         }
     }
 
+    /// Copies the console log of a VM that failed beside it (the next boot overwrites the log);
+    /// returns where.
+    @discardableResult
+    private func keepFailedConsole() -> String {
+        let kept = paths.consoleLog + ".failed"
+        try? FileManager.default.removeItem(atPath: kept)
+        try? FileManager.default.copyItem(atPath: paths.consoleLog, toPath: kept)
+        return kept
+    }
+
     private func isRunning(generation gen: Int) -> Bool {
         state == .running && running?.generation == gen
     }
 
     private func guestStoppedAnswering(generation gen: Int, after seconds: Double) async {
-        guard let r = running, r.generation == gen, state == .running else { return }
+        guard isRunning(generation: gen), let r = running else { return }
         let why = "the VM stopped responding (its agent did not answer for \(Int(seconds)) s)"
         logger.error("\(why): killing QEMU", metadata: ["qemu": "\(r.domain.qemuPID().map { "\($0)" } ?? "?")"])
-        // Its console says what the guest was doing; the next boot overwrites the log.
-        try? FileManager.default.removeItem(atPath: paths.consoleLog + ".failed")
-        try? FileManager.default.copyItem(atPath: paths.consoleLog, toPath: paths.consoleLog + ".failed")
-        markStopped(generation: gen, reason: "session ended: \(why); its console is in \(paths.consoleLog).failed")
+        // Its console says what the guest was doing.
+        let console = keepFailedConsole()
+        markStopped(generation: gen, reason: "session ended: \(why); its console is in \(console)")
         if let pid = r.domain.qemuPID() { kill(pid, SIGKILL) }
         await destroyBounded(r.domain)
     }
