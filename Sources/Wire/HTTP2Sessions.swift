@@ -85,15 +85,18 @@ final class StreamFramer: ChannelDuplexHandler {
         default:
             break
         }
-        // Answer END_STREAM before passing the data on: whoever reads the final frame may close
-        // the stream at once, and it must be closed by then, not reset.
+        // Pass the data on first, then answer END_STREAM in the same event-loop turn: the answer
+        // may close the stream at once (when this read came from the stream's backlog after a
+        // slow reader caught up), and the final frame must be in the reader's buffer by then.
+        // No reader can close the stream in between (that takes a turn of this loop), so the
+        // stream still closes cleanly, not by reset.
+        if let bytes { context.fireChannelRead(self.wrapInboundOut(bytes)) }
         if remoteEnded && self.isClient && !self.endSent {
             self.sendHeadersIfNeeded(context: context)
             self.endSent = true
             let end = HTTP2Frame.FramePayload.data(.init(data: .byteBuffer(ByteBuffer()), endStream: true))
             context.writeAndFlush(self.wrapOutboundOut(end), promise: nil)
         }
-        if let bytes { context.fireChannelRead(self.wrapInboundOut(bytes)) }
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {

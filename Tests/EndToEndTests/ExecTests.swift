@@ -84,6 +84,19 @@ extension EndToEnd {
             #expect(r.out.trimmingCharacters(in: .whitespaces) == "50000000\n")
         }
 
+        @Test func aReaderThatFallsBehindStillGetsTheExitStatus() throws {
+            // `uvm exec ... | less`: the reader starts late, the guest is held back by flow
+            // control, and the exit status must still arrive after the output (the VM is up
+            // first, so that the output is ready before the reader is). It used to end
+            // with "the VM stopped unexpectedly" (exit 125) once all the output had been read.
+            let r = try Harness.shell("""
+                uvm exec -- true
+                (uvm exec -- sh -c 'head -c 1000000 /dev/zero; exit 7'; echo "status $?" > "$UVM_HOME/st") | (sleep 2; wc -c)
+                cat "$UVM_HOME/st"; rm -f "$UVM_HOME/st"
+                """)
+            #expect(r.out.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) } == ["1000000", "status 7"], "stderr: \(r.err)")
+        }
+
         @Test func twentyConcurrentExecsGetTheirOwnOutputAndStatus() throws {
             let results = Mutex20()
             DispatchQueue.concurrentPerform(iterations: 20) { i in

@@ -102,4 +102,35 @@ import Wire
             #expect(ok)
         }
     }
+
+    /// A reader that falls behind (`uvm exec ... | less`) holds the guest back by flow control;
+    /// when it catches up, the exit frame must still arrive. It was lost: the client answered the
+    /// guest's END_STREAM before passing the final frame on, and when that frame came from the
+    /// stream's backlog (not straight off the connection) the stream closed at once and the frame
+    /// went nowhere ("the guest ended a session without answering").
+    @Test func aSlowReaderStillGetsTheExitFrame() async throws {
+        let (client, server, channels) = try await link()
+        let serverTask = Task { try await serve(server) }
+        defer { serverTask.cancel(); channels.forEach { $0.close(promise: nil) } }
+        for round in 0..<3 {
+            let s = try await HTTP2Sessions.openSession(client)
+            let (got, exit) = try await s.executeThenClose { inbound, outbound in
+                try await outbound.write(.json(.request, GuestRequest.exec(GuestExecRequest(exec: ExecRequest(argv: ["cat"]), distroDisk: "uvm-test"))))
+                let chunk = ByteBuffer(repeating: 7, count: 16 << 10)
+                for _ in 0..<64 { try await outbound.write(Frame(.stdin, chunk)) }
+                try await outbound.write(Frame(.stdinEOF))
+                // Not reading for a while: the echoed output backs up behind us.
+                try await Task.sleep(for: .milliseconds(300))
+                var got = 0
+                var exit: Wire.ExitStatus? = nil
+                for try await frame in inbound {
+                    if frame.kind == .stdout { got += frame.payload.readableBytes }
+                    if frame.kind == .exit { exit = try frame.decode(Wire.ExitStatus.self) }
+                }
+                return (got, exit)
+            }
+            #expect(got == 1 << 20, "round \(round)")
+            #expect(exit?.code == 0, "round \(round): no exit frame after \(got) bytes")
+        }
+    }
 }
