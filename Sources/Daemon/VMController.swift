@@ -25,6 +25,9 @@ public actor VMController {
         var generation: Int
         /// Serials of the distro disks attached to this VM (at boot, or hot-plugged since).
         var disks: Set<String> = []
+        /// Where its boot spent its time (nil for a VM adopted from an earlier uvmd).
+        var boot: BootPhases? = nil
+        var firmware: String? = nil
     }
 
     let paths: Paths
@@ -140,6 +143,7 @@ public actor VMController {
     }
 
     private func bootVM(progress: @escaping @Sendable (String) async -> Void) async throws -> Running {
+        let requested = ContinuousClock.now
         let fm = FileManager.default
         let kernel = Paths.bootImage(for: settings.kernel ?? paths.kernel)
         guard fm.fileExists(atPath: kernel) else {
@@ -189,6 +193,11 @@ public actor VMController {
             consoleLog: paths.consoleLog, userNetwork: true,
             processIdentity: .forConnection(uri: settings.libvirtURI))
         spec.hotplugSlots = Self.hotplugSlots
+        do {
+            spec.firmware = try Firmware.image(for: settings.firmware)
+        } catch {
+            throw WireError(.vmUnavailable, error.description)
+        }
         // Swap: a fresh sparse file each boot (nothing in it outlives the VM), on the host's disk.
         let swap = await prepareSwap()
         if let swap { spec.disks.append(VMSpec.Disk(path: swap, serial: Self.swapSerial, fixed: true)) }
@@ -217,6 +226,7 @@ public actor VMController {
         } catch {
             throw WireError(.vmUnavailable, "libvirt could not start the VM: \(error)")
         }
+        let created = ContinuousClock.now
         generation += 1
         let gen = generation
         do {
@@ -229,7 +239,8 @@ public actor VMController {
             if agent.incompatibility != nil {
                 throw WireError(.versionMismatch, "the guest agent in \(paths.initramfs) speaks uvm protocol \(guest.protocolVersion ?? WireVersion.unversioned), this uvmd \(WireVersion.current): rebuild it with this uvm (`make`)")
             }
-            logger.info("guest up", metadata: ["kernel": "\(guest.kernelRelease)", "boot": "\(ContinuousClock.now - started)"])
+            let answered = ContinuousClock.now
+            logger.info("guest up", metadata: ["kernel": "\(guest.kernelRelease)", "boot": "\(answered - started)"])
             channel.closeFuture.whenComplete { _ in
                 Task { await self.linkClosed(generation: gen) }
             }
@@ -245,8 +256,18 @@ public actor VMController {
             }
             await applyMemoryPolicy(agent)
             await shares.vmStarted(agent: agent, transport: transport)
+            let ready = ContinuousClock.now
+            func seconds(_ d: Duration) -> Double { Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18 }
+            let guestSide = seconds(answered - created)  // firmware + kernel + agent
+            let kernel = guest.initStartedSeconds
+            let boot = BootPhases(
+                prepare: seconds(started - requested), libvirt: seconds(created - started),
+                firmware: max(0, guestSide - guest.uptimeSeconds), kernel: kernel,
+                agent: kernel.map { guest.uptimeSeconds - $0 }, setup: seconds(ready - answered),
+                total: seconds(ready - requested))
+            logger.info("boot phases", metadata: ["seconds": "\(boot)"])
             return Running(domain: domain, agent: agent, linkChannel: channel, accel: accel, guest: guest,
-                           bootedAt: started, generation: gen, disks: Set(spec.disks.map(\.serial)))
+                           bootedAt: started, generation: gen, disks: Set(spec.disks.map(\.serial)), boot: boot, firmware: spec.firmware)
         } catch {
             await destroyBounded(domain)
             let tail = consoleTail()
@@ -761,6 +782,8 @@ public actor VMController {
         s.qemuPID = r.domain.qemuPID().map { Int32($0) }
         s.qemuRSSKiB = s.qemuPID.flatMap { residentKiB(pid: $0) }
         s.memoryMiB = settings.memoryMiB
+        s.boot = r.boot
+        if r.boot != nil { s.firmware = r.firmware ?? "seabios" }  // unknown for an adopted VM
         if let g = try? await r.agent.info() {
             s.kernelRelease = g.kernelRelease
             s.uptimeSeconds = g.uptimeSeconds

@@ -85,8 +85,10 @@ public struct VMSpec: Sendable, Equatable {
     public var accelerator: Accelerator
     public var memoryMiB: Int
     public var vcpus: Int
-    /// Direct kernel boot. nil boots firmware only (SeaBIOS), which tests use.
+    /// Direct kernel boot. nil boots firmware only, which tests use.
     public var kernel: String?
+    /// A BIOS image in place of QEMU's SeaBIOS (`-bios`): qboot, which only loads the kernel.
+    public var firmware: String? = nil
     public var initrd: String?
     public var cmdline: String?
     public var disks: [Disk]
@@ -148,6 +150,7 @@ public func domainXML(for spec: VMSpec) -> String {
 
     x.open("os")
     x.leaf("type", "hvm", ["arch": "x86_64", "machine": "q35"])
+    if let firmware = spec.firmware { x.leaf("loader", firmware, ["readonly": "yes", "type": "rom"]) }
     if let kernel = spec.kernel { x.leaf("kernel", kernel) }
     if let initrd = spec.initrd { x.leaf("initrd", initrd) }
     if let cmdline = spec.cmdline { x.leaf("cmdline", cmdline) }

@@ -121,6 +121,15 @@ extension Settings {
         SettingKey("vm", "kernelCommandLine", env: "UVM_KERNEL_CMDLINE", "appended to the kernel command line",
                    parse: { v, s in s.kernelCommandLine = v },
                    show: { $0.kernelCommandLine }),
+        SettingKey("vm", "firmware", env: "UVM_FIRMWARE",
+                   "what the VM starts from: auto (qboot if QEMU has it, else SeaBIOS), seabios, qboot, or a BIOS image's path",
+                   parse: { v, s throws(SettingValueError) in
+                       guard ["auto", "seabios", "qboot"].contains(v) || v.hasPrefix("/") else {
+                           throw SettingValueError("expected auto, seabios, qboot or an absolute path")
+                       }
+                       s.firmware = v
+                   },
+                   show: { $0.firmware }),
         SettingKey("vm", "accel", env: "UVM_ACCEL", "auto, kvm or tcg",
                    parse: { v, s throws(SettingValueError) in
                        guard ["auto", "kvm", "tcg"].contains(v) else { throw SettingValueError("expected auto, kvm or tcg") }

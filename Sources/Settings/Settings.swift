@@ -12,6 +12,8 @@ public struct Settings: Sendable, Equatable {
     public var memoryMiB: Int = 2048
     public var processors: Int = min(max(ProcessInfo.processInfo.activeProcessorCount, 1), 8)
     public var accel: String = "auto"          // auto | kvm | tcg
+    /// What the VM starts from: auto (qboot when QEMU ships it, else SeaBIOS), seabios, qboot, or a path.
+    public var firmware: String = "auto"
     public var kernelCommandLine: String = ""  // appended to ours
     public var libvirtURI: String = getuid() == 0 ? "qemu:///system" : "qemu:///session"
     public var defaultDistro: String = "busybox"

@@ -88,6 +88,8 @@ public struct GuestInfo: Codable, Sendable, Equatable {
     /// The memory policy in force and the last reclaim it made.
     public var memoryReclaim: MemoryReclaimMode?
     public var lastReclaim: ReclaimRecord?
+    /// The guest's uptime when its PID 1 (/init) started: the kernel's own share of a boot.
+    public var initStartedSeconds: Double?
     public init(kernelRelease: String, uptimeSeconds: Double, memTotalKiB: UInt64, memAvailableKiB: UInt64, instances: [String],
                 protocolVersion: Int? = WireVersion.current) {
         self.protocolVersion = protocolVersion
@@ -153,6 +155,9 @@ public struct VMStatus: Codable, Sendable, Equatable {
     public var lastReclaimSecondsAgo: Double?
     /// Each installed distribution's disk: what it takes on the host next to its maximum.
     public var disks: [DiskUsage]?
+    /// Where the running VM's boot spent its time, and the BIOS it started from.
+    public var boot: BootPhases?
+    public var firmware: String?
     public init(state: String, daemonPID: Int32, sessions: Int) {
         self.state = state
         self.daemonPID = daemonPID
@@ -246,4 +251,27 @@ extension Frame {
     public static func error(_ error: WireError) -> Frame { .json(.error, error) }
 
     public static func progress(_ line: String) -> Frame { Frame(.progress, ByteBuffer(string: line)) }
+}
+
+/// Where a cold start's time went, in seconds: host-side phases by uvmd's clock, guest-side ones
+/// from the guest's uptime (10 ms resolution), so that `make bench` can say which hop to cut.
+public struct BootPhases: Codable, Sendable, Equatable {
+    /// Boot requested to libvirt asked: distro disks, accelerator probe, swap file, domain XML.
+    public var prepare: Double
+    /// libvirt creating the domain: QEMU started, set up over QMP, and let run.
+    public var libvirt: Double
+    /// libvirt done to the kernel's clock starting: firmware, loading the kernel (from the
+    /// guest's uptime at its first answer, so it carries that answer's trip too).
+    public var firmware: Double?
+    /// The kernel's clock starting to /init running (the initramfs unpacked, devices probed).
+    public var kernel: Double?
+    /// /init running to the agent's first answer reaching uvmd (its port found, HTTP/2 up).
+    public var agent: Double?
+    /// After that answer: swap, memory policy, shares mounted.
+    public var setup: Double
+    /// Boot requested to the VM ready for sessions.
+    public var total: Double
+    public init(prepare: Double, libvirt: Double, firmware: Double?, kernel: Double?, agent: Double?, setup: Double, total: Double) {
+        (self.prepare, self.libvirt, self.firmware, self.kernel, self.agent, self.setup, self.total) = (prepare, libvirt, firmware, kernel, agent, setup, total)
+    }
 }

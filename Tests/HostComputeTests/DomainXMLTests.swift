@@ -129,8 +129,29 @@ import FoundationXML
         #expect(try value(d, "cpu/@mode") == "host-passthrough")
     }
 
+    @Test func firmwareIsALoaderROM() throws {
+        var spec = Self.full
+        spec.firmware = "/usr/share/qemu/qboot.rom"
+        let d = try parse(spec)
+        #expect(try value(d, "os/loader") == "/usr/share/qemu/qboot.rom")
+        #expect(try value(d, "os/loader/@type") == "rom")
+        #expect(try value(d, "os/loader/@readonly") == "yes")
+    }
+
+    @Test func firmwareSettingPicksQbootOnlyWhereItIs() throws {
+        let qboot = Firmware.qemuDataDirectories[0] + "/qboot.rom"
+        #expect(try Firmware.image(for: "auto", readable: { $0 == qboot }) == qboot)
+        #expect(try Firmware.image(for: "auto", readable: { _ in false }) == nil)  // SeaBIOS
+        #expect(try Firmware.image(for: "seabios", readable: { _ in true }) == nil)
+        #expect(try Firmware.image(for: "qboot", readable: { $0 == qboot }) == qboot)
+        #expect(try Firmware.image(for: "/opt/bios.bin", readable: { $0 == "/opt/bios.bin" }) == "/opt/bios.bin")
+        #expect(throws: Firmware.Missing.self) { try Firmware.image(for: "qboot", readable: { _ in false }) }
+        #expect(throws: Firmware.Missing.self) { try Firmware.image(for: "/opt/none.bin", readable: { _ in false }) }
+    }
+
     @Test func minimalSpecOmitsWhatIsNotAsked() throws {
         let d = try parse(VMSpec(name: "bare", accelerator: .tcg, userNetwork: false, processIdentity: .libvirtDefault))
+        #expect(try nodes(d, "os/loader").isEmpty)
         #expect(try nodes(d, "os/kernel").isEmpty)
         #expect(try nodes(d, "os/initrd").isEmpty)
         #expect(try nodes(d, "os/cmdline").isEmpty)
