@@ -115,6 +115,14 @@ struct GuestMetadata: Equatable {
     }
 
     var bytes: [UInt8] { Array("\(uid) \(gid) \(mode) \(rdev)".utf8) }
+
+    /// What the guest sees a host inode of type `host` as: a regular file on the host stands for
+    /// a special file or a symlink the guest made; a record never turns a host directory, or a
+    /// host regular file into a directory, or anything into what the host would act on.
+    func guestType(host: FileType) -> FileType {
+        guard host == .reg, let t = FileType(mode: mode), [.chr, .blk, .fifo, .sock, .lnk].contains(t) else { return host }
+        return t
+    }
 }
 
 /// What all sessions of one server share.
@@ -457,9 +465,18 @@ final class Plan9Session: @unchecked Sendable {
     // MARK: attributes
 
     private func loadMetadata(_ node: Node) -> GuestMetadata? {
-        guard export.metadata, let t = node.type, t.openable else { return nil }
-        guard let bytes = try? HostFS.getxattr(node.fd, GuestMetadata.xattrName) else { return nil }
+        loadMetadata(node.fd, node.type)
+    }
+
+    private func loadMetadata(_ fd: HostFD, _ type: FileType?) -> GuestMetadata? {
+        guard export.metadata, let type, type.openable else { return nil }
+        guard let bytes = try? HostFS.getxattr(fd, GuestMetadata.xattrName) else { return nil }
         return GuestMetadata(bytes: bytes)
+    }
+
+    /// A symlink the guest made on a metadata share (a regular file on the host: see symlink).
+    private func isGuestSymlink(_ fd: HostFD, _ type: FileType?) -> Bool {
+        loadMetadata(fd, type).map { $0.guestType(host: type ?? .reg) == .lnk } ?? false
     }
 
     private func storeMetadata(_ fd: HostFD, _ meta: GuestMetadata) throws(P9Errno) {
@@ -483,13 +500,21 @@ final class Plan9Session: @unchecked Sendable {
     /// without CAP_FSETID (killpriv). In metadata mode those bits exist only in the xattr, so the
     /// host kernel cannot do it; guest root stands in for CAP_FSETID.
     private func killPriv(_ node: Node, writer: UInt32) throws(P9Errno) {
-        guard writer != 0, var meta = loadMetadata(node) else { return }
-        var kill = meta.mode & UInt32(S_ISUID)
-        let sgid = UInt32(S_ISGID) | UInt32(S_IXGRP)
-        if meta.mode & sgid == sgid { kill |= UInt32(S_ISGID) }
+        guard writer != 0, var meta = loadMetadata(node), meta.guestType(host: .reg) == .reg else { return }
+        let kill = Self.privBits(meta.mode)
         guard kill != 0 else { return }
         meta.mode &= ~kill
         try storeMetadata(node.fd, meta)
+    }
+
+    /// What killpriv clears: setuid, and setgid when group execute makes it mean setgid rather
+    /// than mandatory locking. (Linux also clears a lone setgid when the caller is not in the
+    /// file's group; 9P does not say the caller's groups, the guest kernel does that itself.)
+    private static func privBits(_ mode: UInt32) -> UInt32 {
+        var kill = mode & UInt32(S_ISUID)
+        let sgid = UInt32(S_ISGID) | UInt32(S_IXGRP)
+        if mode & sgid == sgid { kill |= UInt32(S_ISGID) }
+        return kill
     }
 
     private func getattr(fid: UInt32, mask: UInt64) throws(P9Errno) -> P9Attr {
@@ -520,15 +545,16 @@ final class Plan9Session: @unchecked Sendable {
             a.uid = meta.uid
             a.gid = meta.gid
             let hostType = st.mode & 0o170000
-            let metaType = meta.mode & 0o170000
-            // The stored type only stands in for a special file the guest made (a plain file on
-            // the host); it never turns a host file or directory into something else.
-            if hostType == FileType.reg.rawValue,
-               [FileType.chr, .blk, .fifo, .sock].contains(where: { $0.rawValue == metaType }) {
-                a.mode = metaType | (meta.mode & 0o7777)
+            switch st.fileType.map({ meta.guestType(host: $0) }) {
+            case .lnk?:
+                // Its size is the target's length, as for a symlink.
+                a.mode = FileType.lnk.rawValue | 0o777
+                a.qid.type = P9.QidType.symlink
+            case let t? where t != st.fileType:
+                a.mode = t.rawValue | (meta.mode & 0o7777)
                 a.rdev = meta.rdev
                 a.size = 0
-            } else {
+            default:
                 a.mode = hostType | (meta.mode & 0o7777)
             }
         }
@@ -549,25 +575,30 @@ final class Plan9Session: @unchecked Sendable {
     private func setattr(fid: UInt32, _ a: P9SetAttr) throws(P9Errno) {
         try checkWritable()
         let f = try lookup(fid)
-        let (node, state) = f.snapshot
-        let st = try HostFS.stat(node.fd)
-        guard let type = st.fileType else { throw P9Errno(EINVAL) }
-        let isDir = type == .dir
+        let snapshot = f.snapshot
+        var node = snapshot.0
+        let state = snapshot.1
+        var st = try HostFS.stat(node.fd)
+        guard var type = st.fileType else { throw P9Errno(EINVAL) }
         var meta = loadMetadata(node)
-        let metaCapable = export.metadata && type.openable
+        // What the guest sees: a guest symlink is a regular file here.
+        let guest = meta?.guestType(host: type) ?? type
+        let isDir = type == .dir
+        var metaCapable = export.metadata && type.openable
         func defaultMeta() -> GuestMetadata {
             GuestMetadata(uid: st.uid, gid: st.gid, mode: st.mode, rdev: 0)
         }
+        let setMode = a.valid & P9.SetattrMask.mode != 0
 
-        if a.valid & P9.SetattrMask.mode != 0 {
-            if metaCapable {
+        if setMode {
+            if guest == .lnk {
+                throw P9Errno(EOPNOTSUPP)  // Linux has no symlink modes
+            } else if metaCapable {
                 var m = meta ?? defaultMeta()
                 m.mode = (m.mode & 0o170000) | (a.mode & 0o7777)
                 try storeMetadata(node.fd, m)
                 meta = m
                 try HostFS.chmod(node.fd, hostMode(a.mode, isDir: isDir))
-            } else if type == .lnk {
-                throw P9Errno(EOPNOTSUPP)  // Linux has no symlink modes
             } else {
                 try HostFS.chmod(node.fd, hostMode(a.mode, isDir: isDir))
             }
@@ -575,24 +606,36 @@ final class Plan9Session: @unchecked Sendable {
         if a.valid & (P9.SetattrMask.uid | P9.SetattrMask.gid) != 0 {
             let setU = a.valid & P9.SetattrMask.uid != 0
             let setG = a.valid & P9.SetattrMask.gid != 0
+            if export.metadata && type == .lnk && ((setU && a.uid != st.uid) || (setG && a.gid != st.gid)) {
+                // A host symlink cannot carry the record: it becomes a guest symlink in place.
+                node = try convertSymlink(f, node)
+                st = try HostFS.stat(node.fd)
+                type = .reg
+                meta = loadMetadata(node)
+                metaCapable = true
+            }
             if metaCapable {
                 var m = meta ?? defaultMeta()
                 if setU { m.uid = a.uid }
                 if setG { m.gid = a.gid }
+                // chown clears setuid, and setgid with group execute, of anything but a directory,
+                // whoever does it (Linux's chown_common), unless this request sets the mode too:
+                // then that mode is what the guest kernel already worked out.
+                if !setMode && guest != .dir { m.mode &= ~Self.privBits(m.mode) }
                 try storeMetadata(node.fd, m)
                 meta = m
-            } else if export.metadata && type == .lnk {
-                // user.* xattrs are not allowed on symlinks; lchown is best effort (tar, cp -a).
-            } else {
+            } else if (setU && a.uid != st.uid) || (setG && a.gid != st.gid) {
                 // Files belong to the user running the server; a change of owner is refused rather
                 // than attempted (as root it would let the guest give files to any host user).
-                if (setU && a.uid != st.uid) || (setG && a.gid != st.gid) { throw P9Errno(EPERM) }
+                throw P9Errno(EPERM)
             }
         }
         if a.valid & P9.SetattrMask.size != 0 {
             guard type != .dir else { throw P9Errno(EISDIR) }
-            guard type == .reg else { throw P9Errno(EINVAL) }
+            guard type == .reg, guest == .reg else { throw P9Errno(EINVAL) }
             guard a.size <= UInt64(Int64.max) else { throw P9Errno(EFBIG) }
+            // A truncate is a write (Linux's do_truncate kills privileges too).
+            if export.metadata && !setMode { try killPriv(node, writer: f.uid) }
             let fd: HostFD
             if case .file(let open, true) = state {
                 fd = open
@@ -674,6 +717,7 @@ final class Plan9Session: @unchecked Sendable {
             if flags & P9.OpenFlags.accessMask != P9.OpenFlags.rdonly { throw P9Errno(EISDIR) }
         case .reg:
             if flags & P9.OpenFlags.directory != 0 { throw P9Errno(ENOTDIR) }
+            if isGuestSymlink(node.fd, type) { throw P9Errno(ELOOP) }
         }
         let hostFlags = try hostOpenFlags(flags)
         let io = try HostFS.reopen(node.fd, flags: hostFlags, expect: st, lease: try descriptors.lease())
@@ -684,6 +728,10 @@ final class Plan9Session: @unchecked Sendable {
             return true
         }
         guard ok else { throw P9Errno(EINVAL) }
+        // Opening with O_TRUNC is a truncate, which kills privileges as a write does.
+        if export.metadata && type == .reg && flags & P9.OpenFlags.trunc != 0 && hostFlags & O_ACCMODE != O_RDONLY {
+            try killPriv(node, writer: f.uid)
+        }
         return .rlopen(qid: core.qids.qid(st), iounit: ioUnit)
     }
 
@@ -722,6 +770,7 @@ final class Plan9Session: @unchecked Sendable {
             let p = try HostFS.openBeneath(dir.fd, name, flags: cp9_O_PATH)
             let st = try HostFS.stat(p)
             guard st.fileType == .reg else { throw P9Errno(st.fileType == .dir ? EISDIR : EEXIST) }
+            if isGuestSymlink(p, .reg) { throw P9Errno(EEXIST) }
             io = try HostFS.reopen(p, flags: hostFlags, expect: st, lease: ioLease)
         }
         let fl = fcntl(io.raw, F_GETFL)
@@ -983,24 +1032,126 @@ final class Plan9Session: @unchecked Sendable {
 
     private func symlink(dfid: UInt32, name: [UInt8], target: [UInt8], gid: UInt32) throws(P9Errno) -> Qid {
         try checkWritable()
+        let f = try lookup(dfid)
         let dir = try dirNode(dfid)
         try HostFS.validateName(name)
         // The target is stored, never followed by the server, so any string is acceptable.
         guard !target.isEmpty, !target.contains(0) else { throw P9Errno(EINVAL) }
         guard target.count < Int(PATH_MAX) else { throw P9Errno(ENAMETOOLONG) }
+        if export.metadata {
+            let (u, g) = metadataOwner(f, gid: gid)
+            let meta = GuestMetadata(uid: u, gid: g, mode: FileType.lnk.rawValue | 0o777, rdev: 0)
+            let st = try makeGuestSymlink(in: dir.fd, name, target: target, meta, replace: false)
+            return Qid(type: P9.QidType.symlink, path: core.qids.path(dev: st.dev, ino: st.ino))
+        }
         let c = HostFS.cName(name)
         let t = HostFS.cName(target)
         _ = try sys { symlinkat(t, dir.fd.raw, c) }
         return try created(dir, name, expect: .lnk).0
     }
 
+    /// A guest symlink on a metadata share is a regular file holding the target, with the owner
+    /// in its record (QEMU's mapped-xattr does the same). A host symlink cannot carry the record
+    /// (Linux refuses user.* xattrs on symlinks), and a record kept on the parent directory by
+    /// name would have to follow every rename, unlink and hard link and would run into the
+    /// directory's xattr space. The record is the inode's, so hard links and renames keep it;
+    /// the size is the target's length (< PATH_MAX); and the host never has a symlink that the
+    /// guest made, for the server or anything else there to follow. A host user sees a small
+    /// file naming the target.
+    /// Made in an O_TMPFILE and linked in whole, so nobody sees it half made; `replace` renames
+    /// it over `name` instead (a host symlink becoming a guest one).
+    private func makeGuestSymlink(in dir: HostFD, _ name: [UInt8], target: [UInt8], _ meta: GuestMetadata,
+                                  replace: Bool) throws(P9Errno) -> HostStat {
+        let c = HostFS.cName(name)
+        var file: HostFD?
+        if HostFS.procSelfFD >= 0 {
+            do throws(P9Errno) {
+                file = HostFD(try sys { openat(dir.raw, ".", cp9_O_TMPFILE | O_WRONLY | O_CLOEXEC, 0o644) })
+            } catch let e where [EOPNOTSUPP, EISDIR, EINVAL, ENOENT].contains(e.code) {
+                file = nil  // no O_TMPFILE on this file system: made under a temporary name below
+            }
+        }
+        let named = file == nil
+        var linkName = replace || named ? Array(".uvm-symlink-\(UInt64.random(in: 0...UInt64.max))".utf8) : name
+        if named {
+            file = try HostFS.openBeneath(dir, linkName, flags: O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode: 0o644)
+        }
+        guard let file else { throw P9Errno(EIO) }
+        var linked = named
+        do throws(P9Errno) {
+            var done = 0
+            while done < target.count {
+                let n = try sysSize { target.withUnsafeBytes { pwrite(file.raw, $0.baseAddress! + done, $0.count - done, off_t(done)) } }
+                guard n > 0 else { throw P9Errno(EIO) }
+                done += n
+            }
+            try storeMetadata(file, meta)
+            if !named {
+                let num = HostFS.cName(Array(String(file.raw).utf8))
+                let l = HostFS.cName(linkName)
+                _ = try sys { linkat(HostFS.procSelfFD, num, dir.raw, l, cp9_AT_SYMLINK_FOLLOW) }
+                linked = true
+            }
+            if linkName != name {
+                let l = HostFS.cName(linkName)
+                if replace {
+                    _ = try sys { Glibc.renameat(dir.raw, l, dir.raw, c) }
+                } else {
+                    // renameat would replace an existing name; a symlink never does.
+                    _ = try sys { linkat(dir.raw, l, dir.raw, c, 0) }
+                    _ = Glibc.unlinkat(dir.raw, l, 0)
+                }
+                linkName = name
+            }
+        } catch {
+            if linked { _ = Glibc.unlinkat(dir.raw, HostFS.cName(linkName), 0) }
+            throw error
+        }
+        return try HostFS.stat(file)
+    }
+
+    /// lchown of a symlink made on the host: it is replaced, under the same name, by a guest
+    /// symlink with the same target, so that the owner can be kept. The fid follows it.
+    private func convertSymlink(_ f: Fid, _ node: Node) throws(P9Errno) -> Node {
+        let (parent, name) = try entry(of: node)
+        let target = try HostFS.readlink(node.fd)
+        let st = try HostFS.stat(node.fd)
+        let meta = GuestMetadata(uid: st.uid, gid: st.gid, mode: FileType.lnk.rawValue | 0o777, rdev: 0)
+        _ = try makeGuestSymlink(in: parent, name, target: target, meta, replace: true)
+        let fd = try HostFS.openBeneath(parent, name, flags: cp9_O_PATH, lease: try descriptors.lease())
+        let next = Node(fd: fd, parent: parent, name: name, stat: try HostFS.stat(fd))
+        f.lock.withLock { f.node = next }
+        return next
+    }
+
     private func readlink(fid: UInt32) throws(P9Errno) -> P9String {
         let node = try lookup(fid).snapshot.0
-        guard node.type == .lnk else { throw P9Errno(EINVAL) }
-        let target = try HostFS.readlink(node.fd)
+        let target: [UInt8]
+        if node.type == .lnk {
+            target = try HostFS.readlink(node.fd)
+        } else if isGuestSymlink(node.fd, node.type) {
+            target = try readGuestSymlink(node)
+        } else {
+            throw P9Errno(EINVAL)
+        }
         // Rreadlink must stay below msize.
         guard P9.headerSize + 2 + target.count < Int(msize) else { throw P9Errno(ENAMETOOLONG) }
         return P9String(bytes: target)
+    }
+
+    /// The target a guest symlink holds; no more than PATH_MAX bytes are read, whatever the host
+    /// made of the file.
+    private func readGuestSymlink(_ node: Node) throws(P9Errno) -> [UInt8] {
+        let io = try HostFS.reopen(node.fd, flags: O_RDONLY, expect: try HostFS.stat(node.fd))
+        var buf = [UInt8](repeating: 0, count: Int(PATH_MAX))
+        var done = 0
+        while done < buf.count {
+            let n = try sysSize { buf.withUnsafeMutableBytes { pread(io.raw, $0.baseAddress! + done, $0.count - done, off_t(done)) } }
+            if n == 0 { break }
+            done += n
+        }
+        guard done < buf.count else { throw P9Errno(ENAMETOOLONG) }
+        return Array(buf[0..<done])
     }
 
     /// The source is a fid, so it is inside the export by construction: a guest cannot name a host

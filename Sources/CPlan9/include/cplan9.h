@@ -10,6 +10,7 @@ extern const int cp9_O_DIRECTORY;
 extern const int cp9_O_DIRECT;
 extern const int cp9_O_NOATIME;
 extern const int cp9_O_LARGEFILE;
+extern const int cp9_O_TMPFILE;
 extern const int cp9_AT_EMPTY_PATH;
 extern const int cp9_AT_SYMLINK_NOFOLLOW;
 extern const int cp9_AT_SYMLINK_FOLLOW;
