@@ -206,6 +206,21 @@ extension EndToEnd {
             #expect(stat("\(Harness.home)/data/distros/busybox/disk.ext4", &st) == 0)
             #expect(busybox["allocatedBytes"] as? Int == Int(st.st_blocks) * 512 || abs((busybox["allocatedBytes"] as? Int ?? 0) - Int(st.st_blocks) * 512) < 16 << 20)
             #expect(busybox["sizeBytes"] as? Int == Int(st.st_size))
+            // Where the boot went (`make bench` reports it): every phase there and not negative,
+            // and together they are the boot's total.
+            let boot = try #require(json["boot"] as? [String: Double], "no boot phases in \(r.out)")
+            let parts = ["prepare", "libvirt", "firmware", "kernel", "agent", "setup"].map { boot[$0] ?? -1 }
+            #expect(parts.allSatisfy { $0 >= 0 }, "\(boot)")
+            #expect(abs(parts.reduce(0, +) - (boot["total"] ?? 0)) < 0.05, "\(boot)")
+            // qboot where QEMU ships it (Debian's qemu-system-data does), and QEMU was told so.
+            let qboot = "/usr/share/qemu/qboot.rom"
+            if access(qboot, R_OK) == 0 {
+                #expect(json["firmware"] as? String == qboot)
+                let cmdline = (try? String(contentsOfFile: "/proc/\(qemu)/cmdline", encoding: .utf8)) ?? ""
+                #expect(cmdline.contains("-bios\0\(qboot)"), "QEMU's command line: \(cmdline)")
+            } else {
+                #expect(json["firmware"] as? String == "seabios")
+            }
             let text = try Harness.run(["status"])
             #expect(text.out.contains("state:   Running"))
             #expect(text.out.contains("QEMU holds") && text.out.contains("disk:") && text.out.contains("busybox:"), "\(text.out)")
