@@ -78,6 +78,37 @@ def boot_image(kernel):
     return vmlinux if os.path.basename(kernel) == "bzImage" and os.path.exists(vmlinux) else kernel
 
 
+HOP_NOTES = {
+    "cli.startup+exit": "uvm process start to main(), and its exit (wall time minus the rest)",
+    "cli.connect": "CLI: main() to connected to uvmd",
+    "uvmd.beforeGuest": "uvmd: request read to the guest session opened",
+    "uvmd.link": "HTTP/2 + virtio-serial both ways, agent framing",
+    "guest.beforeSpawn": "agent: request to process spawned",
+    "guest.process": "agent: spawned to exit seen (the command)",
+    "guest.afterExit": "agent: exit seen to exit frame written",
+    "cli.rest": "CLI session time not accounted above (uvmd<->CLI frames)",
+}
+
+
+def warm_hops(home, runs):
+    """Median per hop of warm `uvm exec -- true` (UVM_TRACE=1: each side times its own part)."""
+    samples = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        r = subprocess.run([UVM, "exec", "--", "true"], env={**env(home), "UVM_TRACE": "1"},
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        line = next((l for l in r.stderr.splitlines() if l.startswith("uvm-trace: ")), None)
+        if r.returncode != 0 or line is None:
+            sys.exit(f"bench: traced exec failed ({r.returncode}): {r.stderr.strip()}")
+        h = json.loads(line[len("uvm-trace: "):])
+        inner = sum(h.get(k, 0) for k in ["uvmd.beforeGuest", "uvmd.link", "guest.beforeSpawn", "guest.process", "guest.afterExit"])
+        h["cli.rest"] = max(0.0, h["cli.session"] - inner)
+        h["cli.startup+exit"] = max(0.0, wall - h["cli.connect"] - h["cli.session"])
+        samples.append(h)
+    return {k: statistics.median([x[k] for x in samples]) * 1000 for k in HOP_NOTES}
+
+
 PHASE_NOTES = {
     "prepare": "disks, accelerator probe, swap file, XML",
     "libvirt": "createXML: QEMU started, QMP set-up, cont",
@@ -146,6 +177,7 @@ def main():
 
     uvm(home, "exec", "--", "true")
     warm = [timed(lambda: uvm(home, "exec", "--", "true")) for _ in range(a.warm_runs)]
+    hops = warm_hops(home, max(20, a.warm_runs // 4))
     n = 200
     spawn_script = ("read a _ < /proc/uptime; i=0; while [ $i -lt %d ]; do /bin/true; i=$((i+1)); done; "
                     "read b _ < /proc/uptime; echo $a $b") % n
@@ -173,6 +205,7 @@ def main():
         "warm_exec_ms": {"p50": pct(warm, 50) * 1000, "p99": pct(warm, 99) * 1000, "runs": len(warm)},
         "guest_spawn_true_ms": guest_spawn * 1000,
         "warm_exec_p50_ratio_to_guest_spawn": pct(warm, 50) / guest_spawn if guest_spawn > 0 else None,
+        "warm_exec_hops_ms": hops,
         "uvmd_rss_mib": rss / 1024,
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "host": os.uname().nodename,
@@ -188,6 +221,7 @@ def main():
         ("warm uvm exec -- true p99", f"{res['warm_exec_ms']['p99']:.1f} ms", ""),
         ("guest's own spawn of /bin/true", f"{res['guest_spawn_true_ms']:.1f} ms", "from sh, in the guest"),
         ("warm p50 / guest spawn (goal <= 2)", f"{res['warm_exec_p50_ratio_to_guest_spawn']:.2f}", ""),
+        *[(f"  warm exec hop: {h}", f"{v:.1f} ms", HOP_NOTES.get(h, "")) for h, v in hops.items()],
         ("uvmd resident memory", f"{res['uvmd_rss_mib']:.1f} MiB", ""),
     ]
     write_results(a.out, "boot-exec", res, rows, value_width=10)

@@ -68,6 +68,7 @@ struct ClientSession {
         let progress: @Sendable (String) async -> Void = { line in try? await outbound.write(.progress(line)) }
         switch request {
         case .exec(var exec):
+            let received = SessionTrace.now()
             guard !exec.argv.isEmpty || exec.shell == true else { throw WireError(.badRequest, "exec: no command given") }
             let distro = exec.distro ?? controller.distros.defaultDistro
             guard validDistroName(distro), await controller.knowsDistro(distro) else {
@@ -85,7 +86,17 @@ struct ClientSession {
             defer { Task { await reaper.end(token) } }
             // A distro installed or first used after the VM booted: its disk is hot-plugged now.
             let agent = try await controller.prepareDisk(distro, progress: progress)
-            try await relay(.exec(GuestExecRequest(exec: exec, distroDisk: diskSerial(distro))), agent: agent, rest: rest, outbound: outbound)
+            let sent = SessionTrace.now(), tracing = exec.trace == true
+            try await relay(.exec(GuestExecRequest(exec: exec, distroDisk: diskSerial(distro))), agent: agent, rest: rest, outbound: outbound) { final in
+                // UVM_TRACE: our hops added to the agent's.
+                guard tracing, final.kind == .exit, var status = try? final.decode(ExitStatus.self) else { return final }
+                var trace = status.trace ?? [:]
+                let guestTotal = [SessionTrace.guestBeforeSpawn, SessionTrace.guestProcess, SessionTrace.guestAfterExit].compactMap { trace[$0] }.reduce(0, +)
+                trace[SessionTrace.daemonBeforeGuest] = sent - received
+                trace[SessionTrace.link] = max(0, SessionTrace.now() - sent - guestTotal)
+                status.trace = trace
+                return .json(.exit, status)
+            }
         case .start(let r):
             _ = try await controller.agent(progress: progress)
             try await respond(await daemon.status(), to: r, outbound)

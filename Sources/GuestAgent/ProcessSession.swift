@@ -17,6 +17,7 @@ struct ProcessSession {
     static let defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
     func run() async throws {
+        let started = SessionTrace.now()
         let distro = request.distro ?? "busybox"
         let instance = try await instances.instance(distro, diskSerial: diskSerial, ignoreConfig: request.ignoreDistroConfig == true)
         let account = try instance.account(request.user)
@@ -76,6 +77,7 @@ struct ProcessSession {
         }
         childFDs.forEach { close($0) }
         childFDs = []
+        let spawned = SessionTrace.now()
 
         // Our own descriptors of the output pipes (or the pty master), never read: after the
         // process exits they say whether output still waits to be read, whatever NIO has got to.
@@ -107,7 +109,7 @@ struct ProcessSession {
         } else { nil }
 
         let master = request.tty ? stdoutChannelFD.input : nil
-        let status: Int32 = try await mainChannel.executeThenClose { mainIn, mainOut in
+        let (status, exited): (Int32, Double) = try await mainChannel.executeThenClose { mainIn, mainOut in
             guard let stdinChannel else {
                 return try await supervise(pid: pid, output: mainIn, errChannel: errChannel,
                                            stdin: mainOut, stdinChannel: mainChannel.channel, master: master, watch: outputWatch)
@@ -118,14 +120,19 @@ struct ProcessSession {
             }
         }
         let decoded = exitStatus(fromWaitStatus: status)
-        try await outbound.write(.json(.exit, ExitStatus(code: decoded.code, signal: decoded.signal)))
+        var exit = ExitStatus(code: decoded.code, signal: decoded.signal)
+        if request.trace == true {
+            exit.trace = [SessionTrace.guestBeforeSpawn: spawned - started, SessionTrace.guestProcess: exited - spawned,
+                          SessionTrace.guestAfterExit: SessionTrace.now() - exited]
+        }
+        try await outbound.write(.json(.exit, exit))
     }
 
     /// Relays the process's stdio until it has exited and its output has ended (or gone idle);
-    /// returns its wait status.
+    /// returns its wait status and when its exit was seen.
     private func supervise(pid: pid_t, output: NIOAsyncChannelInboundStream<ByteBuffer>, errChannel: NIOAsyncChannel<ByteBuffer, ByteBuffer>?,
                            stdin: NIOAsyncChannelOutboundWriter<ByteBuffer>, stdinChannel: Channel, master: Int32?,
-                           watch: [Int32]) async throws -> Int32 {
+                           watch: [Int32]) async throws -> (Int32, Double) {
         let activity = ActivityCounter()
         // Input from the client runs until the session ends; it is not part of the group
         // below because the process may exit while the client still holds its stdin.
@@ -142,11 +149,13 @@ struct ProcessSession {
             events.addTask { .exited(await ChildReaper.shared.wait(for: pid)) }
             var open = errChannel == nil ? 1 : 2
             var status: Int32? = nil
+            var exitedAt = 0.0
             while let event = try await events.next() {
                 switch event {
                 case .outputClosed: open -= 1
                 case .exited(let st):
                     status = st
+                    exitedAt = SessionTrace.now()
                     // What the process wrote is in the pipes already. Wait for EOF, but not
                     // for background processes that inherited the pipes: stop once idle. Idle
                     // is nothing read for 250 ms, no chunk on its way to the client, and nothing
@@ -180,7 +189,7 @@ struct ProcessSession {
                 }
                 if let status, open == 0 {
                     events.cancelAll()
-                    return status
+                    return (status, exitedAt)
                 }
             }
             throw WireError(.internalError, "process \(pid) lost")

@@ -16,6 +16,7 @@ enum SessionRunner {
     static let ownFailure: Int32 = 125
 
     static func run(_ exec: ExecRequest, paths: Paths) throws -> Int32 {
+        let started = SessionTrace.now()
         // Signals are taken by one thread with sigwait(); block them before any thread starts.
         var forwarded = sigset_t()
         sigemptyset(&forwarded)
@@ -24,7 +25,11 @@ enum SessionRunner {
         signal(SIGPIPE, SIG_IGN)
 
         let conn = try DaemonConnection.connectOrLaunch(paths: paths)
+        let connected = SessionTrace.now()
         var request = exec
+        // UVM_TRACE=1: where this session's time went, as one JSON line on stderr (make bench).
+        let tracing = getenv("UVM_TRACE").map { String(cString: $0) == "1" } ?? false
+        if tracing { request.trace = true }
         let terminal = exec.tty ? RawTerminal(fd: 0) : nil
         if let size = terminal?.windowSize { (request.rows, request.cols) = (size.rows, size.cols) }
         // getcwd is the physical path, as share roots are kept: uvmd maps it into a share.
@@ -77,7 +82,18 @@ enum SessionRunner {
             case .stdinAck:
                 window.release(frame.ackedBytes ?? 0)
             case .exit:
-                return try frame.decode(ExitStatus.self).shellStatus
+                let status = try frame.decode(ExitStatus.self)
+                if tracing {
+                    var trace = status.trace ?? [:]
+                    trace["cli.connect"] = connected - started
+                    trace["cli.session"] = SessionTrace.now() - connected
+                    if let json = try? JSONEncoder().encode(trace) {
+                        var line = ByteBuffer(bytes: Array("uvm-trace: ".utf8) + Array(json))
+                        line.writeString("\n")
+                        writeAll(2, line)
+                    }
+                }
+                return status.shellStatus
             case .error:
                 let e = try frame.decode(WireError.self)
                 terminal?.restore()

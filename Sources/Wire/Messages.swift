@@ -1,4 +1,7 @@
 import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
@@ -30,6 +33,8 @@ public struct ExecRequest: Codable, Sendable, Equatable {
     /// Start the distro's instance (if it is not running) with the defaults instead of its
     /// /etc/uvm.conf: the way to repair a file that keeps it from starting.
     public var ignoreDistroConfig: Bool?
+    /// `UVM_TRACE=1`: the exit status carries where the session's time went (`ExitStatus.trace`).
+    public var trace: Bool?
 
     public init(argv: [String], env: [String] = [], cwd: String? = nil, user: String? = nil,
                 distro: String? = nil, tty: Bool = false, rows: UInt16? = nil, cols: UInt16? = nil) {
@@ -48,6 +53,9 @@ public struct ExecRequest: Codable, Sendable, Equatable {
 public struct ExitStatus: Codable, Sendable, Equatable {
     public var code: Int32?
     public var signal: Int32?
+    /// Asked for by `ExecRequest.trace`: seconds per hop, named `guest.*` by the agent's clock and
+    /// `uvmd.*` by uvmd's (see `SessionTrace`).
+    public var trace: [String: Double]?
     public init(code: Int32? = nil, signal: Int32? = nil) {
         self.code = code
         self.signal = signal
@@ -273,5 +281,28 @@ public struct BootPhases: Codable, Sendable, Equatable {
     public var total: Double
     public init(prepare: Double, libvirt: Double, firmware: Double?, kernel: Double?, agent: Double?, setup: Double, total: Double) {
         (self.prepare, self.libvirt, self.firmware, self.kernel, self.agent, self.setup, self.total) = (prepare, libvirt, firmware, kernel, agent, setup, total)
+    }
+}
+
+/// The hops of one exec session, for `make bench`: each side times its own part with its own
+/// clock (the guest's and the host's are not comparable), and the link is what is left over.
+public enum SessionTrace {
+    /// Agent: request decoded to the process spawned (instance, account, pipes, fork+exec).
+    public static let guestBeforeSpawn = "guest.beforeSpawn"
+    /// Agent: spawned to its exit seen (the command itself).
+    public static let guestProcess = "guest.process"
+    /// Agent: exit seen to the exit frame written (output drained, channels closed).
+    public static let guestAfterExit = "guest.afterExit"
+    /// uvmd: the client's request read to the guest's request written (checks, reaper, stream).
+    public static let daemonBeforeGuest = "uvmd.beforeGuest"
+    /// uvmd: guest session opened to its exit frame read, less the agent's own time above:
+    /// HTTP/2 and the virtio-serial link both ways, and the agent's work outside those hops
+    /// (reading the request, writing frames).
+    public static let link = "uvmd.link"
+    /// Monotonic seconds, for differences on one side.
+    public static func now() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
     }
 }

@@ -97,6 +97,23 @@ extension EndToEnd {
             #expect(r.out.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) } == ["1000000", "status 7"], "stderr: \(r.err)")
         }
 
+        @Test func uvmTraceSaysWhereASessionsTimeWent() throws {
+            // make bench's per-hop breakdown of a warm exec: one JSON line on stderr, each hop
+            // there and plausible (a 0.2 s sleep is the process's time, not anyone else's).
+            _ = try Harness.run(["exec", "--", "true"])
+            let r = try Harness.run(["exec", "--", "sleep", "0.2"], env: ["UVM_TRACE": "1"])
+            #expect(r.status == 0 && r.out.isEmpty, "stderr: \(r.err)")
+            let line = try #require(r.err.split(separator: "\n").first { $0.hasPrefix("uvm-trace: ") }, "no trace in \(r.err)")
+            let trace = try #require(try JSONSerialization.jsonObject(with: Data(line.dropFirst("uvm-trace: ".count).utf8)) as? [String: Double])
+            for hop in ["cli.connect", "cli.session", "uvmd.beforeGuest", "uvmd.link", "guest.beforeSpawn", "guest.process", "guest.afterExit"] {
+                #expect((trace[hop] ?? -1) >= 0, "\(hop) missing in \(trace)")
+            }
+            #expect((trace["guest.process"] ?? 0) >= 0.2 && (trace["guest.beforeSpawn"] ?? 1) < 0.2, "\(trace)")
+            #expect((trace["cli.session"] ?? 0) >= (trace["guest.process"] ?? 1), "\(trace)")
+            // Only when asked.
+            #expect(try !Harness.run(["exec", "--", "true"]).err.contains("uvm-trace"))
+        }
+
         @Test func twentyConcurrentExecsGetTheirOwnOutputAndStatus() throws {
             let results = Mutex20()
             DispatchQueue.concurrentPerform(iterations: 20) { i in

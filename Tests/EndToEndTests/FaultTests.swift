@@ -217,7 +217,7 @@ extension EndToEnd {
                 // uvmd refuses to start; the command says why at once instead of waiting for it.
                 let r = try Harness.spawnRun(["exec", "--", "true"], home: home, env: env)
                 #expect(r.status == 125)
-                #expect(r.err == "uvm: \(file):3: [vm] vmIdleTimeot: unknown key (known in [vm]: memory, swap, swapFile, autoMemoryReclaim, autoMemoryReclaimDelay, processors, kernel, kernelCommandLine, accel, vmIdleTimeout, localhostForwarding, libvirtURI)\n")
+                #expect(r.err == "uvm: \(file):3: [vm] vmIdleTimeot: unknown key (known in [vm]: memory, swap, swapFile, autoMemoryReclaim, autoMemoryReclaimDelay, processors, kernel, kernelCommandLine, firmware, accel, vmIdleTimeout, localhostForwarding, libvirtURI)\n")
                 let show = try Harness.spawnRun(["config", "show"], home: home, env: env)
                 #expect(show.status == 125)
                 #expect(show.err.contains("\(file):3: [vm] vmIdleTimeot"))
