@@ -150,9 +150,12 @@ final class MemoryReclaimer: Sendable {
     static let cgroupRoot = "/sys/fs/cgroup"
 
     /// cgroup2 at /sys/fs/cgroup of the VM's root (memory.reclaim lives there). Instances mount
-    /// their own.
+    /// their own, from their own cgroup namespace (so their mount leaves these flags alone).
+    /// favordynmods: every exec joins its instance's session cgroup, and moving a process
+    /// between cgroups otherwise waits for an RCU grace period (cgroup_threadgroup_rwsem's
+    /// write side), which under TCG is most of the agent's work before a spawn.
     static func mountCgroup() {
-        if uvm_mount("cgroup2", cgroupRoot, "cgroup2", UInt(MS_NOSUID | MS_NODEV | MS_NOEXEC), nil) != 0 {
+        if uvm_mount("cgroup2", cgroupRoot, "cgroup2", UInt(MS_NOSUID | MS_NODEV | MS_NOEXEC), "favordynmods") != 0 {
             log("cannot mount cgroup2 at \(cgroupRoot): \(String(cString: strerror(errno)))")
         }
     }
