@@ -12,8 +12,7 @@ extension UVMDaemon {
         let now = ContinuousClock.now
         func seconds(_ due: ContinuousClock.Instant?) -> Double? {
             guard let due else { return nil }
-            let d = due - now
-            return max(0, Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18)
+            return max(0, (due - now).inSeconds)
         }
         s.clients = snap.clients
         s.idleStopInSeconds = seconds(snap.vmStopDue)
@@ -37,4 +36,9 @@ extension UVMDaemon {
         }
         return s
     }
+}
+
+extension Duration {
+    /// In seconds, with its fraction: for status fields and boot phases.
+    var inSeconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }

@@ -257,14 +257,13 @@ public actor VMController {
             await applyMemoryPolicy(agent)
             await shares.vmStarted(agent: agent, transport: transport)
             let ready = ContinuousClock.now
-            func seconds(_ d: Duration) -> Double { Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18 }
-            let guestSide = seconds(answered - created)  // firmware + kernel + agent
+            let guestSide = (answered - created).inSeconds  // firmware + kernel + agent
             let kernel = guest.initStartedSeconds
             let boot = BootPhases(
-                prepare: seconds(started - requested), libvirt: seconds(created - started),
+                prepare: (started - requested).inSeconds, libvirt: (created - started).inSeconds,
                 firmware: max(0, guestSide - guest.uptimeSeconds), kernel: kernel,
-                agent: kernel.map { guest.uptimeSeconds - $0 }, setup: seconds(ready - answered),
-                total: seconds(ready - requested))
+                agent: kernel.map { guest.uptimeSeconds - $0 }, setup: (ready - answered).inSeconds,
+                total: (ready - requested).inSeconds)
             logger.info("boot phases", metadata: ["seconds": "\(boot)"])
             return Running(domain: domain, agent: agent, linkChannel: channel, accel: accel, guest: guest,
                            bootedAt: started, generation: gen, disks: Set(spec.disks.map(\.serial)), boot: boot, firmware: spec.firmware)

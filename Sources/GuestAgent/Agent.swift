@@ -171,7 +171,7 @@ public enum GuestAgent {
         var u = utsname()
         uname(&u)
         let release = withUnsafeBytes(of: u.release) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-        let uptime = boottime()
+        let uptime = guestUptime()
         let meminfo = MemInfo.read()
         var info = GuestInfo(kernelRelease: release, uptimeSeconds: uptime, memTotalKiB: meminfo["MemTotal"] ?? 0,
                              memAvailableKiB: meminfo["MemAvailable"] ?? 0, instances: await instances.names)
@@ -186,15 +186,8 @@ public enum GuestAgent {
 
     /// The guest's uptime when the agent's main() began. (Not PID 1's start time in /proc: the
     /// kernel creates that task long before it runs /init.)
-    static let startedAt: Double = boottime()
+    static let startedAt: Double = guestUptime()
     static var initStartedSeconds: Double? { getpid() == 1 ? startedAt : nil }
-
-    /// CLOCK_BOOTTIME in seconds: /proc/uptime's clock at full resolution.
-    static func boottime() -> Double {
-        var ts = timespec()
-        clock_gettime(CLOCK_BOOTTIME, &ts)
-        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-    }
 
     /// /dev/vportNpM whose name (from the host's <target name=...>) is `name`; no udev here.
     static func findPort(named name: String) async throws -> String {

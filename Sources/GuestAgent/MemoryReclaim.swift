@@ -222,9 +222,11 @@ struct CPUTimes {
     }
 }
 
-/// Seconds since the guest booted (/proc/uptime).
+/// Seconds since the guest booted: /proc/uptime's clock (CLOCK_BOOTTIME), at full resolution.
 func guestUptime() -> Double {
-    Double((readSmallFile("/proc/uptime") ?? "0").split(separator: " ").first ?? "0") ?? 0
+    var ts = timespec()
+    clock_gettime(CLOCK_BOOTTIME, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
 }
 
 /// /proc/meminfo, in KiB by field name.

@@ -85,8 +85,8 @@ enum SessionRunner {
                 let status = try frame.decode(ExitStatus.self)
                 if tracing {
                     var trace = status.trace ?? [:]
-                    trace["cli.connect"] = connected - started
-                    trace["cli.session"] = SessionTrace.now() - connected
+                    trace[SessionTrace.cliConnect] = connected - started
+                    trace[SessionTrace.cliSession] = SessionTrace.now() - connected
                     if let json = try? JSONEncoder().encode(trace) {
                         var line = ByteBuffer(bytes: Array("uvm-trace: ".utf8) + Array(json))
                         line.writeString("\n")

@@ -262,7 +262,7 @@ extension Frame {
 }
 
 /// Where a cold start's time went, in seconds: host-side phases by uvmd's clock, guest-side ones
-/// from the guest's uptime (10 ms resolution), so that `make bench` can say which hop to cut.
+/// from the guest's uptime, so that `make bench` can say which hop to cut.
 public struct BootPhases: Codable, Sendable, Equatable {
     /// Boot requested to libvirt asked: distro disks, accelerator probe, swap file, domain XML.
     public var prepare: Double
@@ -299,6 +299,10 @@ public enum SessionTrace {
     /// HTTP/2 and the virtio-serial link both ways, and the agent's work outside those hops
     /// (reading the request, writing frames).
     public static let link = "uvmd.link"
+    /// CLI: main() to connected to uvmd.
+    public static let cliConnect = "cli.connect"
+    /// CLI: connected to the exit frame read (everything above, and the frames to and from uvmd).
+    public static let cliSession = "cli.session"
     /// Monotonic seconds, for differences on one side.
     public static func now() -> Double {
         var ts = timespec()
