@@ -86,7 +86,7 @@ let package = Package(
         .target(name: "Archive", dependencies: ["CSyscalls"]),
         // The `uvm` command's subcommands and its connection to uvmd (auto-launch included).
         .target(name: "UVMCLI", dependencies: [
-            "Wire", "Settings", "Distros", "CSyscalls",
+            "Wire", "Settings", "Distros", "CSyscalls", "Archive",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),

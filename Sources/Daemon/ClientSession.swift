@@ -70,10 +70,7 @@ struct ClientSession {
         case .exec(var exec):
             let received = SessionTrace.now()
             guard !exec.argv.isEmpty || exec.shell == true else { throw WireError(.badRequest, "exec: no command given") }
-            let distro = exec.distro ?? controller.distros.defaultDistro
-            guard validDistroName(distro), await controller.knowsDistro(distro) else {
-                throw WireError(.notFound, "there is no distro '\(distro)' (installed: \(installedDistros().joined(separator: ", "))); `uvm exec --distro NAME` takes one of those")
-            }
+            let distro = try await knownDistro(exec.distro, command: "exec --distro NAME")
             exec.distro = distro
             // Started inside a shared folder: run in the same folder as the guest sees it.
             if exec.cwd == nil, let host = exec.hostCwd, let guest = await controller.shares.guestCwd(forHost: host) {
@@ -97,6 +94,16 @@ struct ClientSession {
                 status.trace = trace
                 return .json(.exit, status)
             }
+        case .copyIn(var r):
+            let distro = try await knownDistro(r.distro, command: "cp … NAME:PATH")
+            r.distro = distro
+            try await copy(.copyIn(GuestCopyInRequest(copy: r, distroDisk: diskSerial(distro))), distro: distro,
+                           rest: rest, outbound: outbound, progress: progress)
+        case .copyOut(var r):
+            let distro = try await knownDistro(r.distro, command: "cp NAME:PATH …")
+            r.distro = distro
+            try await copy(.copyOut(GuestCopyOutRequest(copy: r, distroDisk: diskSerial(distro))), distro: distro,
+                           rest: rest, outbound: outbound, progress: progress)
         case .start(let r):
             _ = try await controller.agent(progress: progress)
             try await respond(await daemon.status(), to: r, outbound)
@@ -132,6 +139,26 @@ struct ClientSession {
         case .compact(let r):
             try await respond(try await DistroCommands(session: self).compact(r, progress: progress), to: r, outbound)
         }
+    }
+
+    /// `requested`, or the default distro, if this user has it.
+    private func knownDistro(_ requested: String?, command: String) async throws -> String {
+        let controller = daemon.controller
+        let distro = requested ?? controller.distros.defaultDistro
+        guard validDistroName(distro), await controller.knowsDistro(distro) else {
+            throw WireError(.notFound, "there is no distro '\(distro)' (installed: \(installedDistros().joined(separator: ", "))); `uvm \(command)` takes one of those")
+        }
+        return distro
+    }
+
+    /// `uvm cp`: a client of the instance while the tar crosses, as an exec is.
+    private func copy(_ request: GuestRequest, distro: String, rest: AsyncStream<Frame>,
+                      outbound: NIOAsyncChannelOutboundWriter<Frame>, progress: @escaping @Sendable (String) async -> Void) async throws {
+        let reaper = daemon.reaper
+        let token = await reaper.begin(distro: distro)
+        defer { Task { await reaper.end(token) } }
+        let agent = try await daemon.controller.prepareDisk(distro, progress: progress)
+        try await relay(request, agent: agent, rest: rest, outbound: outbound)
     }
 
     /// The answer to `call`: typed by it, so a response of the wrong type does not compile.

@@ -46,6 +46,10 @@ public enum DaemonRequest: Sendable, Equatable {
     case terminate(TerminateRequest)
     case resize(ResizeRequest)
     case compact(CompactRequest)
+    /// `uvm cp` into a distro; then the tar as `stdin` frames.
+    case copyIn(CopyInRequest)
+    /// `uvm cp` out of a distro; `stdout` frames carry the tar.
+    case copyOut(CopyOutRequest)
 }
 
 /// A call `uvm` makes to uvmd.
@@ -126,6 +130,9 @@ public enum GuestRequest: Sendable, Equatable {
     case memoryPolicy(MemoryPolicyRequest)
     case trim(TrimRequest)
     case instanceActivity(InstanceActivityRequest)
+    /// As `DaemonRequest.copyIn`/`copyOut`, with the distro's disk resolved.
+    case copyIn(GuestCopyInRequest)
+    case copyOut(GuestCopyOutRequest)
 }
 
 /// A call uvmd makes to the guest agent.
@@ -319,6 +326,8 @@ extension DaemonRequest: Codable {
         case .terminate: "terminate"
         case .resize: "resize"
         case .compact: "compact"
+        case .copyIn: "copyIn"
+        case .copyOut: "copyOut"
         }
     }
 
@@ -339,6 +348,8 @@ extension DaemonRequest: Codable {
         case .terminate(let r): try c.encode(r, forKey: .args)
         case .resize(let r): try c.encode(r, forKey: .args)
         case .compact(let r): try c.encode(r, forKey: .args)
+        case .copyIn(let r): try c.encode(r, forKey: .args)
+        case .copyOut(let r): try c.encode(r, forKey: .args)
         }
     }
 
@@ -359,6 +370,8 @@ extension DaemonRequest: Codable {
         case "terminate": self = .terminate(try c.decode(TerminateRequest.self, forKey: .args))
         case "resize": self = .resize(try c.decode(ResizeRequest.self, forKey: .args))
         case "compact": self = .compact(try c.decode(CompactRequest.self, forKey: .args))
+        case "copyIn": self = .copyIn(try c.decode(CopyInRequest.self, forKey: .args))
+        case "copyOut": self = .copyOut(try c.decode(CopyOutRequest.self, forKey: .args))
         default: throw unknownOperation(op, c)
         }
     }
@@ -391,6 +404,8 @@ extension GuestRequest: Codable {
         case .memoryPolicy: "memoryPolicy"
         case .trim: "trim"
         case .instanceActivity: "instanceActivity"
+        case .copyIn: "copyIn"
+        case .copyOut: "copyOut"
         }
     }
 
@@ -411,6 +426,8 @@ extension GuestRequest: Codable {
         case .memoryPolicy(let r): try c.encode(r, forKey: .args)
         case .trim(let r): try c.encode(r, forKey: .args)
         case .instanceActivity(let r): try c.encode(r, forKey: .args)
+        case .copyIn(let r): try c.encode(r, forKey: .args)
+        case .copyOut(let r): try c.encode(r, forKey: .args)
         }
     }
 
@@ -431,6 +448,8 @@ extension GuestRequest: Codable {
         case "memoryPolicy": self = .memoryPolicy(try c.decode(MemoryPolicyRequest.self, forKey: .args))
         case "trim": self = .trim(try c.decode(TrimRequest.self, forKey: .args))
         case "instanceActivity": self = .instanceActivity(try c.decode(InstanceActivityRequest.self, forKey: .args))
+        case "copyIn": self = .copyIn(try c.decode(GuestCopyInRequest.self, forKey: .args))
+        case "copyOut": self = .copyOut(try c.decode(GuestCopyOutRequest.self, forKey: .args))
         default: throw unknownOperation(op, c)
         }
     }
