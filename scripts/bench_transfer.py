@@ -2,16 +2,16 @@
 """Moving files across the VM boundary: `uvm cp` against the other ways a user has, in one run.
 
 On one VM (the default busybox distro), alternately, 3 rounds each (medians):
-  in   a 256 MiB file from the host into the distro (its /tmp):
-         uvm cp FILE :/tmp/x
-         uvm exec -- sh -c 'cat > /tmp/x' < FILE          (exec's stdin)
-         uvm exec -- cp /mnt/host/bench/FILE /tmp/x       (through a share: our 9P server)
+  in   a 256 MiB file from the host into the distro (its /dev/shm: the busybox disk is too small):
+         uvm cp FILE :/dev/shm/x
+         uvm exec -- sh -c 'cat > /dev/shm/x' < FILE          (exec's stdin)
+         uvm exec -- cp /mnt/host/bench/FILE /dev/shm/x       (through a share: our 9P server)
   out  the same file back to the host:
-         uvm cp :/tmp/x DIR/
-         uvm exec -- cat /tmp/x > FILE                    (exec's stdout)
-         uvm exec -- cp /tmp/x /mnt/host/bench/           (through the share)
+         uvm cp :/dev/shm/x DIR/
+         uvm exec -- cat /dev/shm/x > FILE                    (exec's stdout)
+         uvm exec -- cp /dev/shm/x /mnt/host/bench/           (through the share)
   tree 2,000 files of 4 KiB in 20 folders, in and out: uvm cp -r against tar over exec's stdio.
-and, for the limit, the same 256 MiB copied inside the guest (cp /tmp/x /tmp/y, timed there).
+and, for the limit, the same 256 MiB copied inside the guest (cp /dev/shm/x /dev/shm/y, timed there).
 Times are wall-clock seconds on the host; ratios are the alternative's time / uvm cp's (> 1: uvm cp
 is faster). Results: bench-results/transfer.{txt,json}.
 """
@@ -72,40 +72,40 @@ def main():
         t = {k: [] for k in ["in_cp", "in_exec", "in_share", "out_cp", "out_exec", "out_share",
                              "tree_in_cp", "tree_in_tar", "tree_out_cp", "tree_out_tar", "guest_cp"]}
         for r in range(ROUNDS):
-            uvm("exec", "--", "rm", "-f", "/tmp/x")
-            t["in_cp"].append(timed(lambda: uvm("cp", big, ":/tmp/x")))
-            uvm("exec", "--", "rm", "-f", "/tmp/x")
+            uvm("exec", "--", "rm", "-f", "/dev/shm/x")
+            t["in_cp"].append(timed(lambda: uvm("cp", big, ":/dev/shm/x")))
+            uvm("exec", "--", "rm", "-f", "/dev/shm/x")
             with open(big, "rb") as f:
-                t["in_exec"].append(timed(lambda: uvm("exec", "--", "sh", "-c", "cat > /tmp/x", stdin=f)))
-            uvm("exec", "--", "rm", "-f", "/tmp/x")
-            t["in_share"].append(timed(lambda: uvm("exec", "--", "cp", "/mnt/host/bench/big", "/tmp/x")))
+                t["in_exec"].append(timed(lambda: uvm("exec", "--", "sh", "-c", "cat > /dev/shm/x", stdin=f)))
+            uvm("exec", "--", "rm", "-f", "/dev/shm/x")
+            t["in_share"].append(timed(lambda: uvm("exec", "--", "cp", "/mnt/host/bench/big", "/dev/shm/x")))
 
             reset_back()
-            t["out_cp"].append(timed(lambda: uvm("cp", ":/tmp/x", back + "/")))
+            t["out_cp"].append(timed(lambda: uvm("cp", ":/dev/shm/x", back + "/")))
             reset_back()
             with open(os.path.join(back, "x"), "wb") as f:
-                t["out_exec"].append(timed(lambda: uvm("exec", "--", "cat", "/tmp/x", stdout=f)))
-            t["out_share"].append(timed(lambda: uvm("exec", "--", "cp", "/tmp/x", "/mnt/host/bench/x")))
+                t["out_exec"].append(timed(lambda: uvm("exec", "--", "cat", "/dev/shm/x", stdout=f)))
+            t["out_share"].append(timed(lambda: uvm("exec", "--", "cp", "/dev/shm/x", "/mnt/host/bench/x")))
             os.unlink(os.path.join(shared, "x"))
             # The limit: the same bytes copied inside the guest, timed there.
             a, b = map(float, uvm("exec", "--", "sh", "-c",
-                                  "read a _ < /proc/uptime; cp /tmp/x /tmp/y; read b _ < /proc/uptime; rm /tmp/y; echo $a $b"
+                                  "read a _ < /proc/uptime; cp /dev/shm/x /dev/shm/y; read b _ < /proc/uptime; rm /dev/shm/y; echo $a $b"
                                   ).stdout.split())
             t["guest_cp"].append(b - a)
 
-            uvm("exec", "--", "rm", "-rf", "/tmp/tree")
-            t["tree_in_cp"].append(timed(lambda: uvm("cp", "-r", tree, ":/tmp/")))
-            uvm("exec", "--", "rm", "-rf", "/tmp/tree")
+            uvm("exec", "--", "rm", "-rf", "/dev/shm/tree")
+            t["tree_in_cp"].append(timed(lambda: uvm("cp", "-r", tree, ":/dev/shm/")))
+            uvm("exec", "--", "rm", "-rf", "/dev/shm/tree")
             tar = subprocess.Popen(["tar", "-C", work, "-c", "tree"], stdout=subprocess.PIPE)
-            t["tree_in_tar"].append(timed(lambda: uvm("exec", "--", "tar", "-C", "/tmp", "-x", stdin=tar.stdout)))
+            t["tree_in_tar"].append(timed(lambda: uvm("exec", "--", "tar", "-C", "/dev/shm", "-x", stdin=tar.stdout)))
             tar.wait()
             reset_back()
-            t["tree_out_cp"].append(timed(lambda: uvm("cp", "-r", ":/tmp/tree", back + "/")))
+            t["tree_out_cp"].append(timed(lambda: uvm("cp", "-r", ":/dev/shm/tree", back + "/")))
             reset_back()
 
             def out_tar():
                 p = subprocess.Popen(["tar", "-C", back, "-x"], stdin=subprocess.PIPE)
-                uvm("exec", "--", "tar", "-C", "/tmp", "-c", "tree", stdout=p.stdin)
+                uvm("exec", "--", "tar", "-C", "/dev/shm", "-c", "tree", stdout=p.stdin)
                 p.stdin.close()
                 p.wait()
             t["tree_out_tar"].append(timed(out_tar))

@@ -167,6 +167,8 @@ public enum GuestAgent {
         case .copyOut(let r):
             let result = try await FileCopy.copyOut(r, instances: instances, outbound: outbound)
             try await outbound.write(.json(.response, result))
+        case .interopAttach(let r):
+            try await InteropAttach.serve(r, inbound: rest, outbound: outbound)
         case .releaseDisk(let r):
             await DistroDisks.releaseDisk(r, instances: instances)
             try await outbound.write(.json(.response, Done()))

@@ -1,6 +1,5 @@
 import Archive
 import CSyscalls
-import Dispatch
 import Glibc
 import NIOCore
 import Synchronization
@@ -76,7 +75,7 @@ enum FileCopy {
         let distro = c.distro ?? "?"
         // On a thread of its own: a large tree would hold one of the few pool threads for minutes.
         return try await onOwnThread {
-            let tar = TarWriter(bufferSize: 512 << 10) { chunk in try sendBlocking(Frame(.stdout, ByteBuffer(bytes: chunk)), outbound) }
+            let tar = TarWriter(bufferSize: 512 << 10) { chunk in try writeBlocking(Frame(.stdout, ByteBuffer(bytes: chunk)), outbound) }
             do {
                 try CopyPaths.send(sources, root: root, recursive: c.recursive, to: tar)
                 try tar.finish()
@@ -102,19 +101,6 @@ enum FileCopy {
         if path.hasPrefix("/") { return path }
         if path.isEmpty || path == "." { return home }
         return home.hasSuffix("/") ? home + path : home + "/" + path
-    }
-
-    /// Writes a frame from a plain thread, waiting for the stream to take it (its flow control
-    /// is what holds a fast archive back). A closed stream (the client went away) throws.
-    private static func sendBlocking(_ frame: Frame, _ outbound: Outbound) throws {
-        let done = DispatchSemaphore(value: 0)
-        let failure = Mutex<(any Error)?>(nil)
-        Task {
-            do { try await outbound.write(frame) } catch { failure.withLock { $0 = error } }
-            done.signal()
-        }
-        done.wait()
-        if let e = failure.withLock({ $0 }) { throw e }
     }
 }
 

@@ -1,4 +1,6 @@
+import Dispatch
 import Glibc
+import NIOCore
 import Synchronization
 import Wire
 
@@ -71,4 +73,32 @@ func onOwnThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async 
             k.resume(throwing: WireError(.internalError, "cannot start a thread: \(String(cString: strerror(rc)))"))
         }
     }
+}
+
+/// Starts `body` on a detached thread of its own (a blocking accept or receive).
+func startThread(_ body: @escaping @Sendable () -> Void) {
+    var thread = pthread_t()
+    let arg = Unmanaged.passRetained(ThreadWork(body)).toOpaque()
+    if pthread_create(&thread, nil, { arg in
+        Unmanaged<ThreadWork>.fromOpaque(arg!).takeRetainedValue().run()
+        return nil
+    }, arg) == 0 {
+        pthread_detach(thread)
+    } else {
+        Unmanaged<ThreadWork>.fromOpaque(arg).release()
+    }
+}
+
+/// Writes a frame from a plain thread, waiting for the stream to take it (its flow control is
+/// what holds a fast producer back: a `uvm cp` archive, `uvm-host` input). A closed stream (the
+/// other side went away) throws.
+func writeBlocking(_ frame: Frame, _ outbound: NIOAsyncChannelOutboundWriter<Frame>) throws {
+    let done = DispatchSemaphore(value: 0)
+    let failure = Mutex<(any Error)?>(nil)
+    Task {
+        do { try await outbound.write(frame) } catch { failure.withLock { $0 = error } }
+        done.signal()
+    }
+    done.wait()
+    if let e = failure.withLock({ $0 }) { throw e }
 }

@@ -133,6 +133,8 @@ public enum GuestRequest: Sendable, Equatable {
     /// As `DaemonRequest.copyIn`/`copyOut`, with the distro's disk resolved.
     case copyIn(GuestCopyInRequest)
     case copyOut(GuestCopyOutRequest)
+    /// The stdio of a host program that `uvm-host` asked for (see `HostRunRequest`).
+    case interopAttach(InteropAttachRequest)
 }
 
 /// A call uvmd makes to the guest agent.
@@ -406,6 +408,7 @@ extension GuestRequest: Codable {
         case .instanceActivity: "instanceActivity"
         case .copyIn: "copyIn"
         case .copyOut: "copyOut"
+        case .interopAttach: "interopAttach"
         }
     }
 
@@ -428,6 +431,7 @@ extension GuestRequest: Codable {
         case .instanceActivity(let r): try c.encode(r, forKey: .args)
         case .copyIn(let r): try c.encode(r, forKey: .args)
         case .copyOut(let r): try c.encode(r, forKey: .args)
+        case .interopAttach(let r): try c.encode(r, forKey: .args)
         }
     }
 
@@ -450,6 +454,7 @@ extension GuestRequest: Codable {
         case "instanceActivity": self = .instanceActivity(try c.decode(InstanceActivityRequest.self, forKey: .args))
         case "copyIn": self = .copyIn(try c.decode(GuestCopyInRequest.self, forKey: .args))
         case "copyOut": self = .copyOut(try c.decode(GuestCopyOutRequest.self, forKey: .args))
+        case "interopAttach": self = .interopAttach(try c.decode(InteropAttachRequest.self, forKey: .args))
         default: throw unknownOperation(op, c)
         }
     }
