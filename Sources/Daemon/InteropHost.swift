@@ -51,7 +51,7 @@ enum InteropHost {
         if pid < 0 { for i in [1, 2, 4] where fds[i] >= 0 { close(fds[i]) } }
         logger.info("interop: host program", metadata: ["argv": "\(r.argv.prefix(8))", "cwd": "\(hostCwd ?? home)", "pid": "\(pid)"])
         let started = pid
-        let exited = ExitFlag()
+        let exited = ExitFlag(), handedOver = ExitFlag()
         do {
             try await agent.session(.interopAttach(InteropAttachRequest(id: r.id))) { guestIn, guestOut in
                 guard started > 0 else {
@@ -60,11 +60,15 @@ enum InteropHost {
                     try await guestOut.write(.json(.exit, ExitStatus(code: spawnErrno == ENOENT ? 127 : 126)))
                     return
                 }
+                handedOver.value.store(true, ordering: .releasing)
                 try await relay(pid: started, stdin: fds[1], stdout: fds[2], stderr: fds[4], exited: exited,
                                  guestIn: guestIn, guestOut: guestOut)
             }
         } catch {
             logger.debug("interop: the attach stream ended: \(error)")
+        }
+        if started > 0, !handedOver.value.load(ordering: .acquiring) {
+            for i in [1, 2, 4] { close(fds[i]) }  // the stream never opened: nobody took them
         }
         if started > 0, !exited.value.load(ordering: .acquiring) {
             // The guest side went away first: the program goes too, and is reaped. (After it
@@ -146,7 +150,8 @@ enum InteropHost {
         }
     }
 
-    /// Whether the program has exited (and been reaped): then its process group is no longer ours to signal.
+    /// A one-way flag: the program has exited (and been reaped: its process group is no longer
+    /// ours to signal), or its pipes were handed to the relay.
     final class ExitFlag: Sendable {
         let value = Atomic<Bool>(false)
     }
