@@ -32,8 +32,14 @@ int uvm_ar_openat(int dirfd, const char *name, int flags, unsigned mode) { retur
 int uvm_ar_open_in_root(int rootfd, const char *path, int flags) {
     // RESOLVE_IN_ROOT: "..", absolute paths and absolute symlinks all stay beneath rootfd, as
     // if chrooted there; magic links (/proc/PID/fd/N) could leave it and are refused.
+    // EAGAIN: a rename or mount somewhere raced a ".." in the walk; the kernel asks to retry.
     struct open_how how = { .flags = (uint64_t)(flags | O_CLOEXEC), .resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS };
-    return (int)syscall(SYS_openat2, rootfd, path, &how, sizeof how);
+    int fd = -1;
+    for (int tries = 0; tries < 64; tries++) {
+        fd = (int)syscall(SYS_openat2, rootfd, path, &how, sizeof how);
+        if (fd >= 0 || errno != EAGAIN) break;
+    }
+    return fd;
 }
 int uvm_ar_mknodat(int dirfd, const char *name, unsigned mode, uint64_t dev) { return mknodat(dirfd, name, (mode_t)mode, (dev_t)dev); }
 

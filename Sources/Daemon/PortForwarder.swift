@@ -158,9 +158,7 @@ actor PortForwarder {
                     // Big reads make big frames: each frame costs the same in the guest, whatever its size.
                     .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 65536, maximum: 1 << 20))
                     .bind(host: host, port: Int(port)) { child in
-                        child.eventLoop.makeCompletedFuture {
-                            try Connection(wrappingChannelSynchronously: child, configuration: .init(isOutboundHalfClosureEnabled: true))
-                        }
+                        child.eventLoop.makeCompletedFuture { try acceptedConnection(child) }
                     }
                 listeners.append(server.channel)
                 addresses.append(host)
@@ -236,4 +234,19 @@ actor PortForwarder {
             }
         }
     }
+}
+
+/// A server's accepted connection, with NIO's deinit-based teardown on purpose (the deprecated
+/// initializer): one accepted while the server shuts down is dropped by the server's stream before
+/// anyone runs executeThenClose on it, and with `wrappingChannelSynchronously` its writer then traps
+/// in deinit, taking uvmd down (swift-nio#2637; it crashed a test run through the port forwarder).
+/// This one is closed instead. Used by uvmd's own socket too.
+func acceptedConnection<Inbound: Sendable, Outbound: Sendable>(
+    _ child: Channel, configuration: NIOAsyncChannel<Inbound, Outbound>.Configuration = .init()
+) throws -> NIOAsyncChannel<Inbound, Outbound> {
+    try NIOAsyncChannel(synchronouslyWrapping: child, configuration: configuration)
+}
+
+private func acceptedConnection(_ child: Channel) throws -> PortForwarder.Connection {
+    try acceptedConnection(child, configuration: .init(isOutboundHalfClosureEnabled: true))
 }

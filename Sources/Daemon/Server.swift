@@ -122,7 +122,7 @@ public struct UVMDaemon: Sendable {
         let initializer: @Sendable (Channel) -> EventLoopFuture<NIOAsyncChannel<Frame, Frame>> = { channel in
             channel.eventLoop.makeCompletedFuture {
                 try channel.pipeline.syncOperations.addFrameCodec()
-                return try NIOAsyncChannel<Frame, Frame>(wrappingChannelSynchronously: channel)
+                return try acceptedConnection(channel)  // see there: a client accepted at shutdown must not trap
             }
         }
         // systemd socket activation (uvmd.socket): the listening socket is fd 3.

@@ -122,6 +122,30 @@ import Wire
         #expect(try await Self.exchanged(port: port, "anyone?") == "")
     }
 
+    /// Connections that arrive while the listeners close (the guest's port went away) are closed,
+    /// never left to trap in NIO (swift-nio#2637: an accepted connection the server's stream drops
+    /// took the whole process down, as it did a test run). Bursts of connects race each release.
+    @Test func connectionsAcceptedAsTheListenerClosesDoNotCrash() async throws {
+        for _ in 0..<15 {
+            let port = try Self.freePort()
+            let (release, done) = AsyncStream.makeStream(of: Void.self)
+            let agent = try await Self.agent(ports: [port], release: release)
+            defer { agent.close() }
+            let (fwd, _) = forwarder()
+            await fwd.start(agent: agent.client)
+            #expect(await eventually { await fwd.list().first?.hostAddresses.contains("127.0.0.1") == true })
+            let burst = Task.detached {
+                await withTaskGroup(of: Void.self) { group in
+                    for _ in 0..<48 { group.addTask { _ = try? await Self.exchanged(port: port, "x") } }
+                }
+            }
+            try await Task.sleep(for: .milliseconds(Int.random(in: 0...20)))
+            done.finish()
+            await burst.value
+            #expect(await eventually { await fwd.list().isEmpty })
+        }
+    }
+
     @Test func portsBeyondTheLimitAreListedNotListenedOn() async throws {
         let ports = try [Self.freePort(), Self.freePort()].sorted()
         try #require(ports[0] != ports[1])
