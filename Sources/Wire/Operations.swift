@@ -46,6 +46,9 @@ public enum DaemonRequest: Sendable, Equatable {
     case terminate(TerminateRequest)
     case resize(ResizeRequest)
     case compact(CompactRequest)
+    /// A distro's files over 9P2000.L (`uvm mount`): `stdin` frames carry the client's 9P bytes,
+    /// `stdout` frames the server's, after one `event` frame (`ServeFilesReady`).
+    case files(FilesRequest)
 }
 
 /// A call `uvm` makes to uvmd.
@@ -126,6 +129,8 @@ public enum GuestRequest: Sendable, Equatable {
     case memoryPolicy(MemoryPolicyRequest)
     case trim(TrimRequest)
     case instanceActivity(InstanceActivityRequest)
+    /// As `DaemonRequest.files`, with the distro's disk resolved.
+    case serveFiles(ServeFilesRequest)
 }
 
 /// A call uvmd makes to the guest agent.
@@ -319,6 +324,7 @@ extension DaemonRequest: Codable {
         case .terminate: "terminate"
         case .resize: "resize"
         case .compact: "compact"
+        case .files: "files"
         }
     }
 
@@ -339,6 +345,7 @@ extension DaemonRequest: Codable {
         case .terminate(let r): try c.encode(r, forKey: .args)
         case .resize(let r): try c.encode(r, forKey: .args)
         case .compact(let r): try c.encode(r, forKey: .args)
+        case .files(let r): try c.encode(r, forKey: .args)
         }
     }
 
@@ -359,6 +366,7 @@ extension DaemonRequest: Codable {
         case "terminate": self = .terminate(try c.decode(TerminateRequest.self, forKey: .args))
         case "resize": self = .resize(try c.decode(ResizeRequest.self, forKey: .args))
         case "compact": self = .compact(try c.decode(CompactRequest.self, forKey: .args))
+        case "files": self = .files(try c.decode(FilesRequest.self, forKey: .args))
         default: throw unknownOperation(op, c)
         }
     }
@@ -391,6 +399,7 @@ extension GuestRequest: Codable {
         case .memoryPolicy: "memoryPolicy"
         case .trim: "trim"
         case .instanceActivity: "instanceActivity"
+        case .serveFiles: "serveFiles"
         }
     }
 
@@ -411,6 +420,7 @@ extension GuestRequest: Codable {
         case .memoryPolicy(let r): try c.encode(r, forKey: .args)
         case .trim(let r): try c.encode(r, forKey: .args)
         case .instanceActivity(let r): try c.encode(r, forKey: .args)
+        case .serveFiles(let r): try c.encode(r, forKey: .args)
         }
     }
 
@@ -431,6 +441,7 @@ extension GuestRequest: Codable {
         case "memoryPolicy": self = .memoryPolicy(try c.decode(MemoryPolicyRequest.self, forKey: .args))
         case "trim": self = .trim(try c.decode(TrimRequest.self, forKey: .args))
         case "instanceActivity": self = .instanceActivity(try c.decode(InstanceActivityRequest.self, forKey: .args))
+        case "serveFiles": self = .serveFiles(try c.decode(ServeFilesRequest.self, forKey: .args))
         default: throw unknownOperation(op, c)
         }
     }
