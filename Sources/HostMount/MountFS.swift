@@ -19,6 +19,45 @@ final class MountFS: @unchecked Sendable {
     struct Handle {
         let session: MountSession
         let fid: UInt32
+        let ahead = ReadAhead()
+    }
+
+    /// Data read past what a sequential reader asked for. The kernel asks for 128 KiB at a time
+    /// (its FUSE readahead) and each request is a round trip to the guest (milliseconds under
+    /// TCG): a sequential reader gets one 9P read of up to msize instead, served from here.
+    /// Dropped on any write or truncate through the handle.
+    final class ReadAhead: @unchecked Sendable {
+        private let lock = NIOLock()
+        private var start = 0
+        private var bytes: [UInt8] = []
+        /// Where the last read through this handle ended.
+        private var lastEnd = 0
+
+        /// Copies [offset, offset+size) if held; the count copied, or nil.
+        func take(_ offset: Int, _ size: Int, into buf: UnsafeMutablePointer<CChar>) -> Int? {
+            lock.withLock {
+                guard offset >= start, offset < start + bytes.count else { return nil }
+                let n = min(size, start + bytes.count - offset)
+                bytes.withUnsafeBytes { raw in
+                    UnsafeMutableRawPointer(buf).copyMemory(from: raw.baseAddress! + (offset - start), byteCount: n)
+                }
+                lastEnd = offset + n
+                return n
+            }
+        }
+
+        /// Whether a read at `offset` continues the last one (worth reading ahead for).
+        func isSequential(_ offset: Int) -> Bool { lock.withLock { offset == lastEnd } }
+
+        func keep(_ data: ByteBuffer, at offset: Int, served: Int) {
+            lock.withLock {
+                lastEnd = offset + served
+                start = offset
+                bytes = Array(data.readableBytesView)
+            }
+        }
+
+        func drop() { lock.withLock { bytes = []; start = 0 } }
     }
 
     init(link: MountLink) { self.link = link }
@@ -175,6 +214,7 @@ final class MountFS: @unchecked Sendable {
     func setattr(path: UnsafePointer<CChar>?, fi: UnsafeMutablePointer<fuse_file_info>?, _ attr: P9SetAttr) -> Int32 {
         if let fi, fi.pointee.fh != 0 {
             return withHandle(fi) { h in
+                h.ahead.drop()
                 guard case .rsetattr = try link.call(h.session, .tsetattr(fid: h.fid, attr: attr)) else { throw MountError(EIO) }
                 return 0
             }
@@ -199,8 +239,25 @@ final class MountFS: @unchecked Sendable {
     // MARK: data
 
     func read(_ h: Handle, into buf: UnsafeMutablePointer<CChar>, size: Int, offset: Int) throws -> Int32 {
-        var done = 0
+        if let n = h.ahead.take(offset, size, into: buf) {
+            if n == size { return Int32(n) }
+            // The rest continues where the held data ended: read ahead again from there.
+            return Int32(n) + (try read(h, into: buf + n, size: size - n, offset: offset + n))
+        }
         let chunk = h.session.msize - P9.ioHeaderSize
+        if size < chunk, h.ahead.isSequential(offset) {
+            // One read of up to msize: what the caller asked for now, the rest kept for next.
+            let want = min(chunk, 1 << 20)
+            guard case .rread(let data) = try link.call(h.session, .tread(fid: h.fid, offset: UInt64(offset), count: UInt32(want))),
+                  data.readableBytes <= want else { throw MountError(EIO) }
+            let n = min(size, data.readableBytes)
+            data.withUnsafeReadableBytes { raw in
+                if n > 0 { UnsafeMutableRawPointer(buf).copyMemory(from: raw.baseAddress!, byteCount: n) }
+            }
+            h.ahead.keep(data, at: offset, served: n)
+            return Int32(n)
+        }
+        var done = 0
         while done < size {
             let want = min(size - done, chunk)
             guard case .rread(let data) = try link.call(h.session, .tread(fid: h.fid, offset: UInt64(offset + done), count: UInt32(want))),
@@ -211,12 +268,17 @@ final class MountFS: @unchecked Sendable {
             done += data.readableBytes
             if data.readableBytes < want { break }
         }
+        h.ahead.keep(ByteBuffer(), at: offset + done, served: 0)
         return Int32(done)
     }
 
     func write(_ h: Handle, from buf: UnsafePointer<CChar>, size: Int, offset: Int) throws -> Int32 {
+        h.ahead.drop()
         var done = 0
-        let chunk = h.session.msize - P9.ioHeaderSize
+        // Even pieces: a 1 MiB write in msize-24 pieces would take a second round trip for 24 bytes.
+        let most = h.session.msize - P9.ioHeaderSize
+        let pieces = max(1, (size + most - 1) / most)
+        let chunk = (size + pieces - 1) / pieces
         while done < size {
             let n = min(size - done, chunk)
             let data = ByteBuffer(bytes: UnsafeRawBufferPointer(start: UnsafeRawPointer(buf) + done, count: n))

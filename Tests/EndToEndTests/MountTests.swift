@@ -84,6 +84,14 @@ extension EndToEnd {
                 let hostSum = try Harness.runProcess("/usr/bin/sha256sum", ["\(dir)/tmp/big-\(tag)"], stdin: nil, env: [:]).out.prefix(64)
                 let guestSum = try Self.guest("sha256sum /tmp/big-\(tag)").out.prefix(64)
                 #expect(hostSum.count == 64 && hostSum == guestSum, "host \(hostSum) guest \(guestSum)")
+                // Reads here and there (the mount reads ahead for sequential readers only).
+                let fh = try FileHandle(forReadingFrom: URL(fileURLWithPath: "\(dir)/tmp/big-\(tag)"))
+                for (offset, count) in [(1_000_000, 5000), (100, 70_000), (131_072, 131_072), (3_000_000, 200_000), (5, 1)] {
+                    try fh.seek(toOffset: UInt64(offset))
+                    let got = try fh.read(upToCount: count) ?? Data()
+                    #expect(got == big.subdata(in: offset..<min(offset + count, big.count)), "bytes \(offset)+\(count)")
+                }
+                try fh.close()
 
                 // Guest -> host, and a listing that sees it.
                 #expect(try Self.guest("echo from the guest > /tmp/guest-\(tag); mkdir /tmp/dir-\(tag)").status == 0)
