@@ -64,8 +64,31 @@ final class MountFS: @unchecked Sendable {
 
     // MARK: plumbing
 
+    /// Whether the calling process is a uvmd: the guest looking at this mount through a share of
+    /// the host folder it is in (/mnt/host/home/...), which would go round through the guest
+    /// again, ever deeper, holding threads at every turn. Refused with ELOOP; cached per pid.
+    private let loopCheck = NIOLock()
+    private var daemonPIDs: [pid_t: Bool] = [:]
+
+    func callerIsDaemon() -> Bool {
+        guard let context = fuse_get_context() else { return false }
+        let pid = context.pointee.pid
+        guard pid > 0 else { return false }
+        if let known = loopCheck.withLock({ daemonPIDs[pid] }) { return known }
+        var buf = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/\(pid)/exe", &buf, buf.count - 1)
+        let exe = n > 0 ? String(cString: Array(buf[0..<n]) + [0]) : ""
+        let isDaemon = exe.hasSuffix("/uvmd")
+        loopCheck.withLock {
+            if daemonPIDs.count > 256 { daemonPIDs.removeAll() }
+            daemonPIDs[pid] = isDaemon
+        }
+        return isDaemon
+    }
+
     /// Runs `body` with a live stream; errors become a negative errno for FUSE.
     func op(_ body: (MountSession) throws -> Int32) -> Int32 {
+        if callerIsDaemon() { return -ELOOP }
         do {
             let s = try link.begin()
             defer { link.end() }
@@ -157,6 +180,7 @@ final class MountFS: @unchecked Sendable {
     /// An open file keeps its stream in use until released.
     func openHandle(_ fi: UnsafeMutablePointer<fuse_file_info>?, _ body: (MountSession) throws -> UInt32) -> Int32 {
         guard let fi else { return -EINVAL }
+        if callerIsDaemon() { return -ELOOP }
         do {
             let s = try link.begin()
             do {

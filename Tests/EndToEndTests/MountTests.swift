@@ -15,9 +15,9 @@ extension EndToEnd {
         }
 
         /// A fresh empty folder, and on the way out nothing mounted on it.
-        static func withMount(_ tag: String, args: [String] = [], _ body: (String) throws -> Void) throws {
+        static func withMount(_ tag: String, args: [String] = [], in parent: String = "/tmp", _ body: (String) throws -> Void) throws {
             try requireFuse()
-            let dir = "/tmp/uvm-e2e-mount-\(getpid())-\(tag)"
+            let dir = "\(parent)/uvm-e2e-mount-\(getpid())-\(tag)"
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
             defer {
                 if isMounted(dir) {
@@ -189,6 +189,23 @@ extension EndToEnd {
                 #expect(Date().timeIntervalSince(started2) < 30)
 
                 // Later operations start the VM again.
+                #expect(FileManager.default.fileExists(atPath: dir + "/etc/os-release"))
+            }
+        }
+
+        @Test func theGuestLookingAtTheMountThroughTheHomeShareIsRefusedNotLooped() throws {
+            // Mounted inside the host home, which the guest sees at /mnt/host/home: uvmd serving
+            // that share would reach into the mount, and through it the guest again.
+            let home = try #require(ProcessInfo.processInfo.environment["HOME"], "no HOME")
+            let share = try Harness.run(["share", "list", "--format", "json"])
+            try #require(share.out.contains("\"home\""), "the home share is off (UVM_HOME_SHARE): nothing to test: \(share.out)")
+            try Self.withMount("loop", in: home) { (dir: String) throws in
+                let name = (dir as NSString).lastPathComponent
+                let started = Date()
+                let r = try Self.guest("ls /mnt/host/home/\(name)/etc 2>&1; stat /mnt/host/home/\(name)/etc/os-release 2>&1")
+                #expect(r.out.contains("Too many levels of symbolic links"), "\(r.out)")
+                #expect(Date().timeIntervalSince(started) < 30)
+                // The host's own view is unaffected.
                 #expect(FileManager.default.fileExists(atPath: dir + "/etc/os-release"))
             }
         }
