@@ -72,6 +72,7 @@ unit-test:
 bench: setup build kernel images
 	UVM_KERNEL=$$(cat .build/kernel-dir)/bzImage UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) python3 scripts/bench.py
 	UVM_KERNEL=$$(cat .build/kernel-dir)/bzImage UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) python3 scripts/bench_9p.py
+	UVM_KERNEL=$$(cat .build/kernel-dir)/bzImage UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) python3 scripts/bench_transfer.py
 	UVM_KERNEL=$$(cat .build/kernel-dir)/bzImage UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) python3 scripts/bench_distros.py
 	UVM_KERNEL=$$(cat .build/kernel-dir)/bzImage UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) python3 scripts/bench_memory.py
 	UVM_KERNEL=$$(cat .build/kernel-dir)/bzImage UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) python3 scripts/bench_mount.py

@@ -96,7 +96,7 @@ let package = Package(
         ]),
         // The `uvm` command's subcommands and its connection to uvmd (auto-launch included).
         .target(name: "UVMCLI", dependencies: [
-            "Wire", "Settings", "Distros", "CSyscalls", "HostMount",
+            "Wire", "Settings", "Distros", "CSyscalls", "Archive", "HostMount",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),

@@ -35,6 +35,11 @@ final class Destination {
         self.preserveOwnership = preserveOwnership
     }
 
+    init(rootFD: Int32, preserveOwnership: Bool) {
+        self.rootFD = rootFD
+        self.preserveOwnership = preserveOwnership
+    }
+
     deinit {
         if let cached { close(cached.fd) }
         close(rootFD)

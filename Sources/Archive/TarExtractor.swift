@@ -12,6 +12,20 @@ public struct ExtractOptions: Sendable {
     public var maxSparseExtents = 1 << 20
     /// Larger stored or real sizes are taken for corruption (ext4's limit is 16 TiB).
     public var maxFileSize: UInt64 = 1 << 46
+    /// `uvm cp`: the top-level names the archive may hold, each mapped to the name it lands
+    /// under (a single source takes the destination's name). Any other entry is refused, so an
+    /// archive from the other side cannot write beside what was asked for. nil: any name, as is.
+    public var topLevelNames: [[UInt8]: [UInt8]]?
+    /// Every entry gets this owner instead of the archive's (`uvm cp` into a distro: its user).
+    public var owner: Owner?
+    /// Mode bits cleared on every entry (setuid/setgid when owners are not kept, as cp does).
+    public var clearedModeBits: UInt32 = 0
+
+    public struct Owner: Sendable, Equatable {
+        public var uid: UInt32
+        public var gid: UInt32
+        public init(uid: UInt32, gid: UInt32) { (self.uid, self.gid) = (uid, gid) }
+    }
 
     public init() {}
 }
@@ -70,7 +84,14 @@ public final class TarExtractor {
 
     public init(destination: String, options: ExtractOptions = ExtractOptions()) throws {
         self.options = options
-        dest = try Destination(path: destination, preserveOwnership: options.preserveOwnership)
+        dest = try Destination(path: destination, preserveOwnership: options.preserveOwnership || options.owner != nil)
+    }
+
+    /// Into the directory open at `destinationFD` (resolved by the caller, say within a distro's
+    /// root); the extractor owns the descriptor from here on.
+    public init(destinationFD: Int32, options: ExtractOptions = ExtractOptions()) {
+        self.options = options
+        dest = Destination(rootFD: destinationFD, preserveOwnership: options.preserveOwnership || options.owner != nil)
     }
 
     deinit {
@@ -307,8 +328,10 @@ public final class TarExtractor {
                 stats.ignoredACLs += 1
             }
         }
+        let owner = options.owner ?? ExtractOptions.Owner(uid: UInt32(uid), gid: UInt32(gid))
         var e = Pending(name: name, linkName: linkName, type: type,
-                        meta: Metadata(mode: UInt32(mode & 0o7777), uid: UInt32(uid), gid: UInt32(gid), mtime: mtime, xattrs: xattrs),
+                        meta: Metadata(mode: UInt32(mode & 0o7777) & ~options.clearedModeBits, uid: owner.uid, gid: owner.gid,
+                                       mtime: mtime, xattrs: xattrs),
                         size: size, devmajor: UInt32(devmajor), devminor: UInt32(devminor), realSize: size, extents: nil)
 
         // GNU sparse files, in each of the forms GNU tar has written.
@@ -452,6 +475,18 @@ public final class TarExtractor {
         return out
     }
 
+    /// `components`, with the top-level name checked and mapped (ExtractOptions.topLevelNames).
+    private func placed(_ path: [UInt8]) throws -> [[UInt8]] {
+        var comps = try components(path)
+        guard let names = options.topLevelNames else { return comps }
+        guard let first = comps.first, let to = names[first] else {
+            let expected = names.keys.map { "'\(display($0))'" }.sorted().joined(separator: ", ")
+            throw bad("'\(display(path))' is not beneath \(expected), which is all this archive should hold")
+        }
+        comps[0] = to
+        return comps
+    }
+
     /// Creates the entry; for a regular file, data then goes to `output` (after the sparse
     /// map's padding, for sparse 1.0). `storedSize`: the entry's bytes in the archive, which
     /// decide the padding after it.
@@ -462,7 +497,7 @@ public final class TarExtractor {
         if (type == Tar.TypeFlag.regular || type == Tar.TypeFlag.regularOld) && e.name.last == 0x2F && e.extents == nil {
             type = Tar.TypeFlag.directory  // pre-POSIX tars mark directories by the trailing '/'
         }
-        let comps = try components(e.name)
+        let comps = try placed(e.name)
         if comps.isEmpty && type != Tar.TypeFlag.directory { throw bad("entry has an empty name") }
         switch type {
         case Tar.TypeFlag.directory, Tar.TypeFlag.gnuDumpDir:
@@ -472,7 +507,7 @@ public final class TarExtractor {
             try dest.makeSymlink(comps, target: e.linkName, e.meta)
             stats.symlinks += 1
         case Tar.TypeFlag.hardLink:
-            let target = try components(e.linkName)
+            let target = try placed(e.linkName)
             guard !target.isEmpty else { throw bad("hard link with an empty target") }
             try dest.makeHardLink(comps, target: target)
             stats.hardLinks += 1

@@ -64,6 +64,46 @@ public final class TarWriter {
         try walk(dirfd: fd, rel: [], rootPath: rootPath, rootDev: UInt64(st.st_dev), oneFileSystem: oneFileSystem, excluded: excluded)
     }
 
+    /// `uvm cp`: what `fd` refers to (opened O_RDONLY, so a final symlink was followed), as
+    /// `entryName`; a directory with everything beneath it when `recursive` (crossing mounts, as
+    /// cp -r does), refused without it.
+    public func add(opened fd: Int32, as entryName: [UInt8], recursive: Bool) throws {
+        // Walking below the root reads xattrs through /proc/self/fd only (no root path here).
+        guard access("/proc/self/fd", F_OK) == 0 else { throw ArchiveError("copying needs /proc mounted") }
+        viaProc = true
+        var st = stat()
+        try check("stat \(display(entryName))") { fstat(fd, &st) }
+        let isDirectory = st.st_mode & S_IFMT == S_IFDIR
+        if isDirectory && !recursive { throw ArchiveError("'\(display(entryName))' is a directory: copy it with -r") }
+        do {
+            try emit(dirfd: fd, name: nil, path: entryName, full: [], st: st)
+        } catch var e as ArchiveError where e.entry == nil {
+            e.entry = display(entryName)
+            throw e
+        }
+        if isDirectory {
+            try walk(dirfd: fd, rel: entryName, rootPath: entryName, rootDev: UInt64(st.st_dev), oneFileSystem: false, excluded: [])
+        }
+    }
+
+    /// The same for `name` in the directory `dirfd`, where a symlink is archived as the link.
+    public func add(in dirfd: Int32, name: [UInt8], as entryName: [UInt8], recursive: Bool) throws {
+        var st = stat()
+        _ = try withCString(name) { n in try check("stat \(display(entryName))") { fstatat(dirfd, n, &st, uvm_ar_AT_SYMLINK_NOFOLLOW) } }
+        let fmt = st.st_mode & S_IFMT
+        if fmt != S_IFREG && fmt != S_IFDIR {
+            // Symlinks as the link; devices and fifos as nodes, never opened (a fifo would block).
+            viaProc = true
+            try emit(dirfd: dirfd, name: name, path: entryName, full: Array("/proc/self/fd/\(dirfd)/".utf8) + name, st: st)
+            return
+        }
+        let fd = try withCString(name) { n in
+            try check("open \(display(entryName))") { uvm_ar_openat(dirfd, n, O_RDONLY | uvm_ar_O_NOFOLLOW | uvm_ar_O_CLOEXEC, 0) }
+        }
+        defer { close(fd) }
+        try add(opened: fd, as: entryName, recursive: recursive)
+    }
+
     /// Ends the archive (two zero blocks) and hands the rest of the buffer to the sink.
     public func finish() throws {
         guard !finished else { return }
@@ -169,7 +209,11 @@ public final class TarWriter {
             e.type = Tar.TypeFlag.fifo
             try writeHeader(e)
         case S_IFREG:
-            try emitFile(dirfd: dirfd, name: name!, entry: e, st: st)
+            if let name {
+                try emitFile(dirfd: dirfd, name: name, entry: e, st: st)
+            } else {
+                try emitFile(fd: dirfd, entry: e, st: st)  // the root of a copy: `dirfd` is the file
+            }
         default:
             return
         }
@@ -188,11 +232,15 @@ public final class TarWriter {
     }
 
     private func emitFile(dirfd: Int32, name: [UInt8], entry: Entry, st: stat) throws {
-        var e = entry
         let fd = try withCString(name) { cname in
-            try check("open \(display(e.path))") { uvm_ar_openat(dirfd, cname, O_RDONLY | uvm_ar_O_NOFOLLOW | uvm_ar_O_CLOEXEC, 0) }
+            try check("open \(display(entry.path))") { uvm_ar_openat(dirfd, cname, O_RDONLY | uvm_ar_O_NOFOLLOW | uvm_ar_O_CLOEXEC, 0) }
         }
         defer { close(fd) }
+        try emitFile(fd: fd, entry: entry, st: st)
+    }
+
+    private func emitFile(fd: Int32, entry: Entry, st: stat) throws {
+        var e = entry
         let size = UInt64(st.st_size)
         if let extents = try dataExtents(fd: fd, size: size, blocks: UInt64(st.st_blocks)) {
             var map = Array("\(extents.count)\n".utf8)

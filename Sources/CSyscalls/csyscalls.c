@@ -243,6 +243,21 @@ static void mkdir_below(const char *root, const char *rel) {
     mkdir(path, 0755);
 }
 
+/// The initramfs's static `uvm-host` (interop), read-only, at ROOT/DIR/NAME in the instance,
+/// whatever the distro holds. Best effort: without it only interop is missing.
+#define UVM_HOST_BINARY "/uvm-host"
+static void bind_host_command(const char *root, const char *dir, const char *name) {
+    char path[512];
+    mkdir_below(root, dir);
+    if ((size_t)snprintf(path, sizeof path, "%s%s/%s", root, dir, name) >= sizeof path) return;
+    int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0755);
+    if (fd < 0) return;
+    close(fd);
+    // By its path in our namespace (a bind's source must be in it), from the initramfs.
+    if (mount(UVM_HOST_BINARY, path, NULL, MS_BIND, NULL) == 0)
+        mount(NULL, path, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL);
+}
+
 /// Writes "0" (the calling process) to DIR/cgroup.procs.
 static int join_cgroup(const char *dir) {
     char path[512];
@@ -288,6 +303,10 @@ static _Noreturn void instance_main(const char *device, const char *fstype, cons
     if (mount(pts_ptmx, ptmx, NULL, MS_BIND, NULL) < 0) child_fail(status_fd, "bind /dev/ptmx");
     if (mount_in(mp, "/dev/shm", "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0) child_fail(status_fd, "mount /dev/shm");
     if (mount_in(mp, "/run", "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755") < 0) child_fail(status_fd, "mount /run");
+    // uvm-host is always on a session's PATH (it says how to turn interop on when it is off);
+    // xdg-open only while interop is on, when that folder comes first.
+    bind_host_command(mp, "/run/uvm/bin", "uvm-host");
+    bind_host_command(mp, "/run/uvm/interop", "xdg-open");
     {
         // A bind of a slave mount is a slave of the same master: the shares ([automount] root,
         // /mnt/host by default) follow the agent.
@@ -653,6 +672,46 @@ pid_t uvm_spawn_with_fds(const char *path, char *const argv[], int in, int out, 
     syscall(SYS_close_range, 3, ~0U, 0);
     execv(path, argv);
     _exit(127);
+}
+
+pid_t uvm_spawn_host(const char *file, char *const argv[], char *const envp[], const char *cwd, const char *home,
+                     int in, int out, int err) {
+    int status[2];
+    if (pipe2(status, O_CLOEXEC) < 0) return -1;
+    pid_t pid = fork();
+    if (pid < 0) {
+        close(status[0]);
+        close(status[1]);
+        return -1;
+    }
+    if (pid == 0) {
+        close(status[0]);
+        reset_signals();
+        setpgid(0, 0);
+        if (chdir(cwd) < 0 && (!home || chdir(home) < 0)) (void)chdir("/");
+        int fds[3] = {in, out, err};
+        for (int i = 0; i < 3; i++) fds[i] = fcntl(fds[i], F_DUPFD, 3);
+        for (int i = 0; i < 3; i++) if (fds[i] < 0 || dup2(fds[i], i) < 0) _exit(127);
+        // Everything else goes, the status pipe excepted (it is close-on-exec).
+        for (int fd = 3; fd < 1024; fd++) if (fd != status[1]) close(fd);
+        extern char **environ;
+        environ = (char **)envp;
+        execvp(file, argv);
+        int e = errno;
+        (void)!write(status[1], &e, sizeof e);
+        _exit(127);
+    }
+    close(status[1]);
+    int e = 0;
+    ssize_t n;
+    do { n = read(status[0], &e, sizeof e); } while (n < 0 && errno == EINTR);
+    close(status[0]);
+    if (n == sizeof e) {
+        waitpid(pid, NULL, 0);
+        errno = e;
+        return -1;
+    }
+    return pid;
 }
 
 // ---- 9P relay -------------------------------------------------------------------------------

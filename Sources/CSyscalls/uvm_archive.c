@@ -5,6 +5,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <linux/openat2.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/xattr.h>
@@ -13,6 +15,7 @@
 
 const int uvm_ar_O_NOFOLLOW = O_NOFOLLOW;
 const int uvm_ar_O_DIRECTORY = O_DIRECTORY;
+const int uvm_ar_O_PATH = O_PATH;
 const int uvm_ar_O_CLOEXEC = O_CLOEXEC;
 const int uvm_ar_AT_SYMLINK_NOFOLLOW = AT_SYMLINK_NOFOLLOW;
 const int uvm_ar_AT_REMOVEDIR = AT_REMOVEDIR;
@@ -26,6 +29,12 @@ uint32_t uvm_ar_major(uint64_t dev) { return major(dev); }
 uint32_t uvm_ar_minor(uint64_t dev) { return minor(dev); }
 
 int uvm_ar_openat(int dirfd, const char *name, int flags, unsigned mode) { return openat(dirfd, name, flags, (mode_t)mode); }
+int uvm_ar_open_in_root(int rootfd, const char *path, int flags) {
+    // RESOLVE_IN_ROOT: "..", absolute paths and absolute symlinks all stay beneath rootfd, as
+    // if chrooted there; magic links (/proc/PID/fd/N) could leave it and are refused.
+    struct open_how how = { .flags = (uint64_t)(flags | O_CLOEXEC), .resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS };
+    return (int)syscall(SYS_openat2, rootfd, path, &how, sizeof how);
+}
 int uvm_ar_mknodat(int dirfd, const char *name, unsigned mode, uint64_t dev) { return mknodat(dirfd, name, (mode_t)mode, (dev_t)dev); }
 
 const char *uvm_ar_readdir_name(void *dir) {

@@ -70,11 +70,13 @@ struct ClientSession {
         case .exec(var exec):
             let received = SessionTrace.now()
             guard !exec.argv.isEmpty || exec.shell == true else { throw WireError(.badRequest, "exec: no command given") }
-            let distro = exec.distro ?? controller.distros.defaultDistro
-            guard validDistroName(distro), await controller.knowsDistro(distro) else {
-                throw WireError(.notFound, "there is no distro '\(distro)' (installed: \(installedDistros().joined(separator: ", "))); `uvm exec --distro NAME` takes one of those")
-            }
+            let distro = try await knownDistro(exec.distro, command: "exec --distro NAME")
             exec.distro = distro
+            // The caller's environment is for host programs only: the guest never sees it.
+            let hostEnv = exec.hostEnv ?? []
+            exec.hostEnv = nil
+            let interop = daemon.settings.interopEnabled
+            exec.interop = interop ? true : nil
             // Started inside a shared folder: run in the same folder as the guest sees it.
             if exec.cwd == nil, let host = exec.hostCwd, let guest = await controller.shares.guestCwd(forHost: host) {
                 exec.cwd = guest
@@ -87,7 +89,19 @@ struct ClientSession {
             // A distro installed or first used after the VM booted: its disk is hot-plugged now.
             let agent = try await controller.prepareDisk(distro, progress: progress)
             let sent = SessionTrace.now(), tracing = exec.trace == true
-            try await relay(.exec(GuestExecRequest(exec: exec, distroDisk: diskSerial(distro))), agent: agent, rest: rest, outbound: outbound) { final in
+            let shares = controller.shares, logger = daemon.logger
+            let running = InteropHost.Count()
+            let hostRun = interop ? HostRunner { r in
+                // Each `hostRun` is a host process: a session (or a guest sending them itself) gets a bounded number at once.
+                guard running.enter(limit: InteropHost.maxPerSession) else {
+                    await InteropHost.refuse(r, "more than \(InteropHost.maxPerSession) host programs at once in this session", agent: agent)
+                    return
+                }
+                defer { running.leave() }
+                await InteropHost.run(r, env: hostEnv, hostCwd: await shares.hostPath(forGuest: r.cwd), agent: agent, logger: logger)
+            } : nil
+            try await relay(.exec(GuestExecRequest(exec: exec, distroDisk: diskSerial(distro))), agent: agent, rest: rest, outbound: outbound,
+                            hostRun: hostRun) { final in
                 // UVM_TRACE: our hops added to the agent's.
                 guard tracing, final.kind == .exit, var status = try? final.decode(ExitStatus.self) else { return final }
                 var trace = status.trace ?? [:]
@@ -97,6 +111,16 @@ struct ClientSession {
                 status.trace = trace
                 return .json(.exit, status)
             }
+        case .copyIn(var r):
+            let distro = try await knownDistro(r.distro, command: "cp … NAME:PATH")
+            r.distro = distro
+            try await copy(.copyIn(GuestCopyInRequest(copy: r, distroDisk: diskSerial(distro))), distro: distro,
+                           rest: rest, outbound: outbound, progress: progress)
+        case .copyOut(var r):
+            let distro = try await knownDistro(r.distro, command: "cp NAME:PATH …")
+            r.distro = distro
+            try await copy(.copyOut(GuestCopyOutRequest(copy: r, distroDisk: diskSerial(distro))), distro: distro,
+                           rest: rest, outbound: outbound, progress: progress)
         case .start(let r):
             _ = try await controller.agent(progress: progress)
             try await respond(await daemon.status(), to: r, outbound)
@@ -136,6 +160,26 @@ struct ClientSession {
         }
     }
 
+    /// `requested`, or the default distro, if this user has it.
+    private func knownDistro(_ requested: String?, command: String) async throws -> String {
+        let controller = daemon.controller
+        let distro = requested ?? controller.distros.defaultDistro
+        guard validDistroName(distro), await controller.knowsDistro(distro) else {
+            throw WireError(.notFound, "there is no distro '\(distro)' (installed: \(installedDistros().joined(separator: ", "))); `uvm \(command)` takes one of those")
+        }
+        return distro
+    }
+
+    /// `uvm cp`: a client of the instance while the tar crosses, as an exec is.
+    private func copy(_ request: GuestRequest, distro: String, rest: AsyncStream<Frame>,
+                      outbound: NIOAsyncChannelOutboundWriter<Frame>, progress: @escaping @Sendable (String) async -> Void) async throws {
+        let reaper = daemon.reaper
+        let token = await reaper.begin(distro: distro)
+        defer { Task { await reaper.end(token) } }
+        let agent = try await daemon.controller.prepareDisk(distro, progress: progress)
+        try await relay(request, agent: agent, rest: rest, outbound: outbound)
+    }
+
     /// The answer to `call`: typed by it, so a response of the wrong type does not compile.
     func respond<C: DaemonCall>(_ response: C.Response, to call: C, _ outbound: NIOAsyncChannelOutboundWriter<Frame>) async throws {
         try await outbound.write(.json(.response, response))
@@ -146,6 +190,7 @@ struct ClientSession {
     /// distro's description); a WireError it throws goes to the client instead.
     func relay(_ request: GuestRequest, agent: GuestAgentClient, rest: AsyncStream<Frame>,
                outbound: NIOAsyncChannelOutboundWriter<Frame>,
+               hostRun: HostRunner? = nil,
                answer: @escaping @Sendable (Frame) async throws -> Frame = { $0 }) async throws {
         let controller = daemon.controller
         try await agent.session(request) { guestIn, guestOut in
@@ -170,6 +215,11 @@ struct ClientSession {
                     // ourselves would reset it.
                     for try await frame in guestIn where !answered {
                         answered = frame.kind.isFinal
+                        if frame.kind == .hostRun {
+                            // uvm-host (interop): never passed to the client; ignored where off.
+                            if let hostRun, let r = try? frame.decode(HostRunRequest.self) { Task { await hostRun.run(r) } }
+                            continue
+                        }
                         // A process that `uvm stop` ended: say so rather than pass on its signal.
                         if frame.kind == .exit, await controller.isStopping {
                             let reason = await controller.lastStopReason ?? "session ended: the VM was stopped"
@@ -195,6 +245,11 @@ struct ClientSession {
                 group.cancelAll()
             }
         }
+    }
+
+    /// What an exec session does with the guest's `hostRun` frames (interop on).
+    struct HostRunner: Sendable {
+        let run: @Sendable (HostRunRequest) async -> Void
     }
 
     func installedDistros() -> [String] {

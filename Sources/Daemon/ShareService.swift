@@ -107,6 +107,11 @@ actor ShareService {
     }
 
     /// Where a command started in host directory `hostCwd` runs in the guest, if that is in a share.
+    func hostPath(forGuest guestPath: String) -> String? {
+        guard let all = try? entries() else { return nil }
+        return ShareStore.hostPath(forGuest: guestPath, in: all.map(\.spec))
+    }
+
     func guestCwd(forHost hostCwd: String) -> String? {
         guard let all = try? entries() else { return nil }
         return ShareStore.guestPath(forHost: hostCwd, in: all.map(\.spec))

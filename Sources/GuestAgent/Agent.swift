@@ -161,6 +161,14 @@ public enum GuestAgent {
         case .exportDistro(let r):
             let result = try await DistroDisks.exportDistro(r, instances: instances)
             try await outbound.write(.json(.response, result))
+        case .copyIn(let r):
+            let result = try await FileCopy.copyIn(r, instances: instances, inbound: rest, outbound: outbound)
+            try await outbound.write(.json(.response, result))
+        case .copyOut(let r):
+            let result = try await FileCopy.copyOut(r, instances: instances, outbound: outbound)
+            try await outbound.write(.json(.response, result))
+        case .interopAttach(let r):
+            try await InteropAttach.serve(r, inbound: rest, outbound: outbound)
         case .releaseDisk(let r):
             await DistroDisks.releaseDisk(r, instances: instances)
             try await outbound.write(.json(.response, Done()))

@@ -29,7 +29,7 @@ struct DistroConfig {
         "automount.enabled": .bool,               // no effect: shares are uvm's
         "automount.mountfstab": .bool,            // no effect
         "automount.options": .text,               // no effect
-        "interop.enabled": .bool,                 // no effect
+        "interop.enabled": .bool,                 // false: no uvm-host here (the host's [interop] turns it on)
         "interop.appendwindowspath": .bool,       // no effect
         "gpu.enabled": .bool,                     // no effect
         "time.usewindowstimezone": .bool,         // no effect

@@ -11,6 +11,9 @@ struct Instance: Sendable {
     var systemd = false
     /// `[boot] keepAlive = services`.
     var keepAliveServices = false
+    /// `[interop] enabled = false` in its /etc/uvm.conf: no `uvm-host` here even where the host
+    /// turned interop on. (The distro can only refuse interop, never turn it on: it is the guest.)
+    var interopRefused = false
     var rootPath: String { "/proc/\(initPID)/root" }
     /// The root of its cgroup namespace, in the VM's cgroup tree.
     var cgroup: String { InstanceCgroups.dir(name) }
@@ -241,7 +244,8 @@ actor Instances {
             throw WireError(.spawnFailed, "distro \(distro): cannot start (\(what): \(String(cString: strerror(err))))\(hint)")
         }
         if systemd { log("instance \(distro): systemd is its init (pid \(pid))") }
-        return (Instance(name: distro, initPID: pid, systemd: systemd, keepAliveServices: config.keepAliveServices), config)
+        return (Instance(name: distro, initPID: pid, systemd: systemd, keepAliveServices: config.keepAliveServices,
+                         interopRefused: config.bool("interop", "enabled") == false), config)
     }
 
     /// Inside the instance (Debian and most distributions since the /usr merge).

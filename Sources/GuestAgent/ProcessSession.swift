@@ -35,6 +35,15 @@ struct ProcessSession {
             env["XDG_RUNTIME_DIR"] = "/run/user/\(account.uid)"
             env["DBUS_SESSION_BUS_ADDRESS"] = "unix:path=/run/user/\(account.uid)/bus"
         }
+        // uvm-host is always found (and says how to turn interop on); with interop, this session
+        // gets its socket and xdg-open goes to the host's.
+        let interop = request.interop == true && !instance.interopRefused ? try InteropListener(outbound: outbound) : nil
+        defer { interop?.close() }
+        if let interop {
+            env.merge(interop.environment(path: Self.defaultPath)) { $1 }
+        } else {
+            env["PATH"] = Self.defaultPath + ":" + InteropListener.binDirectory
+        }
         for kv in request.env {
             guard let eq = kv.firstIndex(of: "=") else { throw WireError(.badRequest, "--env \(kv): expected KEY=VALUE") }
             env[String(kv[..<eq])] = String(kv[kv.index(after: eq)...])
@@ -77,6 +86,7 @@ struct ProcessSession {
         }
         childFDs.forEach { close($0) }
         childFDs = []
+        interop?.start(sessionPID: pid)
         let spawned = SessionTrace.now()
 
         // Our own descriptors of the output pipes (or the pty master), never read: after the

@@ -154,6 +154,10 @@ extension Settings {
                        s.defaultDistro = v
                    },
                    show: { $0.defaultDistro }),
+        SettingKey("interop", "enabled", env: "UVM_INTEROP_ENABLED",
+                   "`uvm-host CMD` in a session runs CMD on the host as you (off: the guest is untrusted; a distro's /etc/uvm.conf can only turn it off)",
+                   parse: { v, s throws(SettingValueError) in s.interopEnabled = try parseBool(v) },
+                   show: { "\($0.interopEnabled)" }),
         SettingKey("general", "homeShare", env: "UVM_HOME_SHARE", "host folder every distro sees at /mnt/host/home (true: $HOME, false: none)",
                    parse: { v, s throws(SettingValueError) in
                        switch v.lowercased() {

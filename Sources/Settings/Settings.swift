@@ -30,6 +30,9 @@ public struct Settings: Sendable, Equatable {
     public var instanceIdleTimeout: Duration? = .seconds(15)
     /// Guest ports listening on localhost appear on the host's localhost.
     public var localhostForwarding: Bool = true
+    /// `uvm-host` in sessions runs host programs as this user (WSL's [interop] enabled). Off by
+    /// default: the guest is untrusted, and this lets its sessions run anything as you.
+    public var interopEnabled: Bool = false
     /// Swap in the VM, MiB; nil: a quarter of `memoryMiB` (WSL's default); 0: none.
     public var swapMiB: Int?
     /// The sparse file that holds it; nil: `swap.img` in uvm's data folder.

@@ -108,6 +108,23 @@ public struct ShareStore: Sendable {
         return resolved
     }
 
+    /// The host path matching guest path `guestPath` inside one of `shares` (the deepest wins);
+    /// nil when it is in none, or is not a plain absolute path (the guest sent it: no "." or "..").
+    public static func hostPath(forGuest guestPath: String, in shares: [ShareSpec]) -> String? {
+        let parts = guestPath.split(separator: "/", omittingEmptySubsequences: true)
+        guard guestPath.hasPrefix("/"), !parts.contains(where: { $0 == "." || $0 == ".." }) else { return nil }
+        let clean = "/" + parts.joined(separator: "/")
+        var best: (guest: String, root: String)? = nil
+        for s in shares {
+            let inside = clean == s.guestPath || clean.hasPrefix(s.guestPath + "/")
+            guard inside, best == nil || s.guestPath.count > best!.guest.count else { continue }
+            best = (s.guestPath, (try? canonicalDirectory(s.path)) ?? s.path)
+        }
+        guard let best else { return nil }
+        let rest = clean.dropFirst(best.guest.count)
+        return best.root + (rest.isEmpty ? "" : (best.root == "/" ? String(rest.dropFirst()) : String(rest)))
+    }
+
     /// The guest path matching host directory `hostPath` (already canonical, as getcwd gives it),
     /// if it is inside one of `shares` (the deepest share wins).
     public static func guestPath(forHost hostPath: String, in shares: [ShareSpec]) -> String? {

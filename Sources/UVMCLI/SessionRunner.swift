@@ -34,6 +34,14 @@ enum SessionRunner {
         if let size = terminal?.windowSize { (request.rows, request.cols) = (size.rows, size.cols) }
         // getcwd is the physical path, as share roots are kept: uvmd maps it into a share.
         if request.cwd == nil { request.hostCwd = FileManager.default.currentDirectoryPath }
+        // For the host programs `uvm-host` may run in this session (uvmd keeps it from the guest).
+        var hostEnv: [String] = []
+        var entry = environ
+        while let e = entry.pointee {
+            hostEnv.append(String(cString: e))
+            entry += 1
+        }
+        request.hostEnv = hostEnv
         try conn.send(.json(.request, DaemonRequest.exec(request)))
         terminal?.enterRawMode()
         defer { terminal?.restore() }

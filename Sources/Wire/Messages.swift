@@ -35,6 +35,11 @@ public struct ExecRequest: Codable, Sendable, Equatable {
     public var ignoreDistroConfig: Bool?
     /// `UVM_TRACE=1`: the exit status carries where the session's time went (`ExitStatus.trace`).
     public var trace: Bool?
+    /// uvmd -> agent: `uvm-host` in this session may run host programs ([interop] enabled).
+    public var interop: Bool?
+    /// CLI -> uvmd only (uvmd removes it before the guest sees it): the caller's environment,
+    /// which host programs run by `uvm-host` get (DISPLAY and the like, for xdg-open).
+    public var hostEnv: [String]?
 
     public init(argv: [String], env: [String] = [], cwd: String? = nil, user: String? = nil,
                 distro: String? = nil, tty: Bool = false, rows: UInt16? = nil, cols: UInt16? = nil) {

@@ -46,6 +46,10 @@ public enum DaemonRequest: Sendable, Equatable {
     case terminate(TerminateRequest)
     case resize(ResizeRequest)
     case compact(CompactRequest)
+    /// `uvm cp` into a distro; then the tar as `stdin` frames.
+    case copyIn(CopyInRequest)
+    /// `uvm cp` out of a distro; `stdout` frames carry the tar.
+    case copyOut(CopyOutRequest)
     /// A distro's files over 9P2000.L (`uvm mount`): `stdin` frames carry the client's 9P bytes,
     /// `stdout` frames the server's, after one `event` frame (`ServeFilesReady`).
     case files(FilesRequest)
@@ -129,6 +133,11 @@ public enum GuestRequest: Sendable, Equatable {
     case memoryPolicy(MemoryPolicyRequest)
     case trim(TrimRequest)
     case instanceActivity(InstanceActivityRequest)
+    /// As `DaemonRequest.copyIn`/`copyOut`, with the distro's disk resolved.
+    case copyIn(GuestCopyInRequest)
+    case copyOut(GuestCopyOutRequest)
+    /// The stdio of a host program that `uvm-host` asked for (see `HostRunRequest`).
+    case interopAttach(InteropAttachRequest)
     /// As `DaemonRequest.files`, with the distro's disk resolved.
     case serveFiles(ServeFilesRequest)
 }
@@ -324,6 +333,8 @@ extension DaemonRequest: Codable {
         case .terminate: "terminate"
         case .resize: "resize"
         case .compact: "compact"
+        case .copyIn: "copyIn"
+        case .copyOut: "copyOut"
         case .files: "files"
         }
     }
@@ -345,6 +356,8 @@ extension DaemonRequest: Codable {
         case .terminate(let r): try c.encode(r, forKey: .args)
         case .resize(let r): try c.encode(r, forKey: .args)
         case .compact(let r): try c.encode(r, forKey: .args)
+        case .copyIn(let r): try c.encode(r, forKey: .args)
+        case .copyOut(let r): try c.encode(r, forKey: .args)
         case .files(let r): try c.encode(r, forKey: .args)
         }
     }
@@ -366,6 +379,8 @@ extension DaemonRequest: Codable {
         case "terminate": self = .terminate(try c.decode(TerminateRequest.self, forKey: .args))
         case "resize": self = .resize(try c.decode(ResizeRequest.self, forKey: .args))
         case "compact": self = .compact(try c.decode(CompactRequest.self, forKey: .args))
+        case "copyIn": self = .copyIn(try c.decode(CopyInRequest.self, forKey: .args))
+        case "copyOut": self = .copyOut(try c.decode(CopyOutRequest.self, forKey: .args))
         case "files": self = .files(try c.decode(FilesRequest.self, forKey: .args))
         default: throw unknownOperation(op, c)
         }
@@ -399,6 +414,9 @@ extension GuestRequest: Codable {
         case .memoryPolicy: "memoryPolicy"
         case .trim: "trim"
         case .instanceActivity: "instanceActivity"
+        case .copyIn: "copyIn"
+        case .copyOut: "copyOut"
+        case .interopAttach: "interopAttach"
         case .serveFiles: "serveFiles"
         }
     }
@@ -420,6 +438,9 @@ extension GuestRequest: Codable {
         case .memoryPolicy(let r): try c.encode(r, forKey: .args)
         case .trim(let r): try c.encode(r, forKey: .args)
         case .instanceActivity(let r): try c.encode(r, forKey: .args)
+        case .copyIn(let r): try c.encode(r, forKey: .args)
+        case .copyOut(let r): try c.encode(r, forKey: .args)
+        case .interopAttach(let r): try c.encode(r, forKey: .args)
         case .serveFiles(let r): try c.encode(r, forKey: .args)
         }
     }
@@ -441,6 +462,9 @@ extension GuestRequest: Codable {
         case "memoryPolicy": self = .memoryPolicy(try c.decode(MemoryPolicyRequest.self, forKey: .args))
         case "trim": self = .trim(try c.decode(TrimRequest.self, forKey: .args))
         case "instanceActivity": self = .instanceActivity(try c.decode(InstanceActivityRequest.self, forKey: .args))
+        case "copyIn": self = .copyIn(try c.decode(GuestCopyInRequest.self, forKey: .args))
+        case "copyOut": self = .copyOut(try c.decode(GuestCopyOutRequest.self, forKey: .args))
+        case "interopAttach": self = .interopAttach(try c.decode(InteropAttachRequest.self, forKey: .args))
         case "serveFiles": self = .serveFiles(try c.decode(ServeFilesRequest.self, forKey: .args))
         default: throw unknownOperation(op, c)
         }

@@ -65,4 +65,19 @@ import Wire
         #expect(ShareStore.guestPath(forHost: "/elsewhere", in: shares) == nil)
         #expect(ShareStore.guestPath(forHost: home + "x", in: shares) == nil)
     }
+
+    /// uvm-host's working directory: the guest sent it, so only plain paths inside a share map.
+    @Test func guestPathsMapBackToTheirShare() throws {
+        let home = try ShareStore.canonicalDirectory(dir + "/home")
+        let shares = [ShareSpec(name: "home", path: home), ShareSpec(name: "proj", path: home + "/proj")]
+        #expect(ShareStore.hostPath(forGuest: "/mnt/host/home", in: shares) == home)
+        #expect(ShareStore.hostPath(forGuest: "/mnt/host/home/a//b/", in: shares) == home + "/a/b")
+        #expect(ShareStore.hostPath(forGuest: "/mnt/host/proj/src", in: shares) == home + "/proj/src")
+        for outside in ["/mnt/host", "/mnt/host/homex", "/tmp", "relative", "/mnt/host/home/../../etc", "/mnt/host/home/./x"] {
+            #expect(ShareStore.hostPath(forGuest: outside, in: shares) == nil, "\(outside)")
+        }
+        let root = [ShareSpec(name: "all", path: "/")]
+        #expect(ShareStore.hostPath(forGuest: "/mnt/host/all/etc", in: root) == "/etc")
+        #expect(ShareStore.hostPath(forGuest: "/mnt/host/all", in: root) == "/")
+    }
 }

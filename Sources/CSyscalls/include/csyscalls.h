@@ -122,6 +122,13 @@ pid_t uvm_spawn_detached_fd3(const char *path, char *const argv[], const char *l
 /// uvmd's socket accepting connections nobody answers. Returns the pid, or -1 with errno.
 pid_t uvm_spawn_with_fds(const char *path, char *const argv[], int in, int out, int err);
 
+/// `uvm-host`'s program on the host: `file` looked up in envp's PATH, run with `envp` in `cwd`
+/// (the home directory when that fails), in a process group of its own (signals go to the group),
+/// with `in`/`out`/`err` as its stdio and no other descriptor of ours. Returns the pid, or -1 with
+/// errno (ENOENT: not found) once the exec itself failed.
+pid_t uvm_spawn_host(const char *file, char *const argv[], char *const envp[], const char *cwd, const char *home,
+                     int in, int out, int err);
+
 /// O_DIRECT, which Glibc's Swift module leaves out (it needs _GNU_SOURCE).
 static inline int uvm_o_direct(void) { return 040000; }
 

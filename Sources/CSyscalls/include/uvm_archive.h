@@ -7,6 +7,7 @@
 
 extern const int uvm_ar_O_NOFOLLOW;
 extern const int uvm_ar_O_DIRECTORY;
+extern const int uvm_ar_O_PATH;
 extern const int uvm_ar_O_CLOEXEC;
 extern const int uvm_ar_AT_SYMLINK_NOFOLLOW;
 extern const int uvm_ar_AT_REMOVEDIR;
@@ -21,6 +22,9 @@ uint32_t uvm_ar_minor(uint64_t dev);
 
 /// openat with an explicit mode (Swift cannot call the variadic one reliably).
 int uvm_ar_openat(int dirfd, const char *name, int flags, unsigned mode);
+/// openat2 with RESOLVE_IN_ROOT: `path` as seen by a process chrooted at `rootfd` (a distro's
+/// root, from the agent outside it), never leaving it. flags: O_* (no O_CREAT).
+int uvm_ar_open_in_root(int rootfd, const char *path, int flags);
 int uvm_ar_mknodat(int dirfd, const char *name, unsigned mode, uint64_t dev);
 
 /// readdir on a DIR*: the next name, or NULL at the end (errno 0) or on error (errno set).
