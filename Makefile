@@ -75,6 +75,7 @@ bench: setup build kernel images
 	UVM_KERNEL=$$(cat .build/kernel-dir)/bzImage UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) python3 scripts/bench_transfer.py
 	UVM_KERNEL=$$(cat .build/kernel-dir)/bzImage UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) python3 scripts/bench_distros.py
 	UVM_KERNEL=$$(cat .build/kernel-dir)/bzImage UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) python3 scripts/bench_memory.py
+	UVM_KERNEL=$$(cat .build/kernel-dir)/bzImage UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) python3 scripts/bench_mount.py
 	UVM_KERNEL=$$(cat .build/kernel-dir)/bzImage UVM_IMAGES=$$(cat .build/images-dir) UVM_BIN=$(abspath $(BIN)) UVM_RECIPES=$(CURDIR)/images python3 scripts/bench_linux.py
 
 doctor: build

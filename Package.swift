@@ -76,7 +76,8 @@ let package = Package(
         ]),
         // uvm-init: PID 1 in the guest.
         .target(name: "GuestAgent", dependencies: [
-            "Wire", "CSyscalls", "Archive",
+            "Wire", "CSyscalls", "Archive", "Plan9",
+            .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP2", package: "swift-nio-http2"),
@@ -84,9 +85,18 @@ let package = Package(
         // Root file system tarballs for `uvm import`/`uvm export`: a streaming pax writer and a
         // push-based extractor confined to its destination. No Foundation: it goes into uvm-init.
         .target(name: "Archive", dependencies: ["CSyscalls"]),
+        // libfuse3's C API, from Debian's libfuse3-dev (`uvm mount`).
+        .systemLibrary(name: "CFuse", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
+        // `uvm mount`: a distro's files on the host, a FUSE file system speaking 9P to the guest
+        // agent through uvmd.
+        .target(name: "HostMount", dependencies: [
+            "CFuse", "Plan9", "Wire",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
         // The `uvm` command's subcommands and its connection to uvmd (auto-launch included).
         .target(name: "UVMCLI", dependencies: [
-            "Wire", "Settings", "Distros", "CSyscalls", "Archive",
+            "Wire", "Settings", "Distros", "CSyscalls", "Archive", "HostMount",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),

@@ -25,7 +25,7 @@ Maintainer: uvm developers <uvm-developers@users.noreply.invalid>
 Installed-Size: $size
 Section: admin
 Priority: optional
-Depends: libc6 (>= 2.36), libstdc++6, libgcc-s1, libglib2.0-0, libvirt0 (>= 9.0), libvirt-daemon, libvirt-daemon-driver-qemu, qemu-system-x86, e2fsprogs, zstd
+Depends: libc6 (>= 2.36), libstdc++6, libgcc-s1, libglib2.0-0, libvirt0 (>= 9.0), libvirt-daemon, libvirt-daemon-driver-qemu, qemu-system-x86, e2fsprogs, zstd, libfuse3-3, fuse3
 Recommends: libvirt-daemon-system, mmdebstrap, uidmap, python3, xz-utils, bzip2
 Description: lightweight Linux utility VM (WSL2 for Linux hosts)
  uvm boots a small VM on demand through libvirt and runs Linux distributions

@@ -23,6 +23,7 @@ packages=(
     mmdebstrap uidmap zstd
     libarchive-tools  # bsdtar: ArchiveTests check rootfs tarballs against libarchive both ways
     python3-venv      # scripts/lint-workflows.sh (make test) puts its linters from PyPI in a venv
+    libfuse3-dev fuse3  # `uvm mount`: libfuse3, and the setuid fusermount3 that mounts for ordinary users
 )
 is_root=0
 [[ $(id -u) == 0 ]] && is_root=1
@@ -83,6 +84,23 @@ if [[ -e /dev/kvm ]]; then
             log "/dev/kvm is '$kvm_perm' (libvirt then re-probes QEMU on every connection); run:"
             echo "sudo chgrp kvm /dev/kvm && sudo chmod 660 /dev/kvm"
             exit 1
+        fi
+    fi
+fi
+
+# --- (c2) /dev/fuse for everyone ----------------------------------------------
+# `uvm mount` (libfuse3) opens /dev/fuse as the user and has the setuid fusermount3 mount it;
+# libfuse does not fall back to fusermount3 when the open fails. udev makes it crw-rw-rw- on a
+# normal distribution; without udev it is root's alone.
+if [[ -c /dev/fuse ]]; then
+    fuse_perm=$(stat -c '%a' /dev/fuse)
+    if [[ $fuse_perm != 666 ]]; then
+        if ((is_root)); then
+            log "chmod 666 /dev/fuse (was: $fuse_perm)"
+            chmod 666 /dev/fuse
+        else
+            log "/dev/fuse is mode $fuse_perm: \`uvm mount\` cannot work for ordinary users; run:"
+            echo "sudo chmod 666 /dev/fuse"
         fi
     fi
 fi

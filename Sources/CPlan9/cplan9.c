@@ -164,3 +164,18 @@ int cp9_ofd_lock(int fd, int cmd, int *type, int64_t *start, int64_t *len, int32
 uint64_t cp9_makedev(uint32_t ma, uint32_t mi) { return makedev(ma, mi); }
 uint32_t cp9_major(uint64_t dev) { return major(dev); }
 uint32_t cp9_minor(uint64_t dev) { return minor(dev); }
+
+int cp9_set_thread_fs_identity(uint32_t uid, uint32_t gid, const uint32_t *groups, int ngroups) {
+    gid_t list[64];
+    if (ngroups < 0 || ngroups > 64) { errno = EINVAL; return -1; }
+    for (int i = 0; i < ngroups; i++) list[i] = groups[i];
+    if (syscall(SYS_setgroups, ngroups, list) != 0) return -1;
+    syscall(SYS_setfsgid, gid);
+    syscall(SYS_setfsuid, uid);
+    /* setfsuid/setfsgid return the previous value, never an error: ask again to check. */
+    if ((uint32_t)syscall(SYS_setfsgid, (gid_t)-1) != gid || (uint32_t)syscall(SYS_setfsuid, (uid_t)-1) != uid) {
+        errno = EPERM;
+        return -1;
+    }
+    return 0;
+}

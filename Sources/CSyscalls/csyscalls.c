@@ -640,6 +640,25 @@ pid_t uvm_spawn_detached(const char *path, char *const argv[], const char *log_p
     _exit(127);
 }
 
+pid_t uvm_spawn_detached_fd3(const char *path, char *const argv[], const char *log_path, int keep_fd) {
+    pid_t pid = fork();
+    if (pid != 0) return pid;
+    setsid();
+    reset_signals();
+    int in = open("/dev/null", O_RDONLY);
+    int log = open(log_path, O_WRONLY | O_CREAT | O_APPEND, 0600);
+    if (in < 0 || log < 0) _exit(127);
+    int keep = fcntl(keep_fd, F_DUPFD, 10);
+    if (keep < 0) _exit(127);
+    dup2(in, 0);
+    dup2(log, 1);
+    dup2(log, 2);
+    if (dup2(keep, 3) < 0) _exit(127);
+    syscall(SYS_close_range, 4, ~0U, 0);
+    execv(path, argv);
+    _exit(127);
+}
+
 pid_t uvm_spawn_with_fds(const char *path, char *const argv[], int in, int out, int err) {
     pid_t pid = fork();
     if (pid != 0) return pid;

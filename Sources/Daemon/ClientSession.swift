@@ -155,6 +155,8 @@ struct ClientSession {
             try await respond(try await DistroCommands(session: self).resize(r, progress: progress), to: r, outbound)
         case .compact(let r):
             try await respond(try await DistroCommands(session: self).compact(r, progress: progress), to: r, outbound)
+        case .files(let r):
+            try await serveFiles(r, rest: rest, outbound: outbound)
         }
     }
 

@@ -55,6 +55,17 @@ public struct Doctor {
             checks.append(Check(name: "accelerator", ok: false, detail: "\(error)", fix: "set UVM_ACCEL=auto or tcg"))
         }
 
+        // `uvm mount` only: libfuse opens /dev/fuse as the user, then the setuid fusermount3 mounts.
+        let fuseDevice = access("/dev/fuse", R_OK | W_OK) == 0
+        let fusermount = which("fusermount3")
+        if fuseDevice, let fusermount {
+            checks.append(Check(name: "fuse", ok: true, detail: "/dev/fuse usable, \(fusermount) (for `uvm mount`)"))
+        } else {
+            checks.append(Check(name: "fuse", ok: false,
+                                detail: fusermount == nil ? "fusermount3 is not installed: `uvm mount` cannot work" : "/dev/fuse cannot be opened read-write: `uvm mount` cannot work",
+                                fix: fusermount == nil ? "make setup (or: apt-get install fuse3 libfuse3-3)" : "sudo chmod 666 /dev/fuse (what udev does on most distributions)"))
+        }
+
         let release = (try? String(contentsOfFile: paths.kernelReleaseFile, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
         checks.append(fm.fileExists(atPath: paths.kernel)
             ? Check(name: "kernel", ok: true, detail: "\(release ?? "?") at \(paths.kernel)")

@@ -172,6 +172,8 @@ public enum GuestAgent {
         case .releaseDisk(let r):
             await DistroDisks.releaseDisk(r, instances: instances)
             try await outbound.write(.json(.response, Done()))
+        case .serveFiles(let r):
+            try await FileServer.serve(r, instances: instances, rest: rest, outbound: outbound)
         }
     }
 

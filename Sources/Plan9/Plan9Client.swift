@@ -8,10 +8,15 @@ public enum Plan9ClientError: Error, Equatable {
     /// Tflush was answered before this request's reply: the request was dropped.
     case flushed
     case malformedReply(String)
+    /// No reply within the time allowed: the connection is closed (the server's state is unknown).
+    case timedOut
 }
 
-/// A minimal pipelining 9P2000.L client: tags, out-of-order replies, Tflush. For tests, fuzz-corpus
-/// capture and benchmarks; the guest kernel is the real client.
+/// A pipelining 9P2000.L client: tags, out-of-order replies, Tflush. uvm's FUSE mount (`uvm
+/// mount`) speaks to the guest with it, so the server's replies are untrusted: they are decoded
+/// with bounds checks, framed within P9.maxMsize, and in `strict` mode a reply to no outstanding
+/// request closes the connection; `call(_:timeout:)` never waits unbounded. Tests, fuzz-corpus
+/// capture and benchmarks use it too.
 public final class Plan9Client: Sendable {
     public let channel: Channel
     private let state: ClientState
@@ -47,6 +52,45 @@ public final class Plan9Client: Sendable {
             .channelInitializer { ch in ch.eventLoop.makeCompletedFuture { try Self.addHandlers(ch, state) } }
             .connect(host: host, port: port).get()
         return Plan9Client(channel: channel, state: state)
+    }
+
+    /// Over a unix socket whose bytes pass through `transport` first (handlers that turn the
+    /// socket's own framing into a plain 9P byte stream, e.g. uvmd's session frames). Strict: a
+    /// stray reply ends the connection, and nothing sent or received is kept for inspection.
+    /// Takes ownership of `socket`, a connected stream socket.
+    public static func connect(socket fd: CInt, transport: @escaping @Sendable () -> [any ChannelHandler],
+                               group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) -> EventLoopFuture<Plan9Client> {
+        let state = ClientState(strict: true)
+        return ClientBootstrap(group: group)
+            .channelInitializer { ch in
+                ch.eventLoop.makeCompletedFuture {
+                    try ch.pipeline.syncOperations.addHandlers(transport())
+                    try Self.addHandlers(ch, state)
+                }
+            }
+            .withConnectedSocket(fd)
+            .map { Plan9Client(channel: $0, state: state) }
+    }
+
+    /// The reply to `message` (Rlerror included), waiting at most `timeout`: after that the
+    /// request fails with `.timedOut` and the connection is closed, since a server that did not
+    /// answer may still act on it. Blocks the calling thread: never call it on an event loop.
+    public func call(_ message: P9Message, timeout: TimeAmount) throws -> P9Message {
+        let (tag, reply) = send(message)
+        let state = self.state, channel = self.channel
+        let timer = channel.eventLoop.scheduleTask(in: timeout) {
+            if let p = state.take(tag) {
+                p.fail(Plan9ClientError.timedOut)
+                channel.close(promise: nil)
+            }
+        }
+        defer { timer.cancel() }
+        return try reply.wait()
+    }
+
+    /// Sends `message` and forgets the reply (Tclunk of a fid no longer used).
+    public func sendIgnoringReply(_ message: P9Message) {
+        _ = send(message)
     }
 
     private static func addHandlers(_ channel: Channel, _ state: ClientState) throws {
@@ -132,6 +176,9 @@ public final class Plan9Client: Sendable {
 }
 
 final class ClientState: @unchecked Sendable {
+    /// Product use: stray replies are a protocol error, and arrivals are not recorded.
+    let strict: Bool
+    init(strict: Bool = false) { self.strict = strict }
     private let lock = NIOLock()
     private var pending: [UInt16: EventLoopPromise<P9Message>] = [:]
     private var flushTargets: [UInt16: UInt16] = [:]
@@ -172,9 +219,9 @@ final class ClientState: @unchecked Sendable {
     /// that one is still unanswered.
     func received(_ frame: P9Frame) -> (EventLoopPromise<P9Message>?, EventLoopPromise<P9Message>?) {
         lock.withLock {
-            arrivals.append(frame.tag)
+            if !strict { arrivals.append(frame.tag) }
             guard let p = pending.removeValue(forKey: frame.tag) else {
-                unexpected.append(frame)
+                if !strict { unexpected.append(frame) }
                 return (nil, nil)
             }
             var flushed: EventLoopPromise<P9Message>?
@@ -213,7 +260,20 @@ final class ClientHandler: ChannelInboundHandler {
             context.close(promise: nil)
             return
         }
+        // A reply must be one: a server (or a peer in between) sending requests is broken.
+        guard frame.message.typeCode & 1 == 1 || frame.message.typeCode == 7 else {
+            state.failAll(Plan9ClientError.malformedReply("message type \(frame.message.typeCode) is not a reply"))
+            context.close(promise: nil)
+            return
+        }
         let (p, flushed) = state.received(frame)
+        if p == nil && state.strict {
+            // A reply nobody asked for (or one after a timeout gave its tag up): the stream can
+            // no longer be trusted to pair replies with requests.
+            state.failAll(Plan9ClientError.malformedReply("reply to tag \(frame.tag), which is not outstanding"))
+            context.close(promise: nil)
+            return
+        }
         flushed?.fail(Plan9ClientError.flushed)
         p?.succeed(frame.message)
     }

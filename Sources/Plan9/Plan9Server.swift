@@ -15,11 +15,42 @@ public struct Plan9Export: Sendable, Hashable {
     /// WSL's "metadata": guest uid/gid/mode (and special files the guest creates) are kept in the
     /// `user.uvm.stat` xattr, so chown/chmod persist without privileges on the host.
     public var metadata: Bool
+    /// Whose file system rights the server's threads take for every request (nil: the process's).
+    /// The guest agent runs as root and serves a distro's files (`uvm mount`) as its default user:
+    /// what the host creates is that user's, and the host reaches only what that user may.
+    public var identity: Plan9Identity?
 
-    public init(root: String, readOnly: Bool = false, metadata: Bool = false) {
+    public init(root: String, readOnly: Bool = false, metadata: Bool = false, identity: Plan9Identity? = nil) {
         self.root = root
         self.readOnly = readOnly
         self.metadata = metadata
+        self.identity = identity
+    }
+}
+
+/// A file system identity for the server's threads (setfsuid, setfsgid, setgroups: per thread).
+public struct Plan9Identity: Sendable, Hashable {
+    public var uid: UInt32
+    public var gid: UInt32
+    public var groups: [UInt32]
+    public init(uid: UInt32, gid: UInt32, groups: [UInt32]) {
+        self.uid = uid
+        self.gid = gid
+        self.groups = Array(groups.prefix(64))
+    }
+
+    /// The identity the calling thread has taken, so that a pool thread switches only once.
+    private static let adopted = ThreadSpecificVariable<Box>()
+    private final class Box: Sendable { let identity: Plan9Identity; init(_ i: Plan9Identity) { identity = i } }
+
+    /// Makes the calling (pool) thread act as this identity; false if the kernel refused.
+    func adopt() -> Bool {
+        if Self.adopted.currentValue?.identity == self { return true }
+        Self.adopted.currentValue = nil
+        let rc = groups.withUnsafeBufferPointer { cp9_set_thread_fs_identity(uid, gid, $0.baseAddress, Int32($0.count)) }
+        guard rc == 0 else { return false }
+        Self.adopted.currentValue = Box(self)
+        return true
     }
 }
 
@@ -374,8 +405,11 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
         let hook = server.beforeHandle
         while running < server.limits.running, let next = waiting.popFirst() {
             running += 1
+            let identity = server.export.identity
             server.threadPool.runIfActive(eventLoop: context.eventLoop) { () -> P9Message? in
                 guard next.ticket.start() else { return nil }
+                // Never as root by mistake: a thread that cannot take the identity does nothing.
+                if let identity, !identity.adopt() { return .rlerror(ecode: UInt32(EPERM)) }
                 hook?(next.tag, next.message)
                 return session.handle(next.message, generation: next.generation)
             }.assumeIsolated().whenComplete { result in

@@ -21,7 +21,7 @@ public struct UVM: ParsableCommand {
             """,
         version: Paths.buildVersion(),
         subcommands: [Shell.self, Exec.self, Start.self, Stop.self, Status.self, List.self, Install.self, Import.self, Export.self,
-                      Unregister.self, Default.self, Terminate.self, Manage.self, Ports.self, Share.self, Copy.self, ConfigCommand.self, Doctor.self],
+                      Unregister.self, Default.self, Terminate.self, Manage.self, Ports.self, Share.self, Copy.self, Mount.self, Unmount.self, ConfigCommand.self, Doctor.self],
         defaultSubcommand: Shell.self)
 
     public init() {}

@@ -50,6 +50,9 @@ public enum DaemonRequest: Sendable, Equatable {
     case copyIn(CopyInRequest)
     /// `uvm cp` out of a distro; `stdout` frames carry the tar.
     case copyOut(CopyOutRequest)
+    /// A distro's files over 9P2000.L (`uvm mount`): `stdin` frames carry the client's 9P bytes,
+    /// `stdout` frames the server's, after one `event` frame (`ServeFilesReady`).
+    case files(FilesRequest)
 }
 
 /// A call `uvm` makes to uvmd.
@@ -135,6 +138,8 @@ public enum GuestRequest: Sendable, Equatable {
     case copyOut(GuestCopyOutRequest)
     /// The stdio of a host program that `uvm-host` asked for (see `HostRunRequest`).
     case interopAttach(InteropAttachRequest)
+    /// As `DaemonRequest.files`, with the distro's disk resolved.
+    case serveFiles(ServeFilesRequest)
 }
 
 /// A call uvmd makes to the guest agent.
@@ -330,6 +335,7 @@ extension DaemonRequest: Codable {
         case .compact: "compact"
         case .copyIn: "copyIn"
         case .copyOut: "copyOut"
+        case .files: "files"
         }
     }
 
@@ -352,6 +358,7 @@ extension DaemonRequest: Codable {
         case .compact(let r): try c.encode(r, forKey: .args)
         case .copyIn(let r): try c.encode(r, forKey: .args)
         case .copyOut(let r): try c.encode(r, forKey: .args)
+        case .files(let r): try c.encode(r, forKey: .args)
         }
     }
 
@@ -374,6 +381,7 @@ extension DaemonRequest: Codable {
         case "compact": self = .compact(try c.decode(CompactRequest.self, forKey: .args))
         case "copyIn": self = .copyIn(try c.decode(CopyInRequest.self, forKey: .args))
         case "copyOut": self = .copyOut(try c.decode(CopyOutRequest.self, forKey: .args))
+        case "files": self = .files(try c.decode(FilesRequest.self, forKey: .args))
         default: throw unknownOperation(op, c)
         }
     }
@@ -409,6 +417,7 @@ extension GuestRequest: Codable {
         case .copyIn: "copyIn"
         case .copyOut: "copyOut"
         case .interopAttach: "interopAttach"
+        case .serveFiles: "serveFiles"
         }
     }
 
@@ -432,6 +441,7 @@ extension GuestRequest: Codable {
         case .copyIn(let r): try c.encode(r, forKey: .args)
         case .copyOut(let r): try c.encode(r, forKey: .args)
         case .interopAttach(let r): try c.encode(r, forKey: .args)
+        case .serveFiles(let r): try c.encode(r, forKey: .args)
         }
     }
 
@@ -455,6 +465,7 @@ extension GuestRequest: Codable {
         case "copyIn": self = .copyIn(try c.decode(GuestCopyInRequest.self, forKey: .args))
         case "copyOut": self = .copyOut(try c.decode(GuestCopyOutRequest.self, forKey: .args))
         case "interopAttach": self = .interopAttach(try c.decode(InteropAttachRequest.self, forKey: .args))
+        case "serveFiles": self = .serveFiles(try c.decode(ServeFilesRequest.self, forKey: .args))
         default: throw unknownOperation(op, c)
         }
     }

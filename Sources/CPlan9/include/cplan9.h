@@ -58,3 +58,8 @@ int cp9_ofd_lock(int fd, int cmd, int *type, int64_t *start, int64_t *len, int32
 uint64_t cp9_makedev(uint32_t major, uint32_t minor);
 uint32_t cp9_major(uint64_t dev);
 uint32_t cp9_minor(uint64_t dev);
+
+/// Gives the calling thread alone (raw syscalls: glibc would change every thread) the file
+/// system identity uid/gid with these supplementary groups: what it creates is theirs, and it has
+/// their rights. 0 on success, else -1 and errno (the thread may then be partly changed).
+int cp9_set_thread_fs_identity(uint32_t uid, uint32_t gid, const uint32_t *groups, int ngroups);

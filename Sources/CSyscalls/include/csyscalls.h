@@ -112,6 +112,9 @@ int uvm_pipe_cloexec(int fds[2]);
 /// appended to `log_path`, and no other inherited descriptor (a long-lived daemon must not keep
 /// the caller's pipes open). Returns the pid, or -1 with errno.
 pid_t uvm_spawn_detached(const char *path, char *const argv[], const char *log_path);
+/// As uvm_spawn_detached, with `keep_fd` passed on as the child's fd 3 (`uvm mount` learns through
+/// it whether its background process mounted).
+pid_t uvm_spawn_detached_fd3(const char *path, char *const argv[], const char *log_path, int keep_fd);
 
 /// Starts `path` with `in`, `out` and `err` as its stdin, stdout and stderr (-1: /dev/null) and
 /// no other descriptor of ours: uvmd's listening socket and its clients' connections are not
