@@ -625,19 +625,7 @@ int uvm_pipe_cloexec(int fds[2]) {
 }
 
 pid_t uvm_spawn_detached(const char *path, char *const argv[], const char *log_path) {
-    pid_t pid = fork();
-    if (pid != 0) return pid;
-    setsid();
-    reset_signals();
-    int in = open("/dev/null", O_RDONLY);
-    int log = open(log_path, O_WRONLY | O_CREAT | O_APPEND, 0600);
-    if (in < 0 || log < 0) _exit(127);
-    dup2(in, 0);
-    dup2(log, 1);
-    dup2(log, 2);
-    syscall(SYS_close_range, 3, ~0U, 0);
-    execv(path, argv);
-    _exit(127);
+    return uvm_spawn_detached_fd3(path, argv, log_path, -1);
 }
 
 pid_t uvm_spawn_detached_fd3(const char *path, char *const argv[], const char *log_path, int keep_fd) {
@@ -648,27 +636,32 @@ pid_t uvm_spawn_detached_fd3(const char *path, char *const argv[], const char *l
     int in = open("/dev/null", O_RDONLY);
     int log = open(log_path, O_WRONLY | O_CREAT | O_APPEND, 0600);
     if (in < 0 || log < 0) _exit(127);
-    int keep = fcntl(keep_fd, F_DUPFD, 10);
-    if (keep < 0) _exit(127);
+    int keep = keep_fd >= 0 ? fcntl(keep_fd, F_DUPFD, 10) : -1;
+    if (keep_fd >= 0 && keep < 0) _exit(127);
     dup2(in, 0);
     dup2(log, 1);
     dup2(log, 2);
-    if (dup2(keep, 3) < 0) _exit(127);
-    syscall(SYS_close_range, 4, ~0U, 0);
+    if (keep >= 0 && dup2(keep, 3) < 0) _exit(127);
+    syscall(SYS_close_range, keep >= 0 ? 4 : 3, ~0U, 0);
     execv(path, argv);
     _exit(127);
 }
 
-pid_t uvm_spawn_with_fds(const char *path, char *const argv[], int in, int out, int err) {
-    pid_t pid = fork();
-    if (pid != 0) return pid;
-    reset_signals();
+/* In a forked child: in, out and err (-1: /dev/null) become 0, 1 and 2; _exit(127) on failure. */
+static void child_stdio(int in, int out, int err) {
     int null = open("/dev/null", O_RDWR);
     if (null < 0) _exit(127);
     /* Above 2 first, so that dup2 into 0..2 cannot overwrite a source still needed. */
     int fds[3] = {in, out, err};
     for (int i = 0; i < 3; i++) fds[i] = fcntl(fds[i] >= 0 ? fds[i] : null, F_DUPFD, 3);
     for (int i = 0; i < 3; i++) if (fds[i] < 0 || dup2(fds[i], i) < 0) _exit(127);
+}
+
+pid_t uvm_spawn_with_fds(const char *path, char *const argv[], int in, int out, int err) {
+    pid_t pid = fork();
+    if (pid != 0) return pid;
+    reset_signals();
+    child_stdio(in, out, err);
     syscall(SYS_close_range, 3, ~0U, 0);
     execv(path, argv);
     _exit(127);
@@ -689,9 +682,7 @@ pid_t uvm_spawn_host(const char *file, char *const argv[], char *const envp[], c
         reset_signals();
         setpgid(0, 0);
         if (chdir(cwd) < 0 && (!home || chdir(home) < 0)) (void)chdir("/");
-        int fds[3] = {in, out, err};
-        for (int i = 0; i < 3; i++) fds[i] = fcntl(fds[i], F_DUPFD, 3);
-        for (int i = 0; i < 3; i++) if (fds[i] < 0 || dup2(fds[i], i) < 0) _exit(127);
+        child_stdio(in, out, err);
         // Everything else goes, the status pipe excepted (it is close-on-exec).
         for (int fd = 3; fd < 1024; fd++) if (fd != status[1]) close(fd);
         extern char **environ;

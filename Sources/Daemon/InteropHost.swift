@@ -122,8 +122,7 @@ enum InteropHost {
             }
             let status = await reap(pid)
             exited.value.store(true, ordering: .releasing)
-            let decoded = (code: status & 0x7f == 0 ? (status >> 8) & 0xff : nil, signal: status & 0x7f == 0 ? nil : status & 0x7f)
-            try await guestOut.write(.json(.exit, ExitStatus(code: decoded.code, signal: decoded.signal)))
+            try await guestOut.write(.json(.exit, ExitStatus(waitStatus: status)))
         }
     }
 

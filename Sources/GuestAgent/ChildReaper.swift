@@ -86,9 +86,3 @@ package final class ChildReaper: Sendable {
     }
 }
 
-/// Decodes a waitpid status the way the shell reports it.
-func exitStatus(fromWaitStatus st: Int32) -> (code: Int32?, signal: Int32?) {
-    let sig = st & 0x7f
-    if sig == 0 { return ((st >> 8) & 0xff, nil) }
-    return (nil, sig)
-}

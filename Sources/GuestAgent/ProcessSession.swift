@@ -129,8 +129,7 @@ struct ProcessSession {
                                     stdin: stdinOut, stdinChannel: stdinChannel.channel, master: master, watch: outputWatch)
             }
         }
-        let decoded = exitStatus(fromWaitStatus: status)
-        var exit = ExitStatus(code: decoded.code, signal: decoded.signal)
+        var exit = ExitStatus(waitStatus: status)
         if request.trace == true {
             exit.trace = [SessionTrace.guestBeforeSpawn: spawned - started, SessionTrace.guestProcess: exited - spawned,
                           SessionTrace.guestAfterExit: SessionTrace.now() - exited]

@@ -67,6 +67,11 @@ public struct ExitStatus: Codable, Sendable, Equatable {
     }
     /// The shell's convention: the exit code, or 128+N for death by signal N.
     public var shellStatus: Int32 { code ?? (128 + (signal ?? 0)) }
+    /// A waitpid() status, decoded as the shell reports it.
+    public init(waitStatus st: Int32) {
+        let sig = st & 0x7f
+        self.init(code: sig == 0 ? (st >> 8) & 0xff : nil, signal: sig == 0 ? nil : sig)
+    }
 }
 
 /// An error meant for the user: one line saying what is wrong and what to do.

@@ -113,7 +113,7 @@ int uvm_pipe_cloexec(int fds[2]);
 /// the caller's pipes open). Returns the pid, or -1 with errno.
 pid_t uvm_spawn_detached(const char *path, char *const argv[], const char *log_path);
 /// As uvm_spawn_detached, with `keep_fd` passed on as the child's fd 3 (`uvm mount` learns through
-/// it whether its background process mounted).
+/// it whether its background process mounted); -1 passes none (uvm_spawn_detached).
 pid_t uvm_spawn_detached_fd3(const char *path, char *const argv[], const char *log_path, int keep_fd);
 
 /// Starts `path` with `in`, `out` and `err` as its stdin, stdout and stderr (-1: /dev/null) and
