@@ -105,7 +105,7 @@ struct ClientSession {
                 // UVM_TRACE: our hops added to the agent's.
                 guard tracing, final.kind == .exit, var status = try? final.decode(ExitStatus.self) else { return final }
                 var trace = status.trace ?? [:]
-                let guestTotal = [SessionTrace.guestBeforeSpawn, SessionTrace.guestProcess, SessionTrace.guestAfterExit].compactMap { trace[$0] }.reduce(0, +)
+                let guestTotal = [SessionTrace.guestDispatch, SessionTrace.guestBeforeSpawn, SessionTrace.guestProcess, SessionTrace.guestAfterExit].compactMap { trace[$0] }.reduce(0, +)
                 trace[SessionTrace.daemonBeforeGuest] = sent - received
                 trace[SessionTrace.link] = max(0, SessionTrace.now() - sent - guestTotal)
                 status.trace = trace

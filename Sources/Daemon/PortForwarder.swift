@@ -215,7 +215,13 @@ actor PortForwarder {
                                     switch frame.kind {
                                     case .stdout: try await toHost.write(frame.payload)
                                     case .stdoutEOF: await toHost.finish(after: connection.channel)
-                                    case .error: throw try frame.decode(WireError.self)
+                                    case .error:
+                                        // The guest's connect() failed, or its server reset the
+                                        // connection: the host client sees a reset too, not an
+                                        // empty reply it could take for an answer.
+                                        try? await (connection.channel as? SocketOptionProvider)?
+                                            .setSoLinger(linger(l_onoff: 1, l_linger: 0)).get()
+                                        throw try frame.decode(WireError.self)
                                     default: break
                                     }
                                 }

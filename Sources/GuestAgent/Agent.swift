@@ -49,50 +49,43 @@ public enum GuestAgent {
     /// Sessions belong to no connection: one whose process ignores SIGHUP lives on after its uvmd
     /// is gone, and waiting for it kept the next uvmd out until it gave up and destroyed the VM.
     static func serve(port: String, instances: Instances, shares: ShareMounts) async throws {
-        var failure: Error? = nil
-        await withDiscardingTaskGroup { sessions in
-            while true {
-                let fd = open(port, O_RDWR | O_CLOEXEC | O_NOCTTY)
-                guard fd >= 0 else {
-                    failure = WireError(.internalError, "cannot open \(port): \(String(cString: strerror(errno)))")
-                    return
-                }
-                // Until the host side is connected the port reads EOF and polls HUP, which NIO would
-                // take for the end of the connection.
-                _ = uvm_wait_port_connected(fd, -1)
-                let channel: Channel, mux: HTTP2Sessions.ClientMultiplexer
-                do {
-                    (channel, mux) = try await NIOPipeBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-                        .takingOwnershipOfDescriptor(inputOutput: fd) { ch in HTTP2Sessions.configureServer(ch).map { (ch, $0) } }
-                } catch {
-                    failure = error
-                    return
-                }
-                log("host connected on \(port)")
-                do {
-                    for try await session in mux.inbound {
-                        sessions.addTask { await handle(session, instances: instances, shares: shares) }
-                    }
-                } catch {
-                    log("control connection ended: \(error)")
-                }
-                // The port opens once at a time (EBUSY): our descriptor must be gone before the next open.
-                try? await channel.close()
-                log("host disconnected; waiting for it to return")
-                // The shares' 9P servers were that uvmd's: before the next one comes, nothing may be
-                // left waiting on them (a stuck unmount holds its superblock, and sync() waits on it).
-                await shares.serverGone()
+        while true {
+            let fd = open(port, O_RDWR | O_CLOEXEC | O_NOCTTY)
+            guard fd >= 0 else {
+                throw WireError(.internalError, "cannot open \(port): \(String(cString: strerror(errno)))")
             }
+            // Until the host side is connected the port reads EOF and polls HUP, which NIO would
+            // take for the end of the connection.
+            _ = uvm_wait_port_connected(fd, -1)
+            let channel = try await NIOPipeBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .takingOwnershipOfDescriptor(inputOutput: fd) { ch in
+                    HTTP2Sessions.configureRoutedServer(ch) { stream in
+                        try stream.pipeline.syncOperations.addHandler(SessionRouter { first, request, session, arrived in
+                            Task { await handle(session, first: first, request: request, arrived: arrived, instances: instances, shares: shares) }
+                        })
+                    }.map { ch }
+                }
+            log("host connected on \(port)")
+            do {
+                try await channel.closeFuture.get()
+            } catch {
+                log("control connection ended: \(error)")
+            }
+            // The port opens once at a time (EBUSY): our descriptor must be gone before the next open.
+            try? await channel.close()
+            log("host disconnected; waiting for it to return")
+            // The shares' 9P servers were that uvmd's: before the next one comes, nothing may be
+            // left waiting on them (a stuck unmount holds its superblock, and sync() waits on it).
+            await shares.serverGone()
         }
-        if let failure { throw failure }
     }
 
-    static func handle(_ session: HTTP2Sessions.Session, instances: Instances, shares: ShareMounts) async {
+    static func handle(_ session: HTTP2Sessions.Session, first: Frame, request: Result<GuestRequest, WireError>,
+                       arrived: Double, instances: Instances, shares: ShareMounts) async {
         do {
-            try await FrameSession.serve(session) { first, rest, outbound in
+            try await FrameSession.serve(session, alreadyRead: first) { first, rest, outbound in
                 do {
-                    let request = try first.decodeRequest(GuestRequest.self, who: "the guest agent")
-                    try await perform(request, rest: rest, outbound: outbound, instances: instances, shares: shares)
+                    try await perform(try request.get(), rest: rest, outbound: outbound, arrived: arrived, instances: instances, shares: shares)
                 } catch let e as WireError {
                     try await outbound.write(.error(e))
                 } catch {
@@ -108,11 +101,11 @@ public enum GuestAgent {
 
 
     static func perform(_ request: GuestRequest, rest: AsyncStream<Frame>, outbound: NIOAsyncChannelOutboundWriter<Frame>,
-                        instances: Instances, shares: ShareMounts) async throws {
+                        arrived: Double? = nil, instances: Instances, shares: ShareMounts) async throws {
         switch request {
         case .exec(let r):
             try await ProcessSession(request: r.exec, diskSerial: r.distroDisk, instances: instances,
-                                     inbound: rest, outbound: outbound).run()
+                                     inbound: rest, outbound: outbound, arrived: arrived).run()
         case .info:
             try await outbound.write(.json(.response, await info(instances)))
         case .shutdown:
@@ -152,9 +145,9 @@ public enum GuestAgent {
             try await outbound.write(.json(.response, Done()))
         case .watchPorts:
             try await PortTracker(instances: instances).watch(rest: rest, outbound: outbound)
-        case .connect(let c):
-            guard c.port > 0 else { throw WireError(.badRequest, "connect without a port") }
-            try await PortRelay.connect(port: c.port, rest: rest, outbound: outbound)
+        case .connect:
+            // Served in the event loop (SessionRouter); only a connect without a port gets here.
+            throw WireError(.badRequest, "connect without a port")
         case .importDistro(let r):
             let imported = try await DistroDisks.importDistro(r, inbound: rest, outbound: outbound)
             try await outbound.write(.json(.response, imported))
@@ -236,6 +229,44 @@ public enum GuestAgent {
         _ = sethostname("uvm", 3)
         _ = uvm_if_up("lo")
         umask(0o022)
+    }
+}
+
+/// The first frame of each stream says what it is. A forwarded connection is served right there
+/// in the event loop (`PortRelay`); everything else becomes a `Session` served by a task.
+final class SessionRouter: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = Frame
+    typealias Start = @Sendable (Frame, Result<GuestRequest, WireError>, HTTP2Sessions.Session, Double) -> Void
+    private let start: Start
+    private var routed = false
+
+    init(_ start: @escaping Start) { self.start = start }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !routed else { return context.fireChannelRead(data) }
+        routed = true
+        let arrived = SessionTrace.now()
+        let first = unwrapInboundIn(data)
+        let request: Result<GuestRequest, WireError>
+        do {
+            request = .success(try first.decodeRequest(GuestRequest.self, who: "the guest agent"))
+        } catch let e as WireError {
+            request = .failure(e)
+        } catch {
+            request = .failure(WireError(.badRequest, "\(error)"))
+        }
+        do {
+            if case .success(.connect(let c)) = request, c.port > 0 {
+                try PortRelay.start(port: c.port, stream: context.channel)
+            } else {
+                start(first, request, try HTTP2Sessions.Session(wrappingChannelSynchronously: context.channel), arrived)
+            }
+            // Whatever follows goes straight to what serves the stream.
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        } catch {
+            log("session: \(error)")
+            context.close(promise: nil)
+        }
     }
 }
 

@@ -13,6 +13,8 @@ struct ProcessSession {
     /// The session's frames after the request.
     let inbound: AsyncStream<Frame>
     let outbound: NIOAsyncChannelOutboundWriter<Frame>
+    /// When the request came off its stream (SessionTrace.now()), for the trace.
+    var arrived: Double? = nil
 
     static let defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -133,6 +135,7 @@ struct ProcessSession {
         if request.trace == true {
             exit.trace = [SessionTrace.guestBeforeSpawn: spawned - started, SessionTrace.guestProcess: exited - spawned,
                           SessionTrace.guestAfterExit: SessionTrace.now() - exited]
+            if let arrived { exit.trace?[SessionTrace.guestDispatch] = started - arrived }
         }
         try await outbound.write(.json(.exit, exit))
     }

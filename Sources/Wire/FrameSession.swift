@@ -8,8 +8,10 @@ public enum FrameSession {
     /// Serves one session. After `body` returns (having written its final frame) it waits for the
     /// peer to close: closing first would reset the stream (or the socket) and drop whatever flow
     /// control still holds back, the exit frame included.
+    /// `alreadyRead`: the request, when whoever routed the session has taken it off the channel.
     public static func serve(
         _ channel: NIOAsyncChannel<Frame, Frame>,
+        alreadyRead: Frame? = nil,
         _ body: @Sendable (_ request: Frame, _ rest: AsyncStream<Frame>, _ outbound: Outbound) async throws -> Void
     ) async throws {
         try await channel.executeThenClose { inbound, outbound in
@@ -23,7 +25,13 @@ public enum FrameSession {
                     for try await frame in inbound { await queue.put(frame) }
                 }
                 var frames = rest.makeAsyncIterator()
-                guard let first = await frames.next() else { return }
+                let first: Frame
+                if let alreadyRead {
+                    first = alreadyRead
+                } else {
+                    guard let next = await frames.next() else { return }
+                    first = next
+                }
                 do {
                     try await body(first, rest, outbound)
                 } catch {

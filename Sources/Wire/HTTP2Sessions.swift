@@ -32,9 +32,34 @@ public enum HTTP2Sessions {
     @Sendable
     public static func initializeStream(_ channel: Channel, isClient: Bool) -> EventLoopFuture<Session> {
         channel.eventLoop.makeCompletedFuture {
-            try channel.pipeline.syncOperations.addHandler(StreamFramer(isClient: isClient))
-            try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder()))
+            try addFraming(channel, isClient: isClient)
             return try Session(wrappingChannelSynchronously: channel)
+        }
+    }
+
+    /// Frames in and out of a stream channel, for handlers that serve it in the event loop.
+    public static func addFraming(_ channel: Channel, isClient: Bool) throws {
+        try channel.pipeline.syncOperations.addHandler(StreamFramer(isClient: isClient))
+        try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder()))
+    }
+
+    /// The guest side, when each stream is routed in the event loop: `route` gets every new
+    /// stream channel (framed) and installs what serves it, a handler or a `Session` handed to a
+    /// task. A session that can be served in the event loop (a forwarded connection) then costs
+    /// no task and no thread hop, which under emulation is most of its latency.
+    public static func configureRoutedServer(
+        _ channel: Channel, route: @escaping @Sendable (Channel) throws -> Void
+    ) -> EventLoopFuture<Void> {
+        channel.eventLoop.makeCompletedFuture {
+            _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
+                mode: .server, connectionConfiguration: configuration.connection,
+                streamConfiguration: configuration.stream
+            ) { stream in
+                stream.eventLoop.makeCompletedFuture {
+                    try addFraming(stream, isClient: false)
+                    try route(stream)
+                }
+            }
         }
     }
 

@@ -297,6 +297,8 @@ public struct BootPhases: Codable, Sendable, Equatable {
 /// The hops of one exec session, for `make bench`: each side times its own part with its own
 /// clock (the guest's and the host's are not comparable), and the link is what is left over.
 public enum SessionTrace {
+    /// Agent: the request read off its stream (in the event loop) to its session's task running.
+    public static let guestDispatch = "guest.dispatch"
     /// Agent: request decoded to the process spawned (instance, account, pipes, fork+exec).
     public static let guestBeforeSpawn = "guest.beforeSpawn"
     /// Agent: spawned to its exit seen (the command itself).

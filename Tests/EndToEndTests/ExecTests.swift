@@ -113,7 +113,7 @@ extension EndToEnd {
             #expect(r.status == 0 && r.out.isEmpty, "stderr: \(r.err)")
             let line = try #require(r.err.split(separator: "\n").first { $0.hasPrefix("uvm-trace: ") }, "no trace in \(r.err)")
             let trace = try #require(try JSONSerialization.jsonObject(with: Data(line.dropFirst("uvm-trace: ".count).utf8)) as? [String: Double])
-            for hop in ["cli.connect", "cli.session", "uvmd.beforeGuest", "uvmd.link", "guest.beforeSpawn", "guest.process", "guest.afterExit"] {
+            for hop in ["cli.connect", "cli.session", "uvmd.beforeGuest", "uvmd.link", "guest.dispatch", "guest.beforeSpawn", "guest.process", "guest.afterExit"] {
                 #expect((trace[hop] ?? -1) >= 0, "\(hop) missing in \(trace)")
             }
             #expect((trace["guest.process"] ?? 0) >= 0.2 && (trace["guest.beforeSpawn"] ?? 1) < 0.2, "\(trace)")
