@@ -6,7 +6,8 @@ Boot and exec:
          and initramfs with bare qemu-system-x86_64 whose init powers off at once
          (uvm.poweroff=1); the two are measured alternately in one run.
   warm   `uvm exec -- true` with the VM up, p50/p99 over N runs, next to the guest's own cost of
-         spawning /bin/true from a shell (measured inside the guest).
+         spawning /bin/true from a shell (measured inside the guest); then 50 `uvm exec` started
+         together, 3 times: each must print its own line, and p50/p99 of their times.
   uvmd   resident memory after the runs.
 
 Lifecycle (lifecycle_bench):
@@ -82,7 +83,8 @@ HOP_NOTES = {
     "cli.startup+exit": "uvm process start to main(), and its exit (wall time minus the rest)",
     "cli.connect": "CLI: main() to connected to uvmd",
     "uvmd.beforeGuest": "uvmd: request read to the guest session opened",
-    "uvmd.link": "HTTP/2 + virtio-serial both ways, agent framing",
+    "uvmd.link": "virtio-serial both ways, HTTP/2 in both event loops",
+    "guest.dispatch": "agent: request off its stream to its task running",
     "guest.beforeSpawn": "agent: request to process spawned",
     "guest.process": "agent: spawned to exit seen (the command)",
     "guest.afterExit": "agent: exit seen to exit frame written",
@@ -102,11 +104,41 @@ def warm_hops(home, runs):
         if r.returncode != 0 or line is None:
             sys.exit(f"bench: traced exec failed ({r.returncode}): {r.stderr.strip()}")
         h = json.loads(line[len("uvm-trace: "):])
-        inner = sum(h.get(k, 0) for k in ["uvmd.beforeGuest", "uvmd.link", "guest.beforeSpawn", "guest.process", "guest.afterExit"])
+        inner = sum(h.get(k, 0) for k in ["uvmd.beforeGuest", "uvmd.link", "guest.dispatch", "guest.beforeSpawn", "guest.process", "guest.afterExit"])
         h["cli.rest"] = max(0.0, h["cli.session"] - inner)
         h["cli.startup+exit"] = max(0.0, wall - h["cli.connect"] - h["cli.session"])
         samples.append(h)
     return {k: statistics.median([x[k] for x in samples]) * 1000 for k in HOP_NOTES}
+
+
+def concurrent_execs(home, n=50, rounds=3):
+    """`n` `uvm exec` started together, each printing its own number (all must print it and exit
+    0), `rounds` times: each one's wall time, and each round's."""
+    import threading
+    each, rounds_s, wrong = [], [], []
+    for r in range(rounds):
+        barrier = threading.Barrier(n)
+        results = [None] * n
+
+        def one(i):
+            barrier.wait()
+            t = time.perf_counter()
+            p = subprocess.run([UVM, "exec", "--", "sh", "-c", f"echo {r}-{i}"], env=env(home),
+                               stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            results[i] = (time.perf_counter() - t, p.returncode, p.stdout)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        t0 = time.perf_counter()
+        for th in threads: th.start()
+        for th in threads: th.join()
+        rounds_s.append(time.perf_counter() - t0)
+        for i, (dt, rc, out) in enumerate(results):
+            each.append(dt)
+            if rc != 0 or out != f"{r}-{i}\n":
+                wrong.append(f"round {r + 1} exec {i}: exit {rc}, printed {out!r}")
+    if wrong:
+        sys.exit("bench: concurrent execs went wrong: " + "; ".join(wrong[:5]))
+    return each, rounds_s
 
 
 PHASE_NOTES = {
@@ -178,6 +210,7 @@ def main():
     uvm(home, "exec", "--", "true")
     warm = [timed(lambda: uvm(home, "exec", "--", "true")) for _ in range(a.warm_runs)]
     hops = warm_hops(home, max(20, a.warm_runs // 4))
+    conc, conc_rounds = concurrent_execs(home)
     n = 200
     spawn_script = ("read a _ < /proc/uptime; i=0; while [ $i -lt %d ]; do /bin/true; i=$((i+1)); done; "
                     "read b _ < /proc/uptime; echo $a $b") % n
@@ -206,6 +239,9 @@ def main():
         "guest_spawn_true_ms": guest_spawn * 1000,
         "warm_exec_p50_ratio_to_guest_spawn": pct(warm, 50) / guest_spawn if guest_spawn > 0 else None,
         "warm_exec_hops_ms": hops,
+        "concurrent_50_exec_ms": {"p50": pct(conc, 50) * 1000, "p99": pct(conc, 99) * 1000, "max": max(conc) * 1000,
+                                  "execs": len(conc), "all_correct": True,
+                                  "round_wall_s": conc_rounds},
         "uvmd_rss_mib": rss / 1024,
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "host": os.uname().nodename,
@@ -222,6 +258,9 @@ def main():
         ("guest's own spawn of /bin/true", f"{res['guest_spawn_true_ms']:.1f} ms", "from sh, in the guest"),
         ("warm p50 / guest spawn (goal <= 2)", f"{res['warm_exec_p50_ratio_to_guest_spawn']:.2f}", ""),
         *[(f"  warm exec hop: {h}", f"{v:.1f} ms", HOP_NOTES.get(h, "")) for h, v in hops.items()],
+        ("50 concurrent uvm exec: p50 / p99 of each", f"{pct(conc, 50) * 1000:.0f} / {pct(conc, 99) * 1000:.0f} ms",
+         f"{len(conc)} execs in {len(conc_rounds)} rounds, all printed their own line; round wall {statistics.median(conc_rounds):.2f} s"),
+        ("50 concurrent: p99 / p50 (goal <= 5)", f"{pct(conc, 99) / pct(conc, 50):.2f}", ""),
         ("uvmd resident memory", f"{res['uvmd_rss_mib']:.1f} MiB", ""),
     ]
     write_results(a.out, "boot-exec", res, rows, value_width=10)

@@ -10,6 +10,8 @@
            files just extracted there.
   cold     `uvm exec --distro debian -- true` with the VM stopped, against the same for the
            busybox distro, alternately.
+  ssh      warm `uvm exec --distro debian -- true` against `ssh` into the same distro (its own
+           openssh-server, key auth, through uvm's localhost forwarding) running `true`, alternately.
 
 Ratios are ours / theirs: below 1 means uvm is faster. Results go to bench-results/distros.*.
 """
@@ -32,6 +34,42 @@ def timed_run(args, **kw):
 def packages():
     with open(os.path.join(ROOT, "images/debian/packages")) as f:
         return [l.split("#")[0].strip() for l in f if l.split("#")[0].strip()]
+
+
+def ssh_vs_exec(home, e, distro, res, runs=15, port=2222):
+    """Warm `uvm exec --distro D -- true` next to `ssh` into the same distro running `true`:
+    openssh-server from the distro's own mirror, key auth, reached through uvm's forwarding of the
+    guest port to the host's loopback. Alternately, in one run."""
+    keydir = tempfile.mkdtemp(prefix="uvm-bench-ssh-")
+    key = os.path.join(keydir, "key")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
+    pub = open(key + ".pub").read().strip()
+    run = lambda *a: timed_run([UVM, "exec", "--distro", distro, *a], env=e)[1]
+    # No service may start during the install (systemd would start ssh on port 22, which uvm would
+    # then forward on the host); the benchmark's sshd listens on its own port and reads its own
+    # key file, so nothing of the user's home is touched.
+    run("--user", "root", "--", "sh", "-c",
+        "printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && "
+        "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null && "
+        "rm -f /usr/sbin/policy-rc.d && "
+        f"echo '{pub}' > /etc/ssh/uvm-bench-key && mkdir -p /run/sshd && "
+        f"/usr/sbin/sshd -p {port} -o AuthorizedKeysFile=/etc/ssh/uvm-bench-key -o PasswordAuthentication=no")
+    user = run("--", "id", "-un").stdout.strip()
+    ssh = ["ssh", "-F", "/dev/null", "-p", str(port), "-i", key, "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+           "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+           f"{user}@127.0.0.1", "true"]
+    # The forwarded port appears within a second or two of sshd listening.
+    deadline = time.time() + 60
+    while subprocess.run(ssh, capture_output=True).returncode != 0:
+        if time.time() > deadline:
+            sys.exit(f"bench: ssh into {distro} never worked: {subprocess.run(ssh, capture_output=True, text=True).stderr.strip()}")
+        time.sleep(1)
+    res["warm_exec_debian_s"], res["ssh_true_s"] = [], []
+    for _ in range(runs):
+        res["warm_exec_debian_s"].append(timed_run([UVM, "exec", "--distro", distro, "--", "true"], env=e)[0])
+        res["ssh_true_s"].append(timed_run(ssh)[0])
+    run("--user", "root", "--", "sh", "-c", "pkill -x sshd || true")
+    shutil.rmtree(keydir, ignore_errors=True)
 
 
 def main(out="bench-results", cold_runs=3):
@@ -91,11 +129,15 @@ def main(out="bench-results", cold_runs=3):
                 t, _ = timed_run([UVM, "exec", "--distro", distro, "--", "true"], env=e)
                 res[f"cold_{name}_s"].append(t)
         med = lambda v: sorted(v)[len(v) // 2]
+        ssh_vs_exec(home, e, "bdeb", res)
         rows = [
             ("install debian (no cache)", f"{res['install_s']:.1f} s", f"mmdebstrap alone {res['mmdebstrap_s']:.1f} s (mean of {res['mmdebstrap_runs_s'][0]:.1f} before, {res['mmdebstrap_runs_s'][1]:.1f} after), ratio {res['install_s'] / res['mmdebstrap_s']:.2f}"),
             ("import (Debian tarball)", f"{res['import_s']:.1f} s", f"tar -x into tmpfs {res['tar_x_tmpfs_s']:.1f} s, ratio {res['import_s'] / res['tar_x_tmpfs_s']:.2f}"),
             ("export (that distro)", f"{res['export_s']:.1f} s", f"tar -c of its files in tmpfs {res['tar_c_tmpfs_s']:.1f} s, ratio {res['export_s'] / res['tar_c_tmpfs_s']:.2f}"),
             ("cold exec --distro debian", f"{med(res['cold_debian_s']):.2f} s", f"busybox {med(res['cold_busybox_s']):.2f} s (medians of {cold_runs}), ratio {med(res['cold_debian_s']) / med(res['cold_busybox_s']):.2f}"),
+            ("warm exec --distro debian -- true", f"{med(res['warm_exec_debian_s']) * 1000:.0f} ms", f"median of {len(res['warm_exec_debian_s'])}"),
+            ("ssh into that distro -- true", f"{med(res['ssh_true_s']) * 1000:.0f} ms", f"key auth, through uvm's forwarded port; median of {len(res['ssh_true_s'])}"),
+            ("ssh / uvm exec (goal >= 10)", f"{med(res['ssh_true_s']) / med(res['warm_exec_debian_s']):.1f}", "alternately, in one run"),
         ]
         write_results(out, "distros", res, rows, 10)
     finally:
