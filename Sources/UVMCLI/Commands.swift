@@ -54,6 +54,7 @@ struct DistroOptions: ParsableArguments {
 
 struct Exec: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "exec",
         abstract: "Run a command in the VM.",
         discussion: """
             Your stdin reaches the command (binary-safe; EOF is passed on), its stdout and stderr arrive on yours, and uvm exits with its exit status (128+N if it died of signal N). SIGINT, SIGTERM and SIGHUP sent to uvm are passed to the command. Exit status 125 means uvm itself failed (the message says why).
@@ -94,6 +95,7 @@ struct Exec: ParsableCommand {
 
 struct Shell: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "shell",
         abstract: "Open a shell in the VM (what `uvm` alone does).",
         discussion: "On a terminal you get an interactive login shell; otherwise the shell reads commands from stdin, like sh.")
 
@@ -115,7 +117,7 @@ struct FormatOption: ParsableArguments {
 }
 
 struct Start: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Boot the VM now (any command boots it when needed anyway).")
+    static let configuration = CommandConfiguration(commandName: "start", abstract: "Boot the VM now (any command boots it when needed anyway).")
     @OptionGroup var format: FormatOption
     func run() throws {
         let status = try DaemonConnection.connectOrLaunch(paths: .current()).call(StartRequest())
@@ -125,6 +127,7 @@ struct Start: ParsableCommand {
 
 struct Stop: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "stop",
         abstract: "Shut the VM down cleanly (running commands end with a message saying so).",
         discussion: "Without it the VM stops by itself once idle: see `uvm list` and `uvm config show`.")
     @OptionGroup var format: FormatOption
@@ -133,6 +136,7 @@ struct Stop: ParsableCommand {
 
 struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "status",
         abstract: "Show the VM's state, accelerator, kernel, uptime, QEMU pid, memory, clients and when an idle stop is due.")
     @OptionGroup var format: FormatOption
     func run() throws { try askRunningDaemon(StatusRequest(), format.format) }
@@ -149,6 +153,7 @@ func askRunningDaemon<C: DaemonCall>(_ call: C, _ format: FormatOption.Format) t
 
 struct Doctor: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "doctor",
         abstract: "Check what uvm needs (libvirt, QEMU, /dev/kvm, the kernel, images) and say how to fix what is missing.")
     @OptionGroup var format: FormatOption
     func run() throws {

@@ -78,6 +78,7 @@ struct Export: ParsableCommand {
 
 struct Unregister: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "unregister",
         abstract: "Stop a distribution and delete it with its disk (WSL's --unregister). There is no undo.",
         discussion: "If it was the default chosen with `uvm default`, the default returns to the configured one (busybox unless uvm.conf says otherwise).")
     @Argument(help: "The distribution.") var name: String
@@ -106,6 +107,7 @@ struct Default: ParsableCommand {
 
 struct Terminate: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "terminate",
         abstract: "Stop one distribution's instance now (WSL's --terminate): its processes get SIGTERM, then SIGKILL after 5 s.")
     @Argument(help: "The distribution.") var name: String
     func run() throws {
@@ -115,6 +117,7 @@ struct Terminate: ParsableCommand {
 
 struct Manage: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "manage",
         abstract: "Change a distribution (WSL's --manage).",
         discussion: """
             --resize SIZE grows or shrinks its disk and file system (sparse: it takes only what is written); its instance is stopped first. A shrink needs room for the files already there.
@@ -146,6 +149,7 @@ struct Manage: ParsableCommand {
 
 struct Install: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "install",
         abstract: "Build a distribution from one of uvm's recipes and import it (WSL's --install).",
         discussion: """
             `uvm install debian` builds Debian 12 with mmdebstrap from the Debian mirror your apt uses (its sources and proxy are copied in, so apt-get works inside), caches the root file system under ~/.cache/uvm/rootfs (a second install takes seconds), and imports it. `uvm install --list` shows the recipes.

@@ -11,6 +11,7 @@ import Wire
 
 struct List: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "list",
         abstract: "List the distros: state (Stopped, Running, Stopping), clients, and when an idle stop is due.",
         discussion: "An instance stops [general] instanceIdleTimeout after its last client (a shell, an exec) has gone; the VM stops [vm] vmIdleTimeout after its last instance. Does not start anything.")
     @OptionGroup var format: FormatOption

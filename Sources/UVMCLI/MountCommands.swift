@@ -12,6 +12,7 @@ import Wire
 
 struct Mount: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "mount",
         abstract: "Show a distribution's files in a host folder (FUSE), until `uvm unmount`.",
         discussion: """
             The distribution's root appears at DIR (an empty folder you own), read and written as the distribution's default user (or --user): files you create there belong to that user inside, and that user's files show as yours on the host. No root is needed on the host (libfuse uses the setuid fusermount3 of Debian's fuse3 package).
@@ -99,6 +100,7 @@ struct Mount: ParsableCommand {
 
 struct Unmount: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "unmount",
         abstract: "Unmount a folder that `uvm mount` mounted (its background process then exits).",
         discussion: "Example: uvm unmount ~/debian")
 

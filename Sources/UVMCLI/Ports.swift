@@ -9,6 +9,7 @@ import Wire
 
 struct Ports: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "ports",
         abstract: "List the guest ports forwarded to this host's localhost.",
         discussion: """
             A TCP server listening in the VM on 0.0.0.0, ::, 127.0.0.1 or ::1 is reachable on the same port at the host's 127.0.0.1 and ::1 within about a second (localhost forwarding; UVM_LOCALHOST_FORWARDING=0 turns it off). Forwarded ports listen on the host's loopback only. A port that another host program already uses is listed with the reason it is not forwarded.

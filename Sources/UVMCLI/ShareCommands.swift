@@ -10,6 +10,7 @@ import Wire
 
 struct Share: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "share",
         abstract: "Show host folders inside every distro (at /mnt/host/NAME), over 9P.",
         discussion: """
             Your home folder is shared as /mnt/host/home unless UVM_HOME_SHARE=off (or a path to share instead). Shares added here are kept across restarts and appear or go at once in a running VM. A command started from a host folder inside a share runs in the same folder in the guest.
@@ -18,6 +19,7 @@ struct Share: ParsableCommand {
 
     struct Add: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "add",
             abstract: "Share a host folder as /mnt/host/NAME.",
             discussion: "Example: uvm share add src ~/src --read-only")
         @Argument(help: "Name in the guest (letters, digits, '-', '_', '.').") var name: String
@@ -42,7 +44,7 @@ struct Share: ParsableCommand {
     }
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List the shares, where they appear, and whether they are mounted.")
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "List the shares, where they appear, and whether they are mounted.")
         @OptionGroup var format: FormatOption
         func run() throws {
             let shares = try DaemonConnection.connectOrLaunch(paths: .current()).call(ShareListRequest())
@@ -51,7 +53,7 @@ struct Share: ParsableCommand {
     }
 
     struct Remove: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Stop sharing a folder (it is unmounted in a running VM at once).")
+        static let configuration = CommandConfiguration(commandName: "remove", abstract: "Stop sharing a folder (it is unmounted in a running VM at once).")
         @Argument(help: "The share's name.") var name: String
         func run() throws {
             _ = try DaemonConnection.connectOrLaunch(paths: .current())
