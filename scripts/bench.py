@@ -417,6 +417,11 @@ def wait_served(port, path, timeout):
 
 def bench_network(out, big_mib=256, rounds=3, conns=200):
     home = tempfile.mkdtemp(prefix="uvm-bench-net-")
+    # QEMU's hostfwd connections bypass uvm, so they are not clients: a slow hostfwd download
+    # outlived instanceIdleTimeout (15 s), the reaper stopped the instance and its httpd, and the
+    # peer's download came back short ("hostfwd download short") with every later one refused.
+    # The instance stays for the whole comparison. uvmd reads this when the first command starts it.
+    os.environ["UVM_INSTANCE_IDLE_TIMEOUT"] = "never"
     port = 8080
     uvm(home, "exec", "--", "true")
     st = json.loads(uvm(home, "status", "--format", "json").stdout)
@@ -484,6 +489,7 @@ def bench_network(out, big_mib=256, rounds=3, conns=200):
             try: os.kill(st["daemonPID"], 15)
             except OSError: pass
         shutil.rmtree(home, ignore_errors=True)
+        os.environ.pop("UVM_INSTANCE_IDLE_TIMEOUT", None)
 
     if not thr["hostfwd"] or not lat["hostfwd"]:
         sys.exit("bench: QEMU's hostfwd failed every round: " + "; ".join(retried))
