@@ -211,6 +211,16 @@ extension P9Frame {
         case 31: m = .rxattrwalk(size: try r.u64())
         case 32: m = .txattrcreate(fid: try r.u32(), name: try r.string(), size: try r.u64(), flags: try r.u32())
         case 33: m = .rxattrcreate
+        case 90: m = .tuvmnotify(flags: try r.u32())
+        case 91:
+            var notes: [P9Note] = []
+            let count = try r.u16()
+            for _ in 0..<count {
+                guard let kind = P9Note.Kind(rawValue: try r.u8()) else { throw P9DecodeError("unknown note kind") }
+                let path = try r.u64()
+                notes.append(P9Note(kind, path: path, name: try r.string().bytes))
+            }
+            m = .ruvmnotify(notes: notes)
         case 102, 112, 114, 124, 126:
             // Tauth, Topen, Tcreate, Tstat, Twstat: valid 9P, not 9P2000.L.
             return P9Frame(tag: tag, message: .unsupported(type: type))
@@ -282,6 +292,15 @@ extension P9Frame {
             out.p9Write(count)
         case .tclunk(let fid), .tremove(let fid), .tstatfs(let fid), .treadlink(let fid):
             out.p9Write(fid)
+        case .tuvmnotify(let flags):
+            out.p9Write(flags)
+        case .ruvmnotify(let notes):
+            out.p9Write(UInt16(truncatingIfNeeded: notes.count))
+            for n in notes {
+                out.p9Write(n.kind.rawValue)
+                out.p9Write(n.path)
+                out.p9Write(P9String(bytes: n.name))
+            }
         case .rstatfs(let s):
             out.p9Write(s.type)
             out.p9Write(s.bsize)

@@ -268,6 +268,10 @@ public enum P9Message: Sendable, Equatable {
     case rxattrwalk(size: UInt64)
     case txattrcreate(fid: UInt32, name: P9String, size: UInt64, flags: UInt32)
     case rxattrcreate
+    /// uvm's extension (kernel-patches/0005): the guest, mounted with cache=meta, asks to be told
+    /// of host-side changes; they come as Ruvmnotify with tag NOTAG (see `P9Note`).
+    case tuvmnotify(flags: UInt32)
+    case ruvmnotify(notes: [P9Note])
     /// A T-message of legacy 9P2000/9P2000.u that 9P2000.L has no use for (Tauth, Topen, Tcreate,
     /// Tstat, Twstat): answered with Rlerror(EOPNOTSUPP), body not parsed.
     case unsupported(type: UInt8)
@@ -316,6 +320,8 @@ extension P9Message {
         case .rrenameat: return 75
         case .tunlinkat: return 76
         case .runlinkat: return 77
+        case .tuvmnotify: return 90
+        case .ruvmnotify: return 91
         case .tversion: return 100
         case .rversion: return 101
         case .tattach: return 104
@@ -351,4 +357,30 @@ public struct P9Frame: Sendable, Equatable {
 public struct P9DecodeError: Error, CustomStringConvertible, Equatable {
     public var description: String
     init(_ description: String) { self.description = description }
+}
+
+/// One cache invalidation pushed to a cache=meta guest (the kernel side is fs/9p/notify.c).
+public struct P9Note: Sendable, Hashable {
+    public enum Kind: UInt8, Sendable {
+        /// The entry `name` of directory `path` was created, removed or renamed.
+        case name = 1
+        /// The attributes of the entry `name` of directory `path` changed.
+        case attr = 2
+        /// The attributes of `path` itself changed.
+        case selfAttr = 3
+        /// Anything may have changed: the guest drops its whole cache.
+        case all = 4
+        /// Directory `path` cannot be watched: the guest caches nothing in it.
+        case uncached = 5
+    }
+    public var kind: Kind
+    public var path: UInt64
+    public var name: [UInt8]
+    public init(_ kind: Kind, path: UInt64, name: [UInt8] = []) {
+        self.kind = kind
+        self.path = path
+        self.name = name
+    }
+    /// kind[1] path[8] namelen[2] name
+    public var wireSize: Int { 11 + name.count }
 }

@@ -145,6 +145,9 @@ public final class Plan9Client: Sendable {
 
     /// Keeps a copy of every byte sent from now on (to capture real traffic as fuzz seeds).
     public func startRecording() { state.setRecording(true) }
+
+    /// The change notes pushed since the last call (after Tuvmnotify).
+    public func takeNotes() -> [P9Note] { state.takeNotes() }
     /// The bytes sent since `startRecording()`.
     public var recorded: [UInt8] { state.recordedSnapshot }
 
@@ -187,6 +190,16 @@ final class ClientState: @unchecked Sendable {
     private var unexpected: [P9Frame] = []
     private var recording = false
     private var sent: [UInt8] = []
+    /// Change notes the server pushed (Ruvmnotify, tag NOTAG), oldest first, at most 4096 kept.
+    private var notes: [P9Note] = []
+
+    func received(notes more: [P9Note]) {
+        lock.withLock {
+            notes += more
+            if notes.count > 4096 { notes.removeFirst(notes.count - 4096) }
+        }
+    }
+    func takeNotes() -> [P9Note] { lock.withLock { defer { notes = [] }; return notes } }
 
     func setRecording(_ on: Bool) { lock.withLock { recording = on } }
     func record(_ b: ByteBuffer) {
@@ -264,6 +277,10 @@ final class ClientHandler: ChannelInboundHandler {
         guard frame.message.typeCode & 1 == 1 || frame.message.typeCode == 7 else {
             state.failAll(Plan9ClientError.malformedReply("message type \(frame.message.typeCode) is not a reply"))
             context.close(promise: nil)
+            return
+        }
+        if frame.tag == P9.noTag, case .ruvmnotify(let notes) = frame.message {
+            state.received(notes: notes)
             return
         }
         let (p, flushed) = state.received(frame)

@@ -353,6 +353,7 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
         case .tversion(let m, let version):
             dropAll()
             releaseFids()
+            unsubscribeChanges()
             let reply = session.version(msize: m, version: version)
             if case .rversion(let agreed, let v) = reply, v.bytes == Array(P9.version.utf8) {
                 negotiated = true
@@ -365,6 +366,11 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
         case .tflush(let oldtag):
             guard negotiated else { return fail(context, "Tflush before Tversion") }
             flush(context, tag: tag, oldtag: oldtag)
+        case .tuvmnotify:
+            guard negotiated else { return fail(context, "Tuvmnotify before Tversion") }
+            guard inflight[tag] == nil else { return fail(context, "tag \(tag) reused while in flight") }
+            send(context, tag, subscribeChanges(context))
+            context.flush()
         case let message where message.typeCode & 1 == 1:
             fail(context, "client sent a reply message (type \(message.typeCode))")
         case let message:
@@ -372,6 +378,77 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
             guard inflight[tag] == nil else { return fail(context, "tag \(tag) reused while in flight") }
             dispatch(context, tag: tag, message: message)
         }
+    }
+
+    // MARK: change notes (cache=meta guests)
+
+    /// Note bytes written and not yet sent: a guest that stops reading gets one "drop everything"
+    /// note when it reads again instead of an unbounded queue.
+    private var noteBytes = 0
+    private var notesLost = false
+    private var subscribed = false
+    private static let noteBytesLimit = 1 << 20
+
+    private func subscribeChanges(_ context: ChannelHandlerContext) -> P9Message {
+        if subscribed { return .ruvmnotify(notes: []) }
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let ctx = NIOLoopBound(context, eventLoop: context.eventLoop)
+        let loop = context.eventLoop
+        do throws(P9Errno) {
+            let w = try server.core.subscribeChanges(ObjectIdentifier(self), logger: logger,
+                                                     maxWatches: server.limits.watchedDirectories) { notes in
+                loop.execute { handler.value.sendNotes(ctx.value, notes) }
+            }
+            session.changes.withLockedValue { $0 = w }
+            subscribed = true
+            return .ruvmnotify(notes: [])
+        } catch {
+            logger.warning("cannot watch \(server.export.root) for changes: \(error)")
+            return .rlerror(ecode: UInt32(bitPattern: error.code))
+        }
+    }
+
+    private func unsubscribeChanges() {
+        guard subscribed else { return }
+        subscribed = false
+        session.changes.withLockedValue { $0 = nil }
+        server.core.unsubscribeChanges(ObjectIdentifier(self))
+    }
+
+    private func sendNotes(_ context: ChannelHandlerContext, _ notes: [P9Note]) {
+        guard subscribed, !ended, negotiated else { return }
+        var notes = notes
+        if noteBytes > Self.noteBytesLimit {
+            notesLost = true
+            return
+        }
+        if notesLost {
+            notesLost = false
+            notes = [P9Note(.all, path: 0)]
+        }
+        // Batches below msize (the client refuses a message of msize or more) and the guest's 64 KiB.
+        let limit = min(msize - 1, 65535) - P9.headerSize - 2
+        var batch: [P9Note] = []
+        var size = 0
+        func flushBatch() {
+            guard !batch.isEmpty else { return }
+            var buffer = context.channel.allocator.buffer(capacity: size + 16)
+            P9Frame(tag: P9.noTag, message: .ruvmnotify(notes: batch)).encode(into: &buffer)
+            let n = buffer.readableBytes
+            noteBytes += n
+            let promise = context.eventLoop.makePromise(of: Void.self)
+            promise.futureResult.assumeIsolated().whenComplete { _ in self.noteBytes -= n }
+            context.write(wrapOutboundOut(buffer), promise: promise)
+            batch = []
+            size = 0
+        }
+        for note in notes where note.wireSize <= limit {
+            if size + note.wireSize > limit { flushBatch() }
+            batch.append(note)
+            size += note.wireSize
+        }
+        flushBatch()
+        context.flush()
     }
 
     /// Requests in flight and waiting are dropped (Tversion, end of session).
@@ -505,6 +582,7 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
 
     private func end() {
         ended = true
+        unsubscribeChanges()
         dropAll()
         backlog.removeAll()
         releaseFids()

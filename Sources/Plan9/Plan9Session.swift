@@ -1,5 +1,6 @@
 import CPlan9
 import Glibc
+import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 
@@ -57,6 +58,9 @@ struct SessionLimits: Sendable {
     /// Requests of one session on the thread pool at once; the rest wait their turn, so one
     /// session's slow or numerous requests leave threads for the others.
     var running = 8
+    /// Directories of the export watched for change notes (all sessions together): each costs
+    /// the kernel about 1 KiB. Past it, directories are announced as uncached.
+    var watchedDirectories = 32768
 }
 
 extension NIOLock {
@@ -148,6 +152,38 @@ final class ExportCore: Sendable {
 
     var rootNode: Node { Node(fd: root, parent: nil, name: [], stat: rootStat) }
 
+    /// The export's change watcher while any session wants changes pushed (cache=meta guests).
+    private let watcher = NIOLockedValueBox<ChangeWatcher?>(nil)
+
+    func subscribeChanges(_ id: ObjectIdentifier, logger: Logger, maxWatches: Int,
+                          _ deliver: @escaping @Sendable ([P9Note]) -> Void) throws(P9Errno) -> ChangeWatcher {
+        var failure: P9Errno?
+        let made = watcher.withLockedValue { w -> ChangeWatcher? in
+            if let w { return w }
+            do throws(P9Errno) {
+                w = try ChangeWatcher(qids: qids, logger: logger, maxWatches: maxWatches)
+            } catch {
+                failure = error
+            }
+            return w
+        }
+        guard let w = made else { throw failure ?? P9Errno(EIO) }
+        w.subscribe(id, deliver)
+        w.watch(rootNode)
+        return w
+    }
+
+    var hasChangeWatcher: Bool { watcher.withLockedValue { $0 != nil } }
+
+    func unsubscribeChanges(_ id: ObjectIdentifier) {
+        watcher.withLockedValue { w in
+            if let current = w, current.unsubscribe(id) {
+                current.stop()
+                w = nil
+            }
+        }
+    }
+
     /// The process umask without the race of umask(2)'s set-and-restore (other threads create files).
     private static func readUmask() -> UInt32 {
         let fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC)
@@ -225,6 +261,28 @@ final class Plan9Session: @unchecked Sendable {
     /// Ends the session: every fid is released. Pending xattr writes are dropped.
     var currentGeneration: Int { lock.withLock { generation } }
 
+    /// Set while the client has asked for change notes (Tuvmnotify): directories it looks names
+    /// up in are watched, and the changes its own requests make are not echoed back to it.
+    let changes = NIOLockedValueBox<ChangeWatcher?>(nil)
+
+    /// Runs a request that creates, removes or renames `name` in directory fid `dirfid`, telling
+    /// the watcher to expect the event it causes (and the attribute events after a create).
+    private func expecting<T>(_ dirfid: UInt32, _ name: [UInt8], attributes: Bool = true,
+                              _ body: () throws(P9Errno) -> T) throws(P9Errno) -> T {
+        guard let w = changes.withLockedValue({ $0 }), let f = lock.withLock({ fids[dirfid] }) else { return try body() }
+        let dir = f.snapshot.0
+        guard dir.type == .dir else { return try body() }
+        w.expectEntry(in: dir, name)
+        if attributes { w.expectAttributes(in: dir, name, done: false) }
+        defer { if attributes { w.expectAttributes(in: dir, name, done: true) } }
+        do throws(P9Errno) {
+            return try body()
+        } catch {
+            w.unexpectEntry(in: dir, name)
+            throw error
+        }
+    }
+
     func close() {
         _ = takeFids()
     }
@@ -262,7 +320,9 @@ final class Plan9Session: @unchecked Sendable {
         case let .tlopen(fid, flags):
             return try lopen(fid: fid, flags: flags)
         case let .tlcreate(fid, name, flags, mode, gid):
-            return try lcreate(fid: fid, name: name.bytes, flags: flags, mode: mode, gid: gid)
+            return try expecting(fid, name.bytes) { () throws(P9Errno) in
+                try lcreate(fid: fid, name: name.bytes, flags: flags, mode: mode, gid: gid)
+            }
         case let .tread(fid, offset, count):
             return .rread(data: try read(fid: fid, offset: offset, count: count))
         case let .twrite(fid, offset, data):
@@ -278,24 +338,36 @@ final class Plan9Session: @unchecked Sendable {
         case let .tstatfs(fid):
             return .rstatfs(try statfs(fid: fid))
         case let .tmkdir(dfid, name, mode, gid):
-            return .rmkdir(qid: try mkdir(dfid: dfid, name: name.bytes, mode: mode, gid: gid))
+            return .rmkdir(qid: try expecting(dfid, name.bytes) { () throws(P9Errno) in
+                try mkdir(dfid: dfid, name: name.bytes, mode: mode, gid: gid)
+            })
         case let .tmknod(dfid, name, mode, major, minor, gid):
-            return .rmknod(qid: try mknod(dfid: dfid, name: name.bytes, mode: mode, major: major, minor: minor, gid: gid))
+            return .rmknod(qid: try expecting(dfid, name.bytes) { () throws(P9Errno) in
+                try mknod(dfid: dfid, name: name.bytes, mode: mode, major: major, minor: minor, gid: gid)
+            })
         case let .tsymlink(dfid, name, target, gid):
-            return .rsymlink(qid: try symlink(dfid: dfid, name: name.bytes, target: target.bytes, gid: gid))
+            return .rsymlink(qid: try expecting(dfid, name.bytes) { () throws(P9Errno) in
+                try symlink(dfid: dfid, name: name.bytes, target: target.bytes, gid: gid)
+            })
         case let .treadlink(fid):
             return .rreadlink(target: try readlink(fid: fid))
         case let .tlink(dfid, fid, name):
-            try link(dfid: dfid, fid: fid, name: name.bytes)
+            try expecting(dfid, name.bytes) { () throws(P9Errno) in try link(dfid: dfid, fid: fid, name: name.bytes) }
             return .rlink
         case let .trenameat(olddirfid, oldname, newdirfid, newname):
-            try renameat(olddirfid: olddirfid, oldname: oldname.bytes, newdirfid: newdirfid, newname: newname.bytes)
+            try expecting(olddirfid, oldname.bytes, attributes: false) { () throws(P9Errno) in
+                try expecting(newdirfid, newname.bytes, attributes: false) { () throws(P9Errno) in
+                    try renameat(olddirfid: olddirfid, oldname: oldname.bytes, newdirfid: newdirfid, newname: newname.bytes)
+                }
+            }
             return .rrenameat
         case let .trename(fid, dfid, name):
             try rename(fid: fid, dfid: dfid, name: name.bytes)
             return .rrename
         case let .tunlinkat(dirfid, name, flags):
-            try unlinkat(dirfid: dirfid, name: name.bytes, flags: flags)
+            try expecting(dirfid, name.bytes, attributes: false) { () throws(P9Errno) in
+                try unlinkat(dirfid: dirfid, name: name.bytes, flags: flags)
+            }
             return .runlinkat
         case let .tfsync(fid, datasync):
             try fsync(fid: fid, datasync: datasync != 0)
@@ -314,10 +386,10 @@ final class Plan9Session: @unchecked Sendable {
             throw P9Errno(ENOENT)
         case .unsupported:
             throw P9Errno(EOPNOTSUPP)
-        case .tversion, .tflush:
+        case .tversion, .tflush, .tuvmnotify:
             // Handled by the connection (they act on the session and on requests in flight).
             throw P9Errno(EINVAL)
-        case .rversion, .rattach, .rlerror, .rflush, .rwalk, .rlopen, .rlcreate, .rread, .rwrite, .rclunk,
+        case .ruvmnotify, .rversion, .rattach, .rlerror, .rflush, .rwalk, .rlopen, .rlcreate, .rread, .rwrite, .rclunk,
              .rremove, .rstatfs, .rgetattr, .rsetattr, .rreaddir, .rfsync, .rmkdir, .rmknod, .rsymlink,
              .rreadlink, .rlink, .rrename, .rrenameat, .runlinkat, .rlock, .rgetlock, .rxattrwalk, .rxattrcreate:
             throw P9Errno(EPROTO)
@@ -415,6 +487,8 @@ final class Plan9Session: @unchecked Sendable {
             return (node, try HostFS.stat(node.fd))
         }
         guard node.type == .dir else { throw P9Errno(ENOTDIR) }
+        // Watched before the lookup: a change after it is seen.
+        changes.withLockedValue { $0 }?.watch(node)
         let key = NodeKey(parent: ObjectIdentifier(node.fd), name: name)
         if let known = lock.withLock({ nodes[key]?.node }), known.parent === node.fd {
             // The name may have been replaced since: share the node only if it is the same inode.
@@ -767,6 +841,7 @@ final class Plan9Session: @unchecked Sendable {
                                         lease: ioLease)
         } catch let e where e.code == EEXIST && flags & P9.OpenFlags.excl == 0 {
             created = false
+            changes.withLockedValue { $0 }?.unexpectEntry(in: dir, name)  // nothing is created
             let p = try HostFS.openBeneath(dir.fd, name, flags: cp9_O_PATH)
             let st = try HostFS.stat(p)
             guard st.fileType == .reg else { throw P9Errno(st.fileType == .dir ? EISDIR : EEXIST) }
