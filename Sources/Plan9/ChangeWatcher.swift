@@ -4,7 +4,7 @@ import NIOConcurrencyHelpers
 import NIOPosix
 
 /// Host-side changes to an export's directories, for guests that cache metadata (cache=meta,
-/// kernel-patches/0005): every directory a guest has looked a name up in is watched with
+/// kernel-patches/0006): every directory a guest has looked a name up in is watched with
 /// inotify, and each change the guest did not make itself becomes a `P9Note` pushed to every
 /// subscribed session, which the guest turns into dropped dentries and refetched attributes.
 ///
@@ -148,9 +148,9 @@ final class ChangeWatcher: @unchecked Sendable {
 
     /// The guest's own request is about to change the attributes of `name` in `dir`; `done`
     /// when it has.
-    func expectAttributes(in dir: Node, _ name: [UInt8], done: Bool) {
+    func expectAttributes(in dir: DirKey, _ name: [UInt8], done: Bool) {
         lock.withLock {
-            guard let wd = byKey[DirKey(dev: dir.dev, ino: dir.ino)] else { return }
+            guard let wd = byKey[dir] else { return }
             expectedAttrs[Expected(wd: wd, name: name)] = done ? batch + 2 : .max
         }
     }

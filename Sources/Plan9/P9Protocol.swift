@@ -268,7 +268,7 @@ public enum P9Message: Sendable, Equatable {
     case rxattrwalk(size: UInt64)
     case txattrcreate(fid: UInt32, name: P9String, size: UInt64, flags: UInt32)
     case rxattrcreate
-    /// uvm's extension (kernel-patches/0005): the guest, mounted with cache=meta, asks to be told
+    /// uvm's extension (kernel-patches/0006): the guest, mounted with cache=meta, asks to be told
     /// of host-side changes; they come as Ruvmnotify with tag NOTAG (see `P9Note`).
     case tuvmnotify(flags: UInt32)
     case ruvmnotify(notes: [P9Note])
@@ -383,4 +383,18 @@ public struct P9Note: Sendable, Hashable {
     }
     /// kind[1] path[8] namelen[2] name
     public var wireSize: Int { 11 + name.count }
+}
+
+extension P9 {
+    /// A request type's name as in the protocol's documents, without the T ("walk", "lcreate").
+    public static func requestName(_ type: UInt8) -> String {
+        let names: [UInt8: String] = [
+            8: "statfs", 12: "lopen", 14: "lcreate", 16: "symlink", 18: "mknod", 20: "rename", 22: "readlink",
+            24: "getattr", 26: "setattr", 30: "xattrwalk", 32: "xattrcreate", 40: "readdir", 50: "fsync",
+            52: "lock", 54: "getlock", 70: "link", 72: "mkdir", 74: "renameat", 76: "unlinkat", 90: "uvmnotify",
+            100: "version", 104: "attach", 108: "flush", 110: "walk", 116: "read", 118: "write", 120: "clunk",
+            122: "remove",
+        ]
+        return names[type] ?? "type\(type)"
+    }
 }

@@ -76,6 +76,18 @@ public final class Plan9Server: Sendable {
     let limits: SessionLimits
     /// Test hook: runs on the pool thread before each request (by tag) is handled.
     let beforeHandle: (@Sendable (UInt16, P9Message) -> Void)?
+    /// Requests received, by message type: what each guest operation costs in round trips.
+    private let counts = NIOLockedValueBox([Int](repeating: 0, count: 256))
+
+    func count(_ type: UInt8) { counts.withLockedValue { $0[Int(type)] += 1 } }
+
+    /// Requests received so far by every session, by name ("walk", "getattr", ...), nonzero only.
+    public var requestCounts: [String: Int] {
+        let c = counts.withLockedValue { $0 }
+        var out: [String: Int] = [:]
+        for (type, n) in c.enumerated() where n > 0 { out[P9.requestName(UInt8(type))] = n }
+        return out
+    }
 
     /// - Parameters:
     ///   - threadPool: where blocking file system calls run; a started pool the caller owns, or nil
@@ -348,6 +360,7 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
         } catch {
             return fail(context, "malformed message: \(error)")
         }
+        server.count(frame.message.typeCode)
         let tag = frame.tag
         switch frame.message {
         case .tversion(let m, let version):

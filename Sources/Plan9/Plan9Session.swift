@@ -15,10 +15,14 @@ final class Node: Sendable {
     let dev: UInt64
     let ino: UInt64
     let mode: UInt32
+    /// The directory it was reached from, when known: change notes about this node's attributes
+    /// are reported there (and the guest's own changes to them are not echoed back).
+    let parentKey: ChangeWatcher.DirKey?
 
-    init(fd: HostFD, parent: HostFD?, name: [UInt8], stat st: HostStat) {
+    init(fd: HostFD, parent: HostFD?, name: [UInt8], stat st: HostStat, parentKey: ChangeWatcher.DirKey? = nil) {
         self.fd = fd
         self.parent = parent
+        self.parentKey = parentKey
         self.name = name
         self.dev = st.dev
         self.ino = st.ino
@@ -26,6 +30,7 @@ final class Node: Sendable {
     }
 
     var type: FileType? { FileType(mode: mode) }
+    var key: ChangeWatcher.DirKey { ChangeWatcher.DirKey(dev: dev, ino: ino) }
     func isSame(_ st: HostStat) -> Bool { st.dev == dev && st.ino == ino }
 }
 
@@ -265,6 +270,17 @@ final class Plan9Session: @unchecked Sendable {
     /// up in are watched, and the changes its own requests make are not echoed back to it.
     let changes = NIOLockedValueBox<ChangeWatcher?>(nil)
 
+    /// Runs a request that changes the attributes (or data) of fid `fid`'s file, telling the
+    /// watcher so that the guest, which refetches them itself, is not told of it again.
+    private func touching<T>(_ fid: UInt32, _ body: () throws(P9Errno) -> T) throws(P9Errno) -> T {
+        guard let w = changes.withLockedValue({ $0 }), let f = lock.withLock({ fids[fid] }) else { return try body() }
+        let node = f.snapshot.0
+        guard let dir = node.parentKey, !node.name.isEmpty else { return try body() }
+        w.expectAttributes(in: dir, node.name, done: false)
+        defer { w.expectAttributes(in: dir, node.name, done: true) }
+        return try body()
+    }
+
     /// Runs a request that creates, removes or renames `name` in directory fid `dirfid`, telling
     /// the watcher to expect the event it causes (and the attribute events after a create).
     private func expecting<T>(_ dirfid: UInt32, _ name: [UInt8], attributes: Bool = true,
@@ -273,8 +289,8 @@ final class Plan9Session: @unchecked Sendable {
         let dir = f.snapshot.0
         guard dir.type == .dir else { return try body() }
         w.expectEntry(in: dir, name)
-        if attributes { w.expectAttributes(in: dir, name, done: false) }
-        defer { if attributes { w.expectAttributes(in: dir, name, done: true) } }
+        if attributes { w.expectAttributes(in: dir.key, name, done: false) }
+        defer { if attributes { w.expectAttributes(in: dir.key, name, done: true) } }
         do throws(P9Errno) {
             return try body()
         } catch {
@@ -315,7 +331,7 @@ final class Plan9Session: @unchecked Sendable {
         case let .tgetattr(fid, mask):
             return .rgetattr(try getattr(fid: fid, mask: mask))
         case let .tsetattr(fid, attr):
-            try setattr(fid: fid, attr)
+            try touching(fid) { () throws(P9Errno) in try setattr(fid: fid, attr) }
             return .rsetattr
         case let .tlopen(fid, flags):
             return try lopen(fid: fid, flags: flags)
@@ -326,11 +342,11 @@ final class Plan9Session: @unchecked Sendable {
         case let .tread(fid, offset, count):
             return .rread(data: try read(fid: fid, offset: offset, count: count))
         case let .twrite(fid, offset, data):
-            return .rwrite(count: try write(fid: fid, offset: offset, data: data))
+            return .rwrite(count: try touching(fid) { () throws(P9Errno) in try write(fid: fid, offset: offset, data: data) })
         case let .treaddir(fid, offset, count):
             return .rreaddir(data: try readdir(fid: fid, offset: offset, count: count))
         case let .tclunk(fid):
-            try clunk(fid: fid)
+            try touching(fid) { () throws(P9Errno) in try clunk(fid: fid) }  // a pending xattr is set
             return .rclunk
         case let .tremove(fid):
             try remove(fid: fid)
@@ -497,7 +513,7 @@ final class Plan9Session: @unchecked Sendable {
         }
         let fd = try HostFS.openBeneath(node.fd, name, flags: cp9_O_PATH, lease: try descriptors.lease())
         let st = try HostFS.stat(fd)
-        let next = Node(fd: fd, parent: node.fd, name: name, stat: st)
+        let next = Node(fd: fd, parent: node.fd, name: name, stat: st, parentKey: node.key)
         lock.withLock {
             nodes[key] = WeakNode(node: next)
             // Drop the entries of nodes gone, once the table has doubled since the last sweep.
@@ -861,7 +877,7 @@ final class Plan9Session: @unchecked Sendable {
                                      in: dir, name)
             }
         }
-        let node = Node(fd: pathFD, parent: dir.fd, name: name, stat: st)
+        let node = Node(fd: pathFD, parent: dir.fd, name: name, stat: st, parentKey: dir.key)
         let writable = hostFlags & O_ACCMODE != O_RDONLY
         f.lock.withLock {
             f.node = node
@@ -1281,7 +1297,7 @@ final class Plan9Session: @unchecked Sendable {
         let n = HostFS.cName(name)
         _ = try sys { Glibc.renameat(parent.raw, o, nd.fd.raw, n) }
         let st = try HostFS.stat(node.fd)
-        f.lock.withLock { f.node = Node(fd: node.fd, parent: nd.fd, name: name, stat: st) }
+        f.lock.withLock { f.node = Node(fd: node.fd, parent: nd.fd, name: name, stat: st, parentKey: nd.key) }
     }
 
     private func unlinkat(dirfid: UInt32, name: [UInt8], flags: UInt32) throws(P9Errno) {

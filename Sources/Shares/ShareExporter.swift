@@ -60,6 +60,11 @@ public actor ShareExporter {
         shm = transport
     }
 
+    /// The requests `name`'s server has had since it was exported (nil: not served by ours).
+    public func requestCounts(_ name: String) -> [String: Int]? {
+        active[name]?.server?.requestCounts
+    }
+
     /// Starts serving `share` in a free slot; returns where the guest mounts it.
     public func export(_ share: ShareSpec) async throws -> Placement {
         if active[share.name] != nil { await stop(share.name) }

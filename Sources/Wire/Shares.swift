@@ -41,11 +41,15 @@ public struct ShareStatus: Codable, Sendable, Equatable {
     public var source: String
     /// "mounted" in the running VM, "pending" (mounted at the next boot), or "failed: why".
     public var state: String
-    public init(share: ShareSpec, source: String, state: String) {
+    /// 9P requests the share's server has answered since it was mounted, by type ("walk": 12):
+    /// what the guest's file operations cost in round trips. nil when not mounted.
+    public var requests: [String: Int]?
+    public init(share: ShareSpec, source: String, state: String, requests: [String: Int]? = nil) {
         self.share = share
         self.guestPath = share.guestPath
         self.source = source
         self.state = state
+        self.requests = requests
     }
 }
 
@@ -60,8 +64,13 @@ public struct MountRequest: Codable, Sendable, Equatable {
     /// The channel of the kernel's shared-memory transport (`trans=uvmshm`) to mount; nil: the
     /// virtio-serial `port` through the guest's relay.
     public var channel: Int?
+    /// Mount with cache=meta: the guest caches attributes and entries, and the server tells it of
+    /// every change on the host (the kernel falls back to cache=mmap with a server that cannot).
+    /// nil: cache=mmap.
+    public var metadataCache: Bool?
     public init(name: String, port: String, readOnly: Bool = false, msize: UInt32 = 512 * 1024, aname: String? = nil,
-                channel: Int? = nil) {
+                channel: Int? = nil, metadataCache: Bool? = nil) {
+        self.metadataCache = metadataCache
         self.name = name
         self.port = port
         self.readOnly = readOnly

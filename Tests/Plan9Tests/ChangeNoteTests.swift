@@ -65,9 +65,15 @@ struct ChangeNoteTests {
         let c = try await fx.connect()
         try await subscribe(c)
         let root = try qpath(fx.share)
-        // Through the client: create, mkdir, rename, unlink (each with the events its host calls cause).
+        // Through the client: create, write, chmod, mkdir, rename, unlink (with the events their host calls cause).
         try await c.walk(0, 1, [])
         try await c.lcreate(1, "mine")
+        try await c.write(1, Array("data".utf8))
+        var chmod = P9SetAttr()
+        chmod.valid = P9.SetattrMask.mode
+        chmod.mode = 0o600
+        try await c.setattr(1, chmod)
+        try await c.clunk(1)
         try await c.mkdir(0, "dir")
         try await c.call(.trenameat(olddirfid: 0, oldname: "mine", newdirfid: 0, newname: "renamed"))
         try await c.call(.tunlinkat(dirfid: 0, name: "renamed", flags: 0))
