@@ -1,4 +1,5 @@
 import Glibc
+import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 
@@ -79,8 +80,13 @@ struct FuzzState: Sendable {
     mutating func run(_ data: UnsafeRawBufferPointer) {
         runs += 1
         if runs % 2000 == 0 { reset() }
-        let session = Plan9Session(core: cores[data.count % cores.count], limits: FuzzState.limits)
-        defer { session.close() }
+        let core = cores[data.count % cores.count]
+        let session = Plan9Session(core: core, limits: FuzzState.limits)
+        let subscriber = ObjectIdentifier(session)
+        defer {
+            session.close()
+            if session.changes.withLockedValue({ $0 }) != nil { core.unsubscribeChanges(subscriber) }
+        }
         var stream = ByteBuffer(bytes: data)
         var msize = Int(P9.minMsize)
         var negotiated = false
@@ -103,6 +109,13 @@ struct FuzzState: Sendable {
                 return
             case .tflush:
                 reply = .rflush
+            case .tuvmnotify:
+                // As the connection handler: watches and expectations follow, notes are dropped.
+                if session.changes.withLockedValue({ $0 }) == nil,
+                   let w = try? core.subscribeChanges(subscriber, logger: Logger(label: "fuzz"), maxWatches: 64, { _ in }) {
+                    session.changes.withLockedValue { $0 = w }
+                }
+                reply = .ruvmnotify(notes: [])
             case let m where m.typeCode & 1 == 1:
                 return
             case let m:

@@ -50,6 +50,17 @@ struct FuzzCorpusTests {
             try await c.walk(0, 4, ["dir"])
             try await c.call(.tunlinkat(dirfid: 4, name: "new", flags: 0))
         }),
+        ("change-notes", 65536, { c in
+            try await c.call(.tuvmnotify(flags: 0))
+            try await c.walk(0, 1, ["dir"])
+            try await c.lcreate(1, "noted", flags: P9.OpenFlags.rdwr | P9.OpenFlags.create, mode: 0o644)
+            try await c.write(1, offset: 0, Array("x".utf8))
+            try await c.clunk(1)
+            try await c.walk(0, 2, ["dir"])
+            try await c.call(.trenameat(olddirfid: 2, oldname: "noted", newdirfid: 0, newname: "noted"))
+            try await c.call(.tunlinkat(dirfid: 0, name: "noted", flags: 0))
+            _ = try? await c.walk(0, 3, ["dir", "missing"])
+        }),
         ("escape-attempts", 8192, { c in
             _ = try? await c.walk(0, 1, ["..", ".."])
             _ = try? await c.walk(0, 2, ["etc", "passwd"])
