@@ -11,8 +11,14 @@ One VM is booted with five places to work in, all mounted with the same client o
   virtio   QEMU's built-in virtio-9p (<filesystem> in the domain, UVM_BENCH_VIRTIO_9P)
   tmpfs    the guest's own /dev/shm: the limit
 and on each: sequential write and read of 256 MiB, create+stat+unlink of 5,000 files, listing a
-10,000-entry directory (names only, and with a stat of each), and unpacking part of the kernel's
-Documentation/ (admin-guide, filesystems, networking: a tar on the guest's tmpfs). Times are in seconds, measured inside the guest.
+10,000-entry directory (names only, and with a stat of each), unpacking part of the kernel's
+Documentation/ (admin-guide, filesystems, networking: a tar on the guest's tmpfs), and unpacking
+the first 20,000 entries of the kernel's source then an lstat of every entry twice, as `git status`
+does (the second pass is what the guest's metadata cache changes). Our shares are mounted with
+cache=meta (the guest caches metadata, uvmd's change notes keep it true); relay cannot carry the
+notes and falls back to cache=mmap, so it is also "ours without the cache". The 9P requests per
+unpacked entry are counted by our server (`uvm share list --format json`). Times are in seconds,
+measured inside the guest.
 Results: bench-results/9p.{txt,json}.
 """
 import argparse, json, os, shutil, subprocess, sys, tempfile, time
@@ -59,11 +65,34 @@ def documentation_tar():
     return out
 
 
+def source_tree_tar(files):
+    """The first `files` entries of the kernel's source as a plain tar, made once and cached."""
+    import tarfile
+    out = os.path.join(CACHE, "bench", f"linux-tree-{files}.tar")
+    if os.path.exists(out):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    log(f"taking the first {files} entries of {LINUX_SOURCE} (once)")
+    with tarfile.open(LINUX_SOURCE, "r:xz") as src, tarfile.open(out + ".partial", "w", format=tarfile.GNU_FORMAT) as dst:
+        n = 0
+        for m in src:
+            if not (m.isfile() or m.isdir() or m.issym()):
+                continue
+            m.name = "tree/" + m.name.split("/", 1)[-1] if "/" in m.name else "tree"
+            dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+            n += 1
+            if n >= files:
+                break
+    os.rename(out + ".partial", out)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--files", type=int, default=5000)
     ap.add_argument("--entries", type=int, default=10000)
+    ap.add_argument("--tree-files", type=int, default=20000, help="entries of the kernel source to unpack and stat")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-results"))
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -77,6 +106,7 @@ def main():
     os.makedirs(tools)
     run(["cc", "-static", "-O2", "-o", os.path.join(tools, "fsbench"), os.path.join(ROOT, "scripts/bench/fsbench.c")])
     shutil.copy(documentation_tar(), os.path.join(tools, "doc.tar"))
+    shutil.copy(source_tree_tar(a.tree_files), os.path.join(tools, "tree.tar"))
 
     # No idle stops mid-run: the virtio-9p mount lives in the instance.
     env = dict(os.environ, UVM_HOME=home, UVMD_PATH=os.path.join(BIN, "uvmd"), UVM_HOME_SHARE="off",
@@ -99,16 +129,39 @@ def main():
     if listing.count("mounted") < 4:
         sys.exit(f"bench-9p: shares not mounted:\n{listing}")
     guest(f"mkdir -p /mnt/virtio /dev/shm/tmpfs && mount -t 9p -o trans=virtio,version=9p2000.L,"
-          f"msize={MSIZE},cache=mmap,access=client bench9p /mnt/virtio && cp /mnt/host/tools/fsbench /mnt/host/tools/doc.tar /dev/shm/")
+          f"msize={MSIZE},cache=mmap,access=client bench9p /mnt/virtio && "
+          f"cp /mnt/host/tools/fsbench /mnt/host/tools/doc.tar /mnt/host/tools/tree.tar /dev/shm/")
+    # /proc/mounts names the cache mode alone (",meta,"); none at all is cache=none.
+    caches = " ".join(f"{f[1].rsplit('/', 1)[-1]}={next((o for o in f[3].split(',') if o in ('mmap', 'meta', 'loose', 'fscache')), 'none')}"
+                      for f in (l.split() for l in guest("cat /proc/mounts").splitlines()) if len(f) > 3 and f[2] == "9p")
+    log(f"cache modes: {caches}")
+
+    def requests(share):
+        for s in json.loads(uvm("share", "list", "--format", "json").stdout):
+            if s["share"]["name"] == share:
+                return s.get("requests") or {}
+        return {}
     targets = {"ours": "/mnt/host/ours", "relay": "/mnt/host/relay", "diod": "/mnt/host/diod", "virtio": "/mnt/virtio",
                "tmpfs": "/dev/shm/tmpfs"}
 
     # Operation by operation, each on every target in turn, so that a change in the host's load
     # (a shared machine) falls on all targets alike rather than on whichever ran then.
     results = {t: {} for t in targets}
-    for op, n in (("write", a.mib), ("read", a.mib), ("files", a.files), ("list", a.entries), ("untar", 0)):
+    rpcs = {}
+    for op, n in (("write", a.mib), ("read", a.mib), ("files", a.files), ("list", a.entries), ("untar", 0), ("tree", 0)):
         for target, path in targets.items():
-            if op == "untar":
+            if op == "tree":
+                before = requests(target) if target in ("ours", "relay") else None
+                out = guest(f"cd {path} && read t0 _ < /proc/uptime && tar -xf /dev/shm/tree.tar && read t1 _ < /proc/uptime && "
+                            f"echo $t0 $t1")
+                t0, t1 = out.split()
+                results[target]["tree_untar_s"] = float(t1) - float(t0)
+                if before is not None:
+                    after = requests(target)
+                    rpcs[target] = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+                results[target].update(json.loads(guest(f"/dev/shm/fsbench {path} stattree tree")))
+                guest(f"rm -rf {path}/tree")
+            elif op == "untar":
                 out = guest(f"cd {path} && read t0 _ < /proc/uptime && tar -xf /dev/shm/doc.tar && read t1 _ < /proc/uptime && "
                             f"echo $t0 $t1 && find Documentation | wc -l && rm -rf Documentation")
                 t0, t1, count = out.split()
@@ -137,13 +190,17 @@ def main():
         (f"list {a.entries} entries (readdir)", "list_s", None),
         (f"list {a.entries} entries + stat each", "list_stat_s", None),
         (f"untar kernel docs ({results['ours'].get('untar_entries', 0)} entries)", "untar_s", None),
+        (f"untar kernel source ({results['ours'].get('stattree_entries', 0)} entries)", "tree_untar_s", None),
+        ("lstat every entry of it, first pass", "stattree1_s", None),
+        ("lstat every entry of it, second pass", "stattree2_s", None),
     ]
     head = (f"{'operation':<40} {'ours':>9} {'relay':>9} {'diod':>9} {'virtio-9p':>9} {'tmpfs':>9}   "
-            f"{'virtio/ours':>11} {'diod/ours':>9} {'relay/ours':>10}")
+            f"{'virtio/ours':>11} {'diod/ours':>9} {'relay/ours':>10} {'ours/tmpfs':>10}")
     lines = [f"accelerator: {st.get('accelerator', '?')}, times in seconds in the guest (lower is better);",
              "ours: our server over the shared-memory transport; relay: the same server over virtio-serial",
              "and the guest relay; diod: behind the same shared-memory transport as ours.",
-             "ratios are other/ours (> 1: ours is faster). Goals: virtio/ours >= 1, diod/ours >= 1.5.", "", head]
+             "ratios are other/ours (> 1: ours is faster); ours/tmpfs is how many times the guest's own tmpfs is faster.",
+             f"cache modes: {caches}", "", head]
     summary = {}
     for label, key, mib in rows:
         v = {t: results[t][key] for t in targets}
@@ -153,8 +210,19 @@ def main():
         summary[key] = {"seconds": v, "virtio_over_ours": r_virtio, "diod_over_ours": r_diod, "relay_over_ours": r_relay}
         if mib:
             summary[key]["mib_per_s"] = {t: mib / v[t] for t in targets if v[t] > 0}
+        r_tmpfs = v["ours"] / v["tmpfs"] if v["tmpfs"] > 0 else float("inf")
+        summary[key]["ours_over_tmpfs"] = r_tmpfs
         lines.append(f"{label:<40} {v['ours']:>9.3f} {v['relay']:>9.3f} {v['diod']:>9.3f} {v['virtio']:>9.3f} {v['tmpfs']:>9.3f}   "
-                     f"{r_virtio:>11.2f} {r_diod:>9.2f} {r_relay:>10.2f}")
+                     f"{r_virtio:>11.2f} {r_diod:>9.2f} {r_relay:>10.2f} {r_tmpfs:>10.1f}")
+    entries = results["ours"].get("stattree_entries", 0) or 1
+    lines.append("")
+    lines.append(f"9P requests per unpacked kernel-source entry ({entries} entries), counted by our server:")
+    for t in ("relay", "ours"):
+        r = rpcs.get(t, {})
+        total = sum(r.values())
+        detail = ", ".join(f"{k} {n / entries:.2f}" for k, n in sorted(r.items(), key=lambda kv: -kv[1]))
+        lines.append(f"  {t:<6} {'(cache=mmap)' if t == 'relay' else '(cache=meta)'} {total / entries:.2f}: {detail}")
+    summary["tree_rpcs_per_entry"] = {t: {k: n / entries for k, n in r.items()} for t, r in rpcs.items()}
     table = "\n".join(lines)
     with open(os.path.join(a.out, "9p.txt"), "w") as f:
         f.write(table + "\n")

@@ -27,10 +27,14 @@ actor ShareService {
         return e
     }
 
+    /// Whether guests cache share metadata (`Settings.ninePMetadataCache`).
+    private let metadataCache: Bool
+
     init(paths: Paths, settings: Settings, logger: Logger) {
         store = ShareStore(file: paths.sharesFile, homeShare: settings.homeShare, capacity: Self.portCount)
         exporter = ShareExporter(slots: Self.slots(paths), logger: logger)
         self.logger = logger
+        metadataCache = settings.ninePMetadataCache
     }
 
     static func slots(_ paths: Paths) -> [ShareExporter.Slot] {
@@ -65,7 +69,8 @@ actor ShareService {
             share.path = try ShareStore.canonicalDirectory(spec.path)
             let placed = try await exporter.export(share)
             let request = MountRequest(name: share.name, port: placed.slot.port, readOnly: share.readOnly,
-                                       aname: share.serverCommand == nil ? nil : share.path, channel: placed.channel)
+                                       aname: share.serverCommand == nil ? nil : share.path, channel: placed.channel,
+                                       metadataCache: metadataCache && share.serverCommand == nil)
             // A server that never answers the guest's attach must not hang the share: when this
             // gives up, stopping the export (below) closes the channel and fails the guest's mount.
             _ = try await withTimeout(seconds: 30, what: "the guest to mount share \(share.name)") {
@@ -98,8 +103,13 @@ actor ShareService {
         await exporter.stop(name)
     }
 
-    func list() throws -> [ShareStatus] {
-        try entries().map { ShareStatus(share: $0.spec, source: $0.source, state: state($0.spec.name)) }
+    func list() async throws -> [ShareStatus] {
+        var out: [ShareStatus] = []
+        for e in try entries() {
+            let requests = await exporter.requestCounts(e.spec.name)
+            out.append(ShareStatus(share: e.spec, source: e.source, state: state(e.spec.name), requests: requests))
+        }
+        return out
     }
 
     private func state(_ name: String) -> String {

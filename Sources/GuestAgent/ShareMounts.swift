@@ -98,9 +98,12 @@ actor ShareMounts {
         log("share \(name) mounted at \(target) from \(request.port)")
     }
 
-    /// What every 9P mount of a share says, whatever its transport.
+    /// What every 9P mount of a share says, whatever its transport. cache=meta (kernel-patches/0005)
+    /// is cache=mmap for data, but attributes, entries and missing names are cached, kept true by
+    /// the server's change notes; a transport or server that cannot give them gets cache=mmap.
     private static func options(_ request: MountRequest) -> String {
-        "version=9p2000.L,msize=\(request.msize),cache=mmap,access=client,aname=\(request.aname ?? request.name)"
+        let cache = request.metadataCache == true ? "meta" : "mmap"
+        return "version=9p2000.L,msize=\(request.msize),cache=\(cache),access=client,aname=\(request.aname ?? request.name)"
     }
 
     private static func flags(_ request: MountRequest) -> UInt {

@@ -276,6 +276,58 @@ extension EndToEnd {
             #expect((try? String(contentsOfFile: dir + "/numbers", encoding: .utf8))?.hasSuffix("999\n1000\n") == true)
         }
 
+        /// The guest caches attributes, entries and missing names (cache=meta), and the host's
+        /// changes reach that cache within 100 ms: each check below runs 100 ms after the change,
+        /// on entries the guest has just looked at (a stale cache would show the old state).
+        @Test func hostChangesReachTheGuestsCacheWithin100ms() throws {
+            let dir = try Self.share("coh")
+            defer { Self.unshare("coh", dir) }
+            try FileManager.default.createDirectory(atPath: dir + "/d", withIntermediateDirectories: true)
+            try "a\n".write(toFile: dir + "/a", atomically: false, encoding: .utf8)
+            try "keep\n".write(toFile: dir + "/keep", atomically: false, encoding: .utf8)
+            try "1\n".write(toFile: dir + "/grow", atomically: false, encoding: .utf8)
+            try "x\n".write(toFile: dir + "/d/x", atomically: false, encoding: .utf8)
+            chmod(dir + "/d/x", 0o644)
+            // Looked at: positive entries, attributes, and two missing names (negative entries).
+            let before = try Self.guest("""
+                grep ' /mnt/host/coh ' /proc/mounts | grep -o ',meta,' || echo not-cache-meta
+                cd /mnt/host/coh && ls -l . d >/dev/null && stat -c '%a %s' d/x && stat -c %s grow && cat a keep
+                test -e new || echo no-new; test -e d/new || echo no-d-new
+                """)
+            #expect(before.status == 0, "\(before.err)")
+            #expect(before.out == ",meta,\n644 2\n2\na\nkeep\nno-new\nno-d-new\n")
+
+            // The host removes, renames, chmods, grows, and creates where the guest found nothing.
+            #expect(unlink(dir + "/a") == 0)
+            #expect(rename(dir + "/keep", dir + "/d/moved") == 0)
+            #expect(chmod(dir + "/d/x", 0o600) == 0)
+            try "1\n2\n3\n".write(toFile: dir + "/grow", atomically: false, encoding: .utf8)
+            FileManager.default.createFile(atPath: dir + "/new", contents: Data("n\n".utf8))
+            FileManager.default.createFile(atPath: dir + "/d/new", contents: nil)
+            usleep(100_000)
+            let after = try Self.guest("""
+                cd /mnt/host/coh; test -e a && echo a-still; test -e keep && echo keep-still
+                cat d/moved; stat -c '%a' d/x; stat -c '%s' grow; cat new; test -e d/new && echo d-new
+                ls | sort | tr '\\n' ' '; echo
+                """)
+            #expect(after.status == 0, "\(after.err)")
+            #expect(after.out == "keep\n600\n6\nn\nd-new\nd grow new \n")
+
+            // And the other way: what the guest does is on the host when its command returns,
+            // and what it made the host then changes is seen again (its own entries are cached too).
+            let guestSide = try Self.guest("cd /mnt/host/coh && mkdir g && echo hi > g/f && chmod 640 g/f && mv new renamed")
+            #expect(guestSide.status == 0, "\(guestSide.err)")
+            #expect((try? String(contentsOfFile: dir + "/g/f", encoding: .utf8)) == "hi\n")
+            let mode = try? FileManager.default.attributesOfItem(atPath: dir + "/g/f")[.posixPermissions] as? Int
+            #expect(mode == 0o640)
+            #expect(FileManager.default.fileExists(atPath: dir + "/renamed") && !FileManager.default.fileExists(atPath: dir + "/new"))
+            #expect(unlink(dir + "/g/f") == 0)
+            #expect(rename(dir + "/renamed", dir + "/g/back") == 0)
+            usleep(100_000)
+            let again = try Self.guest("cd /mnt/host/coh; test -e g/f && echo f-still; test -e renamed && echo renamed-still; cat g/back")
+            #expect(again.out == "n\n", "\(again.err)")
+        }
+
         @Test func commandsStartInTheMatchingGuestFolder() throws {
             let dir = try Self.share("cwd")
             defer { Self.unshare("cwd", dir) }

@@ -1,8 +1,9 @@
 // File-sharing micro-benchmarks, run in the guest against one directory (a 9P mount or tmpfs).
 // Prints one JSON object of seconds per operation. Built statically by scripts/bench_9p.py.
-//   fsbench DIR write MiB | read MiB | files N | list N
+//   fsbench DIR write MiB | read MiB | files N | list N | stattree SUBDIR
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <ftw.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,8 +20,15 @@ static double now(void) {
 
 static void die(const char *what) { perror(what); exit(1); }
 
+static long visited;
+static int visit(const char *path, const struct stat *st, int type, struct FTW *f) {
+    (void)path; (void)st; (void)type; (void)f;
+    visited++;
+    return 0;
+}
+
 int main(int argc, char **argv) {
-    if (argc != 4 || chdir(argv[1]) < 0) { fprintf(stderr, "usage: fsbench DIR write|read|files|list N\n"); return 2; }
+    if (argc != 4 || chdir(argv[1]) < 0) { fprintf(stderr, "usage: fsbench DIR write|read|files|list N | stattree SUBDIR\n"); return 2; }
     const char *op = argv[2];
     long n = atol(argv[3]);
     enum { CHUNK = 1 << 20 };
@@ -91,6 +99,16 @@ int main(int argc, char **argv) {
         t = now();
         if (count != n + 2) { fprintf(stderr, "listed %ld entries, expected %ld\n", count, n + 2); return 1; }
         printf("{\"list_s\": %.4f, \"list_stat_s\": %.4f}\n", listed - t0, t - listed);
+    } else if (!strcmp(op, "stattree")) {
+        // stattree SUBDIR: what `git status` does, lstat of every entry of a tree, twice; the
+        // second pass is what a metadata cache changes.
+        double t0 = now();
+        if (nftw(argv[3], visit, 64, FTW_PHYS) != 0) die("nftw");
+        long first = visited;
+        double t1 = now();
+        if (nftw(argv[3], visit, 64, FTW_PHYS) != 0) die("nftw");
+        double t2 = now();
+        printf("{\"stattree_entries\": %ld, \"stattree1_s\": %.6f, \"stattree2_s\": %.6f}\n", first, t1 - t0, t2 - t1);
     } else {
         fprintf(stderr, "unknown operation %s\n", op);
         return 2;
