@@ -39,11 +39,12 @@ final class ChangeWatcher: @unchecked Sendable {
     /// each suppresses exactly one event. Dropped after `expectFor` if the event never came.
     private var expectedNames: [Expected: (count: Int, until: UInt64)] = [:]
     /// Attribute events the guest's own requests cause (chown, xattrs after a create): inotify
-    /// merges repeats, so they cannot be counted. Suppressed while the request runs and in the
-    /// two reads after it is done (by then every event it caused has been read).
+    /// merges repeats, so they cannot be counted. Suppressed while the request runs, and once it
+    /// is done up to the end of what the queue held then (its events are all in there; what a
+    /// host process does after it comes later in the stream and is reported).
     private var expectedAttrs: [Expected: UInt64] = [:]
-    /// Reads of the inotify queue so far.
-    private var batch: UInt64 = 0
+    /// Bytes of the inotify stream read so far: an event's position is this plus its offset.
+    private var consumed: UInt64 = 0
     /// Directories announced as uncached.
     private var uncached = Set<DirKey>()
     private var stopped = false
@@ -151,7 +152,9 @@ final class ChangeWatcher: @unchecked Sendable {
     func expectAttributes(in dir: DirKey, _ name: [UInt8], done: Bool) {
         lock.withLock {
             guard let wd = byKey[dir] else { return }
-            expectedAttrs[Expected(wd: wd, name: name)] = done ? batch + 2 : .max
+            var queued: Int32 = 0
+            if done { _ = ioctl(fd, UInt(FIONREAD), &queued) }
+            expectedAttrs[Expected(wd: wd, name: name)] = done ? consumed + UInt64(max(0, queued)) : .max
         }
     }
 
@@ -199,7 +202,8 @@ final class ChangeWatcher: @unchecked Sendable {
         var seen = Set<P9Note>()
         let now = Self.now()
         lock.withLock {
-            batch += 1
+            let base = consumed
+            consumed += UInt64(bytes.count)
             var at = 0
             while at + 16 <= bytes.count {
                 let wd = bytes.loadUnaligned(fromByteOffset: at, as: Int32.self)
@@ -231,7 +235,8 @@ final class ChangeWatcher: @unchecked Sendable {
                     }
                     note = P9Note(.name, path: dir.path, name: name)
                 } else if mask & Self.attrMask != 0 {
-                    if let last = expectedAttrs[Expected(wd: wd, name: name)], batch <= last { continue }
+                    // `at` is already past this event: its position is its start, before that.
+                    if let end = expectedAttrs[Expected(wd: wd, name: name)], base + UInt64(at - 16 - len) < end { continue }
                     note = P9Note(.attr, path: dir.path, name: name)
                 } else {
                     continue
@@ -239,7 +244,7 @@ final class ChangeWatcher: @unchecked Sendable {
                 if seen.insert(note).inserted { notes.append(note) }
             }
             if expectedNames.count > 64 { expectedNames = expectedNames.filter { $0.value.until > now } }
-            if expectedAttrs.count > 64 { expectedAttrs = expectedAttrs.filter { $0.value >= batch } }
+            if expectedAttrs.count > 64 { expectedAttrs = expectedAttrs.filter { $0.value > consumed } }
         }
         return notes
     }

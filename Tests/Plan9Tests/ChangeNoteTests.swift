@@ -84,6 +84,22 @@ struct ChangeNoteTests {
         #expect(echoed.isEmpty, "the client's own changes came back: \(echoed)")
     }
 
+    /// The client's own change is left out, but a host change to the same file right after it
+    /// (nothing else happening in between) is still reported.
+    @Test func aHostChangeAfterTheClientsOwnIsReported() async throws {
+        let fx = try Fixture()
+        defer { Task { await fx.close() } }
+        let c = try await fx.connect()
+        try await subscribe(c)
+        try await c.walk(0, 1, [])
+        try await c.lcreate(1, "f")
+        try await c.write(1, Array("mine".utf8))
+        try await c.clunk(1)
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(chmod(fx.share + "/f", 0o600) == 0)
+        _ = try await notes(c, containing: [P9Note(.attr, path: try qpath(fx.share), name: Array("f".utf8))])
+    }
+
     @Test func aSessionThatDidNotAskGetsNothing() async throws {
         let fx = try Fixture()
         defer { Task { await fx.close() } }
