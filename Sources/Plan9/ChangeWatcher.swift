@@ -106,6 +106,7 @@ final class ChangeWatcher: @unchecked Sendable {
         if lock.withLock({ byKey.count >= maxWatches }) { return cannotWatch(node, key) }
         let wd = "/proc/self/fd/\(node.fd.raw)".withCString { inotify_add_watch(fd, $0, Self.watchMask) }
         guard wd >= 0 else { return cannotWatch(node, key) }
+        logger.trace("watching a directory for changes", metadata: ["wd": "\(wd)", "path": "\(qids.path(dev: node.dev, ino: node.ino))"])
         let path = qids.path(dev: node.dev, ino: node.ino)
         lock.withLock {
             // inotify gives an inode one wd, however it was reached: a stale key is replaced.
@@ -192,6 +193,7 @@ final class ChangeWatcher: @unchecked Sendable {
                 return
             }
             let notes = translate(UnsafeRawBufferPointer(start: buffer, count: n))
+            logger.trace("change notes", metadata: ["events": "\(n) bytes", "notes": "\(notes.map { "\($0.kind) \($0.path) \(String(decoding: $0.name, as: UTF8.self))" })"])
             if !notes.isEmpty { announce(notes) }
         }
     }

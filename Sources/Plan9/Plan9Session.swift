@@ -346,7 +346,13 @@ final class Plan9Session: @unchecked Sendable {
         case let .treaddir(fid, offset, count):
             return .rreaddir(data: try readdir(fid: fid, offset: offset, count: count))
         case let .tclunk(fid):
-            try touching(fid) { () throws(P9Errno) in try clunk(fid: fid) }  // a pending xattr is set
+            // Only a clunk that sets a pending xattr changes anything: the guest clunks the fids of
+            // cached entries whenever it likes, and a host change then must not pass for its own.
+            if case .xattrWrite = lock.withLock({ fids[fid] })?.snapshot.1 {
+                try touching(fid) { () throws(P9Errno) in try clunk(fid: fid) }
+            } else {
+                try clunk(fid: fid)
+            }
             return .rclunk
         case let .tremove(fid):
             try remove(fid: fid)
