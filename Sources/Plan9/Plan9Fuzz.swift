@@ -31,6 +31,17 @@ public enum Plan9Fuzz {
         file(outside + "/canary", "canary\n")
     }
 
+    /// The fake guest RAM zero-copy requests (Tzc) name in the fuzz target and its seeds: 64 KiB
+    /// at guest-physical 0, then 64 KiB at 4 GiB (a q35-like split with a hole in between).
+    public static let guestRAMLow: UInt64 = 64 << 10
+    public static let guestRAMSize: UInt64 = 128 << 10
+
+    /// A fresh fake guest RAM of that layout (never freed: the fuzz process keeps one).
+    public static func makeGuestMemory() -> GuestMemory {
+        let p = mmap(nil, Int(guestRAMSize), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
+        return GuestMemory(unownedBase: p, size: guestRAMSize, lowSize: guestRAMLow)
+    }
+
     public static func testOneInput(_ data: UnsafeRawBufferPointer) -> Int32 {
         FuzzState.shared.withLockedValue { $0.run(data) }
         return 0
@@ -40,6 +51,7 @@ public enum Plan9Fuzz {
 /// Scratch export and canary, made once per process.
 struct FuzzState: Sendable {
     static let shared = NIOLockedValueBox(FuzzState())
+    static let memory = Plan9Fuzz.makeGuestMemory()
 
     let base: String
     let share: String
@@ -79,7 +91,7 @@ struct FuzzState: Sendable {
     mutating func run(_ data: UnsafeRawBufferPointer) {
         runs += 1
         if runs % 2000 == 0 { reset() }
-        let session = Plan9Session(core: cores[data.count % cores.count], limits: FuzzState.limits)
+        let session = Plan9Session(core: cores[data.count % cores.count], limits: FuzzState.limits, memory: FuzzState.memory)
         defer { session.close() }
         var stream = ByteBuffer(bytes: data)
         var msize = Int(P9.minMsize)
