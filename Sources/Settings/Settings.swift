@@ -49,6 +49,8 @@ public struct Settings: Sendable, Equatable {
     public var pageReporting = PageReportingPace(environment: ProcessInfo.processInfo.environment["UVM_PAGE_REPORTING"] ?? "")
     /// `UVM_9P_TRANSPORT=port`: shares over the virtio-serial ports, not the shared-memory rings.
     public var ninePOverPorts: Bool = ProcessInfo.processInfo.environment["UVM_9P_TRANSPORT"] == "port"
+    /// `UVM_9P_ZERO_COPY=0`: guest RAM is not shared with uvmd, and 9P payloads are copied through the rings.
+    public var ninePZeroCopy: Bool = ProcessInfo.processInfo.environment["UVM_9P_ZERO_COPY"] != "0"
     /// `UVM_BENCH_VIRTIO_9P=DIR`: QEMU's own virtio-9p export of DIR beside ours (bench_9p.py).
     public var benchVirtio9PDir: String? = ProcessInfo.processInfo.environment["UVM_BENCH_VIRTIO_9P"].flatMap { $0.isEmpty ? nil : $0 }
     /// `UVM_GUEST_WATCHDOG=SECONDS`: how long the guest agent may go without answering before the VM
