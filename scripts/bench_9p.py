@@ -2,8 +2,9 @@
 """File-sharing benchmark: uvm's 9P server against diod and QEMU's virtio-9p, on one guest.
 
 One VM is booted with five places to work in, all mounted with the same client options
-(9p2000.L, cache=mmap, access=client, msize 512 KiB):
-  ours     a uvm share: our Plan9 server in uvmd, over the shared-memory transport (trans=uvmshm)
+(9p2000.L, cache=mmap, access=client, msize 512 KiB; ours 1 MiB + 4 KiB with zero copy):
+  ours     a uvm share: our Plan9 server in uvmd, over the shared-memory transport (trans=uvmshm),
+           with zero copy (the server reads and writes the guest's pages) unless UVM_9P_ZERO_COPY=0
   relay    the same server over a virtio-serial port and the agent's relay (the transport of a VM
            adopted from an earlier uvmd; `uvm share add --via-port`, a benchmark-only option)
   diod     Debian's diod as the server of a share, behind the same shared-memory transport
@@ -13,7 +14,7 @@ One VM is booted with five places to work in, all mounted with the same client o
 and on each: sequential write and read of 256 MiB, create+stat+unlink of 5,000 files, listing a
 10,000-entry directory (names only, and with a stat of each), and unpacking part of the kernel's
 Documentation/ (admin-guide, filesystems, networking: a tar on the guest's tmpfs). Times are in seconds, measured inside the guest.
-Results: bench-results/9p.{txt,json}.
+Results: bench-results/9p.{txt,json}. `--ops write,read --targets ours,virtio` runs only those.
 """
 import argparse, json, os, shutil, subprocess, sys, tempfile, time
 
@@ -65,7 +66,17 @@ def main():
     ap.add_argument("--files", type=int, default=5000)
     ap.add_argument("--entries", type=int, default=10000)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-results"))
+    ap.add_argument("--ops", default="write,read,files,list,untar", help="comma-separated subset of the default")
+    ap.add_argument("--targets", default="ours,relay,diod,virtio,tmpfs", help="comma-separated subset of the default")
     a = ap.parse_args()
+    ops = [o for o in a.ops.split(",") if o]
+    chosen = [t for t in a.targets.split(",") if t]
+    for o in ops:
+        if o not in ("write", "read", "files", "list", "untar"):
+            sys.exit(f"bench-9p: unknown op {o}")
+    for t in chosen:
+        if t not in ("ours", "relay", "diod", "virtio", "tmpfs"):
+            sys.exit(f"bench-9p: unknown target {t}")
     os.makedirs(a.out, exist_ok=True)
 
     work = tempfile.mkdtemp(prefix="uvm-bench-9p-")
@@ -90,23 +101,29 @@ def main():
         return uvm("exec", "--", "sh", "-c", script).stdout
 
     uvm("share", "add", "tools", tools, "--read-only")
-    uvm("share", "add", "ours", dirs["ours"])
-    uvm("share", "add", "relay", dirs["relay"], "--via-port")
+    if "ours" in chosen:
+        uvm("share", "add", "ours", dirs["ours"])
+    if "relay" in chosen:
+        uvm("share", "add", "relay", dirs["relay"], "--via-port")
     diod = shutil.which("diod") or "/usr/sbin/diod"
-    uvm("share", "add", "diod", dirs["diod"], "--server-command",
-        f"exec {diod} -f -r 0 -w 1 -n -S -U root -L stderr -e {dirs['diod']}")
+    if "diod" in chosen:
+        uvm("share", "add", "diod", dirs["diod"], "--server-command",
+            f"exec {diod} -f -r 0 -w 1 -n -S -U root -L stderr -e {dirs['diod']}")
     listing = uvm("share", "list").stdout
-    if listing.count("mounted") < 4:
+    if listing.count("mounted") < 1 + len({"ours", "relay", "diod"} & set(chosen)):
         sys.exit(f"bench-9p: shares not mounted:\n{listing}")
     guest(f"mkdir -p /mnt/virtio /dev/shm/tmpfs && mount -t 9p -o trans=virtio,version=9p2000.L,"
           f"msize={MSIZE},cache=mmap,access=client bench9p /mnt/virtio && cp /mnt/host/tools/fsbench /mnt/host/tools/doc.tar /dev/shm/")
     targets = {"ours": "/mnt/host/ours", "relay": "/mnt/host/relay", "diod": "/mnt/host/diod", "virtio": "/mnt/virtio",
                "tmpfs": "/dev/shm/tmpfs"}
+    targets = {t: p for t, p in targets.items() if t in chosen}
 
     # Operation by operation, each on every target in turn, so that a change in the host's load
     # (a shared machine) falls on all targets alike rather than on whichever ran then.
     results = {t: {} for t in targets}
     for op, n in (("write", a.mib), ("read", a.mib), ("files", a.files), ("list", a.entries), ("untar", 0)):
+        if op not in ops:
+            continue
         for target, path in targets.items():
             if op == "untar":
                 out = guest(f"cd {path} && read t0 _ < /proc/uptime && tar -xf /dev/shm/doc.tar && read t1 _ < /proc/uptime && "
@@ -130,16 +147,26 @@ def main():
             pass
     shutil.rmtree(work, ignore_errors=True)
 
+    untar_entries = next((r["untar_entries"] for r in results.values() if "untar_entries" in r), 0)
     rows = [
-        (f"sequential write {a.mib} MiB (+fsync)", "write_s", a.mib),
-        (f"sequential read {a.mib} MiB", "read_s", a.mib),
-        (f"create+stat+unlink {a.files} files", "files_s", None),
-        (f"list {a.entries} entries (readdir)", "list_s", None),
-        (f"list {a.entries} entries + stat each", "list_stat_s", None),
-        (f"untar kernel docs ({results['ours'].get('untar_entries', 0)} entries)", "untar_s", None),
+        (f"sequential write {a.mib} MiB (+fsync)", "write_s", a.mib, "write"),
+        (f"sequential read {a.mib} MiB", "read_s", a.mib, "read"),
+        (f"create+stat+unlink {a.files} files", "files_s", None, "files"),
+        (f"list {a.entries} entries (readdir)", "list_s", None, "list"),
+        (f"list {a.entries} entries + stat each", "list_stat_s", None, "list"),
+        (f"untar kernel docs ({untar_entries} entries)", "untar_s", None, "untar"),
     ]
+    rows = [r[:3] for r in rows if r[3] in ops]
     head = (f"{'operation':<40} {'ours':>9} {'relay':>9} {'diod':>9} {'virtio-9p':>9} {'tmpfs':>9}   "
             f"{'virtio/ours':>11} {'diod/ours':>9} {'relay/ours':>10}")
+
+    def ratio(v, other):
+        if v.get("ours") is None or v.get(other) is None:
+            return None
+        return v[other] / v["ours"] if v["ours"] > 0 else float("inf")
+
+    def cell(x, width, digits):
+        return f"{'-':>{width}}" if x is None else f"{x:>{width}.{digits}f}"
     lines = [f"accelerator: {st.get('accelerator', '?')}, times in seconds in the guest (lower is better);",
              "ours: our server over the shared-memory transport; relay: the same server over virtio-serial",
              "and the guest relay; diod: behind the same shared-memory transport as ours.",
@@ -147,14 +174,12 @@ def main():
     summary = {}
     for label, key, mib in rows:
         v = {t: results[t][key] for t in targets}
-        r_virtio = v["virtio"] / v["ours"] if v["ours"] > 0 else float("inf")
-        r_diod = v["diod"] / v["ours"] if v["ours"] > 0 else float("inf")
-        r_relay = v["relay"] / v["ours"] if v["ours"] > 0 else float("inf")
+        r_virtio, r_diod, r_relay = ratio(v, "virtio"), ratio(v, "diod"), ratio(v, "relay")
         summary[key] = {"seconds": v, "virtio_over_ours": r_virtio, "diod_over_ours": r_diod, "relay_over_ours": r_relay}
         if mib:
             summary[key]["mib_per_s"] = {t: mib / v[t] for t in targets if v[t] > 0}
-        lines.append(f"{label:<40} {v['ours']:>9.3f} {v['relay']:>9.3f} {v['diod']:>9.3f} {v['virtio']:>9.3f} {v['tmpfs']:>9.3f}   "
-                     f"{r_virtio:>11.2f} {r_diod:>9.2f} {r_relay:>10.2f}")
+        lines.append(f"{label:<40} " + " ".join(cell(v.get(t), 9, 3) for t in ("ours", "relay", "diod", "virtio", "tmpfs"))
+                     + f"   {cell(r_virtio, 11, 2)} {cell(r_diod, 9, 2)} {cell(r_relay, 10, 2)}")
     table = "\n".join(lines)
     with open(os.path.join(a.out, "9p.txt"), "w") as f:
         f.write(table + "\n")
