@@ -42,7 +42,17 @@ final class ChangeWatcher: @unchecked Sendable {
     /// merges repeats, so they cannot be counted. Suppressed while the request runs, and once it
     /// is done up to the end of what the queue held then (its events are all in there; what a
     /// host process does after it comes later in the stream and is reported).
-    private var expectedAttrs: [Expected: UInt64] = [:]
+    private var expectedAttrs: [Expected: AttrWindow] = [:]
+    private enum AttrWindow {
+        case running
+        /// Done when `reads` reads had started and `queued` bytes waited in the queue: every byte
+        /// of those reads (one may still be in flight) and the next `queued` ones came before.
+        case done(reads: UInt64, queued: UInt64)
+        /// Up to this stream offset.
+        case until(UInt64)
+    }
+    /// Reads of the inotify queue started so far.
+    private var readsStarted: UInt64 = 0
     /// Bytes of the inotify stream read so far: an event's position is this plus its offset.
     private var consumed: UInt64 = 0
     /// Directories announced as uncached.
@@ -155,7 +165,7 @@ final class ChangeWatcher: @unchecked Sendable {
             guard let wd = byKey[dir] else { return }
             var queued: Int32 = 0
             if done { _ = ioctl(fd, UInt(FIONREAD), &queued) }
-            expectedAttrs[Expected(wd: wd, name: name)] = done ? consumed + UInt64(max(0, queued)) : .max
+            expectedAttrs[Expected(wd: wd, name: name)] = done ? .done(reads: readsStarted, queued: UInt64(max(0, queued))) : .running
         }
     }
 
@@ -185,6 +195,7 @@ final class ChangeWatcher: @unchecked Sendable {
             let rc = poll(&fds, 2, -1)
             if rc < 0 && errno == EINTR { continue }
             if rc < 0 || fds[1].revents != 0 { return }
+            let index = lock.withLock { () -> UInt64 in readsStarted += 1; return readsStarted }
             let n = read(fd, buffer, size)
             if n < 0 {
                 if errno == EAGAIN || errno == EINTR { continue }
@@ -192,20 +203,24 @@ final class ChangeWatcher: @unchecked Sendable {
                 announce([P9Note(.all, path: 0)])
                 return
             }
-            let notes = translate(UnsafeRawBufferPointer(start: buffer, count: n))
+            let notes = translate(UnsafeRawBufferPointer(start: buffer, count: n), read: index)
             logger.trace("change notes", metadata: ["events": "\(n) bytes", "notes": "\(notes.map { "\($0.kind) \($0.path) \(String(decoding: $0.name, as: UTF8.self))" })"])
             if !notes.isEmpty { announce(notes) }
         }
     }
 
     /// inotify events to notes: the guest's own changes left out, repeats merged, order kept.
-    private func translate(_ bytes: UnsafeRawBufferPointer) -> [P9Note] {
+    private func translate(_ bytes: UnsafeRawBufferPointer, read index: UInt64) -> [P9Note] {
         var notes: [P9Note] = []
         var seen = Set<P9Note>()
         let now = Self.now()
         lock.withLock {
             let base = consumed
             consumed += UInt64(bytes.count)
+            // Requests done before this read started: their events end `queued` bytes from here.
+            for (k, w) in expectedAttrs {
+                if case .done(let reads, let queued) = w, reads < index { expectedAttrs[k] = .until(base + queued) }
+            }
             var at = 0
             while at + 16 <= bytes.count {
                 let wd = bytes.loadUnaligned(fromByteOffset: at, as: Int32.self)
@@ -238,7 +253,11 @@ final class ChangeWatcher: @unchecked Sendable {
                     note = P9Note(.name, path: dir.path, name: name)
                 } else if mask & Self.attrMask != 0 {
                     // `at` is already past this event: its position is its start, before that.
-                    if let end = expectedAttrs[Expected(wd: wd, name: name)], base + UInt64(at - 16 - len) < end { continue }
+                    switch expectedAttrs[Expected(wd: wd, name: name)] {
+                    case .running?, .done?: continue  // a read that started before the request was done
+                    case .until(let end)? where base + UInt64(at - 16 - len) < end: continue
+                    default: break
+                    }
                     note = P9Note(.attr, path: dir.path, name: name)
                 } else {
                     continue
@@ -246,7 +265,9 @@ final class ChangeWatcher: @unchecked Sendable {
                 if seen.insert(note).inserted { notes.append(note) }
             }
             if expectedNames.count > 64 { expectedNames = expectedNames.filter { $0.value.until > now } }
-            if expectedAttrs.count > 64 { expectedAttrs = expectedAttrs.filter { $0.value > consumed } }
+            if expectedAttrs.count > 64 {
+                expectedAttrs = expectedAttrs.filter { if case .until(let end) = $0.value { return end > consumed } else { return true } }
+            }
         }
         return notes
     }
