@@ -66,6 +66,12 @@ struct P9Reader {
         guard let slice = buffer.readSlice(length: n) else { throw P9DecodeError("truncated data") }
         return slice
     }
+    /// A lone nonzero count[4] ending the message (P9ZeroCopy.swift's Rread/Rreaddir).
+    var zeroCopyCount: UInt32? {
+        guard buffer.readableBytes == 4, let n = buffer.getInteger(at: buffer.readerIndex, endianness: .little, as: UInt32.self),
+              n > 0 else { return nil }
+        return n
+    }
     func end() throws {
         if buffer.readableBytes != 0 { throw P9DecodeError("\(buffer.readableBytes) trailing bytes") }
     }
@@ -111,6 +117,9 @@ extension P9Frame {
             m = .tlcreate(fid: try r.u32(), name: try r.string(), flags: try r.u32(), mode: try r.u32(), gid: try r.u32())
         case 15: m = .rlcreate(qid: try r.qid(), iounit: try r.u32())
         case 116: m = .tread(fid: try r.u32(), offset: try r.u64(), count: try r.u32())
+        // A count with no data after it: the answer to a Tzc, whose data is in the client's pages.
+        case 117 where r.zeroCopyCount != nil, 41 where r.zeroCopyCount != nil:
+            m = .rzc(type: type, count: try r.u32())
         case 117: m = .rread(data: try r.data())
         case 118: m = .twrite(fid: try r.u32(), offset: try r.u64(), data: try r.data())
         case 119: m = .rwrite(count: try r.u32())
@@ -221,6 +230,7 @@ extension P9Frame {
                 notes.append(P9Note(kind, path: path, name: try r.string().bytes))
             }
             m = .ruvmnotify(notes: notes)
+        case P9ZeroCopyRequest.typeCode: m = .tzc(try P9ZeroCopyRequest.decodeBody(&r))
         case 102, 112, 114, 124, 126:
             // Tauth, Topen, Tcreate, Tstat, Twstat: valid 9P, not 9P2000.L.
             return P9Frame(tag: tag, message: .unsupported(type: type))
@@ -408,6 +418,10 @@ extension P9Frame {
             out.p9Write(name)
             out.p9Write(size)
             out.p9Write(flags)
+        case .tzc(let z):
+            z.encodeBody(into: &out)
+        case .rzc(_, let count):
+            out.p9Write(count)
         }
         out.setInteger(UInt32(out.writerIndex - start), at: start, endianness: .little)
     }

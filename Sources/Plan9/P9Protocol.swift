@@ -13,6 +13,8 @@ public enum P9 {
     public static let maxWalkElements = 16
     /// The largest msize the server agrees to (the kernel's fd transport allows up to 1 MiB).
     public static let maxMsize: UInt32 = 1 << 20
+    /// With zero copy (the uvmshm transport's Tzc): 1 MiB of data per message plus the header.
+    public static let zeroCopyMaxMsize: UInt32 = (1 << 20) + 4096
     /// The Linux client refuses anything smaller.
     public static let minMsize: UInt32 = 4096
 
@@ -275,6 +277,10 @@ public enum P9Message: Sendable, Equatable {
     /// A T-message of legacy 9P2000/9P2000.u that 9P2000.L has no use for (Tauth, Topen, Tcreate,
     /// Tstat, Twstat): answered with Rlerror(EOPNOTSUPP), body not parsed.
     case unsupported(type: UInt8)
+    /// uvm's zero-copy Tread/Treaddir/Twrite: the payload is in the guest pages it names.
+    case tzc(P9ZeroCopyRequest)
+    /// Its answer: the op's reply type with the count alone (the data is in the guest's pages).
+    case rzc(type: UInt8, count: UInt32)
 }
 
 extension P9Message {
@@ -339,6 +345,8 @@ extension P9Message {
         case .tremove: return 122
         case .rremove: return 123
         case .unsupported(let type): return type
+        case .tzc: return P9ZeroCopyRequest.typeCode
+        case .rzc(let type, _): return type
         }
     }
 }

@@ -32,6 +32,17 @@ public enum Plan9Fuzz {
         file(outside + "/canary", "canary\n")
     }
 
+    /// The fake guest RAM zero-copy requests (Tzc) name in the fuzz target and its seeds: 64 KiB
+    /// at guest-physical 0, then 64 KiB at 4 GiB (a q35-like split with a hole in between).
+    public static let guestRAMLow: UInt64 = 64 << 10
+    public static let guestRAMSize: UInt64 = 128 << 10
+
+    /// A fresh fake guest RAM of that layout (never freed: the fuzz process keeps one).
+    public static func makeGuestMemory() -> GuestMemory {
+        let p = mmap(nil, Int(guestRAMSize), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
+        return GuestMemory(unownedBase: p, size: guestRAMSize, lowSize: guestRAMLow)
+    }
+
     public static func testOneInput(_ data: UnsafeRawBufferPointer) -> Int32 {
         FuzzState.shared.withLockedValue { $0.run(data) }
         return 0
@@ -41,6 +52,7 @@ public enum Plan9Fuzz {
 /// Scratch export and canary, made once per process.
 struct FuzzState: Sendable {
     static let shared = NIOLockedValueBox(FuzzState())
+    static let memory = Plan9Fuzz.makeGuestMemory()
 
     let base: String
     let share: String
@@ -81,7 +93,7 @@ struct FuzzState: Sendable {
         runs += 1
         if runs % 2000 == 0 { reset() }
         let core = cores[data.count % cores.count]
-        let session = Plan9Session(core: core, limits: FuzzState.limits)
+        let session = Plan9Session(core: core, limits: FuzzState.limits, memory: FuzzState.memory)
         let subscriber = ObjectIdentifier(session)
         defer {
             session.close()

@@ -88,18 +88,23 @@ public final class Plan9Server: Sendable {
         for (type, n) in c.enumerated() where n > 0 { out[P9.requestName(UInt8(type))] = n }
         return out
     }
+    /// Zero copy (P9ZeroCopy.swift): every session of this server may name pages of this memory.
+    let guestMemory: GuestMemory?
 
     /// - Parameters:
     ///   - threadPool: where blocking file system calls run; a started pool the caller owns, or nil
     ///     for one owned by the server (stopped by `shutdown()`).
+    ///   - guestMemory: the guest's RAM when its transport sends zero-copy requests (Tzc).
     public convenience init(export: Plan9Export, threadPool: NIOThreadPool? = nil,
-                            logger: Logger = Logger(label: "uvm.plan9")) throws {
-        try self.init(export: export, threadPool: threadPool, logger: logger, limits: SessionLimits(), beforeHandle: nil)
+                            logger: Logger = Logger(label: "uvm.plan9"), guestMemory: GuestMemory? = nil) throws {
+        try self.init(export: export, threadPool: threadPool, logger: logger, limits: SessionLimits(), beforeHandle: nil,
+                      guestMemory: guestMemory)
     }
 
     init(export: Plan9Export, threadPool: NIOThreadPool?, logger: Logger, limits: SessionLimits,
-         beforeHandle: (@Sendable (UInt16, P9Message) -> Void)?) throws {
+         beforeHandle: (@Sendable (UInt16, P9Message) -> Void)?, guestMemory: GuestMemory? = nil) throws {
         self.export = export
+        self.guestMemory = guestMemory
         do {
             core = try ExportCore(export: export)
         } catch {
@@ -135,7 +140,7 @@ public final class Plan9Server: Sendable {
     /// The handlers that make a channel carrying a 9P byte stream one session of this server, in
     /// order: framing, then the session. Add them on the channel's event loop.
     public func makeHandlers() -> [any ChannelHandler] {
-        [ByteToMessageHandler(P9FrameDecoder(maxFrameSize: Int(P9.maxMsize))),
+        [ByteToMessageHandler(P9FrameDecoder(maxFrameSize: Int(guestMemory == nil ? P9.maxMsize : P9.zeroCopyMaxMsize))),
          Plan9SessionHandler(server: self)]
     }
 
@@ -326,7 +331,7 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
 
     init(server: Plan9Server) {
         self.server = server
-        session = Plan9Session(core: server.core, limits: server.limits)
+        session = Plan9Session(core: server.core, limits: server.limits, memory: server.guestMemory)
         logger = server.logger
     }
 

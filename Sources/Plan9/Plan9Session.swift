@@ -240,25 +240,31 @@ final class Plan9Session: @unchecked Sendable {
         weak var node: Node?
     }
 
-    init(core: ExportCore, limits: SessionLimits = SessionLimits()) {
+    /// The guest's RAM when its transport sends zero-copy requests (P9ZeroCopy.swift), else nil.
+    let memory: GuestMemory?
+
+    init(core: ExportCore, limits: SessionLimits = SessionLimits(), memory: GuestMemory? = nil) {
         self.core = core
         self.limits = limits
+        self.memory = memory
         let process = Budget.processDescriptors
         descriptors = Budget(limit: min(limits.descriptors, max(16, process.limit / 4)), error: EMFILE, parent: process)
         xattrBytes = Budget(limit: limits.xattrBytes, error: ENOMEM)
     }
 
     var msize: UInt32 { lock.withLock { _msize } }
+    /// Zero copy carries 1 MiB of data per Tread/Twrite: the message header needs room beyond it.
+    var maxMsize: UInt32 { memory == nil ? P9.maxMsize : P9.zeroCopyMaxMsize }
     var fidCount: Int { lock.withLock { fids.count } }
-    private var export: Plan9Export { core.export }
+    var export: Plan9Export { core.export }
 
     /// Tversion: negotiates msize and starts afresh (all fids clunked).
     func version(msize: UInt32, version: P9String) -> P9Message {
         _ = takeFids()  // released outside the lock
         guard version.bytes.starts(with: Array(P9.version.utf8)), msize >= P9.minMsize else {
-            return .rversion(msize: min(msize, P9.maxMsize), version: "unknown")
+            return .rversion(msize: min(msize, maxMsize), version: "unknown")
         }
-        let m = min(msize, P9.maxMsize)
+        let m = min(msize, maxMsize)
         lock.withLock { _msize = m }
         return .rversion(msize: m, version: P9String(P9.version))
     }
@@ -403,6 +409,8 @@ final class Plan9Session: @unchecked Sendable {
         case let .txattrcreate(fid, name, size, flags):
             try xattrcreate(fid: fid, name: name, size: size, flags: flags)
             return .rxattrcreate
+        case let .tzc(request):
+            return try zeroCopy(request)
         case .unsupported(102):
             // Tauth: ENOENT is diod's (and libnpclient's) way of saying "no auth required".
             throw P9Errno(ENOENT)
@@ -413,14 +421,14 @@ final class Plan9Session: @unchecked Sendable {
             throw P9Errno(EINVAL)
         case .ruvmnotify, .rversion, .rattach, .rlerror, .rflush, .rwalk, .rlopen, .rlcreate, .rread, .rwrite, .rclunk,
              .rremove, .rstatfs, .rgetattr, .rsetattr, .rreaddir, .rfsync, .rmkdir, .rmknod, .rsymlink,
-             .rreadlink, .rlink, .rrename, .rrenameat, .runlinkat, .rlock, .rgetlock, .rxattrwalk, .rxattrcreate:
+             .rreadlink, .rlink, .rrename, .rrenameat, .runlinkat, .rlock, .rgetlock, .rxattrwalk, .rxattrcreate, .rzc:
             throw P9Errno(EPROTO)
         }
     }
 
     // MARK: fid table
 
-    private func lookup(_ n: UInt32) throws(P9Errno) -> Fid {
+    func lookup(_ n: UInt32) throws(P9Errno) -> Fid {
         guard let f = lock.withLock({ fids[n] }) else { throw P9Errno(EBADF) }
         return f
     }
@@ -447,7 +455,7 @@ final class Plan9Session: @unchecked Sendable {
         return f
     }
 
-    private func checkWritable() throws(P9Errno) {
+    func checkWritable() throws(P9Errno) {
         if export.readOnly { throw P9Errno(EROFS) }
     }
 
@@ -595,7 +603,7 @@ final class Plan9Session: @unchecked Sendable {
     /// Linux clears setuid, and setgid with group execute, when a file is written by a process
     /// without CAP_FSETID (killpriv). In metadata mode those bits exist only in the xattr, so the
     /// host kernel cannot do it; guest root stands in for CAP_FSETID.
-    private func killPriv(_ node: Node, writer: UInt32) throws(P9Errno) {
+    func killPriv(_ node: Node, writer: UInt32) throws(P9Errno) {
         guard writer != 0, var meta = loadMetadata(node), meta.guestType(host: .reg) == .reg else { return }
         let kill = Self.privBits(meta.mode)
         guard kill != 0 else { return }
@@ -892,9 +900,9 @@ final class Plan9Session: @unchecked Sendable {
         return .rlcreate(qid: core.qids.qid(st), iounit: ioUnit)
     }
 
-    private var maxIO: Int { Int(msize) - P9.ioHeaderSize }
+    var maxIO: Int { Int(msize) - P9.ioHeaderSize }
 
-    private func read(fid: UInt32, offset: UInt64, count: UInt32) throws(P9Errno) -> ByteBuffer {
+    func read(fid: UInt32, offset: UInt64, count: UInt32) throws(P9Errno) -> ByteBuffer {
         let (_, state) = try lookup(fid).snapshot
         let n = min(Int(count), maxIO)
         switch state {
@@ -928,7 +936,7 @@ final class Plan9Session: @unchecked Sendable {
         }
     }
 
-    private func write(fid: UInt32, offset: UInt64, data: ByteBuffer) throws(P9Errno) -> UInt32 {
+    func write(fid: UInt32, offset: UInt64, data: ByteBuffer) throws(P9Errno) -> UInt32 {
         try checkWritable()
         let f = try lookup(fid)
         let (node, state) = f.snapshot
@@ -975,7 +983,7 @@ final class Plan9Session: @unchecked Sendable {
 
     /// Offsets are the host's own d_off cookies (lseek + getdents64), so they stay valid between
     /// calls and across concurrent changes to the directory, as they would on the host.
-    private func readdir(fid: UInt32, offset: UInt64, count: UInt32) throws(P9Errno) -> ByteBuffer {
+    func readdir(fid: UInt32, offset: UInt64, count: UInt32) throws(P9Errno) -> ByteBuffer {
         let f = try lookup(fid)
         let (dirNode, state) = f.snapshot
         guard case .dir(let fd) = state else { throw P9Errno(dirNode.type == .dir ? EBADF : ENOTDIR) }

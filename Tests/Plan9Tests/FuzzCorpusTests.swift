@@ -12,6 +12,7 @@ struct FuzzCorpusTests {
     static let corpusDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("corpus").path
 
     typealias Session = @Sendable (Plan9Client) async throws -> Void
+    static let memory = Plan9Fuzz.makeGuestMemory()
 
     static let sessions: [(String, UInt32, Session)] = [
         ("read-file", 1 << 20, { c in
@@ -123,6 +124,34 @@ struct FuzzCorpusTests {
             for i in 1...70 { _ = try? await c.walk(0, UInt32(1000 + i), ["dir", "sub", "..", "..", "dir", "..", "rel"]) }
             for i in 1...300 { _ = try? await c.clunk(UInt32(i)) }
         }),
+        // Zero copy (Tzc) into the fuzz target's fake guest RAM (Plan9Fuzz.guestRAMLow/Size): good
+        // requests, then hostile page lists, each answered with an error.
+        ("zero-copy", 1 << 20, { c in
+            typealias Op = P9ZeroCopyRequest.Op
+            func tzc(_ op: UInt8, _ fid: UInt32, count: UInt32, first: UInt32 = 0, _ pages: [UInt64],
+                     declared: UInt32? = nil) async {
+                _ = try? await c.call(.tzc(P9ZeroCopyRequest(op: op, fid: fid, offset: 0, count: count, first: first,
+                                                              pages: pages, declaredPages: declared)))
+            }
+            let high: UInt64 = 1 << 32
+            try await c.walk(0, 1, ["file"])
+            try await c.lopen(1, P9.OpenFlags.rdwr)
+            await tzc(Op.read, 1, count: 6000, first: 100, [0x1000, high + 0x2000])
+            await tzc(Op.write, 1, count: 5000, [0x3000, 0x4000])
+            try await c.walk(0, 2, ["dir"])
+            try await c.lopen(2, P9.OpenFlags.directory)
+            await tzc(Op.readdir, 2, count: 4096, [0x5000])
+            await tzc(Op.read, 1, count: 100, [0x10000])             // the hole
+            await tzc(Op.read, 1, count: 100, [high + 0x10000])      // past the end
+            await tzc(Op.write, 1, count: 8192, [UInt64.max & ~0xFFF, 0])  // wraps around
+            await tzc(Op.read, 1, count: 0, [])
+            await tzc(Op.read, 1, count: .max, [0x1000])
+            await tzc(Op.read, 1, count: 100, [0x1000], declared: .max)
+            await tzc(Op.read, 1, count: 8192, [0x1000])
+            await tzc(Op.read, 1, count: 100, [0x1001])
+            await tzc(Op.read, 1, count: 100, first: 5000, [0x1000, 0x2000])
+            await tzc(Op.read, 1, count: 4096, Array(repeating: 0x1000, count: 300))
+        }),
         ("read-flood", 65536, { c in
             try await c.walk(0, 1, ["file"])
             try await c.lopen(1)
@@ -135,7 +164,7 @@ struct FuzzCorpusTests {
     func writeSeedCorpus() async throws {
         try FileManager.default.createDirectory(atPath: Self.corpusDir, withIntermediateDirectories: true)
         for (name, msize, session) in Self.sessions {
-            let fx = try Fixture { share, outside in
+            let fx = try Fixture(guestMemory: Self.memory) { share, outside in
                 try? FileManager.default.removeItem(atPath: share)
                 try? FileManager.default.removeItem(atPath: outside)
                 Plan9Fuzz.populate(share: share, outside: outside)

@@ -17,7 +17,8 @@ final class Fixture: @unchecked Sendable {
     private var clients: [Plan9Client] = []
 
     init(readOnly: Bool = false, metadata: Bool = false, threadPool: NIOThreadPool? = nil,
-         gate: Gate? = nil, limits: SessionLimits = SessionLimits(), setup: (String, String) throws -> Void = { _, _ in }) throws {
+         gate: Gate? = nil, limits: SessionLimits = SessionLimits(), guestMemory: GuestMemory? = nil,
+         setup: (String, String) throws -> Void = { _, _ in }) throws {
         var template = Array("/tmp/plan9-test-XXXXXX".utf8CString)
         guard let p = mkdtemp(&template) else { throw P9Errno(errno) }
         base = String(cString: p)
@@ -30,7 +31,8 @@ final class Fixture: @unchecked Sendable {
         var logger = Logger(label: "plan9-test")
         logger.logLevel = .critical
         server = try Plan9Server(export: Plan9Export(root: share, readOnly: readOnly, metadata: metadata),
-                                 threadPool: threadPool, logger: logger, limits: limits, beforeHandle: gate?.hook)
+                                 threadPool: threadPool, logger: logger, limits: limits, beforeHandle: gate?.hook,
+                                 guestMemory: guestMemory)
     }
 
     /// A new session over a socketpair, negotiated and attached as fid 0.
