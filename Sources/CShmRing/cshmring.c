@@ -28,6 +28,7 @@ struct ctl {
     uint32_t rep_tail;  /* guest: bytes of replies consumed */
     uint32_t pad3[7];
     uint32_t host_closed;
+    uint32_t host_flags;  /* UVM_SHM_HOST_ZC: the 9P server reads and writes guest pages (Tzc) */
 };
 _Static_assert(sizeof(struct ctl) <= UVM_SHM_CTL_STRIDE, "control block too big");
 
@@ -51,6 +52,7 @@ struct uvm_shm {
     int listener;
     int stop;
     int qemu;
+    atomic_int qemu_pid;  /* SO_PEERCRED of QEMU's connection, 0 before it */
     pthread_t server;
     atomic_int connected;
     pthread_mutex_t lock;
@@ -212,6 +214,11 @@ static void *serve(void *arg) {
             continue;
         }
         s->qemu = c;  /* kept open: QEMU treats a closed server as gone */
+        /* Its pid leads to guest RAM (/proc/PID/fd) for zero copy. The socket is 0600: only our
+         * own user connects, as QEMU does in qemu:///session. */
+        struct ucred cred;
+        socklen_t clen = sizeof cred;
+        if (getsockopt(c, SOL_SOCKET, SO_PEERCRED, &cred, &clen) == 0) atomic_store(&s->qemu_pid, cred.pid);
         atomic_store(&s->connected, 1);
     }
     return NULL;
@@ -295,7 +302,9 @@ static void stop_pump(channel *c) {
     c->sock = -1;
 }
 
-int uvm_shm_attach(uvm_shm *s, unsigned i, int fd) {
+int uvm_shm_attach(uvm_shm *s, unsigned i, int fd) { return uvm_shm_attach_flags(s, i, fd, 0); }
+
+int uvm_shm_attach_flags(uvm_shm *s, unsigned i, int fd, uint32_t host_flags) {
     if (i >= s->nchan) { errno = EINVAL; return -1; }
     pthread_mutex_lock(&s->lock);
     channel *c = &s->chan[i];
@@ -311,6 +320,8 @@ int uvm_shm_attach(uvm_shm *s, unsigned i, int fd) {
     c->stop = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (c->stop < 0) { pthread_mutex_unlock(&s->lock); return -1; }
     c->sock = fd;
+    /* Read by the guest when it mounts, which it does only after this returns. */
+    store(&ctl->host_flags, host_flags);
     store(&ctl->host_closed, 0);
     if ((errno = pthread_create(&c->thread, NULL, pump, c)) != 0) {
         store(&ctl->host_closed, 1);
@@ -332,6 +343,8 @@ void uvm_shm_detach(uvm_shm *s, unsigned i) {
 }
 
 int uvm_shm_connected(uvm_shm *s) { return atomic_load(&s->connected); }
+
+int uvm_shm_qemu_pid(uvm_shm *s) { return atomic_load(&s->qemu_pid); }
 
 void uvm_shm_destroy(uvm_shm *s) {
     if (!s) return;

@@ -860,3 +860,5 @@ int uvm_fitrim(const char *mountpoint, uint64_t *trimmed) {
 }
 
 int uvm_sigrtmin(void) { return SIGRTMIN; }
+
+int uvm_memfd_create(const char *name, unsigned flags) { return (int)syscall(SYS_memfd_create, name, flags); }

@@ -68,13 +68,15 @@ actor ShareService {
             var share = spec
             share.path = try ShareStore.canonicalDirectory(spec.path)
             let placed = try await exporter.export(share)
-            let request = MountRequest(name: share.name, port: placed.slot.port, readOnly: share.readOnly,
+            var request = MountRequest(name: share.name, port: placed.slot.port, readOnly: share.readOnly,
                                        aname: share.serverCommand == nil ? nil : share.path, channel: placed.channel,
                                        metadataCache: metadataCache && share.serverCommand == nil)
+            if let msize = placed.msize { request.msize = msize }
+            let mount = request
             // A server that never answers the guest's attach must not hang the share: when this
             // gives up, stopping the export (below) closes the channel and fails the guest's mount.
             _ = try await withTimeout(seconds: 30, what: "the guest to mount share \(share.name)") {
-                try await agent.mount(request)
+                try await agent.mount(mount)
             }
             states[spec.name] = "mounted"
             let via = placed.channel.map { "shared memory channel \($0)" } ?? placed.slot.port

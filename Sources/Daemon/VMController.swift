@@ -206,8 +206,12 @@ public actor VMController {
         var transport: ShmTransport?
         if !settings.ninePOverPorts {
             do {
-                let t = try ShmTransport(socketPath: paths.ninePSharedMemorySocket, channels: ShareService.portCount)
+                // Zero copy: guest RAM in a shared memfd that uvmd maps (found through QEMU's pid).
+                let ram = settings.ninePZeroCopy ? UInt64(spec.memoryMiB) << 20 : nil
+                let t = try ShmTransport(socketPath: paths.ninePSharedMemorySocket, channels: ShareService.portCount,
+                                         guestRAMBytes: ram)
                 spec.sharedMemory = [VMSpec.SharedMemory(name: "uvm-9p", serverPath: t.socketPath, vectors: t.channels)]
+                spec.sharedGuestMemory = ram != nil
                 transport = t
             } catch {
                 logger.warning("9P over shared memory unavailable, using virtio-serial", metadata: ["error": "\(error)"])

@@ -106,6 +106,9 @@ public struct VMSpec: Sendable, Equatable {
     public var processIdentity: ProcessIdentity
     public var filesystems: [Filesystem] = []
     public var sharedMemory: [SharedMemory] = []
+    /// Guest RAM in a shared memfd (libvirt `<memoryBacking>`), which uvmd maps to read and write
+    /// 9P payloads straight in the guest's pages (zero copy; Plan9's GuestMemory).
+    public var sharedGuestMemory = false
     /// Empty PCIe root ports for disks hot-plugged later (`diskXML`): one per distro that may be
     /// added while the VM runs.
     public var hotplugSlots: Int = 0
@@ -147,6 +150,12 @@ public func domainXML(for spec: VMSpec) -> String {
     x.leaf("name", spec.name)
     x.leaf("memory", String(spec.memoryMiB), ["unit": "MiB"])
     x.leaf("vcpu", String(spec.vcpus), ["placement": "static"])
+    if spec.sharedGuestMemory {
+        x.open("memoryBacking")
+        x.empty("source", ["type": "memfd"])
+        x.empty("access", ["mode": "shared"])
+        x.close("memoryBacking")
+    }
 
     x.open("os")
     x.leaf("type", "hvm", ["arch": "x86_64", "machine": "q35"])

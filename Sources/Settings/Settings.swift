@@ -52,6 +52,8 @@ public struct Settings: Sendable, Equatable {
     /// `UVM_9P_CACHE=mmap`: the guest caches no metadata of shares (cache=mmap, the old way), for
     /// benchmarks side by side; by default it caches and uvmd keeps the cache true (cache=meta).
     public var ninePMetadataCache: Bool = ProcessInfo.processInfo.environment["UVM_9P_CACHE"] != "mmap"
+    /// `UVM_9P_ZERO_COPY=0`: guest RAM is not shared with uvmd, and 9P payloads are copied through the rings.
+    public var ninePZeroCopy: Bool = ProcessInfo.processInfo.environment["UVM_9P_ZERO_COPY"] != "0"
     /// `UVM_BENCH_VIRTIO_9P=DIR`: QEMU's own virtio-9p export of DIR beside ours (bench_9p.py).
     public var benchVirtio9PDir: String? = ProcessInfo.processInfo.environment["UVM_BENCH_VIRTIO_9P"].flatMap { $0.isEmpty ? nil : $0 }
     /// `UVM_GUEST_WATCHDOG=SECONDS`: how long the guest agent may go without answering before the VM

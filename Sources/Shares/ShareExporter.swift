@@ -35,6 +35,10 @@ public actor ShareExporter {
     public struct Placement: Sendable {
         public var slot: Slot
         public var channel: Int?
+        /// The server reads and writes the guest's pages (Tzc).
+        public var zeroCopy = false
+        /// The msize to mount with, if not the default: zero copy carries 1 MiB per message.
+        public var msize: UInt32? { zeroCopy ? P9.zeroCopyMaxMsize : nil }
     }
 
     public let slots: [Slot]
@@ -58,7 +62,9 @@ public actor ShareExporter {
     /// The running VM's shared-memory transport, or nil (no VM, or one without it).
     public func use(_ transport: ShmTransport?) {
         shm = transport
+        warnedZeroCopy = false
     }
+    private var warnedZeroCopy = false
 
     /// The requests `name`'s server has had since it was exported (nil: not served by ours).
     public func requestCounts(_ name: String) -> [String: Int]? {
@@ -73,9 +79,15 @@ public actor ShareExporter {
             throw WireError(.badRequest, "no free 9P port for share \(share.name) (at most \(slots.count) shares)")
         }
         let shm = shm.flatMap { $0.connected && slot < $0.channels && share.viaPort != true ? $0 : nil }
+        // Zero copy for our own server on a shared-memory channel, when guest RAM could be mapped.
+        let memory = share.serverCommand == nil ? shm?.guestMemory() : nil
+        if let shm, shm.guestRAMBytes != nil, memory == nil, share.serverCommand == nil, !warnedZeroCopy {
+            warnedZeroCopy = true
+            logger.warning("9P zero copy off: \(shm.zeroCopyProblem ?? "QEMU's pid is unknown")")
+        }
         // The server's socket: our end of the shared-memory channel's pump, or QEMU's port.
-        let fd = try shm?.attach(channel: slot) ?? Self.connectPort(slots[slot].socketPath)
-        let placement = Placement(slot: slots[slot], channel: shm == nil ? nil : slot)
+        let fd = try shm?.attach(channel: slot, zeroCopy: memory != nil) ?? Self.connectPort(slots[slot].socketPath)
+        let placement = Placement(slot: slots[slot], channel: shm == nil ? nil : slot, zeroCopy: memory != nil)
         if let command = share.serverCommand {
             do {
                 active[share.name] = Active(slot: slot, process: try Self.spawn(command, fd: fd), shm: shm)
@@ -90,7 +102,7 @@ public actor ShareExporter {
         let channel: Channel
         do {
             let server = try Plan9Server(export: Plan9Export(root: share.path, readOnly: share.readOnly, metadata: share.metadata),
-                                         threadPool: pool, logger: log)
+                                         threadPool: pool, logger: log, guestMemory: memory)
             channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
                 .channelOption(.socketOption(.so_rcvbuf), value: 4 << 20)
                 .channelOption(.socketOption(.so_sndbuf), value: 4 << 20)

@@ -1,5 +1,7 @@
 import CShmRing
 import Glibc
+import Plan9
+import Synchronization
 import Wire
 
 /// The host end of the guest kernel's `uvmshm` 9P transport (kernel-patches/): rings in the shared
@@ -18,10 +20,15 @@ public final class ShmTransport: @unchecked Sendable {
     /// The socket file this transport bound (device, inode): the next VM's transport binds the same
     /// path, possibly before this one is released, and its socket must not be removed then.
     private let socketFile: (dev: UInt, ino: UInt)?
+    /// Guest RAM's size when QEMU backs it with a shared memfd (VMSpec.sharedGuestMemory): zero
+    /// copy then maps it (`guestMemory`). nil: no zero copy.
+    public let guestRAMBytes: UInt64?
+    private let memory = Mutex<(GuestMemory?, tried: Bool)>((nil, false))
 
     /// 2 MiB rings: each holds two messages of the largest msize the guest transport allows, so
     /// a reply never waits for the guest to empty the ring to be completed.
-    public init(socketPath: String, channels: Int, ringSize: UInt32 = 2 << 20) throws {
+    public init(socketPath: String, channels: Int, ringSize: UInt32 = 2 << 20, guestRAMBytes: UInt64? = nil) throws {
+        self.guestRAMBytes = guestRAMBytes
         var err = [CChar](repeating: 0, count: 512)
         guard let h = uvm_shm_create(socketPath, UInt32(channels), ringSize, &err, err.count) else {
             throw WireError(.internalError, "9P shared memory: \(String(cString: err))")
@@ -48,13 +55,77 @@ public final class ShmTransport: @unchecked Sendable {
     /// QEMU has connected and holds the region: the guest has the device.
     public var connected: Bool { uvm_shm_connected(handle) != 0 }
 
+    /// The pid of the QEMU that connected, if any.
+    public var qemuPID: pid_t? {
+        let p = uvm_shm_qemu_pid(handle)
+        return p > 0 ? p : nil
+    }
+
+    /// The guest's RAM mapped shared, for zero-copy 9P, or nil (not backed by a memfd, not found,
+    /// or not as expected: then shares copy through the rings as before). Looked up once.
+    public func guestMemory() -> GuestMemory? {
+        memory.withLock { state in
+            if state.tried { return state.0 }
+            guard let size = guestRAMBytes, let pid = qemuPID else { return nil }  // retried once QEMU is there
+            state.tried = true
+            switch Self.mapGuestRAM(pid: pid, size: size) {
+            case .success(let m): state.0 = m
+            case .failure(let e): problem.withLock { $0 = e.message }
+            }
+            return state.0
+        }
+    }
+
+    /// Why zero copy is off, for the log (nil when it is on or was not asked for).
+    public var zeroCopyProblem: String? { problem.withLock { $0 } }
+    private let problem = Mutex<String?>(nil)
+
+    /// QEMU's guest-RAM memfd among its descriptors (/proc/PID/fd, which our own user may read: in
+    /// qemu:///session QEMU runs as us): a memfd of exactly the RAM size, sealed against shrinking
+    /// (our mapping would fault past a shrunk end). Opened through the magic link, mapped, closed.
+    public static func mapGuestRAM(pid: pid_t, size: UInt64) -> Result<GuestMemory, WireError> {
+        let dir = "/proc/\(pid)/fd"
+        guard let d = opendir(dir) else {
+            return .failure(WireError(.internalError, "cannot list \(dir): \(String(cString: strerror(errno)))"))
+        }
+        defer { closedir(d) }
+        var seen: [String] = []
+        while let e = readdir(d) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            guard let n = Int32(name) else { continue }
+            var buf = [CChar](repeating: 0, count: 256)
+            let len = readlink("\(dir)/\(n)", &buf, buf.count - 1)
+            guard len > 0 else { continue }
+            let target = String(decoding: buf[0..<len].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            guard target.hasPrefix("/memfd:"), !target.hasPrefix("/memfd:uvm-9p") else { continue }
+            seen.append(target)
+            let fd = open("\(dir)/\(n)", O_RDWR | O_CLOEXEC)
+            guard fd >= 0 else { continue }
+            defer { close(fd) }
+            var st = stat()
+            guard fstat(fd, &st) == 0, UInt64(st.st_size) == size else { continue }
+            let seals = fcntl(fd, 1034)  // F_GET_SEALS (not in Glibc's Swift overlay)
+            guard seals >= 0, seals & 0x2 != 0 else {  // F_SEAL_SHRINK
+                return .failure(WireError(.internalError, "guest RAM \(target) is not sealed against shrinking"))
+            }
+            do {
+                return .success(try GuestMemory(fd: fd, ramSize: size))
+            } catch {
+                return .failure(WireError(.internalError, "cannot map guest RAM \(target): \(error)"))
+            }
+        }
+        return .failure(WireError(.internalError, "no memfd of \(size) bytes among QEMU's descriptors (\(seen))"))
+    }
+
     /// Resets `channel`'s rings and starts its pump; returns the socket the 9P server must serve.
-    public func attach(channel: Int) throws -> Int32 {
+    /// `zeroCopy`: the server takes Tzc requests, and the guest is told so.
+    public func attach(channel: Int, zeroCopy: Bool = false) throws -> Int32 {
         var sv: [Int32] = [-1, -1]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &sv) == 0 else {
             throw WireError(.internalError, "socketpair: \(String(cString: strerror(errno)))")
         }
-        guard uvm_shm_attach(handle, UInt32(channel), sv[1]) == 0 else {
+        let flags = zeroCopy ? UInt32(UVM_SHM_HOST_ZC) : 0
+        guard uvm_shm_attach_flags(handle, UInt32(channel), sv[1], flags) == 0 else {
             let why = String(cString: strerror(errno))
             close(sv[0])
             close(sv[1])

@@ -161,6 +161,15 @@ import FoundationXML
         #expect(try nodes(d, "seclabel").isEmpty)
     }
 
+    @Test func sharedGuestMemoryIsASharedMemfd() throws {
+        var spec = Self.full
+        #expect(try nodes(try parse(spec), "memoryBacking").isEmpty)
+        spec.sharedGuestMemory = true
+        let d = try parse(spec)
+        #expect(try value(d, "memoryBacking/source/@type") == "memfd")
+        #expect(try value(d, "memoryBacking/access/@mode") == "shared")
+    }
+
     @Test func sharedMemoryIsAnIvshmemDoorbellWithOneVectorPerChannel() throws {
         var spec = Self.full
         spec.sharedMemory = [.init(name: "uvm-9p", serverPath: "/run/uvm/9p-shm.sock", vectors: 8)]

@@ -1,4 +1,5 @@
 import CShmRing
+import CSyscalls
 import Foundation
 @testable import Shares
 import Testing
@@ -136,6 +137,58 @@ import Testing
         let again = try t.attach(channel: 0)
         defer { close(again) }
         #expect(!g0.hostClosed && g0.u32(g0.ctl) == 0)
+    }
+
+    /// Zero copy: the guest learns from the channel's control block (+228, host flags) whether to
+    /// send Tzc requests; it reads it when it mounts, after attach.
+    @Test func attachTellsTheGuestWhetherTheServerTakesZeroCopy() throws {
+        let t = try ShmTransport(socketPath: dir + "/shm.sock", channels: 2, ringSize: 4096)
+        let zc = try t.attach(channel: 0, zeroCopy: true)
+        let plain = try t.attach(channel: 1)
+        defer { close(zc); close(plain) }
+        #expect(Guest(region: t.region, channel: 0, ring: 4096).u32(UVM_SHM_CTL + 228) == UInt32(UVM_SHM_HOST_ZC))
+        #expect(Guest(region: t.region, channel: 1, ring: 4096).u32(UVM_SHM_CTL + UVM_SHM_CTL_STRIDE + 228) == 0)
+        // Attached again without it (a share re-exported): the flag goes.
+        let again = try t.attach(channel: 0)
+        defer { close(again) }
+        #expect(Guest(region: t.region, channel: 0, ring: 4096).u32(UVM_SHM_CTL + 228) == 0)
+    }
+
+    /// QEMU's pid comes from its connection (SO_PEERCRED); its guest RAM is the memfd of the RAM's
+    /// size among its descriptors, and only if sealed against shrinking. The test plays QEMU.
+    @Test func guestRAMIsFoundThroughQEMUsPidAndMustBeSealed() throws {
+        let t = try ShmTransport(socketPath: dir + "/shm.sock", channels: 1, ringSize: 4096, guestRAMBytes: 3 << 20 + 8192)
+        #expect(t.qemuPID == nil && t.guestMemory() == nil)
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            for (i, b) in t.socketPath.utf8.enumerated() { raw[i] = b }
+        }
+        _ = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        #expect(try Self.until { t.qemuPID == getpid() })
+        let size = 3 << 20 + 8192
+        // Unsealed: refused. Sealed: mapped, the same memory.
+        let loose = uvm_memfd_create("memory-backend-memfd", 1 /* MFD_CLOEXEC */)
+        defer { close(loose) }
+        ftruncate(loose, off_t(size))
+        guard case .failure(let e) = ShmTransport.mapGuestRAM(pid: getpid(), size: UInt64(size)) else {
+            Issue.record("an unsealed memfd was taken")
+            return
+        }
+        #expect(e.message.contains("not sealed"))
+        close(loose)
+        let ram = uvm_memfd_create("memory-backend-memfd", 1 | 2 /* MFD_CLOEXEC, MFD_ALLOW_SEALING */)
+        defer { close(ram) }
+        ftruncate(ram, off_t(size))
+        #expect(fcntl(ram, 1033 /* F_ADD_SEALS */, 0x2 | 0x4 /* SHRINK, GROW */) == 0)
+        #expect(pwrite(ram, "guest", 5, off_t(size - 4096)) == 5)
+        let m = try #require(t.guestMemory())
+        #expect(m.size == UInt64(size))
+        #expect(String(decoding: UnsafeRawBufferPointer(start: m.base + (size - 4096), count: 5), as: UTF8.self) == "guest")
     }
 
     @Test func qemuGetsTheRegionAndEventfdsInTheServerProtocolOrder() throws {

@@ -20,6 +20,8 @@ enum {
     UVM_SHM_CTL = 4096,
     UVM_SHM_CTL_STRIDE = 256,
     UVM_SHM_DATA = 65536,
+    /* host_flags: the channel's 9P server takes zero-copy requests (kernel-patches/0005). */
+    UVM_SHM_HOST_ZC = 1,
 };
 
 /// Creates the region (`channels` channels of `ring_size`-byte rings, a power of two) and listens
@@ -29,12 +31,17 @@ uvm_shm *uvm_shm_create(const char *socket_path, unsigned channels, uint32_t rin
 /// Serves `channel` with the 9P server at the other end of `fd` (which the pump then owns): the
 /// rings are reset, and the guest may mount the channel once this returns 0.
 int uvm_shm_attach(uvm_shm *shm, unsigned channel, int fd);
+/// The same, telling the guest what the server offers (UVM_SHM_HOST_* bits).
+int uvm_shm_attach_flags(uvm_shm *shm, unsigned channel, int fd, uint32_t host_flags);
 
 /// Stops the channel's pump, closes its socket and tells the guest the channel is closed.
 void uvm_shm_detach(uvm_shm *shm, unsigned channel);
 
 /// Whether QEMU has connected and received the region.
 int uvm_shm_connected(uvm_shm *shm);
+
+/// The pid of the QEMU that connected (SO_PEERCRED), or 0.
+int uvm_shm_qemu_pid(uvm_shm *shm);
 
 /// Detaches every channel, stops listening, and frees the region.
 void uvm_shm_destroy(uvm_shm *shm);

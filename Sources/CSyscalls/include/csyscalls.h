@@ -132,6 +132,9 @@ pid_t uvm_spawn_host(const char *file, char *const argv[], char *const envp[], c
 /// O_DIRECT, which Glibc's Swift module leaves out (it needs _GNU_SOURCE).
 static inline int uvm_o_direct(void) { return 040000; }
 
+/// memfd_create(2), which Glibc's Swift module leaves out (tests: a stand-in for QEMU's guest RAM).
+int uvm_memfd_create(const char *name, unsigned flags);
+
 /// SIGRTMIN, a function call in glibc that Swift does not import.
 int uvm_sigrtmin(void);
 
