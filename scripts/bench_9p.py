@@ -2,8 +2,9 @@
 """File-sharing benchmark: uvm's 9P server against diod and QEMU's virtio-9p, on one guest.
 
 One VM is booted with five places to work in, all mounted with the same client options
-(9p2000.L, cache=mmap, access=client, msize 512 KiB):
-  ours     a uvm share: our Plan9 server in uvmd, over the shared-memory transport (trans=uvmshm)
+(9p2000.L, cache=mmap, access=client, msize 512 KiB; ours 1 MiB + 4 KiB with zero copy):
+  ours     a uvm share: our Plan9 server in uvmd, over the shared-memory transport (trans=uvmshm),
+           with zero copy (the server reads and writes the guest's pages) unless UVM_9P_ZERO_COPY=0
   relay    the same server over a virtio-serial port and the agent's relay (the transport of a VM
            adopted from an earlier uvmd; `uvm share add --via-port`, a benchmark-only option)
   diod     Debian's diod as the server of a share, behind the same shared-memory transport
@@ -19,7 +20,7 @@ cache=meta (the guest caches metadata, uvmd's change notes keep it true); relay 
 notes and falls back to cache=mmap, so it is also "ours without the cache". The 9P requests per
 unpacked entry are counted by our server (`uvm share list --format json`). Times are in seconds,
 measured inside the guest.
-Results: bench-results/9p.{txt,json}.
+Results: bench-results/9p.{txt,json}. `--ops write,read --targets ours,virtio` runs only those.
 """
 import argparse, json, os, shutil, subprocess, sys, tempfile, time
 
@@ -94,7 +95,17 @@ def main():
     ap.add_argument("--entries", type=int, default=10000)
     ap.add_argument("--tree-files", type=int, default=20000, help="entries of the kernel source to unpack and stat")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-results"))
+    ap.add_argument("--ops", default="write,read,files,list,untar,tree", help="comma-separated subset of the default")
+    ap.add_argument("--targets", default="ours,relay,diod,virtio,tmpfs", help="comma-separated subset of the default")
     a = ap.parse_args()
+    ops = [o for o in a.ops.split(",") if o]
+    chosen = [t for t in a.targets.split(",") if t]
+    for o in ops:
+        if o not in ("write", "read", "files", "list", "untar", "tree"):
+            sys.exit(f"bench-9p: unknown op {o}")
+    for t in chosen:
+        if t not in ("ours", "relay", "diod", "virtio", "tmpfs"):
+            sys.exit(f"bench-9p: unknown target {t}")
     os.makedirs(a.out, exist_ok=True)
 
     work = tempfile.mkdtemp(prefix="uvm-bench-9p-")
@@ -120,13 +131,16 @@ def main():
         return uvm("exec", "--", "sh", "-c", script).stdout
 
     uvm("share", "add", "tools", tools, "--read-only")
-    uvm("share", "add", "ours", dirs["ours"])
-    uvm("share", "add", "relay", dirs["relay"], "--via-port")
+    if "ours" in chosen:
+        uvm("share", "add", "ours", dirs["ours"])
+    if "relay" in chosen:
+        uvm("share", "add", "relay", dirs["relay"], "--via-port")
     diod = shutil.which("diod") or "/usr/sbin/diod"
-    uvm("share", "add", "diod", dirs["diod"], "--server-command",
-        f"exec {diod} -f -r 0 -w 1 -n -S -U root -L stderr -e {dirs['diod']}")
+    if "diod" in chosen:
+        uvm("share", "add", "diod", dirs["diod"], "--server-command",
+            f"exec {diod} -f -r 0 -w 1 -n -S -U root -L stderr -e {dirs['diod']}")
     listing = uvm("share", "list").stdout
-    if listing.count("mounted") < 4:
+    if listing.count("mounted") < 1 + len({"ours", "relay", "diod"} & set(chosen)):
         sys.exit(f"bench-9p: shares not mounted:\n{listing}")
     guest(f"mkdir -p /mnt/virtio /dev/shm/tmpfs && mount -t 9p -o trans=virtio,version=9p2000.L,"
           f"msize={MSIZE},cache=mmap,access=client bench9p /mnt/virtio && "
@@ -143,12 +157,15 @@ def main():
         return {}
     targets = {"ours": "/mnt/host/ours", "relay": "/mnt/host/relay", "diod": "/mnt/host/diod", "virtio": "/mnt/virtio",
                "tmpfs": "/dev/shm/tmpfs"}
+    targets = {t: p for t, p in targets.items() if t in chosen}
 
     # Operation by operation, each on every target in turn, so that a change in the host's load
     # (a shared machine) falls on all targets alike rather than on whichever ran then.
     results = {t: {} for t in targets}
     rpcs = {}
     for op, n in (("write", a.mib), ("read", a.mib), ("files", a.files), ("list", a.entries), ("untar", 0), ("tree", 0)):
+        if op not in ops:
+            continue
         for target, path in targets.items():
             if op == "tree":
                 before = requests(target) if target in ("ours", "relay") else None
@@ -183,19 +200,30 @@ def main():
             pass
     shutil.rmtree(work, ignore_errors=True)
 
+    untar_entries = next((r["untar_entries"] for r in results.values() if "untar_entries" in r), 0)
+    tree_entries = next((r["stattree_entries"] for r in results.values() if "stattree_entries" in r), 0)
     rows = [
-        (f"sequential write {a.mib} MiB (+fsync)", "write_s", a.mib),
-        (f"sequential read {a.mib} MiB", "read_s", a.mib),
-        (f"create+stat+unlink {a.files} files", "files_s", None),
-        (f"list {a.entries} entries (readdir)", "list_s", None),
-        (f"list {a.entries} entries + stat each", "list_stat_s", None),
-        (f"untar kernel docs ({results['ours'].get('untar_entries', 0)} entries)", "untar_s", None),
-        (f"untar kernel source ({results['ours'].get('stattree_entries', 0)} entries)", "tree_untar_s", None),
-        ("lstat every entry of it, first pass", "stattree1_s", None),
-        ("lstat every entry of it, second pass", "stattree2_s", None),
+        (f"sequential write {a.mib} MiB (+fsync)", "write_s", a.mib, "write"),
+        (f"sequential read {a.mib} MiB", "read_s", a.mib, "read"),
+        (f"create+stat+unlink {a.files} files", "files_s", None, "files"),
+        (f"list {a.entries} entries (readdir)", "list_s", None, "list"),
+        (f"list {a.entries} entries + stat each", "list_stat_s", None, "list"),
+        (f"untar kernel docs ({untar_entries} entries)", "untar_s", None, "untar"),
+        (f"untar kernel source ({tree_entries} entries)", "tree_untar_s", None, "tree"),
+        ("lstat every entry of it, first pass", "stattree1_s", None, "tree"),
+        ("lstat every entry of it, second pass", "stattree2_s", None, "tree"),
     ]
+    rows = [r[:3] for r in rows if r[3] in ops]
     head = (f"{'operation':<40} {'ours':>9} {'relay':>9} {'diod':>9} {'virtio-9p':>9} {'tmpfs':>9}   "
             f"{'virtio/ours':>11} {'diod/ours':>9} {'relay/ours':>10} {'ours/tmpfs':>10}")
+
+    def ratio(v, other):
+        if v.get("ours") is None or v.get(other) is None:
+            return None
+        return v[other] / v["ours"] if v["ours"] > 0 else float("inf")
+
+    def cell(x, width, digits):
+        return f"{'-':>{width}}" if x is None else f"{x:>{width}.{digits}f}"
     lines = [f"accelerator: {st.get('accelerator', '?')}, times in seconds in the guest (lower is better);",
              "ours: our server over the shared-memory transport; relay: the same server over virtio-serial",
              "and the guest relay; diod: behind the same shared-memory transport as ours.",
@@ -204,25 +232,26 @@ def main():
     summary = {}
     for label, key, mib in rows:
         v = {t: results[t][key] for t in targets}
-        r_virtio = v["virtio"] / v["ours"] if v["ours"] > 0 else float("inf")
-        r_diod = v["diod"] / v["ours"] if v["ours"] > 0 else float("inf")
-        r_relay = v["relay"] / v["ours"] if v["ours"] > 0 else float("inf")
+        r_virtio, r_diod, r_relay = ratio(v, "virtio"), ratio(v, "diod"), ratio(v, "relay")
         summary[key] = {"seconds": v, "virtio_over_ours": r_virtio, "diod_over_ours": r_diod, "relay_over_ours": r_relay}
         if mib:
             summary[key]["mib_per_s"] = {t: mib / v[t] for t in targets if v[t] > 0}
-        r_tmpfs = v["ours"] / v["tmpfs"] if v["tmpfs"] > 0 else float("inf")
+        r_tmpfs = (v["ours"] / v["tmpfs"] if v["tmpfs"] > 0 else float("inf")) if v.get("ours") is not None and v.get("tmpfs") is not None else None
         summary[key]["ours_over_tmpfs"] = r_tmpfs
-        lines.append(f"{label:<40} {v['ours']:>9.3f} {v['relay']:>9.3f} {v['diod']:>9.3f} {v['virtio']:>9.3f} {v['tmpfs']:>9.3f}   "
-                     f"{r_virtio:>11.2f} {r_diod:>9.2f} {r_relay:>10.2f} {r_tmpfs:>10.1f}")
-    entries = results["ours"].get("stattree_entries", 0) or 1
-    lines.append("")
-    lines.append(f"9P requests per unpacked kernel-source entry ({entries} entries), counted by our server:")
-    for t in ("relay", "ours"):
-        r = rpcs.get(t, {})
-        total = sum(r.values())
-        detail = ", ".join(f"{k} {n / entries:.2f}" for k, n in sorted(r.items(), key=lambda kv: -kv[1]))
-        lines.append(f"  {t:<6} {'(cache=mmap)' if t == 'relay' else '(cache=meta)'} {total / entries:.2f}: {detail}")
-    summary["tree_rpcs_per_entry"] = {t: {k: n / entries for k, n in r.items()} for t, r in rpcs.items()}
+        lines.append(f"{label:<40} " + " ".join(cell(v.get(t), 9, 3) for t in ("ours", "relay", "diod", "virtio", "tmpfs"))
+                     + f"   {cell(r_virtio, 11, 2)} {cell(r_diod, 9, 2)} {cell(r_relay, 10, 2)} {cell(r_tmpfs, 10, 1)}")
+    if rpcs:
+        entries = tree_entries or 1
+        lines.append("")
+        lines.append(f"9P requests per unpacked kernel-source entry ({entries} entries), counted by our server:")
+        for t in ("relay", "ours"):
+            if t not in rpcs:
+                continue
+            r = rpcs[t]
+            total = sum(r.values())
+            detail = ", ".join(f"{k} {n / entries:.2f}" for k, n in sorted(r.items(), key=lambda kv: -kv[1]))
+            lines.append(f"  {t:<6} {'(cache=mmap)' if t == 'relay' else '(cache=meta)'} {total / entries:.2f}: {detail}")
+        summary["tree_rpcs_per_entry"] = {t: {k: n / entries for k, n in r.items()} for t, r in rpcs.items()}
     table = "\n".join(lines)
     with open(os.path.join(a.out, "9p.txt"), "w") as f:
         f.write(table + "\n")
