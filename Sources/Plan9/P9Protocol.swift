@@ -401,7 +401,7 @@ extension P9 {
             24: "getattr", 26: "setattr", 30: "xattrwalk", 32: "xattrcreate", 40: "readdir", 50: "fsync",
             52: "lock", 54: "getlock", 70: "link", 72: "mkdir", 74: "renameat", 76: "unlinkat", 90: "uvmnotify",
             100: "version", 104: "attach", 108: "flush", 110: "walk", 116: "read", 118: "write", 120: "clunk",
-            122: "remove",
+            122: "remove", 130: "zc",
         ]
         return names[type] ?? "type\(type)"
     }

@@ -34,6 +34,13 @@ extension EndToEnd {
             return String(r.out.prefix(64))
         }
 
+        /// How many requests of a type (as `uvm share list --format json` names them) a share's server answered.
+        static func requestCount(_ json: String, share: String, request: String) throws -> Int {
+            let list = try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [[String: Any]] ?? []
+            let entry = list.first { ($0["share"] as? [String: Any])?["name"] as? String == share }
+            return (entry?["requests"] as? [String: Any])?[request] as? Int ?? 0
+        }
+
         @Test func homeIsSharedAndSharesComeAndGoWhileTheVMRuns() throws {
             // The default share: the host home, as the guest lists it.
             let home = ProcessInfo.processInfo.environment["HOME"] ?? NSHomeDirectory()
@@ -122,6 +129,10 @@ extension EndToEnd {
             #expect(try Self.sha256(dir + "/out") == lines[4])
             #expect(try Self.sha256(dir + "/odd") == lines[4])
             #expect(lines[5] == lines[6])
+            // The bytes moved through the guest's pages, not the rings: uvmd served zero-copy requests.
+            let listed = try Harness.run(["share", "list", "--format", "json"])
+            let zc = try Self.requestCount(listed.out, share: "zc", request: "zc")
+            #expect(zc >= 20, "zero-copy requests served: \(zc)\n\(listed.out)")
         }
 
         @Test func badShareRequestsFailWithAReason() throws {
