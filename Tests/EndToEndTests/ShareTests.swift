@@ -373,6 +373,55 @@ extension EndToEnd {
             #expect(again.out == "n\n", "\(again.err)")
         }
 
+        @Test func aListedTreeIsListedAgainFromTheGuestsCacheAndStaysTrue() throws {
+            let dir = try Self.share("tree")
+            defer { Self.unshare("tree", dir) }
+            for d in ["a", "a/b", "c"] {
+                try FileManager.default.createDirectory(atPath: dir + "/" + d, withIntermediateDirectories: true)
+                for i in 0..<20 { FileManager.default.createFile(atPath: "\(dir)/\(d)/f\(i)", contents: Data("\(i)".utf8)) }
+            }
+            let list = "cd /mnt/host/tree && ls -lR . | md5sum && find . | wc -l"
+            let first = try Self.guest(list)
+            #expect(first.status == 0 && first.out.hasSuffix("\n64\n"), "\(first.out) \(first.err)")
+            // Listing and stat of every entry again: answered by the guest's cache, no request to uvmd
+            // (clunks are left out: the first listing's fids are given back in the background).
+            let asked = { () throws -> Int in
+                let out = try Harness.run(["share", "list", "--format", "json"]).out
+                return try ["walk", "lopen", "getattr", "readdir", "zc"].reduce(0) { $0 + (try Self.requestCount(out, share: "tree", request: $1)) }
+            }
+            let before = try asked()
+            let second = try Self.guest(list)
+            #expect(second.out == first.out)
+            #expect(try asked() == before, "the second listing asked the host")
+            // Changes on either side are in the next listing: a host file, a host rm -r, a guest mkdir.
+            FileManager.default.createFile(atPath: dir + "/a/b/host-new", contents: nil)
+            try FileManager.default.removeItem(atPath: dir + "/c")
+            usleep(100_000)
+            let third = try Self.guest("cd /mnt/host/tree && mkdir a/guest-dir && ls a/b | grep -c host-new; ls; ls a | grep -c guest-dir")
+            #expect(third.out == "1\na\n1\n", "\(third.out) \(third.err)")
+            #expect(FileManager.default.fileExists(atPath: dir + "/a/guest-dir"))
+        }
+
+        @Test func listingLargeDirectoriesWithStatsDoesNotRunTheServerOutOfDescriptors() throws {
+            // Each looked-up entry's fid is a descriptor in uvmd (4,096 per session) until the guest
+            // gives it back; the guest once gave them back slower than ls -l took them, and uvmd
+            // refused with EMFILE. Four listings at once outrun the one work item that gives back.
+            let dir = try Self.share("large")
+            defer { Self.unshare("large", dir) }
+            for d in 1...4 {
+                try FileManager.default.createDirectory(atPath: "\(dir)/\(d)", withIntermediateDirectories: true)
+                for i in 0..<5_000 { FileManager.default.createFile(atPath: "\(dir)/\(d)/entry-with-a-longer-name-\(i)", contents: nil) }
+            }
+            let r = try Self.guest("""
+                cd /mnt/host/large
+                for d in 1 2 3 4; do ls -l $d > /dev/shm/ls$d 2>/dev/shm/err$d & done; wait
+                cat /dev/shm/err1 /dev/shm/err2 /dev/shm/err3 /dev/shm/err4 | head -3 >&2
+                wc -l < /dev/shm/ls1; wc -l < /dev/shm/ls2; wc -l < /dev/shm/ls3; wc -l < /dev/shm/ls4
+                """, timeout: 1200)
+            #expect(r.status == 0 && r.err.isEmpty, "\(r.err)")
+            #expect(r.out == "5001\n5001\n5001\n5001\n")
+        }
+
         @Test func commandsStartInTheMatchingGuestFolder() throws {
             let dir = try Self.share("cwd")
             defer { Self.unshare("cwd", dir) }
