@@ -410,6 +410,10 @@ final class Plan9Session: @unchecked Sendable {
             try xattrcreate(fid: fid, name: name, size: size, flags: flags)
             return .rxattrcreate
         case let .tzc(request):
+            // A write's host events are the guest's own, as for Twrite: not echoed as change notes.
+            if request.op == P9ZeroCopyRequest.Op.write {
+                return try touching(request.fid) { () throws(P9Errno) in try zeroCopy(request) }
+            }
             return try zeroCopy(request)
         case .unsupported(102):
             // Tauth: ENOENT is diod's (and libnpclient's) way of saying "no auth required".

@@ -52,6 +52,37 @@ struct ZeroCopyTests {
                                declaredPages: declared, trailing: trailing))
     }
 
+    /// A cache=meta guest is not told of its own zero-copy writes (which would cost it a getattr
+    /// after every write of more than a page).
+    @Test func zeroCopyWritesAreNotEchoedAsChangeNotes() async throws {
+        let fx = try Fixture(guestMemory: Self.memory)
+        defer { Task { await fx.close() } }
+        let c = try await fx.connect()
+        #expect(try await c.call(.tuvmnotify(flags: 0)) == .ruvmnotify(notes: []))
+        let root = UInt64(try lstatOf(fx.share).st_ino)
+        try await c.walk(0, 1, [])
+        try await c.lcreate(1, "mine", flags: P9.OpenFlags.rdwr)
+        Self.fill(at: 0x5000, Array(repeating: 0x41, count: 8192))
+        for i in 0..<3 {
+            let w = try await c.call(Self.tzc(P9ZeroCopyRequest.Op.write, fid: 1, offset: UInt64(i) * 8192, count: 8192,
+                                               pages: [0x5000, 0x6000]))
+            #expect(w == .rwrite(count: 8192))
+        }
+        try await c.clunk(1)
+        // Then a host change: once its note is here, an echo of the writes would be too.
+        FileManager.default.createFile(atPath: fx.share + "/host", contents: Data("h".utf8))
+        var got: [P9Note] = []
+        let want = P9Note(.name, path: root, name: Array("host".utf8))
+        let deadline = Date().addingTimeInterval(10)
+        while !got.contains(want), Date() < deadline {
+            got += c.takeNotes()
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        #expect(got.contains(want), "no note for the host's change: \(got)")
+        let echoed = got.filter { $0.name == Array("mine".utf8) }
+        #expect(echoed.isEmpty, "the client's own zero-copy writes came back: \(echoed)")
+    }
+
     @Test func writeReadAndReaddirInPlace() async throws {
         let fx = try Fixture(guestMemory: Self.memory) { share, _ in try FileManager.default.createDirectory(atPath: share + "/d", withIntermediateDirectories: true) }
         defer { Task { await fx.close() } }
