@@ -154,21 +154,27 @@ import Testing
         #expect(Guest(region: t.region, channel: 0, ring: 4096).u32(UVM_SHM_CTL + 228) == 0)
     }
 
+    /// A client socket connected to `path` (as QEMU connects to the ivshmem server), and connect's result.
+    static func connectUnix(_ path: String) -> (Int32, Int32) {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            for (i, b) in path.utf8.enumerated() { raw[i] = b }
+        }
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        return (fd, rc)
+    }
+
     /// QEMU's pid comes from its connection (SO_PEERCRED); its guest RAM is the memfd of the RAM's
     /// size among its descriptors, and only if sealed against shrinking. The test plays QEMU.
     @Test func guestRAMIsFoundThroughQEMUsPidAndMustBeSealed() throws {
         let t = try ShmTransport(socketPath: dir + "/shm.sock", channels: 1, ringSize: 4096, guestRAMBytes: 3 << 20 + 8192)
         #expect(t.qemuPID == nil && t.guestMemory() == nil)
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        let (fd, _) = Self.connectUnix(t.socketPath)
         defer { close(fd) }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            for (i, b) in t.socketPath.utf8.enumerated() { raw[i] = b }
-        }
-        _ = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
         #expect(try Self.until { t.qemuPID == getpid() })
         let size = 3 << 20 + 8192
         // Unsealed: refused. Sealed: mapped, the same memory.
@@ -193,16 +199,8 @@ import Testing
 
     @Test func qemuGetsTheRegionAndEventfdsInTheServerProtocolOrder() throws {
         let t = try ShmTransport(socketPath: dir + "/shm.sock", channels: 3, ringSize: 1 << 20)
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        let (fd, rc) = Self.connectUnix(t.socketPath)
         defer { close(fd) }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            for (i, b) in t.socketPath.utf8.enumerated() { raw[i] = b }
-        }
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
         #expect(rc == 0)
         var messages: [(Int64, Int32)] = []
         for _ in 0..<(3 + 2 * 3) { messages.append(try Self.receiveMessage(fd)) }
