@@ -74,8 +74,9 @@ static void listing(const char *what, const char *dir, int expect_dots) {
         if (i && !strcmp(names[i], names[i - 1])) dups++;
         for (const char *p = names[i]; *p; p++) h = (h ^ (unsigned char)*p) * 0x100000001b3ULL;
         h = (h ^ '/') * 0x100000001b3ULL;
-        free(names[i]);
     }
+    // Freed only now: the duplicate check reads the previous name, and free() writes into it.
+    for (size_t i = 0; i < n; i++) free(names[i]);
     free(names);
     printf("%s: %zu entries, %zu duplicates, hash %016llx%s\n", what, n, dups, (unsigned long long)h,
            err ? " (readdir failed)" : "");
