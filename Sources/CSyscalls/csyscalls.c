@@ -269,7 +269,7 @@ static int join_cgroup(const char *dir) {
     return ok ? 0 : -1;
 }
 
-static _Noreturn void instance_main(const char *device, const char *fstype, const char *mp,
+static _Noreturn void instance_main(const char *mp,
                                     const char *hostname, const char *shares_at, const char *cgroup_dir,
                                     const char *init_path, int status_fd) {
     reset_signals();
@@ -286,10 +286,6 @@ static _Noreturn void instance_main(const char *device, const char *fstype, cons
     // Slave, not private: mounts made here stay here, but shares the agent mounts under
     // UVM_SHARES_DIR later (a shared mount) still reach this instance.
     if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) < 0) child_fail(status_fd, "make / slave");
-    mkdir(mp, 0755);
-    // discard: blocks freed in the distro are unmapped through virtio-blk, and QEMU (discard=unmap)
-    // punches them out of the sparse disk image, so deleted files give their space back to the host.
-    if (mount(device, mp, fstype, MS_NOATIME, "discard") < 0) child_fail(status_fd, "mount distro disk");
     if (mount_in(mp, "/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0) child_fail(status_fd, "mount /proc");
     if (mount_in(mp, "/sys", "sysfs", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0) child_fail(status_fd, "mount /sys");
     if (cgroup_dir && mount_in(mp, "/sys/fs/cgroup", "cgroup2", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
@@ -379,7 +375,7 @@ static _Noreturn void instance_main(const char *device, const char *fstype, cons
     _exit(0);
 }
 
-pid_t uvm_start_instance(const char *device, const char *fstype, const char *mountpoint,
+pid_t uvm_start_instance(const char *mountpoint,
                          const char *hostname, const char *shares_at, const char *cgroup_dir,
                          const char *init_path, int *err_errno, const char **err_stage) {
     int pipefd[2];
@@ -392,7 +388,7 @@ pid_t uvm_start_instance(const char *device, const char *fstype, const char *mou
     }
     if (pid == 0) {
         close(pipefd[0]);
-        instance_main(device, fstype, mountpoint, hostname, shares_at, cgroup_dir, init_path, pipefd[1]);
+        instance_main(mountpoint, hostname, shares_at, cgroup_dir, init_path, pipefd[1]);
     }
     close(pipefd[1]);
     spawn_msg m;

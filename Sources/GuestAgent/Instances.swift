@@ -215,10 +215,26 @@ actor Instances {
     }
 
     private static func start(_ distro: String, device: String, ignoreConfig: Bool) throws -> (Instance, DistroConfig) {
+        // The disk is mounted once, here, and /etc/uvm.conf read from that mount (it decides the
+        // host name, where shares go and the init): the instance's new namespace copies the mount,
+        // and ours goes once the instance runs. A read-only mount of its own just to read the
+        // file cost a second ext4 mount and unmount per start, ~0.1 s under TCG. Private, so
+        // that detaching ours does not reach the copy. Starts run one at a time (this actor), so
+        // no other instance's namespace copies this mount meanwhile.
+        let root = "/run/uvm/instances/\(distro)"
+        mkdir(root, 0o755)
+        // discard: blocks freed in the distro are unmapped through virtio-blk, and QEMU
+        // (discard=unmap) punches them out of the sparse disk image, so deleted files give their
+        // space back to the host.
+        guard mount(device, root, "ext4", UInt(MS_NOATIME), "discard") == 0 else {
+            throw WireError(.spawnFailed, "distro \(distro): cannot start (mount distro disk: \(String(cString: strerror(errno))))")
+        }
+        defer { _ = umount2(root, Int32(MNT_DETACH)) }
+        _ = mount(nil, root, nil, UInt(MS_PRIVATE), nil)
         var config = DistroConfig()
         if !ignoreConfig {
             do {
-                config = try DistroConfig.validated(peekConfig(device, distro: distro))
+                config = try DistroConfig.validated(readConfig(root: root))
             } catch {
                 throw WireError(.badRequest, "distro \(distro) does not start: \(error). Repair it with `uvm exec --distro \(distro) --ignore-config --user root -- vi /etc/uvm.conf`")
             }
@@ -232,7 +248,7 @@ actor Instances {
         }
         let pid = cgroup.withOptionalCString { cg in
             (systemd ? Self.systemdPath : nil).withOptionalCString { initPath in
-                uvm_start_instance(device, "ext4", "/run/uvm/instances/\(distro)", config.hostname ?? distro, config.sharesRoot,
+                uvm_start_instance(root, config.hostname ?? distro, config.sharesRoot,
                                    cg, initPath, &err, &stage)
             }
         }
@@ -251,23 +267,20 @@ actor Instances {
     /// Inside the instance (Debian and most distributions since the /usr merge).
     static let systemdPath = "/lib/systemd/systemd"
 
-    /// The distro's /etc/uvm.conf, read before its instance starts (its host name and where shares
-    /// go are decided then): the disk mounted read-only for a moment. An image without the file,
-    /// or with one that is not a regular file, has none.
-    private static func peekConfig(_ device: String, distro: String) -> String {
-        let dir = "/run/uvm/peek-\(distro)"
-        mkdir(dir, 0o700)
-        defer { rmdir(dir) }
-        guard uvm_mount(device, dir, "ext4", UInt(MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC), nil) == 0 else { return "" }
-        defer { _ = umount2(dir, 0) }
+    /// The distro's /etc/uvm.conf from its file system mounted at `root`, before its instance
+    /// starts. An image without the file, or with one that is not a regular file, has none.
+    private static func readConfig(root: String) -> String {
         // Not through links: a symlink would resolve against our root, not the distro's.
-        let etc = open("\(dir)/etc", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        let etc = open("\(root)/etc", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
         guard etc >= 0 else { return "" }
         defer { close(etc) }
-        let fd = openat(etc, "uvm.conf", O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+        // Non-blocking: a FIFO there must not hold the start.
+        let fd = openat(etc, "uvm.conf", O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
         guard fd >= 0 else { return "" }
-        close(fd)
-        return readSmallFile("\(dir)/etc/uvm.conf", limit: 64 << 10) ?? ""
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { return "" }
+        return readSmallFile("/proc/self/fd/\(fd)", limit: 64 << 10) ?? ""
     }
 
     /// How long a systemd instance may take to come up before sessions go in anyway.

@@ -167,8 +167,8 @@ extension EndToEnd {
             try #require(base.status == 0, "\(base.err)")
             #expect(try Harness.run(["import", "cfg", "-"], stdin: base.stdout, timeout: 600).status == 0)
             defer { _ = try? Harness.run(["unregister", "cfg"]) }
-            func root(_ script: String, _ extra: [String] = []) throws -> Harness.Result {
-                try Harness.run(["exec", "--distro", "cfg", "--user", "root"] + extra + ["--", "sh", "-c", script])
+            func root(_ script: String, _ extra: [String] = [], timeout: Double = 300) throws -> Harness.Result {
+                try Harness.run(["exec", "--distro", "cfg", "--user", "root"] + extra + ["--", "sh", "-c", script], timeout: timeout)
             }
             let conf = "[network]\nhostname = custom-host\n[boot]\ncommand = echo booted > /boot-ran\n[automount]\nroot = /media/host\n"
             #expect(try root("printf '\(conf)' > /etc/uvm.conf").status == 0)
@@ -188,6 +188,14 @@ extension EndToEnd {
             #expect(try root("rm /etc/uvm.conf", ["--ignore-config"]).status == 0)
             #expect(try Harness.run(["terminate", "cfg"]).status == 0)
             #expect(try root("hostname").out == "cfg\n")
+
+            // A FIFO in its place (the disk is the guest's: anything may be there) is no config,
+            // and the start does not wait for a writer: it used to hang there, and every start
+            // of every instance behind it.
+            #expect(try root("rm /etc/uvm.conf; mkfifo /etc/uvm.conf").status == 0)
+            #expect(try Harness.run(["terminate", "cfg"]).status == 0)
+            let fifo = try root("hostname; test -p /etc/uvm.conf && echo fifo", timeout: 120)
+            #expect(fifo.status == 0 && fifo.out == "cfg\nfifo\n", "\(fifo.status) \(fifo.out) \(fifo.err)")
         }
 
         /// `uvm manage NAME --resize`: the disk and its file system grow and shrink, the files

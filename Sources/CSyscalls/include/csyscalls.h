@@ -29,14 +29,15 @@ typedef struct uvm_spawn_args {
 pid_t uvm_spawn(const uvm_spawn_args *args, pid_t *helper_pid, pid_t *failed_pid, int *err_errno, const char **err_stage);
 
 /// Starts a distro instance: a process that is PID 1 of new mount, pid and uts namespaces, whose
-/// root is the ext4 file system on `device` (mounted at `mountpoint` then moved onto /), with
+/// root is the file system the caller mounted at `mountpoint` (a private mount: the new namespace
+/// gets a copy of it, moved onto /, and the caller detaches its own once this returns), with
 /// /proc, /sys, /dev, /dev/pts, /dev/shm and /run mounted. It reaps orphans until SIGTERM, then
 /// terminates everything in the instance. The shares appear at `shares_at` (absolute, inside the
 /// instance). With `cgroup_dir` (an existing cgroup v2 directory), the instance gets it as the
 /// root of a cgroup namespace of its own, mounted at /sys/fs/cgroup, with its init in
 /// init.scope below it. With `init_path`, that program (the distro's systemd) is exec'd as the
 /// instance's PID 1 instead of the reaper loop. Returns its pid or -1 with *err_errno/*err_stage.
-pid_t uvm_start_instance(const char *device, const char *fstype, const char *mountpoint,
+pid_t uvm_start_instance(const char *mountpoint,
                          const char *hostname, const char *shares_at, const char *cgroup_dir,
                          const char *init_path, int *err_errno, const char **err_stage);
 
