@@ -44,6 +44,7 @@ struct GuestAgentClient: Sendable {
     func mount(_ request: MountRequest) async throws { _ = try await call(request) }
     func unmount(share name: String) async throws { _ = try await call(UnmountRequest(name: name)) }
     func stopInstance(_ name: String) async throws { _ = try await call(StopInstanceRequest(name: name)) }
+    func startInstance(_ name: String) async throws { _ = try await call(StartInstanceRequest(name: name, diskSerial: diskSerial(name))) }
 
     /// One TCP connection to `port` on the guest's loopback, relayed by `body`.
     func connect<T: Sendable>(port: UInt16, _ body: Body<T>) async throws -> T {

@@ -79,7 +79,9 @@ public actor VMController {
         try await ensureRunning(progress: progress).agent
     }
 
-    func ensureRunning(progress: @escaping @Sendable (String) async -> Void) async throws -> Running {
+    /// `startingFor`: the distro whose command made this call; a boot it causes starts that
+    /// distro's instance during the VM's set-up (see `StartInstanceRequest`).
+    func ensureRunning(startingFor: String? = nil, progress: @escaping @Sendable (String) async -> Void) async throws -> Running {
         if let adopting { await adopting.value }
         // A VM being stopped (the reaper, `uvm stop`) still has its link, but is powering off: a
         // command that arrives now waits for the stop and boots a fresh VM, rather than starting
@@ -101,7 +103,7 @@ public actor VMController {
         state = .starting
         stopRequested = false
         lastStopReason = nil
-        let task = Task { try await self.bootVM(progress: progress) }
+        let task = Task { try await self.bootVM(startingFor: startingFor, progress: progress) }
         boot = task
         do {
             let r = try await task.value
@@ -142,7 +144,7 @@ public actor VMController {
         return c
     }
 
-    private func bootVM(progress: @escaping @Sendable (String) async -> Void) async throws -> Running {
+    private func bootVM(startingFor: String?, progress: @escaping @Sendable (String) async -> Void) async throws -> Running {
         let requested = ContinuousClock.now
         let fm = FileManager.default
         let kernel = Paths.bootImage(for: settings.kernel ?? paths.kernel)
@@ -251,15 +253,30 @@ public actor VMController {
             if let transport, !transport.connected {
                 logger.warning("QEMU did not take the 9P shared memory: shares use virtio-serial")
             }
-            if swap != nil {
-                do {
-                    _ = try await withTimeout(seconds: 20, what: "the guest to turn swap on") { try await agent.call(SwapOnRequest(serial: Self.swapSerial)) }
-                } catch {
-                    logger.warning("the VM runs without swap", metadata: ["error": "\(error)"])
+            // The instance the command waits for starts while the rest is set up (an exec that
+            // comes first joins that start); a failure is the exec's to report, when it retries.
+            if let distro = startingFor, spec.disks.contains(where: { $0.serial == diskSerial(distro) }) {
+                let logger = logger
+                Task {
+                    do { try await agent.startInstance(distro) } catch {
+                        logger.debug("starting the instance early failed", metadata: ["distro": "\(distro)", "error": "\(error)"])
+                    }
                 }
             }
-            await applyMemoryPolicy(agent)
+            // Swap and the memory policy concern no command: they go beside the shares.
+            let logger = logger, policy = memoryPolicy
+            async let tuned: Void = {
+                if swap != nil {
+                    do {
+                        _ = try await withTimeout(seconds: 20, what: "the guest to turn swap on") { try await agent.call(SwapOnRequest(serial: Self.swapSerial)) }
+                    } catch {
+                        logger.warning("the VM runs without swap", metadata: ["error": "\(error)"])
+                    }
+                }
+                await Self.applyMemoryPolicy(policy, agent, logger: logger)
+            }()
             await shares.vmStarted(agent: agent, transport: transport)
+            await tuned
             let ready = ContinuousClock.now
             let guestSide = (answered - created).inSeconds  // firmware + kernel + agent
             let kernel = guest.initStartedSeconds
@@ -449,8 +466,7 @@ public actor VMController {
     }
 
     /// A guest that cannot take the policy still runs; the log says why.
-    private func applyMemoryPolicy(_ agent: GuestAgentClient) async {
-        let policy = memoryPolicy
+    private static func applyMemoryPolicy(_ policy: MemoryPolicyRequest, _ agent: GuestAgentClient, logger: Logger) async {
         do {
             _ = try await withTimeout(seconds: 20, what: "the guest to take the memory policy") { try await agent.call(policy) }
         } catch {
@@ -500,7 +516,7 @@ public actor VMController {
     /// made `running` yet.
     @discardableResult
     func prepareDisk(_ distro: String, progress: @escaping @Sendable (String) async -> Void) async throws -> GuestAgentClient {
-        let r = try await ensureRunning(progress: progress)
+        let r = try await ensureRunning(startingFor: distro, progress: progress)
         if isAttached(diskSerial(distro), r) { return r.agent }
         let store = distros
         if case .template(let template) = store.availability(distro) {
@@ -662,7 +678,7 @@ public actor VMController {
             // The earlier uvmd's 9P servers went with it: serve the shares again and remount them,
             // through the virtio-serial ports (the shared memory's server went with it too, and
             // QEMU cannot connect to a new one).
-            await applyMemoryPolicy(agent)
+            await Self.applyMemoryPolicy(memoryPolicy, agent, logger: logger)
             await shares.vmStarted(agent: agent, transport: nil)
             await forwarder?.start(agent: agent)
             logger.info("adopted the VM", metadata: ["instances": "\(guest.instances)", "qemu": "\(domain.qemuPID().map { "\($0)" } ?? "?")"])

@@ -138,6 +138,9 @@ public enum GuestAgent {
         case .unmount(let u):
             try await shares.unmount(u.name)
             try await outbound.write(.json(.response, Done()))
+        case .startInstance(let s):
+            _ = try await instances.instance(s.name, diskSerial: s.diskSerial)
+            try await outbound.write(.json(.response, Done()))
         case .stopInstance(let s):
             log("stopping instance \(s.name) (idle)")
             await instances.stop(s.name)

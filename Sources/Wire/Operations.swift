@@ -121,6 +121,7 @@ public enum GuestRequest: Sendable, Equatable {
     case mount(MountRequest)
     case unmount(UnmountRequest)
     case stopInstance(StopInstanceRequest)
+    case startInstance(StartInstanceRequest)
     /// `event` frames, each a `[ListeningPort]` snapshot, until either side ends the stream.
     case watchPorts(WatchPortsRequest)
     /// One TCP connection to the guest's loopback: `stdin`/`stdout` frames carry its bytes,
@@ -257,6 +258,21 @@ public struct UnmountRequest: GuestCall {
     public var name: String
     public init(name: String) { self.name = name }
     public var request: GuestRequest { .unmount(self) }
+}
+
+/// Start one distro instance now, as its first exec would (an exec that comes meanwhile joins the
+/// start). uvmd asks when it has booted the VM for a command in that distro, so that the start
+/// overlaps the rest of the VM's set-up instead of following it.
+public struct StartInstanceRequest: GuestCall {
+    public typealias Response = Done
+    public var name: String
+    /// Serial of the distro's disk (`uvm-NAME`), as uvmd attached it.
+    public var diskSerial: String
+    public init(name: String, diskSerial: String) {
+        self.name = name
+        self.diskSerial = diskSerial
+    }
+    public var request: GuestRequest { .startInstance(self) }
 }
 
 /// Stop one distro instance: signal its processes, sync, unmount its disk.
@@ -405,6 +421,7 @@ extension GuestRequest: Codable {
         case .mount: "mount"
         case .unmount: "unmount"
         case .stopInstance: "stopInstance"
+        case .startInstance: "startInstance"
         case .watchPorts: "watchPorts"
         case .connect: "connect"
         case .importDistro: "importDistro"
@@ -429,6 +446,7 @@ extension GuestRequest: Codable {
         case .mount(let r): try c.encode(r, forKey: .args)
         case .unmount(let r): try c.encode(r, forKey: .args)
         case .stopInstance(let r): try c.encode(r, forKey: .args)
+        case .startInstance(let r): try c.encode(r, forKey: .args)
         case .watchPorts(let r): try c.encode(r, forKey: .args)
         case .connect(let r): try c.encode(r, forKey: .args)
         case .importDistro(let r): try c.encode(r, forKey: .args)
@@ -453,6 +471,7 @@ extension GuestRequest: Codable {
         case "mount": self = .mount(try c.decode(MountRequest.self, forKey: .args))
         case "unmount": self = .unmount(try c.decode(UnmountRequest.self, forKey: .args))
         case "stopInstance": self = .stopInstance(try c.decode(StopInstanceRequest.self, forKey: .args))
+        case "startInstance": self = .startInstance(try c.decode(StartInstanceRequest.self, forKey: .args))
         case "watchPorts": self = .watchPorts(try c.decode(WatchPortsRequest.self, forKey: .args))
         case "connect": self = .connect(try c.decode(ConnectRequest.self, forKey: .args))
         case "importDistro": self = .importDistro(try c.decode(ImportDistroRequest.self, forKey: .args))

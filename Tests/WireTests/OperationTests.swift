@@ -20,6 +20,7 @@ import Wire
         InfoRequest().request, ShutdownRequest().request,
         MountRequest(name: "home", port: "uvm.9p.0", readOnly: true, msize: 65536, aname: "/x", channel: 3).request,
         UnmountRequest(name: "home").request, StopInstanceRequest(name: "debian").request,
+        StartInstanceRequest(name: "debian", diskSerial: "uvm-debian").request,
         .watchPorts(WatchPortsRequest()), .connect(ConnectRequest(port: 8080)),
         ImportDistroRequest(name: "debian", diskSerial: "uvm-debian", sourceSerial: "uvm.src.1", sourceBytes: 10240, defaultUser: DefaultUser(name: "me", uid: 1000, gid: 1000)).request,
         ExportDistroRequest(name: "debian", diskSerial: "uvm-debian", targetSerial: "uvm.dst.1", targetBytes: 1 << 30).request, ReleaseDiskRequest(name: "x", diskSerial: "uvm-x").request, SwapOnRequest(serial: "uvm.swap").request,
