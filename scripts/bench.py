@@ -163,7 +163,7 @@ def bare_qemu(mem, cpus, accel, firmware=None):
            # after /init under TCG, and the agent's first getrandom() (the Swift runtime's hash
            # seed) waits for it, which made the bare boot look that much slower than it is.
            "-device", "virtio-rng-pci",
-           "-append", "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init uvm.poweroff=1"]
+           "-append", "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init apic_timer_hz=1000000000 uvm.poweroff=1"]
     r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
     if r.returncode != 0:
         sys.exit(f"bench: bare qemu failed: {r.stderr.decode()[-500:]}")
