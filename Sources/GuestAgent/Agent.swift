@@ -24,7 +24,12 @@ public enum GuestAgent {
         _ = startedAt
         signal(SIGPIPE, SIG_IGN)
         preparePID1IfNeeded()
-        if getpid() == 1 { GuestNetwork.configure() }
+        if getpid() == 1 {
+            GuestNetwork.configureInBackground()
+            // The event loops' threads start while the control port is found and opened (~50 ms
+            // under TCG that the first answer no longer waits for).
+            startThread { _ = MultiThreadedEventLoopGroup.singleton.next() }
+        }
         let cmdline = readSmallFile("/proc/cmdline") ?? ""
         if cmdline.split(whereSeparator: { $0 == " " || $0 == "\n" }).contains("uvm.poweroff=1") {
             // Baseline for benchmarks: the same kernel and initramfs, booted and powered off.

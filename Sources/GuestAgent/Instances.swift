@@ -130,6 +130,8 @@ actor Instances {
         if let i = running[distro] { return i }
         if let t = starting[distro] { return try await t.value.0 }
         let task = Task {
+            // What runs in an instance may use the network from its first instruction.
+            await GuestNetwork.ready()
             // A disk hot-plugged a moment ago (a distro added or resized while the VM runs) may
             // not have reached the guest's PCIe hot-plug and virtio probe yet.
             let device = try await DistroDisks.device(serial: diskSerial, distro: distro)
