@@ -255,8 +255,8 @@ public actor VMController {
             }
             // The instance the command waits for starts while the rest is set up (an exec that
             // comes first joins that start); a failure is the exec's to report, when it retries.
+            let logger = logger, policy = memoryPolicy
             if let distro = startingFor, spec.disks.contains(where: { $0.serial == diskSerial(distro) }) {
-                let logger = logger
                 Task {
                     do { try await agent.startInstance(distro) } catch {
                         logger.debug("starting the instance early failed", metadata: ["distro": "\(distro)", "error": "\(error)"])
@@ -264,7 +264,6 @@ public actor VMController {
                 }
             }
             // Swap and the memory policy concern no command: they go beside the shares.
-            let logger = logger, policy = memoryPolicy
             async let tuned: Void = {
                 if swap != nil {
                     do {

@@ -12,37 +12,21 @@ enum GuestNetwork {
     static let gateway = "10.0.2.2"
     static let nameserver = "10.0.2.3"
 
-    /// Waiters for `configureInBackground`'s work; nil once it is done (or was never started).
-    private static let pending = Mutex<[CheckedContinuation<Void, Never>]?>(nil)
+    /// `configureInBackground`'s work, if it was started.
+    private static let configuring = Mutex<Task<Void, Never>?>(nil)
 
     /// `configure` on a thread of its own: off the path to the agent's first answer (bringing
     /// the NIC up, which fills its queues, took 40-60 ms of it under TCG). `ready()` waits for it.
     static func configureInBackground() {
-        pending.withLock { $0 = [] }
-        let started = startThread {
-            configure()
-            let waiters = pending.withLock { w in
-                defer { w = nil }
-                return w ?? []
-            }
-            waiters.forEach { $0.resume() }
+        let task = Task {
+            do { try await onOwnThread { configure() } } catch { configure() }  // no thread: here
         }
-        if !started {
-            configure()
-            pending.withLock { $0 = nil }
-        }
+        configuring.withLock { $0 = task }
     }
 
     /// Returns once the network is configured: an instance starts only then.
     static func ready() async {
-        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-            let waiting = pending.withLock { w -> Bool in
-                guard w != nil else { return false }
-                w!.append(c)
-                return true
-            }
-            if !waiting { c.resume() }
-        }
+        await configuring.withLock { $0 }?.value
     }
 
     /// Brings the first Ethernet interface up with the static slirp address and default route.

@@ -75,10 +75,8 @@ func onOwnThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async 
     }
 }
 
-/// Starts `body` on a detached thread of its own (a blocking accept or receive); false if no
-/// thread could be started (`body` has not run).
-@discardableResult
-func startThread(_ body: @escaping @Sendable () -> Void) -> Bool {
+/// Starts `body` on a detached thread of its own (a blocking accept or receive).
+func startThread(_ body: @escaping @Sendable () -> Void) {
     var thread = pthread_t()
     let arg = Unmanaged.passRetained(ThreadWork(body)).toOpaque()
     if pthread_create(&thread, nil, { arg in
@@ -86,10 +84,9 @@ func startThread(_ body: @escaping @Sendable () -> Void) -> Bool {
         return nil
     }, arg) == 0 {
         pthread_detach(thread)
-        return true
+    } else {
+        Unmanaged<ThreadWork>.fromOpaque(arg).release()
     }
-    Unmanaged<ThreadWork>.fromOpaque(arg).release()
-    return false
 }
 
 /// Writes a frame from a plain thread, waiting for the stream to take it (its flow control is
