@@ -74,7 +74,7 @@ struct GuestAgentClient: Sendable {
         }
         let session = try await HTTP2Sessions.openSession(link)
         return try await session.executeThenClose { inbound, outbound in
-            try await outbound.write(.json(.request, request))
+            try await outbound.write(request.frame)
             return try await body(inbound, outbound)
         }
     }

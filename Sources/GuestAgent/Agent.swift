@@ -257,7 +257,7 @@ final class SessionRouter: ChannelInboundHandler, RemovableChannelHandler {
         let first = unwrapInboundIn(data)
         let request: Result<GuestRequest, WireError>
         do {
-            request = .success(try first.decodeRequest(GuestRequest.self, who: "the guest agent"))
+            request = .success(try first.decodeGuestRequest(who: "the guest agent"))
         } catch let e as WireError {
             request = .failure(e)
         } catch {

@@ -15,6 +15,9 @@ import Wire
 /// while the other can take more (a read is held while the other channel is not writable), so
 /// the HTTP/2 stream window holds uvmd back and TCP's window holds the guest server back.
 enum PortRelay {
+    /// Every relay ends with the same frame: encoded once, not by JSONEncoder per connection.
+    static let exitFrame = Frame.json(.exit, ExitStatus(code: 0))
+
     /// Installs the relay on `stream`, whose request was `connect` to `port`.
     static func start(port: UInt16, stream: Channel) throws {
         let relay = Relay(port: port)
@@ -138,7 +141,7 @@ enum PortRelay {
             guard hostDone, guestEOF, !ended else { return }
             ended = true
             socket?.close(promise: nil)
-            stream?.writeAndFlush(NIOAny(Frame.json(.exit, ExitStatus(code: 0))), promise: nil)
+            stream?.writeAndFlush(NIOAny(PortRelay.exitFrame), promise: nil)
         }
 
         func fail(_ error: WireError) {

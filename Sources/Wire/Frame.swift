@@ -20,6 +20,7 @@ public enum FrameKind: UInt8, Sendable, CaseIterable {
     case stdoutEOF = 23    // empty: no more stdout (a relayed connection's half-close)
     case stdinAck = 24     // UInt32 big-endian: that many more stdin bytes reached the process (exec)
     case hostRun = 25      // JSON `HostRunRequest`, agent -> uvmd on an exec: `uvm-host` wants a host program
+    case connect = 26      // UInt16 big-endian port: uvmd -> agent, a forwarded connection's `request` (GuestRequest.frame)
 
     /// A final frame ends the session: nothing follows it in that direction.
     public var isFinal: Bool { self == .exit || self == .error || self == .response }

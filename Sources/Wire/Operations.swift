@@ -1,3 +1,5 @@
+import NIOCore
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
@@ -9,7 +11,7 @@ import Foundation
 /// uvmd adopting a VM whose agent predates stdin acknowledgements would stall every exec after
 /// 2 MiB of input). Bump it on any change an older peer would get wrong.
 public enum WireVersion {
-    public static let current = 4
+    public static let current = 5
     /// Requests without a version come from before versioning (protocol 1).
     public static let unversioned = 1
 }
@@ -292,6 +294,18 @@ public struct ConnectRequest: Codable, Sendable, Equatable {
     public init(port: UInt16) { self.port = port }
 }
 
+extension GuestRequest {
+    /// The first frame of this request's session. A forwarded connection's `connect` is a frame
+    /// of its own kind holding just the port: it is the one request made per connection, and
+    /// decoding its JSON was about a tenth of the agent's work per connection (emulated, under TCG).
+    public var frame: Frame {
+        guard case .connect(let c) = self else { return .json(.request, self) }
+        var port = ByteBuffer()
+        port.writeInteger(c.port)
+        return Frame(.connect, port)
+    }
+}
+
 // MARK: the envelope
 
 /// On the wire a request is `{"version": 3, "op": "<case>", "args": {...}}`. "op" keeps the
@@ -510,6 +524,17 @@ extension Frame {
         } catch {
             throw WireError(.badRequest, "malformed '\(header.op)' request: \(error)")
         }
+    }
+
+    /// What a guest session starts with: a `request` frame, or a forwarded connection's `connect`
+    /// frame (see `GuestRequest.frame`). A connect frame carries no version: uvmd checks the
+    /// agent's once per link (`info`) before it opens any.
+    public func decodeGuestRequest(who: String) throws -> GuestRequest {
+        guard kind == .connect else { return try decodeRequest(GuestRequest.self, who: who) }
+        guard payload.readableBytes == 2, let port = payload.getInteger(at: payload.readerIndex, as: UInt16.self) else {
+            throw WireError(.badRequest, "malformed connect frame: \(payload.readableBytes) bytes, not a 2-byte port")
+        }
+        return .connect(ConnectRequest(port: port))
     }
 
     /// The operation named by a request frame, for logs; "?" when unreadable.

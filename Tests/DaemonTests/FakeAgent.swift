@@ -48,7 +48,7 @@ final class FakeAgent: Sendable {
                             try? await FrameSession.serve(session) { first, rest, outbound in
                                 do {
                                     // A real agent's rules: the version is checked before anything else.
-                                    let request = try first.decodeRequest(GuestRequest.self, who: "the fake agent")
+                                    let request = try first.decodeGuestRequest(who: "the fake agent")
                                     received.list.withLock { $0.append(request) }
                                     if case .info = request {
                                         try await outbound.write(.json(.response, GuestInfo(

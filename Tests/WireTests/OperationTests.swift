@@ -34,6 +34,24 @@ import Wire
 
     @Test(arguments: guestRequests) func guestRequestsRoundTrip(_ r: GuestRequest) throws {
         #expect(try Frame.json(.request, r).decodeRequest(GuestRequest.self, who: "test") == r)
+        // What uvmd actually sends: a connect is a frame of its own.
+        #expect(try r.frame.decodeGuestRequest(who: "test") == r)
+    }
+
+    /// A forwarded connection's request is two bytes, not JSON; a connect frame of another length
+    /// is refused, not read past or short.
+    @Test func aConnectIsTwoBytesAndOtherLengthsAreRefused() throws {
+        let frame = GuestRequest.connect(ConnectRequest(port: 0x1F90)).frame
+        #expect(frame.kind == .connect)
+        #expect(Array(frame.payload.readableBytesView) == [0x1F, 0x90])
+        for bytes: [UInt8] in [[], [0x1F], [0x1F, 0x90, 0]] {
+            let e = try #require(throws: WireError.self) { try Frame(.connect, ByteBuffer(bytes: bytes)).decodeGuestRequest(who: "agent") }
+            #expect(e.code == .badRequest)
+        }
+        // Through the frame codec as the agent gets it.
+        var wire = ByteBuffer()
+        wire.writeFrame(frame)
+        #expect(try wire.readFrame()?.decodeGuestRequest(who: "agent") == .connect(ConnectRequest(port: 8080)))
     }
 
     /// Each side rejects the other side's operations: they are separate enums now.
