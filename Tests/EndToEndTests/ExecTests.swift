@@ -48,6 +48,14 @@ extension EndToEnd {
             #expect(r.err == "to-err\n")
         }
 
+        /// The agent's descriptors (its link, sockets, other sessions' pipes) never reach a process:
+        /// only its stdio is open (the spawn closes the rest with close_range).
+        @Test func aProcessGetsOnlyItsStdio() throws {
+            let r = try Harness.run(["exec", "--", "sh", "-c", "ls /proc/$$/fd | tr '\\n' ' '"])
+            #expect(r.status == 0, "stderr: \(r.err)")
+            #expect(r.out == "0 1 2 ")
+        }
+
         @Test func optionsReachTheProcess() throws {
             let r = try Harness.run(["exec", "--cd", "/tmp", "--env", "GREETING=hello world", "-e", "X=1", "--",
                                      "sh", "-c", "pwd; echo \"$GREETING\" $X; id -u; hostname"])
