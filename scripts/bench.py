@@ -92,6 +92,23 @@ HOP_NOTES = {
 }
 
 
+def guest_cpu(home):
+    """The guest's /proc/stat cpu line: (busy, user, system) ticks of 10 ms, summed over its vCPUs."""
+    f = list(map(int, uvm(home, "exec", "--", "head", "-1", "/proc/stat").stdout.split()[1:8]))
+    return sum(f) - f[3] - f[4], f[0] + f[1], f[2]
+
+
+def guest_cpu_per(home, n, body):
+    """Guest CPU milliseconds (busy, user, system) per call of `body`, over `n` calls. Time,
+    unlike latency, is not what the host's neighbours take: it says what the guest itself spent.
+    One `uvm exec` (the second reading) is counted in, ~1/n of an exec per call."""
+    a = guest_cpu(home)
+    for _ in range(n):
+        body()
+    b = guest_cpu(home)
+    return tuple((y - x) * 10 / n for x, y in zip(a, b))
+
+
 def warm_hops(home, runs):
     """Median per hop of warm `uvm exec -- true` (UVM_TRACE=1: each side times its own part)."""
     samples = []
@@ -219,6 +236,12 @@ def main():
         a0, b0 = map(float, uvm(home, "exec", "--", "sh", "-c", spawn_script).stdout.split())
         samples.append((b0 - a0) / n)
     guest_spawn = statistics.median(samples)
+    # The same in guest CPU: what one warm exec costs the guest, next to one spawn from sh.
+    exec_cpu = guest_cpu_per(home, 50, lambda: uvm(home, "exec", "--", "true"))
+    before = guest_cpu(home)
+    uvm(home, "exec", "--", "sh", "-c", "i=0; while [ $i -lt 200 ]; do /bin/true; i=$((i+1)); done")
+    after = guest_cpu(home)
+    spawn_cpu = tuple((y - x) * 10 / 200 for x, y in zip(before, after))
     st = json.loads(uvm(home, "status", "--format", "json").stdout)
     rss = st.get("daemonRSSKiB", 0)
 
@@ -242,6 +265,8 @@ def main():
         "concurrent_50_exec_ms": {"p50": pct(conc, 50) * 1000, "p99": pct(conc, 99) * 1000, "max": max(conc) * 1000,
                                   "execs": len(conc), "all_correct": True,
                                   "round_wall_s": conc_rounds},
+        "guest_cpu_ms_per_warm_exec": dict(zip(["busy", "user", "system"], exec_cpu)),
+        "guest_cpu_ms_per_spawn_from_sh": dict(zip(["busy", "user", "system"], spawn_cpu)),
         "uvmd_rss_mib": rss / 1024,
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "host": os.uname().nodename,
@@ -261,6 +286,8 @@ def main():
         ("50 concurrent uvm exec: p50 / p99 of each", f"{pct(conc, 50) * 1000:.0f} / {pct(conc, 99) * 1000:.0f} ms",
          f"{len(conc)} execs in {len(conc_rounds)} rounds, all printed their own line; round wall {statistics.median(conc_rounds):.2f} s"),
         ("50 concurrent: p99 / p50 (goal <= 5)", f"{pct(conc, 99) / pct(conc, 50):.2f}", ""),
+        ("guest CPU per warm exec: busy (user/system)", f"{exec_cpu[0]:.1f} ms", f"{exec_cpu[1]:.1f} / {exec_cpu[2]:.1f} ms, 50 execs, both vCPUs"),
+        ("guest CPU per spawn of /bin/true from sh", f"{spawn_cpu[0]:.1f} ms", f"{spawn_cpu[1]:.1f} / {spawn_cpu[2]:.1f} ms"),
         ("uvmd resident memory", f"{res['uvmd_rss_mib']:.1f} MiB", ""),
     ]
     write_results(a.out, "boot-exec", res, rows, value_width=10)
@@ -481,6 +508,10 @@ def bench_network(out, big_mib=256, rounds=3, conns=200):
                         peer_failed += 1
         if peer_failed:
             retried.append(f"hostfwd failed {peer_failed} of {conns} tiny connections (left out)")
+        # What a connection costs the guest: ours runs the agent's relay, hostfwd only the
+        # guest kernel's TCP over virtio-net; both run the same httpd.
+        cpu = {name: guest_cpu_per(home, conns // 2, lambda p=p: http_get(p, "/small", timeout=30))
+               for name, p in (("uvm", port), ("hostfwd", hport))}
     finally:
         # Whatever happened, leave no VM or uvmd behind.
         st = json.loads(uvm(home, "status", "--format", "json").stdout)
@@ -504,6 +535,7 @@ def bench_network(out, big_mib=256, rounds=3, conns=200):
         "peer_retries": retried,
         "connection_ms": {k: {"p50": p50[k], "p99": p99[k], "runs": len(lat[k])} for k in lat},
         "connection_p50_ratio_hostfwd_to_uvm": p50["hostfwd"] / p50["uvm"],
+        "guest_cpu_ms_per_connection": {k: dict(zip(["busy", "user", "system"], v)) for k, v in cpu.items()},
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "host": os.uname().nodename,
     }
@@ -517,6 +549,8 @@ def bench_network(out, big_mib=256, rounds=3, conns=200):
         ("connection (connect+GET tiny+EOF) uvm p50 / p99", f"{p50['uvm']:.1f} / {p99['uvm']:.1f} ms", f"{len(lat['uvm'])} conns"),
         ("connection (connect+GET tiny+EOF) hostfwd p50 / p99", f"{p50['hostfwd']:.1f} / {p99['hostfwd']:.1f} ms", ""),
         ("latency ratio hostfwd / uvm p50 (goal >= 1)", f"{res['connection_p50_ratio_hostfwd_to_uvm']:.2f}", ""),
+        *[(f"guest CPU per connection via {k}: busy", f"{v[0]:.1f} ms", f"user {v[1]:.1f} / system {v[2]:.1f} ms, {conns // 2} conns")
+          for k, v in cpu.items()],
     ]
     write_results(out, "network", res, rows, value_width=16)
 
