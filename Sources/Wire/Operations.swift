@@ -504,25 +504,46 @@ extension GuestRequest: Codable {
     }
 }
 
+/// A request read in one pass over its JSON (the guest agent parses every exec's under TCG):
+/// the header first, and the operation only when the version is ours, so that a request of
+/// another version is refused, never misread.
+private enum VersionChecked<R: Decodable>: Decodable {
+    case request(R)
+    case otherVersion(Int)
+
+    init(from decoder: Decoder) throws {
+        let header = try RequestHeader(from: decoder)
+        guard header.version == WireVersion.current else {
+            self = .otherVersion(header.version)
+            return
+        }
+        do {
+            self = .request(try R(from: decoder))
+        } catch {
+            throw WireError(.badRequest, "malformed '\(header.op)' request: \(error)")
+        }
+    }
+}
+
 extension Frame {
     /// The request this session starts with. A peer speaking another protocol version gets a
     /// `versionMismatch` error naming both versions (`who` is the side answering, e.g. "uvmd
     /// (pid 42)"); a malformed one gets `badRequest`.
     public func decodeRequest<R: Decodable>(_ type: R.Type, who: String) throws -> R {
         guard kind == .request else { throw WireError(.protocolError, "the session did not start with a request") }
-        let header: RequestHeader
+        let checked: VersionChecked<R>
         do {
-            header = try JSONDecoder().decode(RequestHeader.self, from: Data(payload.readableBytesView))
+            checked = try JSONDecoder().decode(VersionChecked<R>.self, from: Data(payload.readableBytesView))
+        } catch let e as WireError {
+            throw e
         } catch {
             throw WireError(.badRequest, "malformed request: \(error)")
         }
-        guard header.version == WireVersion.current else {
-            throw WireError(.versionMismatch, "\(who) speaks uvm protocol \(WireVersion.current), the request protocol \(header.version): they come from different uvm versions")
-        }
-        do {
-            return try JSONDecoder().decode(R.self, from: Data(payload.readableBytesView))
-        } catch {
-            throw WireError(.badRequest, "malformed '\(header.op)' request: \(error)")
+        switch checked {
+        case .request(let r):
+            return r
+        case .otherVersion(let version):
+            throw WireError(.versionMismatch, "\(who) speaks uvm protocol \(WireVersion.current), the request protocol \(version): they come from different uvm versions")
         }
     }
 
