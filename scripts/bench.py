@@ -99,8 +99,9 @@ def guest_cpu(home):
 
 
 def guest_cpu_per(home, n, body):
-    """Guest CPU milliseconds (busy, user, system) per call of `body`, over `n` calls. Time,
-    unlike latency, is not what the host's neighbours take: it says what the guest itself spent.
+    """Guest CPU milliseconds (busy, user, system) per call of `body`, over `n` calls: the work
+    the guest did, without the waits a latency has (a busy host stretches it too: a preempted
+    vCPU's clock runs on; compare within one run).
     One `uvm exec` (the second reading) is counted in, ~1/n of an exec per call."""
     a = guest_cpu(home)
     for _ in range(n):
