@@ -84,8 +84,11 @@ final class FakeAgent: Sendable {
     }
 }
 
-/// Waits (bounded) until `condition` holds; false if it never did within `seconds`.
-func eventually(seconds: Double = 10, _ condition: () async throws -> Bool) async rethrows -> Bool {
+/// Waits (bounded) until `condition` holds; false if it never did within `seconds`. The bound is
+/// generous because it is wall time: the unit tests run in parallel on a 2-core machine, and a CI
+/// run saw every test stall for ~19 s at its start, which made a 10 s bound fail a port report
+/// that normally arrives in milliseconds. Only a failing condition waits that long.
+func eventually(seconds: Double = 60, _ condition: () async throws -> Bool) async rethrows -> Bool {
     let deadline = ContinuousClock.now + .seconds(seconds)
     while ContinuousClock.now < deadline {
         if try await condition() { return true }
