@@ -99,13 +99,12 @@ def guest_cpu(home):
 
 
 def guest_cpu_per(home, n, body):
-    """Guest CPU milliseconds (busy, user, system) per call of `body`, over `n` calls: the work
-    the guest did, without the waits a latency has (a busy host stretches it too: a preempted
-    vCPU's clock runs on; compare within one run).
-    One `uvm exec` (the second reading) is counted in, ~1/n of an exec per call."""
+    """Guest CPU milliseconds (busy, user, system) per each of the `n` things `body` does: the
+    work the guest did, without the waits a latency has (a busy host stretches it too: a
+    preempted vCPU's clock runs on; compare within one run).
+    One `uvm exec` (the second reading) is counted in, ~1/n of an exec each."""
     a = guest_cpu(home)
-    for _ in range(n):
-        body()
+    body()
     b = guest_cpu(home)
     return tuple((y - x) * 10 / n for x, y in zip(a, b))
 
@@ -238,11 +237,9 @@ def main():
         samples.append((b0 - a0) / n)
     guest_spawn = statistics.median(samples)
     # The same in guest CPU: what one warm exec costs the guest, next to one spawn from sh.
-    exec_cpu = guest_cpu_per(home, 50, lambda: uvm(home, "exec", "--", "true"))
-    before = guest_cpu(home)
-    uvm(home, "exec", "--", "sh", "-c", "i=0; while [ $i -lt 200 ]; do /bin/true; i=$((i+1)); done")
-    after = guest_cpu(home)
-    spawn_cpu = tuple((y - x) * 10 / 200 for x, y in zip(before, after))
+    exec_cpu = guest_cpu_per(home, 50, lambda: [uvm(home, "exec", "--", "true") for _ in range(50)])
+    spawn_cpu = guest_cpu_per(home, 200, lambda: uvm(
+        home, "exec", "--", "sh", "-c", "i=0; while [ $i -lt 200 ]; do /bin/true; i=$((i+1)); done"))
     st = json.loads(uvm(home, "status", "--format", "json").stdout)
     rss = st.get("daemonRSSKiB", 0)
 
@@ -511,7 +508,7 @@ def bench_network(out, big_mib=256, rounds=3, conns=200):
             retried.append(f"hostfwd failed {peer_failed} of {conns} tiny connections (left out)")
         # What a connection costs the guest: ours runs the agent's relay, hostfwd only the
         # guest kernel's TCP over virtio-net; both run the same httpd.
-        cpu = {name: guest_cpu_per(home, conns // 2, lambda p=p: http_get(p, "/small", timeout=30))
+        cpu = {name: guest_cpu_per(home, conns // 2, lambda p=p: [http_get(p, "/small", timeout=30) for _ in range(conns // 2)])
                for name, p in (("uvm", port), ("hostfwd", hport))}
     finally:
         # Whatever happened, leave no VM or uvmd behind.
