@@ -82,6 +82,11 @@ int cp9_accept(int fd) {
     return accept4(fd, NULL, NULL, SOCK_CLOEXEC);
 }
 
+// Starts write-out of the range's dirty pages without waiting for it (WriteBehind.swift).
+int cp9_write_behind(int fd, int64_t offset, int64_t count) {
+    return sync_file_range(fd, offset, count, SYNC_FILE_RANGE_WRITE);
+}
+
 ssize_t cp9_getdents64(int fd, void *buf, size_t count) {
     return syscall(SYS_getdents64, fd, buf, count);
 }

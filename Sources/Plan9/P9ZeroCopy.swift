@@ -133,6 +133,7 @@ extension Plan9Session {
                 guard z.offset <= UInt64(Int64.max) else { throw P9Errno(EINVAL) }
                 if export.metadata { try killPriv(node, writer: f.uid) }
                 let n = try Self.transfer(iov, at: z.offset) { pwritev(fd.raw, $0, $1, $2) }
+                writeBehind?.wrote(fd, at: z.offset, count: n)
                 return .rwrite(count: UInt32(n))
             }
             var data = ByteBufferAllocator().buffer(capacity: Int(z.count))

@@ -90,6 +90,8 @@ public final class Plan9Server: Sendable {
     }
     /// Zero copy (P9ZeroCopy.swift): every session of this server may name pages of this memory.
     let guestMemory: GuestMemory?
+    /// Large writes' host write-out, started on the pool as they arrive (WriteBehind.swift).
+    let writeBehind: WriteBehind
 
     /// - Parameters:
     ///   - threadPool: where blocking file system calls run; a started pool the caller owns, or nil
@@ -120,6 +122,7 @@ public final class Plan9Server: Sendable {
             self.threadPool = pool
             ownsPool = true
         }
+        writeBehind = WriteBehind(pool: self.threadPool)
         var logger = logger
         logger[metadataKey: "export"] = "\(export.root)"
         self.logger = logger
@@ -331,7 +334,8 @@ final class Plan9SessionHandler: ChannelDuplexHandler {
 
     init(server: Plan9Server) {
         self.server = server
-        session = Plan9Session(core: server.core, limits: server.limits, memory: server.guestMemory)
+        session = Plan9Session(core: server.core, limits: server.limits, memory: server.guestMemory,
+                               writeBehind: server.writeBehind)
         logger = server.logger
     }
 

@@ -243,10 +243,15 @@ final class Plan9Session: @unchecked Sendable {
     /// The guest's RAM when its transport sends zero-copy requests (P9ZeroCopy.swift), else nil.
     let memory: GuestMemory?
 
-    init(core: ExportCore, limits: SessionLimits = SessionLimits(), memory: GuestMemory? = nil) {
+    /// Starts the host's write-out of large writes (nil: left to the page cache).
+    let writeBehind: WriteBehind?
+
+    init(core: ExportCore, limits: SessionLimits = SessionLimits(), memory: GuestMemory? = nil,
+         writeBehind: WriteBehind? = nil) {
         self.core = core
         self.limits = limits
         self.memory = memory
+        self.writeBehind = writeBehind
         let process = Budget.processDescriptors
         descriptors = Budget(limit: min(limits.descriptors, max(16, process.limit / 4)), error: EMFILE, parent: process)
         xattrBytes = Budget(limit: limits.xattrBytes, error: ENOMEM)
@@ -961,6 +966,7 @@ final class Plan9Session: @unchecked Sendable {
                 }
             }
             if done == 0 && err != 0 && data.readableBytes > 0 { throw P9Errno(err) }
+            writeBehind?.wrote(fd, at: offset, count: done)
             return UInt32(done)
         case .xattrWrite:
             return try f.lock.withLockTyped { () throws(P9Errno) -> UInt32 in

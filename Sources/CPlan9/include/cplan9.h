@@ -63,3 +63,6 @@ uint32_t cp9_minor(uint64_t dev);
 /// system identity uid/gid with these supplementary groups: what it creates is theirs, and it has
 /// their rights. 0 on success, else -1 and errno (the thread may then be partly changed).
 int cp9_set_thread_fs_identity(uint32_t uid, uint32_t gid, const uint32_t *groups, int ngroups);
+
+/// sync_file_range(SYNC_FILE_RANGE_WRITE): starts write-out of the range, does not wait.
+int cp9_write_behind(int fd, int64_t offset, int64_t count);
