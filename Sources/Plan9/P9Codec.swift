@@ -61,6 +61,45 @@ struct P9Reader {
         let p = try u64()
         return Qid(type: t, version: v, path: p)
     }
+    /// Rgetattr's body (and Ruvmsetattr's).
+    mutating func attr() throws -> P9Attr {
+        var a = P9Attr()
+        a.valid = try u64()
+        a.qid = try qid()
+        a.mode = try u32()
+        a.uid = try u32()
+        a.gid = try u32()
+        a.nlink = try u64()
+        a.rdev = try u64()
+        a.size = try u64()
+        a.blksize = try u64()
+        a.blocks = try u64()
+        a.atimeSec = try u64()
+        a.atimeNsec = try u64()
+        a.mtimeSec = try u64()
+        a.mtimeNsec = try u64()
+        a.ctimeSec = try u64()
+        a.ctimeNsec = try u64()
+        a.btimeSec = try u64()
+        a.btimeNsec = try u64()
+        a.gen = try u64()
+        a.dataVersion = try u64()
+        return a
+    }
+    /// Tsetattr's body after the fid (and Tuvmsetattr's).
+    mutating func setAttr() throws -> P9SetAttr {
+        var a = P9SetAttr()
+        a.valid = try u32()
+        a.mode = try u32()
+        a.uid = try u32()
+        a.gid = try u32()
+        a.size = try u64()
+        a.atimeSec = try u64()
+        a.atimeNsec = try u64()
+        a.mtimeSec = try u64()
+        a.mtimeNsec = try u64()
+        return a
+    }
     mutating func data() throws -> ByteBuffer {
         let n = Int(try u32())
         guard let slice = buffer.readSlice(length: n) else { throw P9DecodeError("truncated data") }
@@ -141,42 +180,10 @@ extension P9Frame {
             s.namelen = try r.u32()
             m = .rstatfs(s)
         case 24: m = .tgetattr(fid: try r.u32(), mask: try r.u64())
-        case 25:
-            var a = P9Attr()
-            a.valid = try r.u64()
-            a.qid = try r.qid()
-            a.mode = try r.u32()
-            a.uid = try r.u32()
-            a.gid = try r.u32()
-            a.nlink = try r.u64()
-            a.rdev = try r.u64()
-            a.size = try r.u64()
-            a.blksize = try r.u64()
-            a.blocks = try r.u64()
-            a.atimeSec = try r.u64()
-            a.atimeNsec = try r.u64()
-            a.mtimeSec = try r.u64()
-            a.mtimeNsec = try r.u64()
-            a.ctimeSec = try r.u64()
-            a.ctimeNsec = try r.u64()
-            a.btimeSec = try r.u64()
-            a.btimeNsec = try r.u64()
-            a.gen = try r.u64()
-            a.dataVersion = try r.u64()
-            m = .rgetattr(a)
-        case 26:
-            let fid = try r.u32()
-            var a = P9SetAttr()
-            a.valid = try r.u32()
-            a.mode = try r.u32()
-            a.uid = try r.u32()
-            a.gid = try r.u32()
-            a.size = try r.u64()
-            a.atimeSec = try r.u64()
-            a.atimeNsec = try r.u64()
-            a.mtimeSec = try r.u64()
-            a.mtimeNsec = try r.u64()
-            m = .tsetattr(fid: fid, attr: a)
+        case 25: m = .rgetattr(try r.attr())
+        case 93: m = .ruvmsetattr(try r.attr())
+        case 26: m = .tsetattr(fid: try r.u32(), attr: try r.setAttr())
+        case 92: m = .tuvmsetattr(fid: try r.u32(), attr: try r.setAttr())
         case 27: m = .rsetattr
         case 40: m = .treaddir(fid: try r.u32(), offset: try r.u64(), count: try r.u32())
         case 41: m = .rreaddir(data: try r.data())
@@ -324,7 +331,7 @@ extension P9Frame {
         case .tgetattr(let fid, let mask):
             out.p9Write(fid)
             out.p9Write(mask)
-        case .rgetattr(let a):
+        case .rgetattr(let a), .ruvmsetattr(let a):
             out.p9Write(a.valid)
             out.p9Write(a.qid)
             out.p9Write(a.mode)
@@ -334,7 +341,7 @@ extension P9Frame {
                       a.mtimeNsec, a.ctimeSec, a.ctimeNsec, a.btimeSec, a.btimeNsec, a.gen, a.dataVersion] {
                 out.p9Write(v)
             }
-        case .tsetattr(let fid, let a):
+        case .tsetattr(let fid, let a), .tuvmsetattr(let fid, let a):
             out.p9Write(fid)
             out.p9Write(a.valid)
             out.p9Write(a.mode)

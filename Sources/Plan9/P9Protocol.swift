@@ -274,6 +274,12 @@ public enum P9Message: Sendable, Equatable {
     /// of host-side changes; they come as Ruvmnotify with tag NOTAG (see `P9Note`).
     case tuvmnotify(flags: UInt32)
     case ruvmnotify(notes: [P9Note])
+    /// uvm's extension: Tsetattr answered with the attributes it left (Rgetattr's body), so a
+    /// cache=meta guest keeps them instead of asking again at its next lookup (tar: chown, chmod,
+    /// utimes, each a lookup of the entry the previous one changed). Sent only to a server that
+    /// took Tuvmnotify; a server without it answers EOPNOTSUPP and gets Tsetattr from then on.
+    case tuvmsetattr(fid: UInt32, attr: P9SetAttr)
+    case ruvmsetattr(P9Attr)
     /// A T-message of legacy 9P2000/9P2000.u that 9P2000.L has no use for (Tauth, Topen, Tcreate,
     /// Tstat, Twstat): answered with Rlerror(EOPNOTSUPP), body not parsed.
     case unsupported(type: UInt8)
@@ -328,6 +334,8 @@ extension P9Message {
         case .runlinkat: return 77
         case .tuvmnotify: return 90
         case .ruvmnotify: return 91
+        case .tuvmsetattr: return 92
+        case .ruvmsetattr: return 93
         case .tversion: return 100
         case .rversion: return 101
         case .tattach: return 104
@@ -400,6 +408,7 @@ extension P9 {
             8: "statfs", 12: "lopen", 14: "lcreate", 16: "symlink", 18: "mknod", 20: "rename", 22: "readlink",
             24: "getattr", 26: "setattr", 30: "xattrwalk", 32: "xattrcreate", 40: "readdir", 50: "fsync",
             52: "lock", 54: "getlock", 70: "link", 72: "mkdir", 74: "renameat", 76: "unlinkat", 90: "uvmnotify",
+            92: "setattr+getattr",
             100: "version", 104: "attach", 108: "flush", 110: "walk", 116: "read", 118: "write", 120: "clunk",
             122: "remove", 130: "zc",
         ]

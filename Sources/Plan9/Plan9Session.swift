@@ -344,6 +344,9 @@ final class Plan9Session: @unchecked Sendable {
         case let .tsetattr(fid, attr):
             try touching(fid) { () throws(P9Errno) in try setattr(fid: fid, attr) }
             return .rsetattr
+        case let .tuvmsetattr(fid, attr):
+            try touching(fid) { () throws(P9Errno) in try setattr(fid: fid, attr) }
+            return .ruvmsetattr(try getattr(fid: fid, mask: P9.GetattrMask.all))
         case let .tlopen(fid, flags):
             return try lopen(fid: fid, flags: flags)
         case let .tlcreate(fid, name, flags, mode, gid):
@@ -429,7 +432,7 @@ final class Plan9Session: @unchecked Sendable {
             // Handled by the connection (they act on the session and on requests in flight).
             throw P9Errno(EINVAL)
         case .ruvmnotify, .rversion, .rattach, .rlerror, .rflush, .rwalk, .rlopen, .rlcreate, .rread, .rwrite, .rclunk,
-             .rremove, .rstatfs, .rgetattr, .rsetattr, .rreaddir, .rfsync, .rmkdir, .rmknod, .rsymlink,
+             .rremove, .rstatfs, .rgetattr, .rsetattr, .ruvmsetattr, .rreaddir, .rfsync, .rmkdir, .rmknod, .rsymlink,
              .rreadlink, .rlink, .rrename, .rrenameat, .runlinkat, .rlock, .rgetlock, .rxattrwalk, .rxattrcreate, .rzc:
             throw P9Errno(EPROTO)
         }

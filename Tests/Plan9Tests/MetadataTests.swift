@@ -37,6 +37,30 @@ struct MetadataTests {
         #expect(try await c.read(2).isEmpty)
     }
 
+    /// Tuvmsetattr answers with what the change left, as a Tgetattr after it would: the set-id
+    /// bits a chown cleared and the new ctime included.
+    @Test func setattrThatAnswersWithTheAttributes() async throws {
+        let fx = try Fixture(metadata: true) { share, _ in try write(share + "/f", "x") }
+        defer { Task { await fx.close() } }
+        let c = try await fx.connect()
+        try await c.walk(0, 1, ["f"])
+        try await c.setattr(1, P9SetAttr(valid: P9.SetattrMask.mode, mode: 0o6755))
+        let before = try await c.getattr(1)
+        try await Task.sleep(for: .milliseconds(20))
+        let reply = try await c.call(.tuvmsetattr(fid: 1, attr: P9SetAttr(valid: P9.SetattrMask.uid | P9.SetattrMask.gid
+                                                                            | P9.SetattrMask.mode, mode: 0o6755 & ~0o6000 | 0o100000,
+                                                                          uid: 1234, gid: 5678)))
+        guard case .ruvmsetattr(let a) = reply else { Issue.record("\(reply)"); return }
+        #expect(a.uid == 1234 && a.gid == 5678 && a.mode == 0o100755)
+        #expect(a == (try await c.getattr(1)))
+        #expect((a.ctimeSec, a.ctimeNsec) > (before.ctimeSec, before.ctimeNsec))
+        // An error is the setattr's, as with Tsetattr.
+        await #expect(throws: P9Errno(EBADF)) {
+            try await c.call(.tuvmsetattr(fid: 9, attr: P9SetAttr(valid: P9.SetattrMask.size, size: 0)))
+        }
+        await c.close()
+    }
+
     @Test func createdFilesCarryTheGuestOwner() async throws {
         let fx = try Fixture(metadata: true)
         defer { Task { await fx.close() } }

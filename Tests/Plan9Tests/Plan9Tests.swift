@@ -30,6 +30,7 @@ struct CodecTests {
             .tclunk(fid: 2), .rclunk, .tremove(fid: 3), .rremove, .tstatfs(fid: 1), .rstatfs(sfs),
             .tgetattr(fid: 1, mask: P9.GetattrMask.all), .rgetattr(attr),
             .tsetattr(fid: 1, attr: P9SetAttr(valid: 1, mode: 0o600, size: 10)), .rsetattr,
+            .tuvmsetattr(fid: 1, attr: P9SetAttr(valid: 1, mode: 0o600, size: 10)), .ruvmsetattr(attr),
             .treaddir(fid: 1, offset: 77, count: 4096), .rreaddir(data: ByteBuffer(bytes: [0, 1])),
             .tfsync(fid: 1, datasync: 1), .rfsync,
             .tmkdir(dfid: 1, name: "d", mode: 0o755, gid: 0), .rmkdir(qid: q),
