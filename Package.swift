@@ -158,6 +158,6 @@ let package = Package(
         ]),
         // uvm-init's spawn path driven on the host, in a process of its own (see SpawnSoakTests).
         .executableTarget(name: "spawn-soak", dependencies: ["GuestAgent"], path: "Tests/SpawnSoak"),
-        .testTarget(name: "GuestAgentTests", dependencies: ["spawn-soak"]),
+        .testTarget(name: "GuestAgentTests", dependencies: ["spawn-soak", "GuestAgent"]),
     ]
 )

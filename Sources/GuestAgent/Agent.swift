@@ -28,7 +28,10 @@ public enum GuestAgent {
             GuestNetwork.configureInBackground()
             // The event loops' threads start while the control port is found and opened (~50 ms
             // under TCG that the first answer no longer waits for).
-            startThread { _ = MultiThreadedEventLoopGroup.singleton.next() }
+            startThread {
+                _ = MultiThreadedEventLoopGroup.singleton.next()
+                StallReport.start()
+            }
         }
         let cmdline = readSmallFile("/proc/cmdline") ?? ""
         if cmdline.split(whereSeparator: { $0 == " " || $0 == "\n" }).contains("uvm.poweroff=1") {

@@ -1,0 +1,96 @@
+import Glibc
+import NIOCore
+import NIOPosix
+import Synchronization
+
+/// Says on the console what the agent's threads are doing when it stops making progress. uvmd
+/// kills a VM whose agent has not answered for 120 s and keeps its console (console.log.failed):
+/// without this, that log ends with the last thing the agent said and nothing about why it went
+/// quiet. Two heartbeats are watched from a plain thread, one from a task on Swift's cooperative
+/// pool (two threads here; a blocking call on each starves every actor and session) and one from
+/// the event loop; when either has been silent for `silence`, each thread's state, system call and
+/// kernel stack are logged, with every process in the VM that is in uninterruptible sleep, once
+/// per stall.
+enum StallReport {
+    static let silence: Duration = .seconds(20)
+    /// Beats by source: "Swift's cooperative pool", "event loop 0", ...
+    private static let beats = Mutex<[String: Int]>([:])
+
+    private static func beat(_ source: String) {
+        beats.withLock { $0[source, default: 0] += 1 }
+    }
+
+    static func start() {
+        Task.detached {
+            while true {
+                beat("Swift's cooperative pool")
+                try? await Task.sleep(for: .seconds(1))
+            }
+        }
+        for (i, loop) in MultiThreadedEventLoopGroup.singleton.makeIterator().enumerated() {
+            loop.scheduleRepeatedTask(initialDelay: .zero, delay: .seconds(1)) { _ in beat("event loop \(i)") }
+        }
+        startThread {
+            var last: [String: Int] = [:]
+            var since: [String: ContinuousClock.Instant] = [:]
+            var reported = false
+            while true {
+                sleep(1)
+                let now = beats.withLock { $0 }
+                for (source, n) in now where last[source] != n { since[source] = .now }
+                last = now
+                let stalled = since.filter { ContinuousClock.now - $0.value >= silence }.keys.sorted()
+                if stalled.isEmpty {
+                    reported = false
+                } else if !reported {
+                    reported = true
+                    log("stalled: \(stalled.joined(separator: " and ")) made no progress for \(silence)")
+                    for line in describe() { log("stalled: \(line)") }
+                }
+            }
+        }
+    }
+
+    /// The agent's threads, then every other process in uninterruptible sleep (D).
+    static func describe() -> [String] {
+        var out: [String] = []
+        for tid in numbers(in: "/proc/self/task") {
+            out += thread("/proc/self/task/\(tid)", label: "thread \(tid)")
+        }
+        let me = getpid()
+        for pid in numbers(in: "/proc") where pid != me {
+            guard state("/proc/\(pid)") == "D" else { continue }
+            out += thread("/proc/\(pid)", label: "process \(pid)")
+        }
+        return out
+    }
+
+    private static func thread(_ dir: String, label: String) -> [String] {
+        let comm = (readSmallFile("\(dir)/comm", limit: 64) ?? "?").trimmingSuffix("\n")
+        let syscall = (readSmallFile("\(dir)/syscall", limit: 256) ?? "?").trimmingSuffix("\n")
+        var lines = ["\(label) \(comm) state \(state(dir)) syscall \(syscall)"]
+        let stack = (readSmallFile("\(dir)/stack", limit: 8192) ?? "").split(separator: "\n")
+        lines += stack.prefix(24).map { "  \($0)" }
+        return lines
+    }
+
+    private static func state(_ dir: String) -> String {
+        // After the command's closing parenthesis (the name may hold spaces and parentheses).
+        guard let stat = readSmallFile("\(dir)/stat", limit: 4096), let close = stat.lastIndex(of: ")") else { return "?" }
+        return String(stat[stat.index(after: close)...].drop(while: { $0 == " " }).prefix(1))
+    }
+
+    private static func numbers(in dir: String) -> [Int32] {
+        guard let d = opendir(dir) else { return [] }
+        defer { closedir(d) }
+        var out: [Int32] = []
+        while let e = readdir(d) {
+            if let n = Int32(direntName(e)) { out.append(n) }
+        }
+        return out.sorted()
+    }
+}
+
+private extension String {
+    func trimmingSuffix(_ suffix: String) -> String { hasSuffix(suffix) ? String(dropLast(suffix.count)) : self }
+}
