@@ -402,6 +402,32 @@ extension EndToEnd {
             #expect(FileManager.default.fileExists(atPath: dir + "/a/guest-dir"))
         }
 
+        /// Changing an entry the guest used a moment ago asks the host once per change: its fid is
+        /// still there (no walk, no clunk), and each change's answer carries the attributes it left
+        /// (no getattr at the next lookup, or for the stat after it). tar, cp -a and rsync do this
+        /// for every file: chown, chmod, utimes.
+        @Test func changingAnEntryJustUsedAsksOncePerChange() throws {
+            let dir = try Self.share("chg")
+            defer { Self.unshare("chg", dir) }
+            let made = try Self.guest("echo x > /mnt/host/chg/f && stat -c %a /mnt/host/chg/f")
+            #expect(made.status == 0 && made.out == "644\n", "\(made.out) \(made.err)")
+            let counts = { () throws -> [String: Int] in
+                let out = try Harness.run(["share", "list", "--format", "json"]).out
+                return try Dictionary(uniqueKeysWithValues: ["walk", "getattr", "setattr", "setattr+getattr"].map {
+                    ($0, try Self.requestCount(out, share: "chg", request: $0))
+                })
+            }
+            let before = try counts()
+            let r = try Self.guest("f=/mnt/host/chg/f; chmod 600 $f && chmod 640 $f && touch -d @5 $f && stat -c '%a %Y' $f")
+            let after = try counts()
+            #expect(r.status == 0 && r.out == "640 5\n", "\(r.out) \(r.err)")
+            let asked = after.merging(before) { $0 - $1 }
+            #expect(asked == ["walk": 0, "getattr": 0, "setattr": 0, "setattr+getattr": 3], "requests: \(asked)")
+            // And it is what the host has.
+            var st = stat()
+            #expect(lstat(dir + "/f", &st) == 0 && st.st_mode & 0o7777 == 0o640 && st.st_mtim.tv_sec == 5)
+        }
+
         @Test func listingLargeDirectoriesWithStatsDoesNotRunTheServerOutOfDescriptors() throws {
             // Each looked-up entry's fid is a descriptor in uvmd (4,096 per session) until the guest
             // gives it back; the guest once gave them back slower than ls -l took them, and uvmd
