@@ -24,13 +24,14 @@ public enum GuestAgent {
         _ = startedAt
         signal(SIGPIPE, SIG_IGN)
         preparePID1IfNeeded()
+        let instances = Instances()
         if getpid() == 1 {
             GuestNetwork.configureInBackground()
             // The event loops' threads start while the control port is found and opened (~50 ms
             // under TCG that the first answer no longer waits for).
             startThread {
                 _ = MultiThreadedEventLoopGroup.singleton.next()
-                StallReport.start()
+                StallReport.start(probes: [("the instances' actor", { _ = await instances.names })])
             }
         }
         let cmdline = readSmallFile("/proc/cmdline") ?? ""
@@ -39,7 +40,6 @@ public enum GuestAgent {
             log("uvm.poweroff=1: powering off at once")
             _ = uvm_poweroff()
         }
-        let instances = Instances()
         ShareMounts.prepare()
         let shares = ShareMounts()
         do {

@@ -6,11 +6,11 @@ import Synchronization
 /// Says on the console what the agent's threads are doing when it stops making progress. uvmd
 /// kills a VM whose agent has not answered for 120 s and keeps its console (console.log.failed):
 /// without this, that log ends with the last thing the agent said and nothing about why it went
-/// quiet. Two heartbeats are watched from a plain thread, one from a task on Swift's cooperative
-/// pool (two threads here; a blocking call on each starves every actor and session) and one from
-/// the event loop; when either has been silent for `silence`, each thread's state, system call and
-/// kernel stack are logged, with every process in the VM that is in uninterruptible sleep, once
-/// per stall.
+/// quiet. Heartbeats are watched from a plain thread: one from a task on Swift's cooperative pool
+/// (two threads here; a blocking call on each starves every actor and session), one from each
+/// event loop, and one per probe (the instances' actor, which uvmd's liveness check asks); when one
+/// has been silent for `silence`, each thread's state, system call and kernel stack are logged,
+/// with every process in the VM that is in uninterruptible sleep, once per stall.
 enum StallReport {
     static let silence: Duration = .seconds(20)
     /// Beats by source: "Swift's cooperative pool", "event loop 0", ...
@@ -20,11 +20,16 @@ enum StallReport {
         beats.withLock { $0[source, default: 0] += 1 }
     }
 
-    static func start() {
-        Task.detached {
-            while true {
-                beat("Swift's cooperative pool")
-                try? await Task.sleep(for: .seconds(1))
+    /// `probes`: more things that must keep answering, by name (an actor that a blocking call
+    /// inside it would hold: every session that needs it waits, and uvmd's liveness check too).
+    static func start(probes: [(String, @Sendable () async -> Void)] = []) {
+        for (name, probe) in [("Swift's cooperative pool", { @Sendable () async in })] + probes {
+            Task.detached {
+                while true {
+                    await probe()
+                    beat(name)
+                    try? await Task.sleep(for: .seconds(1))
+                }
             }
         }
         for (i, loop) in MultiThreadedEventLoopGroup.singleton.makeIterator().enumerated() {
