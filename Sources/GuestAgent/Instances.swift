@@ -120,6 +120,7 @@ actor Instances {
 
     /// The instance of `distro` if it runs.
     func running(_ distro: String) -> Instance? { running[distro] }
+
     var all: [Instance] { Array(running.values) }
 
     /// The running instance of `distro`, started from the disk whose serial is `diskSerial`.
@@ -380,8 +381,12 @@ extension Instance {
     }
 }
 
+/// A small file's text, at most `limit` bytes. Many of these paths are in a distro's file system,
+/// which is the guest's to fill: a FIFO or a terminal there must not hold the agent (a session's
+/// thread, and with two of them the whole cooperative pool), so the open and the reads do not
+/// wait: a FIFO without a writer, or without data yet, reads as empty.
 func readSmallFile(_ path: String, limit: Int = 1 << 20) -> String? {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    let fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
     guard fd >= 0 else { return nil }
     defer { close(fd) }
     var out = [UInt8]()

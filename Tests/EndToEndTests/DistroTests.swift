@@ -196,6 +196,10 @@ extension EndToEnd {
             #expect(try Harness.run(["terminate", "cfg"]).status == 0)
             let fifo = try root("hostname; test -p /etc/uvm.conf && echo fifo", timeout: 120)
             #expect(fifo.status == 0 && fifo.out == "cfg\nfifo\n", "\(fifo.status) \(fifo.out) \(fifo.err)")
+            // Nor does a session as the default user, which looks the file up again (it held a
+            // thread of the agent for ever; two such stopped the agent).
+            let asDefault = try Harness.run(["exec", "--distro", "cfg", "--", "sh", "-c", "id -u"], timeout: 120)
+            #expect(asDefault.status == 0 && asDefault.out == "0\n", "\(asDefault.status) \(asDefault.out) \(asDefault.err)")
         }
 
         /// `uvm manage NAME --resize`: the disk and its file system grow and shrink, the files
