@@ -87,7 +87,7 @@ enum DistroDisks {
         // cover in the instance as they are on the disk. A running instance has it mounted
         // read-write: a second mount of the same device shares that superblock and must match it
         // (the instance's mounts live in its own namespace, where we cannot bind from).
-        let live = await instances.running(r.name) != nil
+        let live = await instances.settled(r.name) != nil
         try mountDisk(try await device(serial: r.diskSerial, within: 2), at: root, readOnly: !live)
         defer { unmountDisk(root) }
         let exportRoot = root, limit = r.targetBytes
@@ -134,10 +134,13 @@ enum DistroDisks {
     private static func mountDisk(_ device: String, at dir: String, readOnly: Bool) throws {
         mkdir(workDir, 0o700)
         mkdir(dir, 0o755)
-        let rc = uvm_mount(device, dir, "ext4", readOnly ? UInt(MS_RDONLY) : 0, nil)
-        guard rc == 0 else {
+        // Not uvm_mount, which takes EBUSY for "mounted already": here it means the disk is
+        // mounted elsewhere in the other mode (read-write by an instance), and the folder would
+        // be left empty: an export of it was an empty tar that said it had succeeded.
+        guard mount(device, dir, "ext4", readOnly ? UInt(MS_RDONLY) : 0, nil) == 0 else {
+            let e = errno
             rmdir(dir)
-            throw WireError(.internalError, "cannot mount \(device) at \(dir): \(String(cString: strerror(rc)))")
+            throw WireError(.internalError, "cannot mount \(device) at \(dir): \(String(cString: strerror(e)))")
         }
     }
 

@@ -121,6 +121,14 @@ actor Instances {
     /// The instance of `distro` if it runs.
     func running(_ distro: String) -> Instance? { running[distro] }
 
+    /// The instance of `distro` once a start or stop of it under way has ended; nil if it does not
+    /// run then. (A boot that a command caused starts that command's distro while the VM is set
+    /// up: an export arriving meanwhile must see the instance that is about to mount its disk.)
+    func settled(_ distro: String) async -> Instance? {
+        while let s = stopping[distro] { await s.value }
+        if let t = starting[distro], let (instance, _) = try? await t.value { return instance }
+        return running[distro]
+    }
     var all: [Instance] { Array(running.values) }
 
     /// The running instance of `distro`, started from the disk whose serial is `diskSerial`.
