@@ -408,6 +408,13 @@ func readSmallFile(_ path: String, limit: Int = 1 << 20) -> String? {
     return String(decoding: out, as: UTF8.self)
 }
 
+/// The fields of a /proc/PID/stat (or a task's) after the command's closing parenthesis, the
+/// state first: "pid (comm) state ...", where the command may hold spaces and parentheses.
+func procStatFields(_ path: String) -> [Substring]? {
+    guard let stat = readSmallFile(path, limit: 4096), let close = stat.lastIndex(of: ")") else { return nil }
+    return stat[stat.index(after: close)...].split(separator: " ")
+}
+
 extension String {
     var trimmed: String {
         var s = Substring(self)

@@ -192,11 +192,9 @@ struct CPUTimes {
         // user nice system idle iowait irq softirq steal: iowait counts as busy (a guest waiting
         // on its disk is working, not idle).
         var t = CPUTimes(user: f[0] + f[1], system: f[2] + f[4] + f[5] + f[6] + f[7], idle: f[3])
-        // /proc/self/stat: "pid (comm) state ..." with utime and stime the 12th and 13th fields
-        // after the command's closing parenthesis.
-        if let own = readSmallFile("/proc/self/stat", limit: 4096), let close = own.lastIndex(of: ")") {
-            let g = own[own.index(after: close)...].split(separator: " ")
-            if g.count > 12, let u = UInt64(g[11]), let s = UInt64(g[12]) { t.agent = u + s }
+        // utime and stime: the 12th and 13th fields after the command.
+        if let g = procStatFields("/proc/self/stat"), g.count > 12, let u = UInt64(g[11]), let s = UInt64(g[12]) {
+            t.agent = u + s
         }
         return t
     }

@@ -71,8 +71,8 @@ enum StallReport {
     }
 
     private static func thread(_ dir: String, label: String) -> [String] {
-        let comm = (readSmallFile("\(dir)/comm", limit: 64) ?? "?").trimmingSuffix("\n")
-        let syscall = (readSmallFile("\(dir)/syscall", limit: 256) ?? "?").trimmingSuffix("\n")
+        let comm = readSmallFile("\(dir)/comm", limit: 64)?.trimmed ?? "?"
+        let syscall = readSmallFile("\(dir)/syscall", limit: 256)?.trimmed ?? "?"
         var lines = ["\(label) \(comm) state \(state(dir)) syscall \(syscall)"]
         let stack = (readSmallFile("\(dir)/stack", limit: 8192) ?? "").split(separator: "\n")
         lines += stack.prefix(24).map { "  \($0)" }
@@ -80,9 +80,7 @@ enum StallReport {
     }
 
     private static func state(_ dir: String) -> String {
-        // After the command's closing parenthesis (the name may hold spaces and parentheses).
-        guard let stat = readSmallFile("\(dir)/stat", limit: 4096), let close = stat.lastIndex(of: ")") else { return "?" }
-        return String(stat[stat.index(after: close)...].drop(while: { $0 == " " }).prefix(1))
+        procStatFields("\(dir)/stat")?.first.map(String.init) ?? "?"
     }
 
     private static func numbers(in dir: String) -> [Int32] {
@@ -94,8 +92,4 @@ enum StallReport {
         }
         return out.sorted()
     }
-}
-
-private extension String {
-    func trimmingSuffix(_ suffix: String) -> String { hasSuffix(suffix) ? String(dropLast(suffix.count)) : self }
 }
