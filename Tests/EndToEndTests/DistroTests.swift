@@ -220,10 +220,11 @@ extension EndToEnd {
                 try Harness.run(["exec", "--distro", "rs", "--user", "root", "--", "sh", "-c", script], timeout: 600)
             }
             /// The root file system's size in KiB, and whether the marker file is intact.
-            func look() throws -> (kib: Int, intact: Bool) {
+            /// (What the exec said on stderr: the failure message shows why an exec printed nothing.)
+            func look() throws -> (kib: Int, intact: Bool, err: String) {
                 let r = try root("df -k / | awk 'NR==2 {print $2}'; cat /keep")
                 let lines = r.out.split(separator: "\n")
-                return (Int(lines.first ?? "") ?? -1, lines.dropFirst().first == "kept")
+                return (Int(lines.first ?? "") ?? -1, lines.dropFirst().first == "kept", r.err)
             }
             #expect(try root("echo kept > /keep").status == 0)
             let small = try look()
