@@ -14,6 +14,18 @@ extension ByteBuffer {
         writeBytes(s.bytes)
     }
 
+    /// Rgetattr's body (and Ruvmsetattr's, Ruvmlcreate's twice after its iounit).
+    mutating func p9WriteAttr(_ a: P9Attr) {
+        p9Write(a.valid)
+        p9Write(a.qid)
+        p9Write(a.mode)
+        p9Write(a.uid)
+        p9Write(a.gid)
+        for v in [a.nlink, a.rdev, a.size, a.blksize, a.blocks, a.atimeSec, a.atimeNsec, a.mtimeSec,
+                  a.mtimeNsec, a.ctimeSec, a.ctimeNsec, a.btimeSec, a.btimeNsec, a.gen, a.dataVersion] {
+            p9Write(v)
+        }
+    }
     mutating func p9Write(_ q: Qid) {
         p9Write(q.type)
         p9Write(q.version)
@@ -61,7 +73,7 @@ struct P9Reader {
         let p = try u64()
         return Qid(type: t, version: v, path: p)
     }
-    /// Rgetattr's body (and Ruvmsetattr's).
+    /// Rgetattr's body (and Ruvmsetattr's, Ruvmlcreate's twice after its iounit).
     mutating func attr() throws -> P9Attr {
         var a = P9Attr()
         a.valid = try u64()
@@ -184,6 +196,10 @@ extension P9Frame {
         case 93: m = .ruvmsetattr(try r.attr())
         case 26: m = .tsetattr(fid: try r.u32(), attr: try r.setAttr())
         case 92: m = .tuvmsetattr(fid: try r.u32(), attr: try r.setAttr())
+        case 94:
+            m = .tuvmlcreate(dfid: try r.u32(), ofid: try r.u32(), pfid: try r.u32(), name: try r.string(),
+                             flags: try r.u32(), mode: try r.u32(), gid: try r.u32())
+        case 95: m = .ruvmlcreate(iounit: try r.u32(), attr: try r.attr(), dir: try r.attr())
         case 27: m = .rsetattr
         case 40: m = .treaddir(fid: try r.u32(), offset: try r.u64(), count: try r.u32())
         case 41: m = .rreaddir(data: try r.data())
@@ -331,16 +347,16 @@ extension P9Frame {
         case .tgetattr(let fid, let mask):
             out.p9Write(fid)
             out.p9Write(mask)
+        case .tuvmlcreate(let dfid, let ofid, let pfid, let name, let flags, let mode, let gid):
+            for v in [dfid, ofid, pfid] { out.p9Write(v) }
+            out.p9Write(name)
+            for v in [flags, mode, gid] { out.p9Write(v) }
+        case .ruvmlcreate(let iounit, let a, let dir):
+            out.p9Write(iounit)
+            out.p9WriteAttr(a)
+            out.p9WriteAttr(dir)
         case .rgetattr(let a), .ruvmsetattr(let a):
-            out.p9Write(a.valid)
-            out.p9Write(a.qid)
-            out.p9Write(a.mode)
-            out.p9Write(a.uid)
-            out.p9Write(a.gid)
-            for v in [a.nlink, a.rdev, a.size, a.blksize, a.blocks, a.atimeSec, a.atimeNsec, a.mtimeSec,
-                      a.mtimeNsec, a.ctimeSec, a.ctimeNsec, a.btimeSec, a.btimeNsec, a.gen, a.dataVersion] {
-                out.p9Write(v)
-            }
+            out.p9WriteAttr(a)
         case .tsetattr(let fid, let a), .tuvmsetattr(let fid, let a):
             out.p9Write(fid)
             out.p9Write(a.valid)

@@ -353,6 +353,10 @@ final class Plan9Session: @unchecked Sendable {
             return try expecting(fid, name.bytes) { () throws(P9Errno) in
                 try lcreate(fid: fid, name: name.bytes, flags: flags, mode: mode, gid: gid)
             }
+        case let .tuvmlcreate(dfid, ofid, pfid, name, flags, mode, gid):
+            return try expecting(dfid, name.bytes) { () throws(P9Errno) in
+                try lcreateBinding(dfid: dfid, ofid: ofid, pfid: pfid, name: name.bytes, flags: flags, mode: mode, gid: gid, gen)
+            }
         case let .tread(fid, offset, count):
             return .rread(data: try read(fid: fid, offset: offset, count: count))
         case let .twrite(fid, offset, data):
@@ -432,7 +436,7 @@ final class Plan9Session: @unchecked Sendable {
             // Handled by the connection (they act on the session and on requests in flight).
             throw P9Errno(EINVAL)
         case .ruvmnotify, .rversion, .rattach, .rlerror, .rflush, .rwalk, .rlopen, .rlcreate, .rread, .rwrite, .rclunk,
-             .rremove, .rstatfs, .rgetattr, .rsetattr, .ruvmsetattr, .rreaddir, .rfsync, .rmkdir, .rmknod, .rsymlink,
+             .rremove, .rstatfs, .rgetattr, .rsetattr, .ruvmsetattr, .ruvmlcreate, .rreaddir, .rfsync, .rmkdir, .rmknod, .rsymlink,
              .rreadlink, .rlink, .rrename, .rrenameat, .runlinkat, .rlock, .rgetlock, .rxattrwalk, .rxattrcreate, .rzc:
             throw P9Errno(EPROTO)
         }
@@ -910,6 +914,36 @@ final class Plan9Session: @unchecked Sendable {
             f.state = .file(io, writable: writable)
         }
         return .rlcreate(qid: core.qids.qid(st), iounit: ioUnit)
+    }
+
+    /// Tuvmlcreate: Tlcreate on a clone of `dfid` installed as `ofid`, `pfid` bound to the new
+    /// file, its attributes and the directory's after the create. Both new fids are taken before anything is created, and given
+    /// back if the create fails, so a failure leaves the session as it was.
+    private func lcreateBinding(dfid: UInt32, ofid: UInt32, pfid: UInt32, name: [UInt8], flags: UInt32, mode: UInt32,
+                                gid: UInt32, _ gen: Int) throws(P9Errno) -> P9Message {
+        guard ofid != pfid, ofid != dfid, pfid != dfid else { throw P9Errno(EBADF) }
+        let d = try lookup(dfid)
+        let dir = d.snapshot.0
+        let bound = Fid(node: dir, uid: d.uid)
+        try install(ofid, Fid(node: dir, uid: d.uid), gen)
+        do throws(P9Errno) {
+            try install(pfid, bound, gen)
+        } catch {
+            _ = try? removeFid(ofid)
+            throw error
+        }
+        do throws(P9Errno) {
+            guard case let .rlcreate(_, iounit) = try lcreate(fid: ofid, name: name, flags: flags, mode: mode, gid: gid)
+            else { throw P9Errno(EIO) }
+            let created = try lookup(ofid).snapshot.0
+            bound.lock.withLock { bound.node = created }
+            return .ruvmlcreate(iounit: iounit, attr: try getattr(fid: pfid, mask: P9.GetattrMask.all),
+                                dir: try getattr(fid: dfid, mask: P9.GetattrMask.all))
+        } catch {
+            _ = try? removeFid(ofid)
+            _ = try? removeFid(pfid)
+            throw error
+        }
     }
 
     var maxIO: Int { Int(msize) - P9.ioHeaderSize }

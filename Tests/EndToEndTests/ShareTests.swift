@@ -428,6 +428,37 @@ extension EndToEnd {
             #expect(lstat(dir + "/f", &st) == 0 && st.st_mode & 0o7777 == 0o640 && st.st_mtim.tv_sec == 5)
         }
 
+        /// Creating a file costs one request for the create, its entry's fid and its attributes
+        /// (not a clone of the directory's fid, a create, a walk and a getattr), and the walks
+        /// through its directory after it ask nothing (the guest's own create leaves the
+        /// directory's owner and mode current). chown does not ask for security.capability again
+        /// once the server has refused it. The stat after it still sees the host's directory.
+        @Test func creatingFilesAsksOncePerFile() throws {
+            let dir = try Self.share("mk", options: ["--metadata"])
+            defer { Self.unshare("mk", dir) }
+            let first = try Self.guest("mkdir /mnt/host/mk/d && echo 0 > /mnt/host/mk/d/f0 && chown 7:7 /mnt/host/mk/d/f0")
+            #expect(first.status == 0, "\(first.err)")
+            let names = ["walk", "getattr", "lcreate", "lcreate+walk+getattr", "xattrwalk", "setattr+getattr"]
+            let counts = { () throws -> [String: Int] in
+                let out = try Harness.run(["share", "list", "--format", "json"]).out
+                return try Dictionary(uniqueKeysWithValues: names.map { ($0, try Self.requestCount(out, share: "mk", request: $0)) })
+            }
+            let before = try counts()
+            let r = try Self.guest("cd /mnt/host/mk && for i in 1 2 3 4 5; do echo $i > d/f$i && chown 7:8 d/f$i || exit 1; done")
+            let asked = try counts().merging(before) { $0 - $1 }
+            #expect(r.status == 0, "\(r.err)")
+            // One walk per file: the lookup that finds the name free; one getattr: busybox chown
+            // stats the file first, and the write left its times stale.
+            #expect(asked == ["walk": 5, "getattr": 5, "lcreate": 0, "lcreate+walk+getattr": 5, "xattrwalk": 0,
+                              "setattr+getattr": 5], "requests: \(asked)")
+            let seen = try Self.guest("cd /mnt/host/mk && stat -c '%h %u:%g' d/f5 && cat d/f5 && ls d | wc -l")
+            #expect(seen.out == "1 7:8\n5\n6\n", "\(seen.out) \(seen.err)")
+            for i in 1...5 { #expect((try? String(contentsOfFile: "\(dir)/d/f\(i)", encoding: .utf8)) == "\(i)\n") }
+            // A directory's link count after a mkdir in it is the host's.
+            let sub = try Self.guest("cd /mnt/host/mk && stat -c %h d && mkdir d/s && stat -c %h d")
+            #expect(sub.out == "2\n3\n", "\(sub.out) \(sub.err)")
+        }
+
         @Test func listingLargeDirectoriesWithStatsDoesNotRunTheServerOutOfDescriptors() throws {
             // Each looked-up entry's fid is a descriptor in uvmd (4,096 per session) until the guest
             // gives it back; the guest once gave them back slower than ls -l took them, and uvmd

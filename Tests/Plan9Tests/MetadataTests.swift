@@ -61,6 +61,47 @@ struct MetadataTests {
         await c.close()
     }
 
+    /// Tuvmlcreate leaves the directory's fid as it was, opens the new file as one fid, binds
+    /// another to it unopened, and answers with the attributes a Tgetattr on either gives, and
+    /// with the directory's.
+    /// A failure (a taken fid, an existing name with O_EXCL) leaves no new fid behind.
+    @Test func createThatBindsAFidAndAnswersWithTheAttributes() async throws {
+        let fx = try Fixture(metadata: true) { share, _ in try write(share + "/old", "x") }
+        defer { Task { await fx.close() } }
+        let c = try await fx.connect(attach: false)
+        try await c.attach(fid: 0, uname: "user", nUname: 1000)
+        let excl = UInt32(O_RDWR | O_CREAT | O_EXCL)
+        let reply = try await c.call(.tuvmlcreate(dfid: 0, ofid: 1, pfid: 2, name: "new", flags: excl, mode: 0o640, gid: 100))
+        guard case let .ruvmlcreate(_, a, dir) = reply else { Issue.record("\(reply)"); return }
+        #expect(a.mode == 0o100640 && a.uid == 1000 && a.gid == 100 && a.size == 0)
+        #expect(a == (try await c.getattr(2)))
+        // The directory's attributes are those after the create.
+        #expect(dir == (try await c.getattr(0)))
+        #expect((dir.mtimeSec, dir.mtimeNsec) >= (a.mtimeSec, a.mtimeNsec))
+        #expect(a.qid == (try await c.getattr(1)).qid)
+        // ofid is open for writing, pfid is not open, and dfid is still the directory.
+        #expect(try await c.call(.twrite(fid: 1, offset: 0, data: ByteBuffer(bytes: Array("hello".utf8)))) == .rwrite(count: 5))
+        #expect(try String(contentsOfFile: fx.share + "/new", encoding: .utf8) == "hello")
+        await #expect(throws: P9Errno.self) { try await c.call(.twrite(fid: 2, offset: 0, data: ByteBuffer(bytes: [1]))) }
+        try await c.walk(0, 3, ["old"])
+        #expect((try await c.getattr(0)).qid.type & 0x80 != 0)
+        // Failures: an existing name under O_EXCL, a taken fid, ofid == pfid; none leaves a fid.
+        await #expect(throws: P9Errno(EEXIST)) {
+            try await c.call(.tuvmlcreate(dfid: 0, ofid: 4, pfid: 5, name: "old", flags: excl, mode: 0o600, gid: 100))
+        }
+        await #expect(throws: P9Errno(EBADF)) {
+            try await c.call(.tuvmlcreate(dfid: 0, ofid: 4, pfid: 3, name: "other", flags: excl, mode: 0o600, gid: 100))
+        }
+        await #expect(throws: P9Errno(EBADF)) {
+            try await c.call(.tuvmlcreate(dfid: 0, ofid: 4, pfid: 4, name: "other", flags: excl, mode: 0o600, gid: 100))
+        }
+        #expect(!FileManager.default.fileExists(atPath: fx.share + "/other"))
+        for fid: UInt32 in [4, 5] {
+            await #expect(throws: P9Errno(EBADF)) { try await c.getattr(fid) }
+        }
+        await c.close()
+    }
+
     @Test func createdFilesCarryTheGuestOwner() async throws {
         let fx = try Fixture(metadata: true)
         defer { Task { await fx.close() } }
