@@ -354,6 +354,9 @@ final class Plan9Session: @unchecked Sendable {
                 try lcreate(fid: fid, name: name.bytes, flags: flags, mode: mode, gid: gid)
             }
         case let .tuvmlcreate(dfid, ofid, pfid, name, flags, mode, gid):
+            // A cache=meta guest creates a name it has not looked up without a walk first, and
+            // then caches it: host changes in this directory must reach it all the same.
+            if let d = lock.withLock({ fids[dfid] })?.snapshot.0, d.type == .dir { changes.withLockedValue { $0 }?.watch(d) }
             return try expecting(dfid, name.bytes) { () throws(P9Errno) in
                 try lcreateBinding(dfid: dfid, ofid: ofid, pfid: pfid, name: name.bytes, flags: flags, mode: mode, gid: gid, gen)
             }

@@ -429,10 +429,12 @@ extension EndToEnd {
         }
 
         /// Creating a file costs one request for the create, its entry's fid and its attributes
-        /// (not a clone of the directory's fid, a create, a walk and a getattr), and the walks
-        /// through its directory after it ask nothing (the guest's own create leaves the
-        /// directory's owner and mode current). chown does not ask for security.capability again
-        /// once the server has refused it. The stat after it still sees the host's directory.
+        /// (not a lookup that finds the name free, a clone of the directory's fid, a create, a walk
+        /// and a getattr), and the walks through its directory after it ask nothing (the guest's
+        /// own create leaves the directory's owner and mode current). chown does not ask for
+        /// security.capability again once the server has refused it. An existing name is still
+        /// opened, refused under noclobber (O_EXCL), and a dangling symlink still creates its
+        /// target. The stat after it sees the host's directory.
         @Test func creatingFilesAsksOncePerFile() throws {
             let dir = try Self.share("mk", options: ["--metadata"])
             defer { Self.unshare("mk", dir) }
@@ -447,9 +449,9 @@ extension EndToEnd {
             let r = try Self.guest("cd /mnt/host/mk && for i in 1 2 3 4 5; do echo $i > d/f$i && chown 7:8 d/f$i || exit 1; done")
             let asked = try counts().merging(before) { $0 - $1 }
             #expect(r.status == 0, "\(r.err)")
-            // One walk per file: the lookup that finds the name free; one getattr: busybox chown
-            // stats the file first, and the write left its times stale.
-            #expect(asked == ["walk": 5, "getattr": 5, "lcreate": 0, "lcreate+walk+getattr": 5, "xattrwalk": 0,
+            // No walk: a name not in the cache is created at once (the lookup only if it exists);
+            // one getattr: busybox chown stats the file first, and the write left its times stale.
+            #expect(asked == ["walk": 0, "getattr": 5, "lcreate": 0, "lcreate+walk+getattr": 5, "xattrwalk": 0,
                               "setattr+getattr": 5], "requests: \(asked)")
             let seen = try Self.guest("cd /mnt/host/mk && stat -c '%h %u:%g' d/f5 && cat d/f5 && ls d | wc -l")
             #expect(seen.out == "1 7:8\n5\n6\n", "\(seen.out) \(seen.err)")
@@ -457,6 +459,19 @@ extension EndToEnd {
             // A directory's link count after a mkdir in it is the host's.
             let sub = try Self.guest("cd /mnt/host/mk && stat -c %h d && mkdir d/s && stat -c %h d")
             #expect(sub.out == "2\n3\n", "\(sub.out) \(sub.err)")
+            // Names the guest has not looked up: made on the host, then created over by the guest.
+            try "host\n".write(toFile: dir + "/h1", atomically: false, encoding: .utf8)
+            try "host\n".write(toFile: dir + "/h2", atomically: false, encoding: .utf8)
+            try FileManager.default.createDirectory(atPath: dir + "/hd", withIntermediateDirectories: false)
+            #expect(symlink("target", dir + "/hl") == 0)
+            let over = try Self.guest("""
+                cd /mnt/host/mk && echo guest > h1 && cat h1
+                set -C; echo again > h2 2>/dev/null; echo "noclobber $?"; echo x > hd 2>/dev/null; echo "dir $?"
+                set +C; echo via > hl && cat target
+                """)
+            #expect(over.out == "guest\nnoclobber 1\ndir 1\nvia\n", "\(over.out) \(over.err)")
+            #expect((try? String(contentsOfFile: dir + "/h2", encoding: .utf8)) == "host\n")
+            #expect((try? String(contentsOfFile: dir + "/target", encoding: .utf8)) == "via\n")
         }
 
         @Test func listingLargeDirectoriesWithStatsDoesNotRunTheServerOutOfDescriptors() throws {

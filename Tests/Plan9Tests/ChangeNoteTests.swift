@@ -84,6 +84,28 @@ struct ChangeNoteTests {
         #expect(echoed.isEmpty, "the client's own changes came back: \(echoed)")
     }
 
+    /// A cache=meta guest creates a name it has not looked up with Tuvmlcreate alone, no walk in
+    /// that directory first, and then caches the entry: the directory is watched all the same,
+    /// so a host rm of the new file, and a new host file beside it, are noted.
+    @Test func aDirectoryCreatedInWithoutALookupIsWatched() async throws {
+        let fx = try Fixture { share, _ in
+            try FileManager.default.createDirectory(atPath: share + "/sub", withIntermediateDirectories: true)
+        }
+        defer { Task { await fx.close() } }
+        let c = try await fx.connect()
+        try await subscribe(c)
+        let sub = try qpath(fx.share + "/sub")
+        try await c.walk(0, 1, ["sub"])  // looks "sub" up in the root: the root is watched, sub is not
+        let excl = UInt32(O_RDWR | O_CREAT | O_EXCL)
+        guard case .ruvmlcreate = try await c.call(.tuvmlcreate(dfid: 1, ofid: 2, pfid: 3, name: "made", flags: excl, mode: 0o644, gid: 0))
+        else { Issue.record("no Ruvmlcreate"); return }
+        try await Task.sleep(for: .milliseconds(300))  // past the create's own events
+        #expect(unlink(fx.share + "/sub/made") == 0)
+        try write(fx.share + "/sub/beside", "h")
+        _ = try await notes(c, containing: [P9Note(.name, path: sub, name: Array("made".utf8)),
+                                            P9Note(.name, path: sub, name: Array("beside".utf8))])
+    }
+
     /// The client's own change is left out, but a host change to the same file right after it
     /// (nothing else happening in between) is still reported.
     @Test func aHostChangeAfterTheClientsOwnIsReported() async throws {
