@@ -126,6 +126,16 @@ final class ChangeWatcher: @unchecked Sendable {
         }
     }
 
+    /// A directory the guest just made: a cache=meta guest takes it for empty, and knows every
+    /// name in it from then on, so it is watched now, and a name a host process put in before
+    /// the watch began is announced (the guest then stops counting on knowing all of them).
+    func watchNew(_ node: Node) {
+        watch(node)
+        if let name = HostFS.firstEntry(node.fd) {
+            announce([P9Note(.name, path: qids.path(dev: node.dev, ino: node.ino), name: name)])
+        }
+    }
+
     private func cannotWatch(_ node: Node, _ key: DirKey) {
         let e = errno
         let (warn, all) = lock.withLock { () -> (Bool, Bool) in

@@ -165,6 +165,18 @@ enum HostFS {
         return HostFD(try sys { openat(procSelfFD, num, cp9_O_PATH | O_CLOEXEC) }, lease: lease)
     }
 
+    /// A directory's first entry but "." and ".." (through any descriptor of it, cp9_O_PATH too),
+    /// nil if it has none. One that cannot be read answers ".".
+    static func firstEntry(_ fd: HostFD) -> [UInt8]? {
+        guard let d = opendir("/proc/self/fd/\(fd.raw)") else { return [UInt8(ascii: ".")] }
+        defer { closedir(d) }
+        while let e = readdir(d) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { Array($0.prefix { $0 != 0 }) }
+            if name != [UInt8(ascii: ".")] && name != [UInt8(ascii: "."), UInt8(ascii: ".")] { return name }
+        }
+        return nil
+    }
+
     static func stat(_ fd: HostFD) throws(P9Errno) -> HostStat {
         var st = cp9_stat()
         _ = try sys { cp9_stat(fd.raw, "", &st) }

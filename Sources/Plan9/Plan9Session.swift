@@ -1145,6 +1145,10 @@ final class Plan9Session: @unchecked Sendable {
                 try storeNewMetadata(fd, GuestMetadata(uid: u, gid: g, mode: FileType.dir.rawValue | (mode & 0o7777), rdev: 0),
                                      in: dir, name)
             }
+            // Watched once set up: its own mode and metadata changes would come back as notes.
+            if let w = changes.withLockedValue({ $0 }), let st = try? HostFS.stat(fd) {
+                w.watchNew(Node(fd: fd, parent: dir.fd, name: name, stat: st, parentKey: dir.key))
+            }
         }
         return qid
     }

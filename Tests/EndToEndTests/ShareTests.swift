@@ -321,6 +321,30 @@ extension EndToEnd {
             #expect((try? String(contentsOfFile: dir + "/numbers", encoding: .utf8))?.hasSuffix("999\n1000\n") == true)
         }
 
+        /// A directory the guest made answers for the names it does not have without asking the
+        /// host (tar unlinks every name before it creates it), and still sees within 100 ms what
+        /// the host puts in it, removes from it or renames into it, after the guest changed it.
+        @Test func aDirectoryTheGuestMadeKnowsItsNamesAndSeesTheHosts() throws {
+            let dir = try Self.share("own")
+            defer { Self.unshare("own", dir) }
+            let made = try Self.guest("mkdir /mnt/host/own/d && chmod 750 /mnt/host/own/d && echo 1 > /mnt/host/own/d/one")
+            #expect(made.status == 0, "\(made.err)")
+            let walks = { () throws -> Int in
+                try Self.requestCount(try Harness.run(["share", "list", "--format", "json"]).out, share: "own", request: "walk")
+            }
+            let before = try walks()
+            let missing = try Self.guest("cd /mnt/host/own/d && rm -f a b c; test -e x || echo no-x; ls y 2>/dev/null || echo no-y")
+            #expect(missing.out == "no-x\nno-y\n", "\(missing.out) \(missing.err)")
+            #expect(try walks() - before == 0, "names a guest-made directory does not have cost walks")
+            try "h\n".write(toFile: dir + "/d/x", atomically: false, encoding: .utf8)
+            try "r\n".write(toFile: dir + "/moved-in", atomically: false, encoding: .utf8)
+            #expect(rename(dir + "/moved-in", dir + "/d/y") == 0)
+            #expect(unlink(dir + "/d/one") == 0)
+            usleep(100_000)
+            let after = try Self.guest("cd /mnt/host/own/d && cat x y; test -e one && echo one-still; ls | tr '\\n' ' '")
+            #expect(after.out == "h\nr\nx y ", "\(after.out) \(after.err)")
+        }
+
         /// The guest caches attributes, entries and missing names (cache=meta), and the host's
         /// changes reach that cache within 100 ms: each check below runs 100 ms after the change,
         /// on entries the guest has just looked at (a stale cache would show the old state).

@@ -106,6 +106,20 @@ struct ChangeNoteTests {
                                             P9Note(.name, path: sub, name: Array("beside".utf8))])
     }
 
+    /// A cache=meta guest takes a directory it made for empty and answers lookups in it itself
+    /// from then on: the server watches it from the Tmkdir on, with no lookup in it needed.
+    @Test func aDirectoryTheClientMadeIsWatchedAtOnce() async throws {
+        let fx = try Fixture()
+        defer { Task { await fx.close() } }
+        let c = try await fx.connect()
+        try await subscribe(c)
+        try await c.mkdir(0, "made")
+        let made = try qpath(fx.share + "/made")
+        try await Task.sleep(for: .milliseconds(300))  // past the mkdir's own events
+        try write(fx.share + "/made/host", "h")
+        _ = try await notes(c, containing: [P9Note(.name, path: made, name: Array("host".utf8))])
+    }
+
     /// The client's own change is left out, but a host change to the same file right after it
     /// (nothing else happening in between) is still reported.
     @Test func aHostChangeAfterTheClientsOwnIsReported() async throws {
