@@ -293,12 +293,14 @@ final class Plan9Session: @unchecked Sendable {
     }
 
     /// Runs a request that creates, removes or renames `name` in directory fid `dirfid`, telling
-    /// the watcher to expect the event it causes (and the attribute events after a create).
-    private func expecting<T>(_ dirfid: UInt32, _ name: [UInt8], attributes: Bool = true,
+    /// the watcher to expect the event it causes (and the attribute events after a create), and,
+    /// with `watch`, to watch the directory first if it does not yet.
+    private func expecting<T>(_ dirfid: UInt32, _ name: [UInt8], attributes: Bool = true, watch: Bool = false,
                               _ body: () throws(P9Errno) -> T) throws(P9Errno) -> T {
         guard let w = changes.withLockedValue({ $0 }), let f = lock.withLock({ fids[dirfid] }) else { return try body() }
         let dir = f.snapshot.0
         guard dir.type == .dir else { return try body() }
+        if watch { w.watch(dir) }
         w.expectEntry(in: dir, name)
         if attributes { w.expectAttributes(in: dir.key, name, done: false) }
         defer { if attributes { w.expectAttributes(in: dir.key, name, done: true) } }
@@ -356,8 +358,7 @@ final class Plan9Session: @unchecked Sendable {
         case let .tuvmlcreate(dfid, ofid, pfid, name, flags, mode, gid):
             // A cache=meta guest creates a name it has not looked up without a walk first, and
             // then caches it: host changes in this directory must reach it all the same.
-            if let d = lock.withLock({ fids[dfid] })?.snapshot.0, d.type == .dir { changes.withLockedValue { $0 }?.watch(d) }
-            return try expecting(dfid, name.bytes) { () throws(P9Errno) in
+            return try expecting(dfid, name.bytes, watch: true) { () throws(P9Errno) in
                 try lcreateBinding(dfid: dfid, ofid: ofid, pfid: pfid, name: name.bytes, flags: flags, mode: mode, gid: gid, gen)
             }
         case let .tread(fid, offset, count):
@@ -920,8 +921,9 @@ final class Plan9Session: @unchecked Sendable {
     }
 
     /// Tuvmlcreate: Tlcreate on a clone of `dfid` installed as `ofid`, `pfid` bound to the new
-    /// file, its attributes and the directory's after the create. Both new fids are taken before anything is created, and given
-    /// back if the create fails, so a failure leaves the session as it was.
+    /// file, its attributes and the directory's after the create. Both new fids are taken before
+    /// anything is created, and given back if the create fails, so a failure leaves the session
+    /// as it was.
     private func lcreateBinding(dfid: UInt32, ofid: UInt32, pfid: UInt32, name: [UInt8], flags: UInt32, mode: UInt32,
                                 gid: UInt32, _ gen: Int) throws(P9Errno) -> P9Message {
         guard ofid != pfid, ofid != dfid, pfid != dfid else { throw P9Errno(EBADF) }
@@ -1120,11 +1122,12 @@ final class Plan9Session: @unchecked Sendable {
     }
 
     /// The qid of an entry just created, and an cp9_O_PATH fd to it when it is a directory or regular
-    /// file (for the metadata xattr). A concurrent swap of the name only affects the qid reported.
-    private func created(_ dir: Node, _ name: [UInt8], expect: FileType) throws(P9Errno) -> (Qid, HostFD?) {
+    /// file (for the metadata xattr), with its stat. A concurrent swap of the name only affects the
+    /// qid reported.
+    private func created(_ dir: Node, _ name: [UInt8], expect: FileType) throws(P9Errno) -> (Qid, (HostFD, HostStat)?) {
         if expect.openable, let fd = try? HostFS.openBeneath(dir.fd, name, flags: cp9_O_PATH | (expect == .dir ? cp9_O_DIRECTORY : 0)) {
             let st = try HostFS.stat(fd)
-            return (core.qids.qid(st), st.fileType == expect ? fd : nil)
+            return (core.qids.qid(st), st.fileType == expect ? (fd, st) : nil)
         }
         return (core.qids.qid(try HostFS.statAt(dir.fd, name)), nil)
     }
@@ -1137,8 +1140,8 @@ final class Plan9Session: @unchecked Sendable {
         let hmode = hostMode(mode, isDir: true)
         let c = HostFS.cName(name)
         _ = try sys { mkdirat(dir.fd.raw, c, mode_t(hmode)) }
-        let (qid, fd) = try created(dir, name, expect: .dir)
-        if let fd {
+        let (qid, made) = try created(dir, name, expect: .dir)
+        if let (fd, st) = made {
             applyUmaskedMode(fd, hmode)
             if export.metadata {
                 let (u, g) = metadataOwner(f, gid: gid)
@@ -1146,9 +1149,7 @@ final class Plan9Session: @unchecked Sendable {
                                      in: dir, name)
             }
             // Watched once set up: its own mode and metadata changes would come back as notes.
-            if let w = changes.withLockedValue({ $0 }), let st = try? HostFS.stat(fd) {
-                w.watchNew(Node(fd: fd, parent: dir.fd, name: name, stat: st, parentKey: dir.key))
-            }
+            changes.withLockedValue { $0 }?.watchNew(Node(fd: fd, parent: dir.fd, name: name, stat: st, parentKey: dir.key))
         }
         return qid
     }
@@ -1169,8 +1170,8 @@ final class Plan9Session: @unchecked Sendable {
         let c = HostFS.cName(name)
         if export.metadata {
             _ = try sys { mknodat(dir.fd.raw, c, mode_t(FileType.reg.rawValue | hmode), 0) }
-            let (qid, fd) = try created(dir, name, expect: .reg)
-            if let fd {
+            let (qid, made) = try created(dir, name, expect: .reg)
+            if let (fd, _) = made {
                 let (u, g) = metadataOwner(f, gid: gid)
                 let rdev = type == .chr || type == .blk ? cp9_makedev(major, minor) : 0
                 try storeNewMetadata(fd, GuestMetadata(uid: u, gid: g, mode: type.rawValue | (mode & 0o7777), rdev: rdev),
@@ -1184,8 +1185,8 @@ final class Plan9Session: @unchecked Sendable {
         default:
             throw P9Errno(EPERM)
         }
-        let (qid, fd) = try created(dir, name, expect: type)
-        if let fd { applyUmaskedMode(fd, hmode) }
+        let (qid, made) = try created(dir, name, expect: type)
+        if let (fd, _) = made { applyUmaskedMode(fd, hmode) }
         return qid
     }
 
