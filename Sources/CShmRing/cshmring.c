@@ -29,6 +29,7 @@ struct ctl {
     uint32_t pad3[7];
     uint32_t host_closed;
     uint32_t host_flags;  /* UVM_SHM_HOST_ZC: the 9P server reads and writes guest pages (Tzc) */
+    uint32_t guest_polling;  /* guest: nonzero while a caller watches the reply ring itself */
 };
 _Static_assert(sizeof(struct ctl) <= UVM_SHM_CTL_STRIDE, "control block too big");
 
@@ -136,7 +137,13 @@ static void *pump(void *arg) {
             store(&ctl->rep_head, rep_head);
             replied = 1;
         }
-        if (replied) kick(c->interrupt);
+        /* A guest caller watching the ring takes the replies itself (and any that come after it
+         * stops watching: it looks once more). The flag is the guest's: a wrong one only leaves
+         * the guest's own callers waiting. */
+        if (replied) {
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            if (load(&ctl->guest_polling) == 0) kick(c->interrupt);
+        }
         struct pollfd p[3] = {
             {.fd = c->doorbell, .events = POLLIN},
             {.fd = c->stop, .events = POLLIN},

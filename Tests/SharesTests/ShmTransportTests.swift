@@ -36,6 +36,9 @@ import Testing
             return out
         }
         var hostClosed: Bool { u32(ctl + 224) != 0 }
+        /// The guest kernel's flag: a caller is watching the reply ring itself.
+        func polling(_ on: Bool) { set(ctl + 232, on ? 1 : 0) }
+        var replyHead: UInt32 { u32(ctl + 128) }
     }
 
     static func ring(_ fd: Int32) {
@@ -43,9 +46,11 @@ import Testing
         _ = write(fd, &one, 8)
     }
 
-    static func wait(_ fd: Int32, seconds: Int32 = 10) -> Bool {
+    static func wait(_ fd: Int32, seconds: Int32 = 10) -> Bool { wait(fd, milliseconds: seconds * 1000) }
+
+    static func wait(_ fd: Int32, milliseconds: Int32) -> Bool {
         var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        guard poll(&p, 1, seconds * 1000) == 1 else { return false }
+        guard poll(&p, 1, milliseconds) == 1 else { return false }
         var v: UInt64 = 0
         _ = read(fd, &v, 8)
         return true
@@ -87,6 +92,28 @@ import Testing
         close(server)
         #expect(Self.wait(t.interruptFD(1)))
         #expect(try Self.until { guest.hostClosed })
+    }
+
+    /// A guest caller that watches the reply ring takes its reply without the interrupt, which
+    /// under emulation is most of a round trip: the host does not send one while the guest says
+    /// it is watching, and does again once it stops.
+    @Test func aGuestWatchingForItsReplyIsNotInterrupted() throws {
+        let t = try ShmTransport(socketPath: dir + "/shm.sock", channels: 1, ringSize: 4096)
+        let server = try t.attach(channel: 0)
+        defer { close(server) }
+        let guest = Guest(region: t.region, channel: 0, ring: 4096)
+        for watching in [true, false, true] {
+            guest.polling(watching)
+            let before = guest.replyHead
+            guest.send([1, 2, 3])
+            Self.ring(t.doorbellFD(0))
+            #expect(Self.readAll(server, count: 3) == [1, 2, 3])
+            _ = [UInt8](arrayLiteral: 4, 5).withUnsafeBytes { write(server, $0.baseAddress, $0.count) }
+            #expect(try Self.until { guest.replyHead == before &+ 2 })
+            // The kick follows the index at once when there is one; 300 ms is long past it.
+            #expect(Self.wait(t.interruptFD(0), milliseconds: watching ? 300 : 10_000) == !watching)
+            #expect(guest.receive() == [4, 5])
+        }
     }
 
     /// Issue 10: the next VM's transport binds the same path while the previous one may still be
