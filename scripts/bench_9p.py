@@ -11,7 +11,11 @@ One VM is booted with five places to work in, all mounted with the same client o
            (`uvm share add --server-command`, a benchmark-only option)
   virtio   QEMU's built-in virtio-9p (<filesystem> in the domain, UVM_BENCH_VIRTIO_9P)
   tmpfs    the guest's own /dev/shm: the limit
-and on each: sequential write and read of 256 MiB, create+stat+unlink of 5,000 files, listing a
+  host     the same operations run natively on the host, in a folder beside the shared ones: what
+           the host's own file system costs (on these machines ext4 without a journal, where a
+           create right after many deletions costs ~0.5 ms: it skips inodes freed in the last minute)
+and on each: one waited request's round trip (fchmod of an open file, in us), sequential write and
+read of 256 MiB, create+stat+unlink of 5,000 files, listing a
 10,000-entry directory (names only, and with a stat of each), unpacking part of the kernel's
 Documentation/ (admin-guide, filesystems, networking: a tar on the guest's tmpfs), and unpacking
 the first 20,000 entries of the kernel's source then an lstat of every entry twice, as `git status`
@@ -20,7 +24,9 @@ cache=meta (the guest caches metadata, uvmd's change notes keep it true); relay 
 notes and falls back to cache=mmap, so it is also "ours without the cache". The 9P requests per
 unpacked entry are counted by our server (`uvm share list --format json`). Times are in seconds,
 measured inside the guest.
-Results: bench-results/9p.{txt,json}. `--ops write,read --targets ours,virtio` runs only those.
+Results: bench-results/9p.{txt,json}. `--ops write,read --targets ours,virtio` runs only those;
+`--host-dir DIR` puts the shared folders in DIR (default: $TMPDIR), e.g. a tmpfs to take the host
+disk out of the comparison.
 """
 import argparse, json, os, shutil, subprocess, sys, tempfile, time
 
@@ -95,22 +101,24 @@ def main():
     ap.add_argument("--entries", type=int, default=10000)
     ap.add_argument("--tree-files", type=int, default=20000, help="entries of the kernel source to unpack and stat")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-results"))
-    ap.add_argument("--ops", default="write,read,files,list,untar,tree", help="comma-separated subset of the default")
-    ap.add_argument("--targets", default="ours,relay,diod,virtio,tmpfs", help="comma-separated subset of the default")
+    ap.add_argument("--rtts", type=int, default=2000, help="fchmod calls for the round-trip row")
+    ap.add_argument("--ops", default="rtt,write,read,files,list,untar,tree", help="comma-separated subset of the default")
+    ap.add_argument("--targets", default="ours,relay,diod,virtio,tmpfs,host", help="comma-separated subset of the default")
+    ap.add_argument("--host-dir", help="where the shared folders are made (default: $TMPDIR)")
     a = ap.parse_args()
     ops = [o for o in a.ops.split(",") if o]
     chosen = [t for t in a.targets.split(",") if t]
     for o in ops:
-        if o not in ("write", "read", "files", "list", "untar", "tree"):
+        if o not in ("rtt", "write", "read", "files", "list", "untar", "tree"):
             sys.exit(f"bench-9p: unknown op {o}")
     for t in chosen:
-        if t not in ("ours", "relay", "diod", "virtio", "tmpfs"):
+        if t not in ("ours", "relay", "diod", "virtio", "tmpfs", "host"):
             sys.exit(f"bench-9p: unknown target {t}")
     os.makedirs(a.out, exist_ok=True)
 
-    work = tempfile.mkdtemp(prefix="uvm-bench-9p-")
+    work = tempfile.mkdtemp(prefix="uvm-bench-9p-", dir=a.host_dir)
     home = os.path.join(work, "uvm")
-    dirs = {k: os.path.join(work, k) for k in ("ours", "relay", "diod", "virtio")}
+    dirs = {k: os.path.join(work, k) for k in ("ours", "relay", "diod", "virtio", "host")}
     for d in dirs.values():
         os.makedirs(d)
     tools = os.path.join(work, "tools")
@@ -156,38 +164,49 @@ def main():
                 return s.get("requests") or {}
         return {}
     targets = {"ours": "/mnt/host/ours", "relay": "/mnt/host/relay", "diod": "/mnt/host/diod", "virtio": "/mnt/virtio",
-               "tmpfs": "/dev/shm/tmpfs"}
+               "tmpfs": "/dev/shm/tmpfs", "host": dirs["host"]}
+    fs_type = (subprocess.run(["df", "--output=fstype", work], capture_output=True, text=True).stdout.split() or ["", "?"])[-1]
+
+    def on(target, script):
+        """Runs script in the guest, or natively on the host for target host (the same fsbench,
+        built static, and the same tars, from the tools folder)."""
+        if target != "host":
+            return guest(script)
+        for f in ("fsbench", "tree.tar", "doc.tar"):
+            script = script.replace(f"/dev/shm/{f}", os.path.join(tools, f))
+        return run(["sh", "-c", script], stdin=subprocess.DEVNULL, cwd="/").stdout
     targets = {t: p for t, p in targets.items() if t in chosen}
 
     # Operation by operation, each on every target in turn, so that a change in the host's load
     # (a shared machine) falls on all targets alike rather than on whichever ran then.
     results = {t: {} for t in targets}
     rpcs = {}
-    for op, n in (("write", a.mib), ("read", a.mib), ("files", a.files), ("list", a.entries), ("untar", 0), ("tree", 0)):
+    for op, n in (("rtt", a.rtts), ("write", a.mib), ("read", a.mib), ("files", a.files), ("list", a.entries), ("untar", 0),
+                  ("tree", 0)):
         if op not in ops:
             continue
         for target, path in targets.items():
             if op == "tree":
                 before = requests(target) if target in ("ours", "relay") else None
-                out = guest(f"cd {path} && read t0 _ < /proc/uptime && tar -xf /dev/shm/tree.tar && read t1 _ < /proc/uptime && "
-                            f"echo $t0 $t1")
+                out = on(target, f"cd {path} && read t0 _ < /proc/uptime && tar -xf /dev/shm/tree.tar && read t1 _ < /proc/uptime && "
+                                 f"echo $t0 $t1")
                 t0, t1 = out.split()
                 results[target]["tree_untar_s"] = float(t1) - float(t0)
                 if before is not None:
                     after = requests(target)
                     rpcs[target] = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
-                results[target].update(json.loads(guest(f"/dev/shm/fsbench {path} stattree tree")))
-                guest(f"rm -rf {path}/tree")
+                results[target].update(json.loads(on(target, f"/dev/shm/fsbench {path} stattree tree")))
+                on(target, f"rm -rf {path}/tree")
             elif op == "untar":
-                out = guest(f"cd {path} && read t0 _ < /proc/uptime && tar -xf /dev/shm/doc.tar && read t1 _ < /proc/uptime && "
-                            f"echo $t0 $t1 && find Documentation | wc -l && rm -rf Documentation")
+                out = on(target, f"cd {path} && read t0 _ < /proc/uptime && tar -xf /dev/shm/doc.tar && read t1 _ < /proc/uptime && "
+                                 f"echo $t0 $t1 && find Documentation | wc -l && rm -rf Documentation")
                 t0, t1, count = out.split()
                 results[target]["untar_s"] = float(t1) - float(t0)
                 results[target]["untar_entries"] = int(count)
             else:
-                results[target].update(json.loads(guest(f"/dev/shm/fsbench {path} {op} {n}")))
+                results[target].update(json.loads(on(target, f"/dev/shm/fsbench {path} {op} {n}")))
                 if op in ("read", "list"):
-                    guest(f"rm -rf {path}/seq {path}/files {path}/dir")
+                    on(target, f"rm -rf {path}/seq {path}/files {path}/dir")
             log(f"{op} on {target}: {results[target]}")
 
     st = json.loads(uvm("status", "--format", "json").stdout)
@@ -203,6 +222,7 @@ def main():
     untar_entries = next((r["untar_entries"] for r in results.values() if "untar_entries" in r), 0)
     tree_entries = next((r["stattree_entries"] for r in results.values() if "stattree_entries" in r), 0)
     rows = [
+        ("one waited request (fchmod), in us", "rtt_us", None, "rtt"),
         (f"sequential write {a.mib} MiB (+fsync)", "write_s", a.mib, "write"),
         (f"sequential read {a.mib} MiB", "read_s", a.mib, "read"),
         (f"create+stat+unlink {a.files} files", "files_s", None, "files"),
@@ -214,8 +234,9 @@ def main():
         ("lstat every entry of it, second pass", "stattree2_s", None, "tree"),
     ]
     rows = [r[:3] for r in rows if r[3] in ops]
-    head = (f"{'operation':<40} {'ours':>9} {'relay':>9} {'diod':>9} {'virtio-9p':>9} {'tmpfs':>9}   "
-            f"{'virtio/ours':>11} {'diod/ours':>9} {'relay/ours':>10} {'ours/tmpfs':>10}")
+    columns = ("ours", "relay", "diod", "virtio", "tmpfs", "host")
+    head = (f"{'operation':<40} {'ours':>9} {'relay':>9} {'diod':>9} {'virtio-9p':>9} {'tmpfs':>9} {'host':>9}   "
+            f"{'virtio/ours':>11} {'diod/ours':>9} {'relay/ours':>10} {'ours/tmpfs':>10} {'ours/host':>9}")
 
     def ratio(v, other):
         if v.get("ours") is None or v.get(other) is None:
@@ -224,11 +245,12 @@ def main():
 
     def cell(x, width, digits):
         return f"{'-':>{width}}" if x is None else f"{x:>{width}.{digits}f}"
-    lines = [f"accelerator: {st.get('accelerator', '?')}, times in seconds in the guest (lower is better);",
+    lines = [f"accelerator: {st.get('accelerator', '?')}, times in seconds in the guest (lower is better; the first row in us);",
              "ours: our server over the shared-memory transport; relay: the same server over virtio-serial",
-             "and the guest relay; diod: behind the same shared-memory transport as ours.",
-             "ratios are other/ours (> 1: ours is faster); ours/tmpfs is how many times the guest's own tmpfs is faster.",
-             f"cache modes: {caches}", "", head]
+             "and the guest relay; diod: behind the same shared-memory transport as ours; host: natively on the host.",
+             "ratios are other/ours (> 1: ours is faster); ours/tmpfs is how many times the guest's own tmpfs is faster,",
+             "ours/host how many times the host's own file system is.",
+             f"cache modes: {caches}; shared folders on the host: {fs_type} ({work})", "", head]
     summary = {}
     for label, key, mib in rows:
         v = {t: results[t][key] for t in targets}
@@ -236,10 +258,15 @@ def main():
         summary[key] = {"seconds": v, "virtio_over_ours": r_virtio, "diod_over_ours": r_diod, "relay_over_ours": r_relay}
         if mib:
             summary[key]["mib_per_s"] = {t: mib / v[t] for t in targets if v[t] > 0}
-        r_tmpfs = (v["ours"] / v["tmpfs"] if v["tmpfs"] > 0 else float("inf")) if v.get("ours") is not None and v.get("tmpfs") is not None else None
+        def over(t):
+            if v.get("ours") is None or v.get(t) is None:
+                return None
+            return v["ours"] / v[t] if v[t] > 0 else float("inf")
+        r_tmpfs, r_host = over("tmpfs"), over("host")
         summary[key]["ours_over_tmpfs"] = r_tmpfs
-        lines.append(f"{label:<40} " + " ".join(cell(v.get(t), 9, 3) for t in ("ours", "relay", "diod", "virtio", "tmpfs"))
-                     + f"   {cell(r_virtio, 11, 2)} {cell(r_diod, 9, 2)} {cell(r_relay, 10, 2)} {cell(r_tmpfs, 10, 1)}")
+        summary[key]["ours_over_host"] = r_host
+        lines.append(f"{label:<40} " + " ".join(cell(v.get(t), 9, 3) for t in columns)
+                     + f"   {cell(r_virtio, 11, 2)} {cell(r_diod, 9, 2)} {cell(r_relay, 10, 2)} {cell(r_tmpfs, 10, 1)} {cell(r_host, 9, 1)}")
     if rpcs:
         entries = tree_entries or 1
         lines.append("")
@@ -256,7 +283,7 @@ def main():
     with open(os.path.join(a.out, "9p.txt"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(a.out, "9p.json"), "w") as f:
-        json.dump({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename,
+        json.dump({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename, "host_fs": fs_type,
                    "accelerator": st.get("accelerator"), "msize": MSIZE, "results": results, "summary": summary}, f, indent=2)
     print(table)
 

@@ -1,6 +1,6 @@
 // File-sharing micro-benchmarks, run in the guest against one directory (a 9P mount or tmpfs).
 // Prints one JSON object of seconds per operation. Built statically by scripts/bench_9p.py.
-//   fsbench DIR write MiB | read MiB | files N | list N | stattree SUBDIR
+//   fsbench DIR write MiB | read MiB | files N | list N | stattree SUBDIR | rtt N
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <ftw.h>
@@ -28,7 +28,7 @@ static int visit(const char *path, const struct stat *st, int type, struct FTW *
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4 || chdir(argv[1]) < 0) { fprintf(stderr, "usage: fsbench DIR write|read|files|list N | stattree SUBDIR\n"); return 2; }
+    if (argc != 4 || chdir(argv[1]) < 0) { fprintf(stderr, "usage: fsbench DIR write|read|files|list|rtt N | stattree SUBDIR\n"); return 2; }
     const char *op = argv[2];
     long n = atol(argv[3]);
     enum { CHUNK = 1 << 20 };
@@ -109,6 +109,17 @@ int main(int argc, char **argv) {
         if (nftw(argv[3], visit, 64, FTW_PHYS) != 0) die("nftw");
         double t2 = now();
         printf("{\"stattree_entries\": %ld, \"stattree1_s\": %.6f, \"stattree2_s\": %.6f}\n", first, t1 - t0, t2 - t1);
+    } else if (!strcmp(op, "rtt")) {
+        // rtt N: N fchmod calls on one open file. Each is one request the caller waits for (a 9P
+        // Tsetattr), so this is a share's round trip, with the least guest work around it.
+        int fd = open("rtt", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd < 0) die("open rtt");
+        t0 = now();
+        for (long i = 0; i < n; i++) if (fchmod(fd, i & 1 ? 0644 : 0600) < 0) die("fchmod");
+        t = now();
+        close(fd);
+        unlink("rtt");
+        printf("{\"rtt_us\": %.1f}\n", (t - t0) / n * 1e6);
     } else {
         fprintf(stderr, "unknown operation %s\n", op);
         return 2;
