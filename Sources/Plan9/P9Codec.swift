@@ -200,6 +200,13 @@ extension P9Frame {
             m = .tuvmlcreate(dfid: try r.u32(), ofid: try r.u32(), pfid: try r.u32(), name: try r.string(),
                              flags: try r.u32(), mode: try r.u32(), gid: try r.u32())
         case 95: m = .ruvmlcreate(iounit: try r.u32(), attr: try r.attr(), dir: try r.attr())
+        case 96:
+            // The count is the guest's: each fid is read (and bounded by the message) before it is kept.
+            let n = Int(try r.u16())
+            var fids: [UInt32] = []
+            for _ in 0..<n { fids.append(try r.u32()) }
+            m = .tuvmclunk(fids: fids)
+        case 97: m = .ruvmclunk
         case 27: m = .rsetattr
         case 40: m = .treaddir(fid: try r.u32(), offset: try r.u64(), count: try r.u32())
         case 41: m = .rreaddir(data: try r.data())
@@ -286,7 +293,7 @@ extension P9Frame {
             out.p9Write(ecode)
         case .tflush(let oldtag):
             out.p9Write(oldtag)
-        case .rflush, .rclunk, .rremove, .rsetattr, .rfsync, .rlink, .rrename, .rrenameat, .runlinkat,
+        case .rflush, .rclunk, .ruvmclunk, .rremove, .rsetattr, .rfsync, .rlink, .rrename, .rrenameat, .runlinkat,
              .rxattrcreate, .unsupported:
             break
         case .twalk(let fid, let newfid, let names):
@@ -347,6 +354,9 @@ extension P9Frame {
         case .tgetattr(let fid, let mask):
             out.p9Write(fid)
             out.p9Write(mask)
+        case .tuvmclunk(let fids):
+            out.p9Write(UInt16(truncatingIfNeeded: fids.count))
+            for f in fids { out.p9Write(f) }
         case .tuvmlcreate(let dfid, let ofid, let pfid, let name, let flags, let mode, let gid):
             for v in [dfid, ofid, pfid] { out.p9Write(v) }
             out.p9Write(name)

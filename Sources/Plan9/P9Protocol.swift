@@ -288,6 +288,12 @@ public enum P9Message: Sendable, Equatable {
     /// without it gets the separate requests from then on.
     case tuvmlcreate(dfid: UInt32, ofid: UInt32, pfid: UInt32, name: P9String, flags: UInt32, mode: UInt32, gid: UInt32)
     case ruvmlcreate(iounit: UInt32, attr: P9Attr, dir: P9Attr)
+    /// uvm's extension: Tclunk of several fids (count[2] fid[4]*count), each clunked as Tclunk
+    /// would be, and answered as one: Rlerror with the first failure, after all were tried. A
+    /// guest gives fids back in batches (the entries it no longer caches, the files it closed),
+    /// one round trip for many. EOPNOTSUPP from a server without it gets one Tclunk per fid.
+    case tuvmclunk(fids: [UInt32])
+    case ruvmclunk
     /// A T-message of legacy 9P2000/9P2000.u that 9P2000.L has no use for (Tauth, Topen, Tcreate,
     /// Tstat, Twstat): answered with Rlerror(EOPNOTSUPP), body not parsed.
     case unsupported(type: UInt8)
@@ -346,6 +352,8 @@ extension P9Message {
         case .ruvmsetattr: return 93
         case .tuvmlcreate: return 94
         case .ruvmlcreate: return 95
+        case .tuvmclunk: return 96
+        case .ruvmclunk: return 97
         case .tversion: return 100
         case .rversion: return 101
         case .tattach: return 104
@@ -418,7 +426,7 @@ extension P9 {
             8: "statfs", 12: "lopen", 14: "lcreate", 16: "symlink", 18: "mknod", 20: "rename", 22: "readlink",
             24: "getattr", 26: "setattr", 30: "xattrwalk", 32: "xattrcreate", 40: "readdir", 50: "fsync",
             52: "lock", 54: "getlock", 70: "link", 72: "mkdir", 74: "renameat", 76: "unlinkat", 90: "uvmnotify",
-            92: "setattr+getattr", 94: "lcreate+walk+getattr",
+            92: "setattr+getattr", 94: "lcreate+walk+getattr", 96: "clunk (batch)",
             100: "version", 104: "attach", 108: "flush", 110: "walk", 116: "read", 118: "write", 120: "clunk",
             122: "remove", 130: "zc",
         ]

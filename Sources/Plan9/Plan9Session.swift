@@ -368,14 +368,15 @@ final class Plan9Session: @unchecked Sendable {
         case let .treaddir(fid, offset, count):
             return .rreaddir(data: try readdir(fid: fid, offset: offset, count: count))
         case let .tclunk(fid):
-            // Only a clunk that sets a pending xattr changes anything: the guest clunks the fids of
-            // cached entries whenever it likes, and a host change then must not pass for its own.
-            if case .xattrWrite = lock.withLock({ fids[fid] })?.snapshot.1 {
-                try touching(fid) { () throws(P9Errno) in try clunk(fid: fid) }
-            } else {
-                try clunk(fid: fid)
-            }
+            try clunkRequest(fid)
             return .rclunk
+        case let .tuvmclunk(fids):
+            var first: P9Errno?
+            for fid in fids {
+                do throws(P9Errno) { try clunkRequest(fid) } catch { first = first ?? error }
+            }
+            if let first { throw first }
+            return .ruvmclunk
         case let .tremove(fid):
             try remove(fid: fid)
             return .rremove
@@ -440,7 +441,7 @@ final class Plan9Session: @unchecked Sendable {
             // Handled by the connection (they act on the session and on requests in flight).
             throw P9Errno(EINVAL)
         case .ruvmnotify, .rversion, .rattach, .rlerror, .rflush, .rwalk, .rlopen, .rlcreate, .rread, .rwrite, .rclunk,
-             .rremove, .rstatfs, .rgetattr, .rsetattr, .ruvmsetattr, .ruvmlcreate, .rreaddir, .rfsync, .rmkdir, .rmknod, .rsymlink,
+             .rremove, .rstatfs, .rgetattr, .rsetattr, .ruvmsetattr, .ruvmlcreate, .ruvmclunk, .rreaddir, .rfsync, .rmkdir, .rmknod, .rsymlink,
              .rreadlink, .rlink, .rrename, .rrenameat, .runlinkat, .rlock, .rgetlock, .rxattrwalk, .rxattrcreate, .rzc:
             throw P9Errno(EPROTO)
         }
@@ -1386,6 +1387,16 @@ final class Plan9Session: @unchecked Sendable {
         let (parent, name) = try entry(of: node)
         let c = HostFS.cName(name)
         _ = try sys { Glibc.unlinkat(parent.raw, c, node.type == .dir ? cp9_AT_REMOVEDIR : 0) }
+    }
+
+    /// Tclunk's work. Only a clunk that sets a pending xattr changes anything: the guest clunks
+    /// the fids of cached entries whenever it likes, and a host change then must not pass for its own.
+    private func clunkRequest(_ fid: UInt32) throws(P9Errno) {
+        if case .xattrWrite = lock.withLock({ fids[fid] })?.snapshot.1 {
+            try touching(fid) { () throws(P9Errno) in try clunk(fid: fid) }
+        } else {
+            try clunk(fid: fid)
+        }
     }
 
     private func clunk(fid: UInt32) throws(P9Errno) {

@@ -527,6 +527,31 @@ extension EndToEnd {
             #expect((try FileManager.default.attributesOfItem(atPath: dir + "/f")[.posixPermissions] as? Int) == 0o644)
         }
 
+        /// A cache=meta guest gives back the fids of the files it closed and of the entries it let
+        /// go a tick later, many to one Tuvmclunk (kernel patch 0006): 60 files created and
+        /// removed give back 120 fids, which were 120 round trips (two per file).
+        @Test func fidsGoBackManyToARequest() throws {
+            let dir = try Self.share("batch")
+            defer { Self.unshare("batch", dir) }
+            let names = ["clunk", "clunk (batch)"]
+            let counts = { () throws -> [String: Int] in
+                let out = try Harness.run(["share", "list", "--format", "json"]).out
+                return try Dictionary(uniqueKeysWithValues: names.map { ($0, try Self.requestCount(out, share: "batch", request: $0)) })
+            }
+            _ = try Self.guest("ls /mnt/host/batch")
+            let before = try counts()
+            let r = try Self.guest("""
+                cd /mnt/host/batch || exit 1
+                i=0; while [ $i -lt 60 ]; do : > f$i || exit 1; i=$((i + 1)); done
+                rm f* && ls | wc -l && sleep 0.2
+                """)
+            #expect(r.status == 0 && r.out == "0\n", "\(r.out) \(r.err)")
+            let asked = try counts().merging(before) { $0 - $1 }
+            #expect(asked["clunk (batch)", default: 0] >= 1, "requests: \(asked)")
+            #expect(asked["clunk", default: 0] + asked["clunk (batch)", default: 0] <= 60, "requests: \(asked)")
+            #expect((try FileManager.default.contentsOfDirectory(atPath: dir)).isEmpty)
+        }
+
         @Test func listingLargeDirectoriesWithStatsDoesNotRunTheServerOutOfDescriptors() throws {
             // Each looked-up entry's fid is a descriptor in uvmd (4,096 per session) until the guest
             // gives it back; the guest once gave them back slower than ls -l took them, and uvmd

@@ -62,6 +62,16 @@ struct FuzzCorpusTests {
             try await c.call(.tunlinkat(dirfid: 0, name: "noted", flags: 0))
             _ = try? await c.walk(0, 3, ["dir", "missing"])
         }),
+        ("uvm-create-and-batch-clunk", 65536, { c in
+            try await c.call(.tuvmnotify(flags: 0))
+            try await c.walk(0, 1, ["dir"])
+            let excl = UInt32(O_RDWR | O_CREAT | O_EXCL)
+            try await c.call(.tuvmlcreate(dfid: 1, ofid: 2, pfid: 3, name: "batched", flags: excl, mode: 0o644, gid: 0))
+            try await c.walk(0, 4, ["file"])
+            try await c.call(.tuvmclunk(fids: [2, 4]))
+            try await c.call(.tunlinkat(dirfid: 1, name: "batched", flags: 0))
+            _ = try? await c.call(.tuvmclunk(fids: [3, 3, 77]))
+        }),
         ("escape-attempts", 8192, { c in
             _ = try? await c.walk(0, 1, ["..", ".."])
             _ = try? await c.walk(0, 2, ["etc", "passwd"])

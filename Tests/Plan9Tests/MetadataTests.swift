@@ -102,6 +102,26 @@ struct MetadataTests {
         await c.close()
     }
 
+    /// Tuvmclunk: the guest gives fids back many to a request. Every fid listed is clunked,
+    /// whatever the others; an unknown one makes the answer an error, after the rest are gone.
+    @Test func clunkingManyFidsInOneRequest() async throws {
+        let fx = try Fixture(metadata: false) { share, _ in try write(share + "/f", "x") }
+        defer { Task { await fx.close() } }
+        let c = try await fx.connect(attach: false)
+        try await c.attach(fid: 0, uname: "user", nUname: 1000)
+        for fid: UInt32 in 1...4 { try await c.walk(0, fid, ["f"]) }
+        #expect(try await c.call(.tuvmclunk(fids: [1, 2])) == .ruvmclunk)
+        await #expect(throws: P9Errno(EBADF)) { try await c.call(.tuvmclunk(fids: [3, 99, 4])) }
+        for fid: UInt32 in 1...4 {
+            await #expect(throws: P9Errno(EBADF)) { try await c.getattr(fid) }
+        }
+        #expect(try await c.call(.tuvmclunk(fids: [])) == .ruvmclunk)
+        // The fids are free again, and the directory's fid was never touched.
+        try await c.walk(0, 1, ["f"])
+        #expect((try await c.getattr(0)).qid.type & 0x80 != 0)
+        await c.close()
+    }
+
     @Test func createdFilesCarryTheGuestOwner() async throws {
         let fx = try Fixture(metadata: true)
         defer { Task { await fx.close() } }

@@ -33,6 +33,7 @@ struct CodecTests {
             .tuvmsetattr(fid: 1, attr: P9SetAttr(valid: 1, mode: 0o600, size: 10)), .ruvmsetattr(attr),
             .tuvmlcreate(dfid: 1, ofid: 2, pfid: 3, name: "n", flags: 0o302, mode: 0o644, gid: 5),
             .ruvmlcreate(iounit: 4096, attr: attr, dir: attr),
+            .tuvmclunk(fids: [2, 7, 0xffff_fffe]), .ruvmclunk, .tuvmclunk(fids: []),
             .treaddir(fid: 1, offset: 77, count: 4096), .rreaddir(data: ByteBuffer(bytes: [0, 1])),
             .tfsync(fid: 1, datasync: 1), .rfsync,
             .tmkdir(dfid: 1, name: "d", mode: 0o755, gid: 0), .rmkdir(qid: q),
