@@ -239,9 +239,16 @@ def main():
             f"{'virtio/ours':>11} {'diod/ours':>9} {'relay/ours':>10} {'ours/tmpfs':>10} {'ours/host':>9}")
 
     def ratio(v, other):
+        """other/ours: > 1, ours is faster."""
         if v.get("ours") is None or v.get(other) is None:
             return None
         return v[other] / v["ours"] if v["ours"] > 0 else float("inf")
+
+    def over(v, other):
+        """ours/other: how many times other is faster."""
+        if v.get("ours") is None or v.get(other) is None:
+            return None
+        return v["ours"] / v[other] if v[other] > 0 else float("inf")
 
     def cell(x, width, digits):
         return f"{'-':>{width}}" if x is None else f"{x:>{width}.{digits}f}"
@@ -258,11 +265,7 @@ def main():
         summary[key] = {"seconds": v, "virtio_over_ours": r_virtio, "diod_over_ours": r_diod, "relay_over_ours": r_relay}
         if mib:
             summary[key]["mib_per_s"] = {t: mib / v[t] for t in targets if v[t] > 0}
-        def over(t):
-            if v.get("ours") is None or v.get(t) is None:
-                return None
-            return v["ours"] / v[t] if v[t] > 0 else float("inf")
-        r_tmpfs, r_host = over("tmpfs"), over("host")
+        r_tmpfs, r_host = over(v, "tmpfs"), over(v, "host")
         summary[key]["ours_over_tmpfs"] = r_tmpfs
         summary[key]["ours_over_host"] = r_host
         lines.append(f"{label:<40} " + " ".join(cell(v.get(t), 9, 3) for t in columns)

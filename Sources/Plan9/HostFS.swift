@@ -168,7 +168,7 @@ enum HostFS {
     /// A directory's first entry but "." and ".." (through any descriptor of it, cp9_O_PATH too),
     /// nil if it has none. One that cannot be read answers ".".
     static func firstEntry(_ fd: HostFD) -> [UInt8]? {
-        guard let d = opendir("/proc/self/fd/\(fd.raw)") else { return [UInt8(ascii: ".")] }
+        guard let d = opendir(fd.procPath) else { return [UInt8(ascii: ".")] }
         defer { closedir(d) }
         while let e = readdir(d) {
             let name = withUnsafeBytes(of: e.pointee.d_name) { Array($0.prefix { $0 != 0 }) }
